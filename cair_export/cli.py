@@ -1,0 +1,119 @@
+"""``cair-export``: export, cost and (later) build, measure and demo commands.
+
+Project errors become one line on stderr and exit code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cair_runtime.errors import CairError, InvalidInputError
+
+
+def _progress(message: str) -> None:
+    print(f"[cair-export] {message}", file=sys.stderr, flush=True)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cair_export.export import ExportConfig, check_export_config, check_output_dir, export_model
+    from cair_export.models import load_model
+
+    out_dir = Path(args.out_dir)
+    check_output_dir(out_dir, args.overwrite)  # before loading anything: fail fast
+    model = load_model(args.model)
+    config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
+                          fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
+                          max_batch=args.max_batch)
+    check_export_config(model, config)
+    export_model(model, out_dir, config, overwrite=args.overwrite, progress=_progress)
+    return 0
+
+
+def cmd_macs(args: argparse.Namespace) -> int:
+    from cair_export.export import ExportConfig, check_export_config
+    from cair_export.macs import CONVENTIONS, count_graph_macs, generation_macs
+    from cair_export.models import load_model
+    from cair_export.reference import check_cache_step
+
+    check_cache_step(args.cache_step, args.steps)
+    model = load_model(args.model, device="meta")
+    height, width = check_export_config(model, ExportConfig(height=args.height, width=args.width,
+                                                            fidelity_guidance=args.fidelity_guidance))
+    per_graph = count_graph_macs(model, height, width, batch=args.batch, fidelity_guidance=args.fidelity_guidance)
+    table = generation_macs(per_graph, args.steps, args.cache_step)
+    if args.json:
+        print(json.dumps({"model": args.model, "height": height, "width": width, "batch": args.batch,
+                          "steps": args.steps, "cache_step": args.cache_step,
+                          "fidelity_guidance": args.fidelity_guidance, **table}, indent=2))
+        return 0
+    print(f"{args.model} at {width}x{height}, batch {args.batch}, T={args.steps}, n={args.cache_step} "
+          f"(UNet only; G = 1e9 MACs)")
+    print(f"{'convention':16s} {'planning':>10s} {'fidelity':>10s} {'baseline':>11s} {'CAIR':>11s} {'bound':>7s}")
+    for convention in CONVENTIONS:
+        row = table[convention]
+        print(f"{convention:16s} {row['planning'] / 1e9:9.1f}G {row['fidelity'] / 1e9:9.1f}G "
+              f"{row['baseline_total'] / 1e9:10.1f}G {row['cair_total'] / 1e9:10.1f}G {row['speedup_bound']:6.2f}x")
+    return 0
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cair_export.models import PRESETS
+
+    parser = argparse.ArgumentParser(prog="cair-export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    presets = ", ".join(PRESETS)
+
+    export = sub.add_parser("export", help="export a UNet as CAIR planning and fidelity ONNX graphs")
+    export.add_argument("model", help=f"preset ({presets}) or local diffusers pipeline/UNet folder")
+    export.add_argument("out_dir", help="engine folder to write (created atomically)")
+    export.add_argument("--height", type=_int, help="pixel height the graphs are tuned for (default: native)")
+    export.add_argument("--width", type=_int, help="pixel width the graphs are tuned for (default: native)")
+    export.add_argument("--opset", type=_int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    export.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none",
+                        help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps guidance")
+    export.add_argument("--cache-step-hint", type=_int, default=5,
+                        help="default cache step n recorded for the runtime (default 5 of 25)")
+    export.add_argument("--max-batch", type=_int, default=4, help="largest prompt batch (default 4)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    export.set_defaults(func=cmd_export)
+
+    macs = sub.add_parser("macs", help="MACs per evaluation and per generation, baseline vs CAIR")
+    macs.add_argument("model", help=f"preset ({presets}) or local folder (only its config is read)")
+    macs.add_argument("--steps", type=_int, default=25, help="denoising steps T (default 25)")
+    macs.add_argument("--cache-step", type=_int, default=5, help="cache step n (default 5)")
+    macs.add_argument("--height", type=_int, help="pixel height (default: native)")
+    macs.add_argument("--width", type=_int, help="pixel width (default: native)")
+    macs.add_argument("--batch", type=_int, default=1, help="prompts per generation (default 1)")
+    macs.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none")
+    macs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    macs.set_defaults(func=cmd_macs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CairError as error:
+        print(f"cair-export: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cair-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Export a UNet as CAIR's planning and fidelity ONNX graphs, validate them, write the manifest.
+
+The output folder appears only when everything is written and validated: the export is built in
+a hidden temporary folder beside it and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cair_export.graphs import CairGraph, GraphIO, cache_specs, graph_dims, graph_specs, make_inputs
+from cair_export.models import LoadedModel
+from cair_export.reference import FIDELITY_GUIDANCE, CrossAttentionCache
+from cair_runtime.errors import InvalidInputError, ValidationError
+from cair_runtime.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    Dim,
+    GraphSpec,
+    Manifest,
+    record_file,
+)
+
+MIN_OPSET = 17  # LayerNormalization stays one op
+EXTERNAL_DATA_BYTES = 1 << 30  # above this, tensors go to one side file (protobuf caps at 2 GB)
+FP32_RELATIVE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export; the CLI's flags map onto these fields one to one."""
+
+    height: int | None = None  # pixels the graphs are tuned for (opt); None = the model's native size
+    width: int | None = None
+    opset: int = MIN_OPSET
+    fidelity_guidance: str = "none"  # "none": batch B, no CFG after step n; "cfg": keep both halves
+    cache_step_hint: int = 5  # default n the runtime uses, for the default 25 steps
+    max_batch: int = 4  # prompts per call the graphs accept (the graphs see 2x this in planning)
+    validate: bool = True  # run every graph in onnxruntime against the torch module
+    tolerance: float = FP32_RELATIVE_TOLERANCE  # max abs error / max abs reference value
+
+
+@dataclass
+class ValidationReport:
+    """Worst errors of every graph output at every validation shape."""
+
+    checks: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, graph: str, dims: dict[str, int], name: str, actual: np.ndarray, expected: np.ndarray,
+            tolerance: float) -> None:
+        max_abs = float(np.abs(actual - expected).max())
+        relative = max_abs / max(float(np.abs(expected).max()), 1e-12)
+        self.checks.append({"graph": graph, "dims": dims, "output": name, "max_abs": max_abs, "relative": relative})
+        if not relative <= tolerance:  # also catches NaN
+            self.failures.append(f"{graph}:{name} at {_dims_str(dims)} relative error {relative:.2e} > {tolerance:.0e}")
+
+    def worst(self, graph: str) -> tuple[float, float]:
+        rows = [c for c in self.checks if c["graph"] == graph]
+        return max(c["max_abs"] for c in rows), max(c["relative"] for c in rows)
+
+
+def _dims_str(dims: dict[str, int]) -> str:
+    return f"batch={dims['batch']} latent={dims['latent_height']}x{dims['latent_width']}"
+
+
+def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, int]:
+    """Validate user options; return the (height, width) in pixels."""
+    factor = model.vae_scale_factor
+    native = model.unet.config.sample_size * factor
+    height, width = config.height or native, config.width or native
+    for label, value in (("height", height), ("width", width)):
+        if value <= 0 or value % factor:
+            raise InvalidInputError(f"{label} {value} is not a positive multiple of {factor} (the VAE's factor); "
+                                    f"try {max(factor, round(value / factor) * factor)}")
+    if config.opset < MIN_OPSET:
+        raise InvalidInputError(f"opset {config.opset} is too old; use --opset {MIN_OPSET} or newer")
+    if config.fidelity_guidance not in FIDELITY_GUIDANCE:
+        raise InvalidInputError(f"fidelity guidance {config.fidelity_guidance!r} is unknown; "
+                                f"expected one of {', '.join(FIDELITY_GUIDANCE)}")
+    if config.cache_step_hint < 1:
+        raise InvalidInputError(f"cache step hint {config.cache_step_hint} must be at least 1")
+    if config.max_batch < 1:
+        raise InvalidInputError(f"max batch {config.max_batch} must be at least 1")
+    return height, width
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"output {out_dir} exists and is not a folder; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InvalidInputError(f"output folder {out_dir} exists and is not empty; pass --overwrite to replace it")
+
+
+def _trace_dims(dims: tuple[Dim, ...], up_factor: int) -> dict[str, int]:
+    """Batch 1 at a latent size that is NOT a multiple of the UNet's upsampling factor.
+
+    diffusers then passes explicit upsample sizes (``forward_upsample_size``), so the traced
+    Resize ops take their size from the skip tensors instead of freezing the trace size.
+    """
+    concrete = {dim.name: dim.opt for dim in dims}
+    concrete["batch"] = 1
+    for name in ("latent_height", "latent_width"):
+        size = concrete[name] + 1
+        while size % up_factor == 0:
+            size += 1
+        concrete[name] = size
+    return concrete
+
+
+def _validation_dims(dims: tuple[Dim, ...], up_factor: int) -> list[dict[str, int]]:
+    """Shapes other than the trace shape: the opt size, and a non-square one at batch 2."""
+    by_name = {dim.name: dim for dim in dims}
+    opt = {dim.name: dim.opt for dim in dims}
+    wide = dict(opt, batch=min(2, by_name["batch"].max),
+                latent_width=min(opt["latent_width"] + up_factor, by_name["latent_width"].max))
+    if wide["latent_width"] == opt["latent_width"]:
+        wide["latent_height"] = max(opt["latent_height"] - up_factor, by_name["latent_height"].min)
+    return [opt, wide]
+
+
+def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], folder: Path, opset: int) -> list[str]:
+    """Trace one graph to ``folder/<kind>.onnx`` (+ ``.onnx.data`` when large); return the files written."""
+    import onnx
+
+    raw_dir = folder / f".{io.kind}-raw"
+    raw_dir.mkdir()
+    raw = raw_dir / f"{io.kind}.onnx"
+    dynamic_axes = {
+        spec.name: {axis: str(entry) for axis, entry in enumerate(spec.shape) if isinstance(entry, str)}
+        for spec in io.inputs + io.outputs
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow we checked
+        # The TorchScript exporter, as the TensorRT demo and Optimum use for UNets: dynamic axes
+        # come from the IO spec; validation below checks shapes other than the trace shape.
+        torch.onnx.export(
+            graph, tuple(torch.from_numpy(inputs[spec.name]) for spec in io.inputs), str(raw),
+            input_names=[spec.name for spec in io.inputs], output_names=[spec.name for spec in io.outputs],
+            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    proto = onnx.load(str(raw), load_external_data=True)
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    name = f"{io.kind}.onnx"
+    files = [name]
+    if size > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{name}.data", size_threshold=1024)
+        files.append(f"{name}.data")
+    else:
+        onnx.save_model(proto, str(folder / name))
+    shutil.rmtree(raw_dir)
+    onnx.checker.check_model(str(folder / name))
+    return files
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run_torch(graph: CairGraph, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        outputs = graph(*(torch.from_numpy(inputs[name]) for name in graph.input_names))
+    return [output.numpy() for output in outputs]
+
+
+def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dict[str, int]],
+                    tolerance: float, progress: Callable[[str], None]) -> ValidationReport:
+    """Run each ONNX graph in onnxruntime (CPU) against its torch module, then the chained handoff."""
+    report = ValidationReport()
+    sessions = {kind: _session(folder / f"{kind}.onnx") for kind in graphs}
+    for kind, graph in graphs.items():
+        for seed, dims in enumerate(shapes):
+            progress(f"validating {kind} at {_dims_str(dims)}")
+            inputs = make_inputs(graph.io, dims, seed=100 + seed)
+            expected = _run_torch(graph, inputs)
+            actual = sessions[kind].run(None, inputs)
+            for spec, a, e in zip(graph.io.outputs, actual, expected):
+                report.add(kind, dims, spec.name, a, e, tolerance)
+
+    # Chained: planning (the step-n evaluation) hands its caches to fidelity (step n+1).
+    dims = shapes[0]
+    progress(f"validating planning -> fidelity handoff at {_dims_str(dims)}")
+    planning, fidelity = graphs["planning"], graphs["fidelity"]
+    plan_inputs = make_inputs(planning.io, dims, seed=7)
+    fid_inputs = make_inputs(fidelity.io, dims, seed=8)
+    torch_caches = _run_torch(planning, plan_inputs)[1:]
+    expected = _run_torch(fidelity, {**fid_inputs, **{s.name: c for s, c in zip(planning.io.outputs[1:], torch_caches)}})
+    ort_caches = sessions["planning"].run(None, plan_inputs)[1:]
+    actual = sessions["fidelity"].run(None, {**fid_inputs, **{s.name: c for s, c in zip(planning.io.outputs[1:], ort_caches)}})
+    report.add("chained", dims, "noise_pred", actual[0], expected[0], tolerance)
+    return report
+
+
+def _producer() -> dict[str, str]:
+    import diffusers
+    import onnx
+
+    from cair_export import __version__
+    return {"cair-export": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "onnx": onnx.__version__}
+
+
+def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig = ExportConfig(),
+                 overwrite: bool = False, progress: Callable[[str], None] = print) -> Manifest:
+    """Export ``model`` to ``out_dir``: planning.onnx, fidelity.onnx, manifest.json."""
+    out_dir = Path(out_dir)
+    height, width = check_export_config(model, config)
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the engine folder is an ordinary one
+    try:
+        manifest = _export_into(model, work, config, height, width, progress)
+        _replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress(f"wrote {out_dir}")
+    return manifest
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move the finished folder into place; an old one is removed only after the new one is in."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{source.name}")
+        target.rename(old)
+        source.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        source.rename(target)
+
+
+def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: int, width: int,
+                 progress: Callable[[str], None]) -> Manifest:
+    unet = model.unet.eval()
+    up_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    dims = graph_dims(model, height, width, config.max_batch)
+    files: list[str] = []
+    with CrossAttentionCache(unet, config.fidelity_guidance) as cache:
+        caches = cache_specs(cache.sites)
+        ios = graph_specs(model, caches, config.fidelity_guidance)
+        graphs = {kind: CairGraph(unet, cache, io) for kind, io in ios.items()}
+        trace = _trace_dims(dims, up_factor)
+        for kind, graph in graphs.items():
+            progress(f"exporting {kind} graph (trace at {_dims_str(trace)}, opset {config.opset})")
+            files += _export_onnx(graph, graph.io, make_inputs(graph.io, trace, seed=0), work, config.opset)
+        report = None
+        if config.validate:
+            report = validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress)
+            if report.failures:
+                raise ValidationError(f"exported graphs differ from the torch model: {'; '.join(report.failures)}")
+            for kind in ("planning", "fidelity", "chained"):
+                max_abs, relative = report.worst(kind)
+                progress(f"  {kind:9s} max abs error {max_abs:.2e}, relative {relative:.2e} (tolerance {config.tolerance:.0e})")
+            (work / "validation.json").write_text(json.dumps(report.checks, indent=2) + "\n")
+            files.append("validation.json")
+
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        producer=_producer(),
+        model={"name": model.name, "source": model.source, "family": model.family, "dtype": "float32",
+               "vae_scale_factor": model.vae_scale_factor, "cache_step_hint": config.cache_step_hint,
+               "unet_config": json.loads(json.dumps(dict(unet.config), default=list))},
+        scheduler_config=model.scheduler_config,
+        fidelity_guidance=config.fidelity_guidance,
+        dims=dims,
+        graphs={kind: GraphSpec(kind, f"{kind}.onnx", io.inputs, io.outputs) for kind, io in ios.items()},
+        caches=caches,
+        files=tuple(record_file(work, name) for name in files),
+    )
+    (work / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest

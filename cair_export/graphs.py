@@ -1,0 +1,121 @@
+"""The two CAIR graphs: their IO described once, as data, and the torch modules that trace them.
+
+``graph_specs`` is the single description of every graph's inputs and outputs. Export (input
+names, dynamic axes), validation (inputs at several shapes), the manifest and the runtime's
+buffers are all derived from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cair_export.models import LoadedModel
+from cair_export.reference import CrossAttentionCache, CrossAttentionSite
+from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
+
+TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    kind: str  # "planning" | "fidelity"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def cache_specs(sites: list[CrossAttentionSite]) -> tuple[CacheSpec, ...]:
+    def tokens(level: int) -> str:
+        if level == 0:
+            return "latent_height*latent_width"
+        # Each stride-2 downsampling conv (padding 1) maps x to ceil(x / 2).
+        return f"cdiv(latent_height,{2**level})*cdiv(latent_width,{2**level})"
+
+    return tuple(CacheSpec(site.name, site.module, tokens(site.level), site.channels) for site in sites)
+
+
+def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int) -> tuple[Dim, ...]:
+    """Symbolic dims with min/opt/max; latent sizes from half to twice the chosen pixel size."""
+    latent_height, latent_width = height // model.vae_scale_factor, width // model.vae_scale_factor
+    return (
+        Dim("batch", 1, 1, max_batch),
+        Dim("latent_height", max(1, latent_height // 2), latent_height, latent_height * 2),
+        Dim("latent_width", max(1, latent_width // 2), latent_width, latent_width * 2),
+        Dim("text_len", model.text_len, model.text_len, model.text_len),
+    )
+
+
+def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guidance: str) -> dict[str, GraphIO]:
+    """Ordered inputs and outputs of the planning and fidelity graphs."""
+    config = model.unet.config
+    fidelity_batch = "2*batch" if fidelity_guidance == "cfg" else "batch"
+
+    def latent(name: str, batch: str, channels: int) -> TensorSpec:
+        return TensorSpec(name, "float32", (batch, channels, "latent_height", "latent_width"))
+
+    def added(batch: str) -> tuple[TensorSpec, ...]:
+        if not model.added_conditions:
+            return ()
+        pooled = config.projection_class_embeddings_input_dim - TIME_IDS * config.addition_time_embed_dim
+        return (TensorSpec("text_embeds", "float32", (batch, pooled)),
+                TensorSpec("time_ids", "float32", (batch, TIME_IDS)))
+
+    def cache_tensors(batch: str) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(c.name, "float32", (batch, c.tokens, c.channels)) for c in caches)
+
+    timestep = TensorSpec("timestep", "float32", (1,))
+    planning = GraphIO(
+        "planning",
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep,
+                TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", config.cross_attention_dim)),
+                *added("2*batch")),
+        # Caches come out already merged to batch B (or per half with fidelity CFG).
+        outputs=(latent("noise_pred", "2*batch", config.out_channels), *cache_tensors(fidelity_batch)),
+    )
+    fidelity = GraphIO(
+        "fidelity",
+        inputs=(latent("sample", fidelity_batch, config.in_channels), timestep,
+                *cache_tensors(fidelity_batch), *added(fidelity_batch)),
+        outputs=(latent("noise_pred", fidelity_batch, config.out_channels),),
+    )
+    return {"planning": planning, "fidelity": fidelity}
+
+
+def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs at concrete dims: normal tensors, timesteps in the training range."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in io.inputs:
+        shape = spec.resolve(dims)
+        if spec.name == "timestep":
+            inputs[spec.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
+        elif spec.name == "time_ids":  # plausible sizes and crops, in pixels
+            inputs[spec.name] = rng.choice([0.0, 64.0, 512.0, 1024.0], size=shape).astype(np.float32)
+        else:
+            inputs[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+    return inputs
+
+
+class CairGraph(torch.nn.Module):
+    """The UNet as one CAIR graph, with positional inputs in ``io`` order (for tracing)."""
+
+    def __init__(self, unet: torch.nn.Module, cache: CrossAttentionCache, io: GraphIO):
+        super().__init__()
+        self.unet, self.cache, self.io = unet, cache, io
+        self.input_names = [spec.name for spec in io.inputs]
+        self.num_caches = len(cache.sites)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        named = dict(zip(self.input_names, inputs))
+        added = {key: named[key] for key in ("text_embeds", "time_ids") if key in named} or None
+        if self.io.kind == "planning":
+            self.cache.mode = "record"
+            noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
+                                   added_cond_kwargs=added, return_dict=False)[0]
+            return (noise_pred, *self.cache.values)
+        self.cache.mode = "replay"
+        self.cache.values = [named[site.name] for site in self.cache.sites]
+        # No text input: every attn2 returns its cache, so encoder_hidden_states is never read.
+        return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0],)

@@ -1,0 +1,119 @@
+"""Built-in models that need no download.
+
+``tiny-*`` presets are seeded random-init UNets small enough to export in seconds, with the
+topology features of the release they are named after. ``sd15``/``sd21``/``sdxl`` are the
+published architectures (``shared/arch/*.json``, copied into ``arch/`` here) with random
+weights, for cost and speed measurement.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+# The schedulers the public releases ship (their scheduler_config.json), shared betas.
+_SD_BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+SCHEDULER_SD15 = {
+    "_class_name": "PNDMScheduler",
+    **_SD_BETAS,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+}
+SCHEDULER_SD21 = {
+    "_class_name": "DDIMScheduler",
+    **_SD_BETAS,
+    "prediction_type": "v_prediction",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+SCHEDULER_SDXL = {
+    "_class_name": "EulerDiscreteScheduler",
+    **_SD_BETAS,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str  # "sd15" | "sd21" | "sdxl": which release's conventions the model follows
+    unet_config: dict[str, Any]  # UNet2DConditionModel keyword arguments
+    scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
+    random_weights: bool = True  # False would mean trained weights ship with the preset
+    description: str = ""
+    seed: int = 0  # torch seed for the random init, so every build is identical
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _arch(name: str) -> dict[str, Any]:
+    text = resources.files("cair_export.models.arch").joinpath(f"{name}-unet.json").read_text()
+    config = json.loads(text)
+    config.pop("_class_name", None)
+    return config
+
+
+_TINY_COMMON = {
+    "sample_size": 8,  # latent 8x8 = 64 px
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64, 64),
+    "norm_num_groups": 8,
+}
+
+_TINY_SD15 = {
+    **_TINY_COMMON,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,  # CLIP ViT-L/14 width, as SD-1.5
+    "attention_head_dim": 8,
+    "use_linear_projection": False,  # conv proj_in/proj_out, as SD-1.5
+}
+
+_TINY_SD21 = {
+    **_TINY_SD15,
+    "cross_attention_dim": 1024,  # OpenCLIP ViT-H/14 width, as SD-2.1
+    "attention_head_dim": (2, 4, 8),  # per-level heads, as SD-2.1's [5, 10, 20, 20]
+    "use_linear_projection": True,
+    "upcast_attention": True,
+}
+
+_TINY_SDXL = {
+    **_TINY_COMMON,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 2048,  # CLIP-L (768) + OpenCLIP bigG (1280) penultimate states
+    "attention_head_dim": (2, 4, 8),
+    "use_linear_projection": True,
+    "transformer_layers_per_block": (1, 1, 2),  # deeper levels get more layers, as [1, 2, 10]
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 1280 + 6 * 8,  # pooled text_embeds + 6 time_ids
+}
+
+PRESETS: dict[str, Preset] = {
+    "tiny-sd15": Preset("tiny-sd15", "sd15", _TINY_SD15, SCHEDULER_SD15,
+                        description="seeded tiny UNet, SD-1.5 topology (epsilon, conv projection)"),
+    "tiny-sd21": Preset("tiny-sd21", "sd21", _TINY_SD21, SCHEDULER_SD21,
+                        description="seeded tiny UNet, SD-2.1 topology (v-prediction, linear projection)"),
+    "tiny-sdxl": Preset("tiny-sdxl", "sdxl", _TINY_SDXL, SCHEDULER_SDXL,
+                        description="seeded tiny UNet, SDXL topology (text_time conditioning)"),
+    "sd15": Preset("sd15", "sd15", _arch("sd15"), SCHEDULER_SD15,
+                   description="SD-1.5 UNet architecture, random weights (512 px)"),
+    "sd21": Preset("sd21", "sd21", _arch("sd21"), SCHEDULER_SD21,
+                   description="SD-2.1 UNet architecture, random weights (768 px, v-prediction)"),
+    "sdxl": Preset("sdxl", "sdxl", _arch("sdxl"), SCHEDULER_SDXL,
+                   description="SDXL base UNet architecture, random weights (1024 px)"),
+}

@@ -1,0 +1,177 @@
+"""Torch reference CAIR: T-GATE's cross-attention caching as attention processors, and its loop.
+
+This is the oracle every exported graph and the runtime are checked against, and a usable
+PyTorch implementation in its own right (``CrossAttentionCache`` works on any diffusers
+``UNet2DConditionModel``).
+
+Semantics (DESIGN.md section 1, T-GATE's ``tgate_processor``): steps 1..n run the full UNet with
+classifier-free guidance at batch 2B (unconditional half first). At step n every ``attn2`` output
+(after ``to_out``, before the residual add) is kept, merged as the mean of the two halves. Steps
+n+1..T run at batch B without guidance; each ``attn2`` returns its kept tensor and SDXL's added
+conditions take their unconditional values. ``fidelity_guidance="cfg"`` keeps guidance and
+batch 2B after step n, with separate caches for the two halves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cair_runtime.errors import InvalidInputError
+
+FIDELITY_GUIDANCE = ("none", "cfg")
+CACHE_MODES = ("compute", "record", "replay")
+
+
+@dataclass(frozen=True)
+class CrossAttentionSite:
+    """One cross-attention module whose output CAIR caches."""
+
+    name: str  # graph tensor name, e.g. "cache_000"
+    module: str  # module path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    channels: int  # width of the module's output
+    level: int  # spatial level: tokens = cdiv(latent_height, 2**level) * cdiv(latent_width, 2**level)
+
+
+def cross_attention_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
+    """Every ``attn2`` module of a UNet, in execution order (down, mid, up)."""
+    deepest = len(unet.config.block_out_channels) - 1
+    sites = []
+    for path, module in unet.named_modules():
+        if not path.endswith(".attn2") or module is None:
+            continue
+        block, index = re.match(r"(down_blocks|mid_block|up_blocks)\.?(\d*)", path).groups()
+        # Down block i works at level i; the mid block at the deepest; up block j at deepest - j.
+        level = {"down_blocks": lambda: int(index), "mid_block": lambda: deepest,
+                 "up_blocks": lambda: deepest - int(index)}[block]()
+        sites.append(CrossAttentionSite(f"cache_{len(sites):03d}", path, module.to_out[0].out_features, level))
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    sites.sort(key=lambda site: order[site.module.split(".")[0]])
+    return [CrossAttentionSite(f"cache_{i:03d}", s.module, s.channels, s.level) for i, s in enumerate(sites)]
+
+
+class _CachingProcessor:
+    """Wraps a module's own attention processor; records or replays its output."""
+
+    def __init__(self, inner: Any, cache: CrossAttentionCache, index: int):
+        self.inner, self.cache, self.index = inner, cache, index
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        cache = self.cache
+        if cache.mode == "replay":  # fidelity stage: no Q/K/V/out projections, no text
+            return cache.values[self.index]
+        output = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if cache.mode == "record":
+            cache.values[self.index] = cache.merge(output)
+        return output
+
+
+class CrossAttentionCache:
+    """Installs a caching processor on every ``attn2`` of a UNet (a context manager).
+
+    ``mode`` is "compute" (plain cross-attention), "record" (compute and keep each output, merged
+    per ``fidelity_guidance``) or "replay" (return the kept outputs without computing).
+    """
+
+    def __init__(self, unet: torch.nn.Module, fidelity_guidance: str = "none"):
+        if fidelity_guidance not in FIDELITY_GUIDANCE:
+            raise InvalidInputError(
+                f"fidelity guidance {fidelity_guidance!r} is unknown; expected one of {', '.join(FIDELITY_GUIDANCE)}"
+            )
+        self.unet = unet
+        self.fidelity_guidance = fidelity_guidance
+        self.sites = cross_attention_sites(unet)
+        if not self.sites:
+            raise InvalidInputError("the UNet has no cross-attention (attn2) modules; CAIR has nothing to cache")
+        self.values: list[torch.Tensor | None] = [None] * len(self.sites)
+        self.mode = "compute"
+        self._originals: list[Any] | None = None
+
+    def merge(self, output: torch.Tensor) -> torch.Tensor:
+        """(2B, tokens, C) -> (B, tokens, C): mean of the unconditional and conditional halves."""
+        if self.fidelity_guidance == "cfg":
+            return output
+        uncond, cond = output.chunk(2)
+        return (uncond + cond) / 2
+
+    def __enter__(self) -> CrossAttentionCache:
+        modules = [self.unet.get_submodule(site.module) for site in self.sites]
+        self._originals = [module.processor for module in modules]
+        for index, module in enumerate(modules):
+            module.set_processor(_CachingProcessor(module.processor, self, index))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for site, processor in zip(self.sites, self._originals or []):
+            self.unet.get_submodule(site.module).set_processor(processor)
+        self._originals = None
+        self.values = [None] * len(self.sites)
+        self.mode = "compute"
+
+
+def check_cache_step(cache_step: int, num_inference_steps: int) -> None:
+    """n must lie in 1..T (n = T is the plain baseline)."""
+    if not 1 <= cache_step <= num_inference_steps:
+        raise InvalidInputError(
+            f"cache step {cache_step} is outside 1..{num_inference_steps} (the number of steps); "
+            f"use 1 <= n <= T, with n = T for the plain baseline"
+        )
+
+
+@torch.no_grad()
+def cair_denoise(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    cache_step: int,
+    guidance_scale: float,
+    added_cond: dict[str, torch.Tensor] | None = None,
+    negative_added_cond: dict[str, torch.Tensor] | None = None,
+    fidelity_guidance: str = "none",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample with CAIR over a diffusers scheduler; returns the final latents.
+
+    ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling, as diffusers'
+    pipelines take it. Embeddings are (B, L, D); ``added_cond`` holds SDXL's ``text_embeds`` and
+    ``time_ids`` (B, ...). ``cache_step == num_inference_steps`` is the plain diffusers loop.
+    """
+    check_cache_step(cache_step, num_inference_steps)
+    scheduler.set_timesteps(num_inference_steps)
+    latents = latents * scheduler.init_noise_sigma
+    encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, L, D): uncond first
+    guided_cond = None
+    if added_cond is not None:
+        guided_cond = {key: torch.cat([negative_added_cond[key], added_cond[key]]) for key in added_cond}
+
+    with CrossAttentionCache(unet, fidelity_guidance) as cache:
+        for i, t in enumerate(scheduler.timesteps):
+            step = i + 1
+            if step <= cache_step or fidelity_guidance == "cfg":
+                # Planning stage (and the CFG fidelity variant): batch 2B, guided.
+                if step <= cache_step:
+                    cache.mode = "record" if step == cache_step else "compute"
+                    context = encoder_hidden_states
+                else:
+                    cache.mode, context = "replay", None
+                latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                noise_uncond, noise_text = unet(
+                    latent_input, t, context, added_cond_kwargs=guided_cond, return_dict=False
+                )[0].chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            else:
+                # Fidelity stage: batch B, no guidance, cached cross-attention, unconditional extras.
+                cache.mode = "replay"
+                latent_input = scheduler.scale_model_input(latents, t)
+                noise_pred = unet(
+                    latent_input, t, None, added_cond_kwargs=negative_added_cond, return_dict=False
+                )[0]
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+    return latents

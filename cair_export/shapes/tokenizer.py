@@ -1,0 +1,94 @@
+"""The `shapes` model's CLIP tokenizer: a small byte-level BPE learnt from the caption words.
+
+The vocabulary is laid out like OpenAI CLIP's: the 256 byte symbols, the same with the end-of-word
+marker `</w>`, one entry per merge, then `<|startoftext|>` and `<|endoftext|>`. Since every single
+byte is a token, words outside the captions still tokenise (into pieces). Every caption word is one
+token. The folder holds vocab.json + merges.txt (transformers `CLIPTokenizer`) and the equivalent
+`tokenizer.json` (`tokenizers` library format).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from cair_export.shapes import data
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable character map of GPT-2/CLIP byte-level BPE (port of OpenAI CLIP's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that join each of `words` into one token (most frequent pair first, ties by name)."""
+    symbols = [tuple(w[:-1]) + (w[-1] + END_OF_WORD,) for w in words]
+    merges = []
+    while True:
+        pairs = Counter(p for word in symbols for p in zip(word, word[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        symbols = [_merge(word, best) for word in symbols]
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP-layout vocabulary and merges for `words` (lower-case ASCII)."""
+    byte_symbols = list(bytes_to_unicode().values())
+    merges = learn_merges(words)
+    tokens = byte_symbols + [s + END_OF_WORD for s in byte_symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def write_tokenizer(path: Path, model_max_length: int) -> "CLIPTokenizer":  # noqa: F821
+    """Write vocab.json, merges.txt, tokenizer.json and configs for the caption words into `path`."""
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_vocab(data.caption_vocabulary())
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+    # merges.txt: a version header line, then one "left right" pair per line (CLIP's format).
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(
+        vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"), model_max_length=model_max_length
+    )
+    tokenizer.backend_tokenizer.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return tokenizer

@@ -1,0 +1,240 @@
+"""``manifest.json``: the whole contract between the exporter and the runtime.
+
+The runtime owns the schema; the exporter writes manifests through ``Manifest.to_json`` here.
+Shapes are lists whose entries are ints or expressions over the named dims, e.g.
+``["2*batch", 4, "latent_height", "latent_width"]`` or
+``["batch", "cdiv(latent_height,2)*cdiv(latent_width,2)", 64]``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import operator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from cair_runtime.errors import ManifestError, ShapeError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
+GRAPH_KINDS = ("planning", "fidelity")
+
+
+# --- shape expressions ---------------------------------------------------------------------
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def eval_dim(expr: int | str, dims: Mapping[str, int]) -> int:
+    """Evaluate one shape entry (an int, or +, -, *, //, cdiv over dim names) at concrete dims."""
+    if isinstance(expr, int):
+        return expr
+
+    def visit(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return visit(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in dims:
+                raise ShapeError(f"shape entry {expr!r} names dim {node.id!r}, which is not given")
+            return int(dims[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](visit(node.left), visit(node.right))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "cdiv" and len(node.args) == 2:
+            return _cdiv(visit(node.args[0]), visit(node.args[1]))
+        raise ManifestError(f"shape entry {expr!r} is not an expression the manifest allows")
+
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise ManifestError(f"shape entry {expr!r} is not an expression the manifest allows") from None
+    return visit(tree)
+
+
+# --- the schema ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A symbolic dimension with the range the graphs accept and the size they are tuned for."""
+
+    name: str  # one vocabulary everywhere: batch, latent_height, latent_width, text_len
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str  # numpy dtype name, one of DTYPES
+    shape: tuple[int | str, ...]  # ints or dim expressions
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(eval_dim(entry, dims) for entry in self.shape)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cross-attention output that planning emits and fidelity consumes."""
+
+    name: str  # tensor name in both graphs
+    module: str  # diffusers module path of the attn2 module
+    tokens: str  # dim expression: spatial positions at the module's level
+    channels: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to the engine folder, never outside it
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: its file(s) and ordered IO."""
+
+    kind: str  # "planning" | "fidelity"
+    file: str  # the model file, relative path; its external data (if any) is listed in `files`
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    format: str = "onnx"
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """Provenance of a built engine (TensorRT, AOTInductor): who built it, for what."""
+
+    graph: str  # the GraphSpec kind it was built from
+    backend: str
+    file: str
+    properties: dict[str, Any] = field(default_factory=dict)  # version, GPU, compute capability, precision
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    producer: dict[str, str]  # package -> version of what wrote the folder
+    model: dict[str, Any]  # name, source, family, dtype
+    scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
+    fidelity_guidance: str  # "none" (batch B, no CFG after step n) or "cfg"
+    dims: tuple[Dim, ...]
+    graphs: dict[str, GraphSpec]
+    caches: tuple[CacheSpec, ...]
+    files: tuple[FileRecord, ...]
+    engines: tuple[EngineRecord, ...] = ()
+
+    def dim(self, name: str) -> Dim:
+        for dim in self.dims:
+            if dim.name == name:
+                return dim
+        raise ManifestError(f"the manifest declares no dim {name!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        def tensors(items):
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+        return cls(
+            schema_version=data["schema_version"],
+            producer=dict(data["producer"]),
+            model=dict(data["model"]),
+            scheduler_config=dict(data["scheduler_config"]),
+            fidelity_guidance=data["fidelity_guidance"],
+            dims=tuple(Dim(**d) for d in data["dims"]),
+            graphs={
+                kind: GraphSpec(g["kind"], g["file"], tensors(g["inputs"]), tensors(g["outputs"]), g.get("format", "onnx"))
+                for kind, g in data["graphs"].items()
+            },
+            caches=tuple(CacheSpec(**c) for c in data["caches"]),
+            files=tuple(FileRecord(**f) for f in data["files"]),
+            engines=tuple(EngineRecord(**e) for e in data.get("engines", ())),
+        )
+
+
+# --- reading and checking ------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_file(folder: Path, relative: str) -> FileRecord:
+    """Describe a file of an engine folder for the manifest."""
+    path = folder / relative
+    return FileRecord(relative, sha256_file(path), path.stat().st_size)
+
+
+def _inside(folder: Path, relative: str) -> Path | None:
+    """The file's path if ``relative`` stays inside ``folder``, else None."""
+    if Path(relative).is_absolute():
+        return None
+    path = (folder / relative).resolve()
+    return path if path.is_relative_to(folder.resolve()) else None
+
+
+def load_manifest(folder: str | Path, verify_checksums: bool = True) -> Manifest:
+    """Read and check an engine folder's manifest; report every problem at once."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ManifestError(f"engine folder {folder} does not exist; export one with `cair-export export MODEL {folder}`")
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}: it is not an engine folder, or its export did not finish")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ManifestError(f"{path} is not valid JSON ({error}); re-export the folder") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise ManifestError(
+            f"{path} has schema version {version!r}; this cair-runtime reads versions "
+            f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}; re-export with a matching cair-export or upgrade cair-runtime"
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ManifestError(f"{path} is malformed ({type(error).__name__}: {error}); re-export the folder") from None
+
+    problems = []
+    for kind in GRAPH_KINDS:
+        if kind not in manifest.graphs:
+            problems.append(f"no {kind} graph")
+    listed = {record.path for record in manifest.files}
+    for graph in manifest.graphs.values():
+        if graph.file not in listed:
+            problems.append(f"{graph.kind} graph file {graph.file} is not among the listed files")
+        for tensor in graph.inputs + graph.outputs:
+            if tensor.dtype not in DTYPES:
+                problems.append(f"{graph.kind} tensor {tensor.name} has unknown dtype {tensor.dtype!r}")
+    for record in manifest.files:
+        target = _inside(folder, record.path)
+        if target is None:
+            problems.append(f"file {record.path!r} lies outside the engine folder")
+        elif not target.is_file():
+            problems.append(f"file {record.path} is missing")
+        elif verify_checksums and sha256_file(target) != record.sha256:
+            problems.append(f"file {record.path} does not match its sha256 (modified or corrupted)")
+    if problems:
+        raise ManifestError(f"engine folder {folder} is not usable: " + "; ".join(problems) + "; re-export it")
+    return manifest

@@ -1,0 +1,102 @@
+"""numpy ports of diffusers' schedulers, and the factory that builds one from a scheduler config.
+
+Every scheduler has the interface the denoising loop calls::
+
+    scheduler.set_timesteps(num_inference_steps)      # also resets per-loop state
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:                      # one model evaluation per entry
+        model_input = scheduler.scale_model_input(latents, t)
+        latents = scheduler.step(model(model_input, t), t, latents, rng=rng)
+"""
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from cair_runtime.errors import InvalidInputError
+from cair_runtime.schedulers.ddim import DDIMScheduler
+from cair_runtime.schedulers.dpmsolver_multistep import DPMSolverMultistepScheduler
+from cair_runtime.schedulers.euler import EulerDiscreteScheduler
+from cair_runtime.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from cair_runtime.schedulers.pndm import PNDMScheduler
+from cair_runtime.schedulers.unipc import UniPCMultistepScheduler
+
+
+class Scheduler(Protocol):
+    order: int
+    init_noise_sigma: float  # latents are multiplied by this before the loop
+    timesteps: np.ndarray  # set by set_timesteps
+
+    def set_timesteps(self, num_inference_steps: int) -> None: ...
+
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray: ...
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: float,
+        sample: np.ndarray,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray: ...
+
+
+# user-facing name -> (port, options forced on top of the model's config)
+_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++2m": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpm++2m-karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "pndm": (PNDMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+SCHEDULER_NAMES = tuple(_SCHEDULERS)
+_CLASSES = {cls.__name__: cls for cls, _ in _SCHEDULERS.values()}
+
+
+def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
+    """Build the scheduler ``name`` from a diffusers scheduler config (``scheduler_config.json``).
+
+    ``name=None`` builds the model's own scheduler, the class in ``config["_class_name"]``. A given
+    name takes the options of the config that its class knows, as diffusers'
+    ``XScheduler.from_config(config)`` does (betas, prediction type, timestep spacing, ...); options
+    missing from the config, or listed in its ``_use_default_values``, take the class's defaults.
+    Raises InvalidInputError for an unknown name or class, and for options the port does not support.
+    """
+    if name is None:
+        class_name = config.get("_class_name")
+        if class_name not in _CLASSES:
+            raise InvalidInputError(
+                f"the model's scheduler class {class_name!r} has no port; expected one of "
+                f"{', '.join(_CLASSES)}, or choose a scheduler by name: {', '.join(SCHEDULER_NAMES)}"
+            )
+        cls, forced = _CLASSES[class_name], {}
+    elif name in _SCHEDULERS:
+        cls, forced = _SCHEDULERS[name]
+    else:
+        raise InvalidInputError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
+
+    used_defaults = set(config.get("_use_default_values", ()))
+    options = {k: v for k, v in config.items() if k not in used_defaults and not k.startswith("_")}
+    options.update(forced)
+
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    problems = [
+        f"{key}={options[key]!r} (supported: {value!r})"
+        for key, value in cls.unported_options.items()
+        if key in options and options[key] != value
+    ]
+    if problems:
+        raise InvalidInputError(
+            f"{cls.__name__} options not supported by the runtime's port: {'; '.join(problems)}; "
+            "choose another scheduler by name or export with a supported scheduler config"
+        )
+    return cls(**{k: v for k, v in options.items() if k in known})

@@ -1,0 +1,132 @@
+"""Port of diffusers `EulerDiscreteScheduler` (scheduling_euler_discrete.py)."""
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from cair_runtime.schedulers._common import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    check_choice,
+    index_for_timestep,
+    karras_sigmas,
+    make_alphas_cumprod,
+    make_betas,
+    sigma_to_t,
+)
+
+
+class EulerDiscreteScheduler:
+    """Port of diffusers `EulerDiscreteScheduler` (scheduling_euler_discrete.py); Karras et al. 2022, Algorithm 2.
+
+    Without churn (diffusers' default ``s_churn=0``), so the sampler is deterministic and ``step``
+    ignores ``rng``.
+    """
+
+    order: ClassVar[int] = 1
+    # diffusers options this port supports only at the value given (checked by make_scheduler)
+    unported_options: ClassVar[dict[str, object]] = {
+        "interpolation_type": "linear",
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "timestep_type": "discrete",
+        "rescale_betas_zero_snr": False,
+        "final_sigmas_type": "zero",
+    }
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ) -> None:
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self.use_karras_sigmas = use_karras_sigmas
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.alphas_cumprod = make_alphas_cumprod(betas)
+        # before set_timesteps the schedule is every training step (init_noise_sigma reads it)
+        train_sigmas = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)[::-1]
+        self.sigmas = np.concatenate([train_sigmas, np.zeros(1, dtype=np.float32)])
+        self.timesteps = np.arange(num_train_timesteps - 1, -1, -1).astype(np.float32)
+        self._step_index: int | None = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Standard deviation of the initial noise: the largest sigma, as the variance-preserving scale for "leading"."""
+        max_sigma = self.sigmas.max()
+        if self.timestep_spacing in ("linspace", "trailing"):
+            return float(max_sigma)
+        return float(np.sqrt(max_sigma**2 + 1))
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the timesteps (float32, descending) and their sigmas; resets the step index."""
+        if self.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, self.num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1]
+        elif self.timestep_spacing == "leading":
+            step_ratio = self.num_train_timesteps // num_inference_steps
+            timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.float32)
+            timesteps += self.steps_offset
+        else:  # "trailing"
+            step_ratio = self.num_train_timesteps / num_inference_steps
+            timesteps = np.arange(self.num_train_timesteps, 0, -step_ratio).round().astype(np.float32) - 1
+
+        sigmas = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
+        log_sigmas = np.log(sigmas)
+        sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)  # float64
+        if self.use_karras_sigmas:
+            sigmas = karras_sigmas(sigmas, num_inference_steps, self.sigma_min, self.sigma_max)
+            timesteps = sigma_to_t(sigmas, log_sigmas)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.timesteps = timesteps.astype(np.float32)
+        self._step_index = None
+
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
+        """Divide by ``sqrt(sigma**2 + 1)`` so that the model sees a unit-variance input."""
+        if self._step_index is None:
+            self._step_index = index_for_timestep(self.timesteps, timestep)
+        sigma = self.sigmas[self._step_index]
+        return sample / np.sqrt(sigma**2 + 1)
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: float,
+        sample: np.ndarray,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``; returns ``prev_sample`` (float32)."""
+        if self._step_index is None:
+            self._step_index = index_for_timestep(self.timesteps, timestep)
+        sample = sample.astype(np.float32, copy=False)
+        sigma = self.sigmas[self._step_index]
+        sigma_hat = sigma  # s_churn = 0: gamma = 0, no noise is added back
+
+        if self.prediction_type == "sample":
+            pred_original_sample = model_output
+        elif self.prediction_type == "epsilon":
+            pred_original_sample = sample - sigma_hat * model_output
+        else:  # "v_prediction": x0 = c_skip * x + c_out * v with the sample scaled by 1/sqrt(sigma^2+1)
+            pred_original_sample = model_output * (-sigma / np.sqrt(sigma**2 + 1)) + (sample / (sigma**2 + 1))
+
+        derivative = (sample - pred_original_sample) / sigma_hat
+        dt = self.sigmas[self._step_index + 1] - sigma_hat
+        prev_sample = sample + derivative * dt
+        self._step_index += 1
+        return prev_sample.astype(np.float32, copy=False)
