@@ -14,7 +14,8 @@ import torch
 
 from cair_export.graphs import graph_specs, cache_specs
 from cair_export.models import LoadedModel
-from cair_export.reference import CrossAttentionCache, check_cache_step
+from cair_export.reference import CrossAttentionCache
+from cair_runtime.stages import check_cache_step
 
 CONVENTIONS = ("conv_linear", "with_attention")
 

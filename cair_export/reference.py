@@ -14,6 +14,7 @@ batch 2B after step n, with separate caches for the two halves.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from cair_runtime.errors import InvalidInputError
+from cair_runtime.stages import planning_evaluations
 
 FIDELITY_GUIDANCE = ("none", "cfg")
 CACHE_MODES = ("compute", "record", "replay")
@@ -112,15 +114,6 @@ class CrossAttentionCache:
         self.mode = "compute"
 
 
-def check_cache_step(cache_step: int, num_inference_steps: int) -> None:
-    """n must lie in 1..T (n = T is the plain baseline)."""
-    if not 1 <= cache_step <= num_inference_steps:
-        raise InvalidInputError(
-            f"cache step {cache_step} is outside 1..{num_inference_steps} (the number of steps); "
-            f"use 1 <= n <= T, with n = T for the plain baseline"
-        )
-
-
 @torch.no_grad()
 def cair_denoise(
     unet: torch.nn.Module,
@@ -143,8 +136,10 @@ def cair_denoise(
     pipelines take it. Embeddings are (B, L, D); ``added_cond`` holds SDXL's ``text_embeds`` and
     ``time_ids`` (B, ...). ``cache_step == num_inference_steps`` is the plain diffusers loop.
     """
-    check_cache_step(cache_step, num_inference_steps)
     scheduler.set_timesteps(num_inference_steps)
+    planning = planning_evaluations(cache_step, num_inference_steps, len(scheduler.timesteps))
+    # As diffusers' prepare_extra_step_kwargs: only stochastic schedulers take a generator.
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     latents = latents * scheduler.init_noise_sigma
     encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, L, D): uncond first
     guided_cond = None
@@ -154,10 +149,10 @@ def cair_denoise(
     with CrossAttentionCache(unet, fidelity_guidance) as cache:
         for i, t in enumerate(scheduler.timesteps):
             step = i + 1
-            if step <= cache_step or fidelity_guidance == "cfg":
+            if step <= planning or fidelity_guidance == "cfg":
                 # Planning stage (and the CFG fidelity variant): batch 2B, guided.
-                if step <= cache_step:
-                    cache.mode = "record" if step == cache_step else "compute"
+                if step <= planning:
+                    cache.mode = "record" if step == planning else "compute"
                     context = encoder_hidden_states
                 else:
                     cache.mode, context = "replay", None
@@ -173,5 +168,5 @@ def cair_denoise(
                 noise_pred = unet(
                     latent_input, t, None, added_cond_kwargs=negative_added_cond, return_dict=False
                 )[0]
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
     return latents

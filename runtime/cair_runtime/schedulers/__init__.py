@@ -73,7 +73,7 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
     """
     if name is None:
         class_name = config.get("_class_name")
-        if class_name not in _CLASSES:
+        if not isinstance(class_name, str) or class_name not in _CLASSES:
             raise InvalidInputError(
                 f"the model's scheduler class {class_name!r} has no port; expected one of "
                 f"{', '.join(_CLASSES)}, or choose a scheduler by name: {', '.join(SCHEDULER_NAMES)}"

@@ -175,7 +175,7 @@ class UniPCMultistepScheduler:
         pred_res = sum(rho * D1 for rho, D1 in zip(rhos_p, D1s))
         return x_t_ - alpha_t * B_h * pred_res
 
-    def _corrector_update(self, this_model_output: np.ndarray, this_sample: np.ndarray, order: int) -> np.ndarray:
+    def _corrector_update(self, this_model_output: np.ndarray, order: int) -> np.ndarray:
         # UniC: redo the last step, from last_sample at sigmas[i - 1] to sigmas[i], with the new x0 prediction
         i = self._step_index
         m0 = self.model_outputs[-1]
@@ -217,7 +217,7 @@ class UniPCMultistepScheduler:
         )
         x0_pred = self._convert_model_output(model_output, sample)
         if use_corrector:
-            sample = self._corrector_update(x0_pred, sample, self.this_order)
+            sample = self._corrector_update(x0_pred, self.this_order)
 
         self.model_outputs = self.model_outputs[1:] + [x0_pred]
         # lower_order_final: the order never exceeds the steps left, so the step to sigma 0 is first order

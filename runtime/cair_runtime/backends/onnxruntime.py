@@ -1,0 +1,101 @@
+"""ONNX Runtime backend: one session per graph, caches chained through IOBinding.
+
+The cache ``OrtValue``s are allocated once per shape on the execution device, bound as the
+planning session's outputs (``bind_ortvalue_output``) and as the fidelity session's inputs
+(``bind_ortvalue_input``): planning writes them in place, fidelity reads them in place, and
+they never pass through numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from cair_runtime.errors import InvalidInputError, MissingDependencyError
+from cair_runtime.manifest import Manifest
+
+GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Execution provider -> the OrtValue device its buffers live on.
+_DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+class OnnxRuntimeBackend:
+    """Runs planning.onnx and fidelity.onnx with onnxruntime."""
+
+    def __init__(self, folder: str | Path, manifest: Manifest,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                 graph_optimization: str = "all", device_id: int = 0):
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise MissingDependencyError(
+                f"onnxruntime execution provider(s) {', '.join(missing)} not available in this onnxruntime build "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT providers"
+            )
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise InvalidInputError(f"graph optimisation {graph_optimization!r} is unknown; "
+                                    f"expected one of {', '.join(GRAPH_OPTIMIZATION)}")
+        self.manifest = manifest
+        self.device = _DEVICES.get(providers[0], "cpu")
+        self.device_id = device_id
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+        options.log_severity_level = 3
+        self.sessions = {
+            kind: ort.InferenceSession(str(Path(folder) / graph.file), options, providers=list(providers))
+            for kind, graph in manifest.graphs.items()
+        }
+        self.bindings = {kind: session.io_binding() for kind, session in self.sessions.items()}
+        self.caches: dict[str, ort.OrtValue] = {}  # cache name -> device buffer shared by both graphs
+        self._outputs: dict[str, ort.OrtValue] = {}  # kind -> noise_pred buffer
+        self._fixed: dict[str, ort.OrtValue] = {}  # uploaded once per generation, kept alive here
+        self._dims: dict[str, int] | None = None
+
+    def _buffer(self, shape: tuple[int, ...], dtype: str) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype).type, self.device, self.device_id)
+
+    def prepare(self, dims: Mapping[str, int]) -> None:
+        dims = dict(dims)
+        if dims == self._dims:
+            return
+        planning, fidelity = self.manifest.graphs["planning"], self.manifest.graphs["fidelity"]
+        cache_names = {cache.name for cache in self.manifest.caches}
+        for spec in planning.outputs:
+            if spec.name in cache_names:
+                self.caches[spec.name] = self._buffer(spec.resolve(dims), spec.dtype)
+                self.bindings["planning"].bind_ortvalue_output(spec.name, self.caches[spec.name])
+        for kind, graph in (("planning", planning), ("fidelity", fidelity)):
+            spec = graph.outputs[0]  # noise_pred
+            self._outputs[kind] = self._buffer(spec.resolve(dims), spec.dtype)
+            self.bindings[kind].bind_ortvalue_output(spec.name, self._outputs[kind])
+        self._dims = dims
+
+    def switch_to_fidelity(self) -> None:
+        # The same OrtValues planning wrote become fidelity's inputs: a pointer hand-off, no copy.
+        for name, value in self.caches.items():
+            self.bindings["fidelity"].bind_ortvalue_input(name, value)
+
+    def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+            self._fixed[f"{kind}/{name}"] = value
+            self.bindings[kind].bind_ortvalue_input(name, value)
+
+    def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        binding = self.bindings[kind]
+        # On CPU these bind the numpy buffers directly; on a GPU they copy the latents up.
+        binding.bind_cpu_input("sample", np.ascontiguousarray(sample))
+        binding.bind_cpu_input("timestep", timestep)
+        self.sessions[kind].run_with_iobinding(binding)
+        # noise_pred only (the caches stay where they are). On CPU numpy() is a view of the buffer
+        # the next run overwrites, and multistep schedulers keep past outputs: copy.
+        return self._outputs[kind].numpy().copy()

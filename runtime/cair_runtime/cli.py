@@ -1,0 +1,140 @@
+"""``cair-run``: run a CAIR engine folder from the command line.
+
+Project errors become one line on stderr and exit code 2; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cair_runtime.errors import CairError, InvalidInputError
+from cair_runtime.schedulers import SCHEDULER_NAMES
+
+
+def _load_npy(path: str | None, label: str) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot read {label} from {path}: {error}") from None
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before any compute if the output cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InvalidInputError(f"output {path} is a folder; give a file path")
+    if not parent.is_dir():
+        raise InvalidInputError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"output folder {parent} is not writable")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Write to a temporary file beside the target, then rename: complete or absent."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.save(file, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Progress:
+    """A one-line progress bar on stderr when it is a terminal, silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        filled = round(30 * step / total)
+        print(f"\r  denoising [{'#' * filled}{'.' * (30 - filled)}] {step}/{total}", end="", file=sys.stderr)
+        if step == total:
+            print(file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cair_runtime.pipeline import CairEngine
+
+    output = Path(args.output)
+    _check_writable(output)
+    prompt_embeds = _load_npy(args.encoder_hidden_states, "--encoder-hidden-states")
+    inputs = {
+        "negative_prompt_embeds": _load_npy(args.negative_encoder_hidden_states, "--negative-encoder-hidden-states"),
+        "latents": _load_npy(args.latents, "--latents"),
+        "text_embeds": _load_npy(args.text_embeds, "--text-embeds"),
+        "negative_text_embeds": _load_npy(args.negative_text_embeds, "--negative-text-embeds"),
+    }
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    engine = CairEngine(args.engine_dir, providers=providers, threads=args.threads,
+                        graph_optimization=args.graph_optimization)
+    result = engine.denoise(
+        prompt_embeds, **inputs, height=args.height, width=args.width, num_inference_steps=args.steps,
+        cache_step=args.cache_step, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+        seed=args.seed, callback=_Progress(not args.json),
+    )
+    _save_npy(output, result.latents)
+    timings = result.timings.as_dict()
+    if args.json:
+        print(json.dumps({"output": str(output), "shape": list(result.latents.shape), **timings}, indent=2))
+    else:
+        print(f"wrote {output} {tuple(result.latents.shape)}: planning {timings['planning_steps']} steps "
+              f"{timings['planning_s']:.3f} s, switch {timings['switch_s'] * 1e3:.3f} ms, "
+              f"fidelity {timings['fidelity_steps']} steps {timings['fidelity_s']:.3f} s, "
+              f"total {timings['total_s']:.3f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cair-run", description="Run a CAIR engine folder (UNet loop).")
+    parser.add_argument("engine_dir", help="folder written by `cair-export export`")
+    parser.add_argument("--encoder-hidden-states", required=True, metavar="FILE.npy",
+                        help="prompt embeddings (B, text_len, D), float32 .npy")
+    parser.add_argument("--negative-encoder-hidden-states", metavar="FILE.npy",
+                        help="negative prompt embeddings (B, text_len, D); default zeros")
+    parser.add_argument("--text-embeds", metavar="FILE.npy", help="SDXL pooled text embeddings (B, 1280)")
+    parser.add_argument("--negative-text-embeds", metavar="FILE.npy", help="SDXL negative pooled embeddings; default zeros")
+    parser.add_argument("--latents", metavar="FILE.npy", help="initial noise (B, C, h, w); default seeded numpy noise")
+    parser.add_argument("--output", "-o", required=True, metavar="FILE.npy", help="where to write the final latents")
+    parser.add_argument("--height", type=int, help="pixel height (default: the engine's tuned size)")
+    parser.add_argument("--width", type=int, help="pixel width (default: the engine's tuned size)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps T (default 25)")
+    parser.add_argument("--cache-step", type=int, help="cache step n, 1..T; T = baseline (default: the manifest's hint)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the numpy noise (default 0)")
+    parser.add_argument("--providers", default="CPUExecutionProvider",
+                        help="onnxruntime execution providers, comma separated (default CPUExecutionProvider)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = onnxruntime's default")
+    parser.add_argument("--graph-optimization", default="all", choices=("disable", "basic", "extended", "all"))
+    parser.add_argument("--json", action="store_true", help="print timings as JSON (no progress bar)")
+    parser.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CairError as error:
+        print(f"cair-run: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cair-run: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Load an engine folder and denoise: the CAIR loop, unrolled, with the switch at step n in sight."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cair_runtime.backends import make_backend
+from cair_runtime.errors import InvalidInputError, ShapeError
+from cair_runtime.manifest import Manifest, load_manifest
+from cair_runtime.schedulers import make_scheduler
+from cair_runtime.stages import planning_evaluations
+
+
+@dataclass
+class StageTimings:
+    """Wall time of each stage of one ``denoise`` call, in seconds."""
+
+    planning_s: float = 0.0  # steps 1..n: planning graph, CFG, host scheduler math
+    switch_s: float = 0.0  # handing the caches to the fidelity graph
+    fidelity_s: float = 0.0  # steps n+1..T
+    planning_steps: int = 0
+    fidelity_steps: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.planning_s + self.switch_s + self.fidelity_s
+
+    def add(self, other: StageTimings) -> None:
+        for name in ("planning_s", "switch_s", "fidelity_s", "planning_steps", "fidelity_steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"planning_s": self.planning_s, "switch_s": self.switch_s, "fidelity_s": self.fidelity_s,
+                "total_s": self.total_s, "planning_steps": self.planning_steps,
+                "fidelity_steps": self.fidelity_steps}
+
+
+@dataclass
+class DenoiseResult:
+    latents: np.ndarray  # (B, C, h, w) final latents, float32
+    timings: StageTimings
+
+
+def _float_array(name: str, value: Any, ndim: int) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise ShapeError(f"{name} has dtype {array.dtype}; the graphs take floating point (float32)")
+    if array.ndim != ndim:
+        raise ShapeError(f"{name} has shape {array.shape}; expected {ndim} dimensions")
+    return array.astype(np.float32, copy=False)
+
+
+class CairEngine:
+    """An engine folder ready to run: manifest, backend, and the CAIR denoising loop."""
+
+    def __init__(self, folder: str | Path, backend: str = "onnxruntime", **backend_options: Any):
+        self.folder = Path(folder)
+        self.manifest: Manifest = load_manifest(self.folder)
+        self.backend = make_backend(backend, self.folder, self.manifest, **backend_options)
+        planning = {spec.name: spec for spec in self.manifest.graphs["planning"].inputs}
+        self.in_channels = planning["sample"].shape[1]
+        self.context_dim = planning["encoder_hidden_states"].shape[2]
+        self.pooled_dim = planning["text_embeds"].shape[1] if "text_embeds" in planning else None
+        self.vae_scale_factor = int(self.manifest.model.get("vae_scale_factor", 8))
+
+    @property
+    def added_conditions(self) -> bool:
+        """True for SDXL-style UNets that take ``text_embeds`` and ``time_ids``."""
+        return self.pooled_dim is not None
+
+    def check_dims(self, dims: dict[str, int]) -> None:
+        """Every dim within the manifest's min..max, reported together."""
+        problems = []
+        for name, value in dims.items():
+            dim = self.manifest.dim(name)
+            if not dim.min <= value <= dim.max:
+                scale = self.vae_scale_factor if name.startswith("latent_") else 1
+                unit = f" ({value * scale} px; allowed {dim.min * scale}..{dim.max * scale} px)" if scale > 1 else ""
+                problems.append(f"{name} {value} is outside {dim.min}..{dim.max}{unit}")
+        if problems:
+            raise ShapeError(f"the engine in {self.folder} does not accept this input: {'; '.join(problems)}; "
+                             "re-export with a matching --height/--width/--max-batch")
+
+    def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Pixel size -> latent size, defaulting to the size the engine was tuned for."""
+        factor = self.vae_scale_factor
+        sizes = []
+        for label, value, dim in (("height", height, "latent_height"), ("width", width, "latent_width")):
+            if value is None:
+                sizes.append(self.manifest.dim(dim).opt)
+                continue
+            if value <= 0 or value % factor:
+                raise InvalidInputError(f"{label} {value} is not a positive multiple of {factor} (the VAE's factor)")
+            sizes.append(value // factor)
+        return sizes[0], sizes[1]
+
+    def denoise(
+        self,
+        prompt_embeds: np.ndarray,
+        negative_prompt_embeds: np.ndarray | None = None,
+        *,
+        latents: np.ndarray | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        cache_step: int | None = None,
+        guidance_scale: float = 7.5,
+        scheduler: str | None = None,
+        seed: int = 0,
+        text_embeds: np.ndarray | None = None,
+        negative_text_embeds: np.ndarray | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> DenoiseResult:
+        """Denoise from prompt embeddings (B, text_len, D); returns final latents and stage timings.
+
+        ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling (as
+        diffusers' pipelines take it); without it, noise is drawn from ``np.random.default_rng(seed)``
+        (``standard_normal``, float32), which then also drives ancestral schedulers. Negative
+        embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
+        plain baseline. Batches above the engine's max batch run in chunks.
+        """
+        if num_inference_steps < 1:
+            raise InvalidInputError(f"steps {num_inference_steps} must be at least 1")
+        if cache_step is None:
+            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
+        make_scheduler(scheduler, self.manifest.scheduler_config)  # unknown names fail before any work
+        prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
+        batch = prompt_embeds.shape[0]
+        expected = (batch, self.manifest.dim("text_len").opt, self.context_dim)
+        if prompt_embeds.shape != expected:
+            raise ShapeError(f"prompt embeddings have shape {prompt_embeds.shape}; the engine takes {expected} "
+                             "(batch, text_len, context width)")
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = np.zeros_like(prompt_embeds)
+        negative_prompt_embeds = _float_array("negative prompt embeddings", negative_prompt_embeds, 3)
+        if negative_prompt_embeds.shape != expected:
+            raise ShapeError(f"negative prompt embeddings have shape {negative_prompt_embeds.shape}; expected {expected}")
+
+        rng = np.random.default_rng(seed)
+        if latents is None:
+            latent_height, latent_width = self.latent_size(height, width)
+            latents = rng.standard_normal((batch, self.in_channels, latent_height, latent_width), dtype=np.float32)
+        latents = _float_array("latents", latents, 4)
+        if latents.shape[0] != batch or latents.shape[1] != self.in_channels:
+            raise ShapeError(f"latents have shape {latents.shape}; expected ({batch}, {self.in_channels}, "
+                             "latent_height, latent_width) to match the prompt batch")
+        if (height or width) and (height, width) != (latents.shape[2] * self.vae_scale_factor,
+                                                     latents.shape[3] * self.vae_scale_factor):
+            if height is not None and width is not None:
+                raise ShapeError(f"latents of {latents.shape[2]}x{latents.shape[3]} do not make {height}x{width} px")
+        self.check_dims({"latent_height": latents.shape[2], "latent_width": latents.shape[3]})
+
+        added = None
+        if self.added_conditions:
+            if text_embeds is None:
+                raise InvalidInputError("this SDXL-style engine needs pooled text_embeds (B, "
+                                        f"{self.pooled_dim}) besides the prompt embeddings")
+            text_embeds = _float_array("text_embeds", text_embeds, 2)
+            if negative_text_embeds is None:
+                negative_text_embeds = np.zeros_like(text_embeds)
+            negative_text_embeds = _float_array("negative text_embeds", negative_text_embeds, 2)
+            for label, array in (("text_embeds", text_embeds), ("negative text_embeds", negative_text_embeds)):
+                if array.shape != (batch, self.pooled_dim):
+                    raise ShapeError(f"{label} have shape {array.shape}; expected ({batch}, {self.pooled_dim})")
+            # diffusers' _get_add_time_ids: original size, crop top-left (0, 0), target size.
+            pixels = (latents.shape[2] * self.vae_scale_factor, latents.shape[3] * self.vae_scale_factor)
+            time_ids = np.tile(np.array([*pixels, 0, 0, *pixels], dtype=np.float32), (batch, 1))
+            added = (text_embeds, negative_text_embeds, time_ids)
+
+        max_batch = self.manifest.dim("batch").max
+        timings = StageTimings()
+        chunks = []
+        for start in range(0, batch, max_batch):
+            part = slice(start, start + max_batch)
+            result = self._denoise_batch(
+                prompt_embeds[part], negative_prompt_embeds[part], latents[part],
+                None if added is None else tuple(a[part] for a in added),
+                num_inference_steps, cache_step, guidance_scale, scheduler, rng, callback)
+            chunks.append(result.latents)
+            timings.add(result.timings)
+        return DenoiseResult(np.concatenate(chunks), timings)
+
+    def _denoise_batch(self, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
+                       cache_step, guidance_scale, scheduler_name, rng, callback) -> DenoiseResult:
+        batch = latents.shape[0]
+        cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
+        scheduler = make_scheduler(scheduler_name, self.manifest.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps)
+        planning_steps = planning_evaluations(cache_step, num_inference_steps, len(scheduler.timesteps))
+
+        dims = {"batch": batch, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
+        self.check_dims({"batch": batch})
+        self.backend.prepare({**dims, "text_len": self.manifest.dim("text_len").opt})
+        # Uploaded once per generation: (2B, L, D), unconditional half first.
+        planning_inputs = {"encoder_hidden_states": np.concatenate([negative_prompt_embeds, prompt_embeds])}
+        fidelity_inputs = {}
+        if added is not None:
+            text_embeds, negative_text_embeds, time_ids = added
+            planning_inputs.update(text_embeds=np.concatenate([negative_text_embeds, text_embeds]),
+                                   time_ids=np.concatenate([time_ids, time_ids]))
+            # Fidelity runs unconditionally: the negative (unconditional) added conditions.
+            fidelity_inputs = ({"text_embeds": planning_inputs["text_embeds"], "time_ids": planning_inputs["time_ids"]}
+                               if cfg_fidelity else {"text_embeds": negative_text_embeds, "time_ids": time_ids})
+        self.backend.set_inputs("planning", planning_inputs)
+        if fidelity_inputs:
+            self.backend.set_inputs("fidelity", fidelity_inputs)
+
+        timings = StageTimings()
+        latents = latents * np.float32(scheduler.init_noise_sigma)
+        total = len(scheduler.timesteps)
+        for i, t in enumerate(scheduler.timesteps):
+            step = i + 1
+            started = time.perf_counter()
+            timestep = np.array([t], dtype=np.float32)
+            if step <= planning_steps:
+                # Semantics planning: the full UNet with CFG at batch 2B; at step n its cache
+                # outputs, already merged, are left in the device buffers fidelity reads.
+                latent_input = scheduler.scale_model_input(np.concatenate([latents, latents]), t)
+                noise_uncond, noise_text = np.split(self.backend.run("planning", latent_input, timestep), 2)
+                noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
+            elif cfg_fidelity:
+                # Variant: fidelity keeps guidance, batch 2B, a cache per half.
+                latent_input = scheduler.scale_model_input(np.concatenate([latents, latents]), t)
+                noise_uncond, noise_text = np.split(self.backend.run("fidelity", latent_input, timestep), 2)
+                noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
+            else:
+                # Fidelity improving: batch B, no guidance, no text; cross-attention from the cache.
+                latent_input = scheduler.scale_model_input(latents, t)
+                noise_pred = self.backend.run("fidelity", latent_input, timestep)
+            latents = scheduler.step(noise_pred, t, latents, rng=rng).astype(np.float32, copy=False)
+            elapsed = time.perf_counter() - started
+            if step <= planning_steps:
+                timings.planning_s += elapsed
+                timings.planning_steps += 1
+            else:
+                timings.fidelity_s += elapsed
+                timings.fidelity_steps += 1
+            if step == planning_steps and step < total:
+                # The switch: the cache buffers planning just wrote become fidelity's inputs.
+                started = time.perf_counter()
+                self.backend.switch_to_fidelity()
+                timings.switch_s += time.perf_counter() - started
+            if callback is not None:
+                callback(step, total)
+        return DenoiseResult(latents, timings)

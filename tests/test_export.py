@@ -1,0 +1,156 @@
+"""Exported graphs: IO as specified, no cross-attention in fidelity, parity with torch at new shapes."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnxruntime as ort
+import pytest
+import torch
+
+from cair_export import export as export_module
+from cair_export.export import ExportConfig, export_model
+from cair_export.graphs import CairGraph, make_inputs
+from cair_export.models import load_model
+from cair_export.reference import CrossAttentionCache, cross_attention_sites
+from cair_runtime.errors import ValidationError
+from cair_runtime.manifest import load_manifest
+
+TINY_PRESETS = ("tiny-sd15", "tiny-sd21", "tiny-sdxl")
+
+
+def _graph_io(path):
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    return model, inputs, outputs
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_export_writes_manifest_and_both_graphs(exported, preset):
+    folder = exported(preset)
+    manifest = load_manifest(folder)
+    assert {record.path for record in manifest.files} >= {"planning.onnx", "fidelity.onnx", "validation.json"}
+    unet = load_model(preset).unet
+    sites = cross_attention_sites(unet)
+    assert [c.module for c in manifest.caches] == [s.module for s in sites]
+    for kind, graph in manifest.graphs.items():
+        _, inputs, outputs = _graph_io(folder / graph.file)
+        assert inputs == [t.name for t in graph.inputs]
+        assert outputs == [t.name for t in graph.outputs]
+    planning = manifest.graphs["planning"]
+    assert [t.name for t in planning.outputs] == ["noise_pred"] + [c.name for c in manifest.caches]
+    sdxl = preset == "tiny-sdxl"
+    expected_extra = ["text_embeds", "time_ids"] if sdxl else []
+    assert [t.name for t in planning.inputs] == ["sample", "timestep", "encoder_hidden_states", *expected_extra]
+    assert manifest.scheduler_config["_class_name"] == load_model(preset).scheduler_config["_class_name"]
+    assert manifest.dim("latent_height").opt == 8
+
+
+def _initializer_digests(model):
+    return {hashlib.sha256(onnx.numpy_helper.to_array(t).astype(np.float32).tobytes()).hexdigest()
+            for t in model.graph.initializer}
+
+
+def _weight_digests(weight):
+    # The exporter may store a Linear weight transposed (for MatMul): look for both layouts.
+    array = weight.detach().numpy()
+    return {hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in (array, array.T)}
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_fidelity_graph_has_no_cross_attention_weights_and_no_text_input(exported, preset):
+    folder = exported(preset)
+    unet = load_model(preset).unet
+    planning, _, _ = _graph_io(folder / "planning.onnx")
+    fidelity, fidelity_inputs, _ = _graph_io(folder / "fidelity.onnx")
+    assert "encoder_hidden_states" not in fidelity_inputs
+    context = unet.config.cross_attention_dim
+    # The text width appears only in to_k/to_v weights: present in planning, absent in fidelity.
+    assert any(context in t.dims for t in planning.graph.initializer)
+    assert not any(context in t.dims for t in fidelity.graph.initializer)
+    # Every attn2 projection weight (Q, K, V, out) is in planning and none is in fidelity.
+    in_planning, in_fidelity = _initializer_digests(planning), _initializer_digests(fidelity)
+    weights = [p for name, p in unet.named_parameters() if ".attn2." in name and name.endswith("weight")]
+    assert len(weights) == 4 * len(cross_attention_sites(unet))
+    for weight in weights:
+        assert _weight_digests(weight) & in_planning
+        assert not _weight_digests(weight) & in_fidelity
+    assert len(fidelity.graph.initializer) < len(planning.graph.initializer)
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_graphs_match_torch_at_shapes_unlike_the_trace(exported, preset):
+    """Fresh shapes (batch 3, non-square 12x16 and 6x10 latents), not the export's own checks."""
+    folder = exported(preset)
+    model = load_model(preset)
+    manifest = load_manifest(folder)
+    with CrossAttentionCache(model.unet) as cache:
+        from cair_export.graphs import cache_specs, graph_specs
+        ios = graph_specs(model, cache_specs(cache.sites), "none")
+        for kind, io in ios.items():
+            session = ort.InferenceSession(str(folder / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
+            graph = CairGraph(model.unet, cache, io)
+            for seed, (batch, h, w) in enumerate([(3, 12, 16), (1, 6, 10)]):
+                inputs = make_inputs(io, {"batch": batch, "latent_height": h, "latent_width": w,
+                                          "text_len": manifest.dim("text_len").opt}, seed=seed)
+                with torch.no_grad():
+                    expected = graph(*(torch.from_numpy(inputs[name]) for name in graph.input_names))
+                actual = session.run(None, inputs)
+                for a, e in zip(actual, expected):
+                    e = e.numpy()
+                    assert a.shape == e.shape
+                    assert np.abs(a - e).max() <= 1e-4 * np.abs(e).max()
+
+
+def test_validation_report_is_written(exported):
+    checks = json.loads((exported("tiny-sd21") / "validation.json").read_text())
+    graphs = {c["graph"] for c in checks}
+    assert graphs == {"planning", "fidelity", "chained"}
+    shapes = {(c["dims"]["batch"], c["dims"]["latent_height"], c["dims"]["latent_width"]) for c in checks}
+    assert len(shapes) >= 2 and any(h != w for _, h, w in shapes)
+    assert all(c["relative"] <= 1e-4 for c in checks)
+
+
+def test_cfg_fidelity_variant_keeps_both_halves(exported):
+    manifest = load_manifest(exported("tiny-sd15", fidelity_guidance="cfg"))
+    assert manifest.fidelity_guidance == "cfg"
+    fidelity = {t.name: t for t in manifest.graphs["fidelity"].inputs}
+    assert fidelity["sample"].shape[0] == "2*batch"
+    assert fidelity[manifest.caches[0].name].shape[0] == "2*batch"
+
+
+def test_failed_validation_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValidationError("planning:noise_pred differs")
+
+    monkeypatch.setattr(export_module, "validate_graphs", broken)
+    out = tmp_path / "engine"
+    with pytest.raises(ValidationError):
+        export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_folder_atomically(tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export_model(load_model("tiny-sd15"), out, ExportConfig(validate=False), overwrite=True,
+                 progress=lambda message: None)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+    load_manifest(out)
+
+
+def test_large_graphs_use_one_external_data_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 1024)
+    out = tmp_path / "engine"
+    export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
+    manifest = load_manifest(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["fidelity.onnx", "fidelity.onnx.data", "manifest.json", "planning.onnx",
+                     "planning.onnx.data", "validation.json"]
+    assert {r.path for r in manifest.files} == set(names) - {"manifest.json"}
+    assert (out / "planning.onnx").stat().st_size < 1 << 20  # the weights are in the side file
