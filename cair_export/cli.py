@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from cair_runtime.errors import CairError, InvalidInputError
+from cair_runtime.cli import OneLineArgumentParser
+from cair_runtime.errors import CairError
 
 
 def _progress(message: str) -> None:
@@ -71,7 +72,7 @@ def _int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cair_export.models import PRESETS
 
-    parser = argparse.ArgumentParser(prog="cair-export", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="cair-export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     presets = ", ".join(PRESETS)
 

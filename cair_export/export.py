@@ -77,7 +77,8 @@ def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, 
     """Validate user options; return the (height, width) in pixels."""
     factor = model.vae_scale_factor
     native = model.unet.config.sample_size * factor
-    height, width = config.height or native, config.width or native
+    height = native if config.height is None else config.height
+    width = native if config.width is None else config.width
     for label, value in (("height", height), ("width", width)):
         if value <= 0 or value % factor:
             raise InvalidInputError(f"{label} {value} is not a positive multiple of {factor} (the VAE's factor); "
@@ -274,7 +275,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         producer=_producer(),
         model={"name": model.name, "source": model.source, "family": model.family, "dtype": "float32",
                "vae_scale_factor": model.vae_scale_factor, "cache_step_hint": config.cache_step_hint,
-               "unet_config": json.loads(json.dumps(dict(unet.config), default=list))},
+               "unet_config": json.loads(json.dumps(dict(unet.config), default=str))},
         scheduler_config=model.scheduler_config,
         fidelity_guidance=config.fidelity_guidance,
         dims=dims,

@@ -18,6 +18,13 @@ from cair_runtime.errors import CairError, InvalidInputError
 from cair_runtime.schedulers import SCHEDULER_NAMES
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (and exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _load_npy(path: str | None, label: str) -> np.ndarray | None:
     if path is None:
         return None
@@ -98,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cair-run", description="Run a CAIR engine folder (UNet loop).")
+    parser = OneLineArgumentParser(prog="cair-run", description="Run a CAIR engine folder (UNet loop).")
     parser.add_argument("engine_dir", help="folder written by `cair-export export`")
     parser.add_argument("--encoder-hidden-states", required=True, metavar="FILE.npy",
                         help="prompt embeddings (B, text_len, D), float32 .npy")

@@ -1,0 +1,118 @@
+"""``cair-export`` from a user's seat: each bad input is one line, exit code 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from cair_export.cli import main
+from cair_export.models.presets import PRESETS
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cair-export")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def _tiny_unet_folder(path, safe=True):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**PRESETS["tiny-sd15"].unet_config)
+    unet.save_pretrained(path, safe_serialization=safe)
+    return path
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    code, _, err = _run(capsys, "export", str(tmp_path / "nope"), str(tmp_path / "out"))
+    _assert_one_line_error(code, err, "neither a preset", "nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_model_folder(tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{not json")
+    code, _, err = _run(capsys, "export", str(folder), str(tmp_path / "out"))
+    _assert_one_line_error(code, err, "model_index.json", "not readable JSON")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(capsys, "export", str(empty), str(tmp_path / "out"))
+    _assert_one_line_error(code, err, "neither model_index.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unet_without_cross_attention_is_refused(tmp_path, capsys):
+    UNet2DModel(sample_size=8, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                layers_per_block=1).save_pretrained(tmp_path / "unet2d")
+    code, _, err = _run(capsys, "export", str(tmp_path / "unet2d"), str(tmp_path / "out"))
+    _assert_one_line_error(code, err, "UNet2DModel", "no cross-attention")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoint_is_refused(tmp_path, capsys):
+    folder = _tiny_unet_folder(tmp_path / "pickled", safe=False)
+    assert (folder / "diffusion_pytorch_model.bin").exists()
+    code, _, err = _run(capsys, "export", str(folder), str(tmp_path / "out"))
+    _assert_one_line_error(code, err, "pickle", "safetensors only")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = _run(capsys, "export", "tiny-sd15", str(out))
+    _assert_one_line_error(code, err, "not empty", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("flag,value", [("--height", "60"), ("--width", "100"), ("--height", "0")])
+def test_size_not_multiple_of_8(tmp_path, capsys, flag, value):
+    code, _, err = _run(capsys, "export", "tiny-sd15", str(tmp_path / "out"), flag, value)
+    _assert_one_line_error(code, err, "multiple of 8")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps,cache_step", [("25", "0"), ("25", "26"), ("10", "-1")])
+def test_cache_step_outside_1_to_T(capsys, steps, cache_step):
+    code, _, err = _run(capsys, "macs", "sd15", "--steps", steps, "--cache-step", cache_step)
+    _assert_one_line_error(code, err, "outside 1..")
+
+
+def test_usage_errors_are_one_line():
+    result = subprocess.run([sys.executable, "-m", "cair_export.cli", "export", "tiny-sd15"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "out_dir" in result.stderr
+
+
+def test_local_unet_folder_exports(tmp_path, capsys):
+    """A UNet folder in diffusers layout (safetensors) exports like a preset."""
+    folder = _tiny_unet_folder(tmp_path / "unet")
+    code, _, err = _run(capsys, "export", str(folder), str(tmp_path / "out"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model"]["source"] == str(folder)
+    assert "validating planning -> fidelity handoff" in err
+
+
+def test_export_cli_writes_engine_folder(tmp_path):
+    """The console script, as the README runs it."""
+    result = subprocess.run(["cair-export", "export", "tiny-sd21", str(tmp_path / "engine")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert {"manifest.json", "planning.onnx", "fidelity.onnx"} <= {p.name for p in (tmp_path / "engine").iterdir()}
