@@ -25,7 +25,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out_dir)
     check_output_dir(out_dir, args.overwrite)  # before loading anything: fail fast
-    model = load_model(args.model)
+    model = load_model(args.model, with_pipeline=True)
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch)

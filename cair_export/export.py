@@ -17,7 +17,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cair_export.graphs import CairGraph, GraphIO, cache_specs, graph_dims, graph_specs, make_inputs
+from cair_export.graphs import (
+    CairGraph,
+    GraphIO,
+    TextEncoderGraph,
+    VaeDecoderGraph,
+    cache_specs,
+    graph_dims,
+    graph_specs,
+    make_inputs,
+    make_token_inputs,
+    text_encoder_io,
+    vae_decoder_io,
+)
 from cair_export.models import LoadedModel
 from cair_export.reference import FIDELITY_GUIDANCE, CrossAttentionCache
 from cair_runtime.errors import InvalidInputError, ValidationError
@@ -70,7 +82,7 @@ class ValidationReport:
 
 
 def _dims_str(dims: dict[str, int]) -> str:
-    return f"batch={dims['batch']} latent={dims['latent_height']}x{dims['latent_width']}"
+    return f"batch={dims['batch']} latent={dims.get('latent_height')}x{dims.get('latent_width')}"
 
 
 def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, int]:
@@ -179,18 +191,12 @@ def _run_torch(graph: CairGraph, inputs: dict[str, np.ndarray]) -> list[np.ndarr
 
 
 def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dict[str, int]],
-                    tolerance: float, progress: Callable[[str], None]) -> ValidationReport:
-    """Run each ONNX graph in onnxruntime (CPU) against its torch module, then the chained handoff."""
-    report = ValidationReport()
+                    tolerance: float, progress: Callable[[str], None], report: ValidationReport) -> None:
+    """Run each UNet graph in onnxruntime (CPU) against its torch module, then the chained handoff."""
     sessions = {kind: _session(folder / f"{kind}.onnx") for kind in graphs}
     for kind, graph in graphs.items():
-        for seed, dims in enumerate(shapes):
-            progress(f"validating {kind} at {_dims_str(dims)}")
-            inputs = make_inputs(graph.io, dims, seed=100 + seed)
-            expected = _run_torch(graph, inputs)
-            actual = sessions[kind].run(None, inputs)
-            for spec, a, e in zip(graph.io.outputs, actual, expected):
-                report.add(kind, dims, spec.name, a, e, tolerance)
+        _compare(graph, sessions[kind], shapes, lambda io, dims, seed: make_inputs(io, dims, seed), report,
+                 tolerance, progress)
 
     # Chained: planning (the step-n evaluation) hands its caches to fidelity (step n+1).
     dims = shapes[0]
@@ -203,7 +209,67 @@ def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dic
     ort_caches = sessions["planning"].run(None, plan_inputs)[1:]
     actual = sessions["fidelity"].run(None, {**fid_inputs, **{s.name: c for s, c in zip(planning.io.outputs[1:], ort_caches)}})
     report.add("chained", dims, "noise_pred", actual[0], expected[0], tolerance)
-    return report
+
+
+def _compare(graph: torch.nn.Module, session, shapes: list[dict[str, int]], make: Callable,
+             report: ValidationReport, tolerance: float, progress: Callable[[str], None]) -> None:
+    """One graph against its torch module at each shape; results go into ``report``."""
+    kind = graph.io.kind
+    for seed, dims in enumerate(shapes):
+        progress(f"validating {kind} at {_dims_str(dims)}")
+        inputs = make(graph.io, dims, 100 + seed)
+        expected = _run_torch(graph, inputs)
+        actual = session.run(None, inputs)
+        for spec, a, e in zip(graph.io.outputs, actual, expected):
+            report.add(kind, dims, spec.name, a, e, tolerance)
+
+
+def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...], config: ExportConfig,
+                           report: ValidationReport | None, progress: Callable[[str], None]):
+    """Text encoder(s), VAE decoder and tokenizer(s) beside the UNet graphs, validated like them."""
+    opt = {dim.name: dim.opt for dim in dims}
+    text_dims = [dict(opt, batch=1), dict(opt, batch=2)]
+    pipeline = {"type": "stable-diffusion-xl" if model.family == "sdxl" else "stable-diffusion",
+                "text_encoders": [], "vae_graph": "vae_decoder",
+                "vae_scaling_factor": float(model.vae.config.scaling_factor),
+                "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+                "pooled_from": "text_encoder_2" if model.family == "sdxl" else None}
+    ios = {}
+    for index, encoder in enumerate(model.text_encoders):
+        kind = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+        tokenizer_file = f"{'tokenizer' if index == 0 else f'tokenizer_{index + 1}'}/tokenizer.json"
+        (work / tokenizer_file).parent.mkdir()
+        encoder.tokenizer.backend_tokenizer.save(str(work / tokenizer_file))
+        tokenizer = encoder.tokenizer
+        pipeline["text_encoders"].append({
+            "graph": kind, "tokenizer": tokenizer_file, "max_length": model.text_len,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            # SD-1.x/2.x condition on the last layer (after the final norm), SDXL on the penultimate.
+            "prompt_output": "penultimate_hidden_state" if model.family == "sdxl" else "last_hidden_state"})
+        io = text_encoder_io(kind, encoder.model)
+        graph = TextEncoderGraph(encoder.model, io)
+
+        def tokens(io, dims, seed, tokenizer=tokenizer):
+            return make_token_inputs(io, dims, seed, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+        progress(f"exporting {kind} graph")
+        _export_onnx(graph, io, tokens(io, dict(opt, batch=1), 0), work, config.opset)
+        if report is not None:
+            _compare(graph, _session(work / f"{kind}.onnx"), text_dims, tokens, report, config.tolerance, progress)
+        ios[kind] = io
+
+    io = vae_decoder_io(model.vae, model.vae_scale_factor)
+    graph = VaeDecoderGraph(model.vae, io)
+    progress("exporting vae_decoder graph")
+    _export_onnx(graph, io, make_inputs(io, dict(opt, batch=1, latent_height=opt["latent_height"] + 1), 0), work,
+                 config.opset)
+    if report is not None:
+        wide = dict(opt, batch=2, latent_width=opt["latent_width"] + 2)
+        _compare(graph, _session(work / "vae_decoder.onnx"), [dict(opt, batch=1), wide],
+                 lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
+    ios["vae_decoder"] = io
+    return pipeline, ios
 
 
 def _producer() -> dict[str, str]:
@@ -251,6 +317,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     up_factor = 2 ** (len(unet.config.block_out_channels) - 1)
     dims = graph_dims(model, height, width, config.max_batch)
     files: list[str] = []
+    report = ValidationReport() if config.validate else None
     with CrossAttentionCache(unet, config.fidelity_guidance) as cache:
         caches = cache_specs(cache.sites)
         ios = graph_specs(model, caches, config.fidelity_guidance)
@@ -259,16 +326,22 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         for kind, graph in graphs.items():
             progress(f"exporting {kind} graph (trace at {_dims_str(trace)}, opset {config.opset})")
             files += _export_onnx(graph, graph.io, make_inputs(graph.io, trace, seed=0), work, config.opset)
-        report = None
-        if config.validate:
-            report = validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress)
-            if report.failures:
-                raise ValidationError(f"exported graphs differ from the torch model: {'; '.join(report.failures)}")
-            for kind in ("planning", "fidelity", "chained"):
-                max_abs, relative = report.worst(kind)
-                progress(f"  {kind:9s} max abs error {max_abs:.2e}, relative {relative:.2e} (tolerance {config.tolerance:.0e})")
-            (work / "validation.json").write_text(json.dumps(report.checks, indent=2) + "\n")
-            files.append("validation.json")
+        if report is not None:
+            validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress, report)
+    pipeline = None
+    if model.has_pipeline:
+        pipeline, pipeline_ios = _export_pipeline_parts(model, work, dims, config, report, progress)
+        ios.update(pipeline_ios)
+        files += [f"{kind}.onnx" for kind in pipeline_ios] + [e["tokenizer"] for e in pipeline["text_encoders"]]
+    if report is not None:
+        if report.failures:
+            raise ValidationError(f"exported graphs differ from the torch model: {'; '.join(report.failures)}")
+        for kind in dict.fromkeys(check["graph"] for check in report.checks):
+            max_abs, relative = report.worst(kind)
+            progress(f"  {kind:15s} max abs error {max_abs:.2e}, relative {relative:.2e} "
+                     f"(tolerance {config.tolerance:.0e})")
+        (work / "validation.json").write_text(json.dumps(report.checks, indent=2) + "\n")
+        files.append("validation.json")
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -282,6 +355,9 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         graphs={kind: GraphSpec(kind, f"{kind}.onnx", io.inputs, io.outputs) for kind, io in ios.items()},
         caches=caches,
         files=tuple(record_file(work, name) for name in files),
+        pipeline=pipeline,
     )
     (work / MANIFEST_NAME).write_text(manifest.to_json())
+    for path in work.rglob("*"):  # some writers create files private (0600); engine files are ordinary
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return manifest

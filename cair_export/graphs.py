@@ -119,3 +119,66 @@ class CairGraph(torch.nn.Module):
         self.cache.values = [named[site.name] for site in self.cache.sites]
         # No text input: every attn2 returns its cache, so encoder_hidden_states is never read.
         return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0],)
+
+
+# --- the rest of the pipeline: text encoder(s) and VAE decoder, as diffusers runs them -----------
+
+
+def text_encoder_io(kind: str, encoder: torch.nn.Module) -> GraphIO:
+    """``input_ids`` -> last and penultimate hidden states, and the pooled embedding."""
+    config = encoder.config
+    pooled = config.projection_dim if hasattr(encoder, "text_projection") else config.hidden_size
+    hidden = ("batch", "text_len", config.hidden_size)
+    return GraphIO(
+        kind,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "text_len")),),
+        outputs=(TensorSpec("last_hidden_state", "float32", hidden),  # SD-1.x/2.x prompt embeddings
+                 TensorSpec("penultimate_hidden_state", "float32", hidden),  # SDXL's (hidden_states[-2])
+                 TensorSpec("pooled", "float32", ("batch", pooled))),  # SDXL text_embeds (2nd encoder)
+    )
+
+
+def vae_decoder_io(vae: torch.nn.Module, scale_factor: int) -> GraphIO:
+    """Scaled latents (already divided by the VAE's scaling factor) -> image in [-1, 1]."""
+    return GraphIO(
+        "vae_decoder",
+        inputs=(TensorSpec("latent_sample", "float32", ("batch", vae.config.latent_channels, "latent_height",
+                                                        "latent_width")),),
+        outputs=(TensorSpec("sample", "float32", ("batch", vae.config.out_channels, f"{scale_factor}*latent_height",
+                                                  f"{scale_factor}*latent_width")),),
+    )
+
+
+def make_token_inputs(io: GraphIO, dims: dict[str, int], seed: int, vocab_size: int, eos: int, pad: int):
+    """Seeded token ids shaped like a tokenizer's: BOS ... EOS, then padding."""
+    rng = np.random.default_rng(seed)
+    batch, length = io.inputs[0].resolve(dims)
+    ids = np.full((batch, length), pad, dtype=np.int64)
+    for row in range(batch):
+        words = int(rng.integers(1, length - 1))
+        ids[row, 0] = vocab_size - 2  # BOS sits just before EOS in CLIP's vocabulary layout
+        ids[row, 1:words + 1] = rng.integers(0, vocab_size - 2, size=words)
+        ids[row, words + 1] = eos
+    return {"input_ids": ids}
+
+
+class TextEncoderGraph(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, io: GraphIO):
+        super().__init__()
+        self.encoder, self.io = encoder, io
+        self.input_names = ["input_ids"]
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.encoder(input_ids, output_hidden_states=True)
+        pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+        return output.last_hidden_state, output.hidden_states[-2], pooled
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, io: GraphIO):
+        super().__init__()
+        self.vae, self.io = vae, io
+        self.input_names = ["latent_sample"]
+
+    def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.decode(latent_sample, return_dict=False)[0],)

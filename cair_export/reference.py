@@ -170,3 +170,42 @@ def cair_denoise(
                 )[0]
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+@torch.no_grad()
+def cair_text_to_image(
+    pipe: Any,
+    prompts: list[str],
+    negative_prompts: list[str] | None,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    cache_step: int,
+    guidance_scale: float,
+    num_images_per_prompt: int = 1,
+    scheduler: Any = None,
+) -> torch.Tensor:
+    """Reference CAIR text-to-image over a diffusers SD or SDXL pipeline: images in [0, 1], (N, 3, H, W).
+
+    Prompt encoding, SDXL time ids and VAE post-processing are the pipeline's own
+    (``encode_prompt``, ``_get_add_time_ids``, ``vae.decode``); the loop is ``cair_denoise``.
+    """
+    sdxl = hasattr(pipe, "text_encoder_2")
+    encoded = pipe.encode_prompt(prompts, negative_prompt=negative_prompts, num_images_per_prompt=num_images_per_prompt,
+                                 do_classifier_free_guidance=True, **({} if sdxl else {"device": latents.device}))
+    added = negative_added = None
+    if sdxl:
+        prompt_embeds, negative_embeds, pooled, negative_pooled = encoded
+        height, width = latents.shape[2] * pipe.vae_scale_factor, latents.shape[3] * pipe.vae_scale_factor
+        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        time_ids = time_ids.repeat(len(latents), 1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        negative_added = {"text_embeds": negative_pooled, "time_ids": time_ids}
+    else:
+        prompt_embeds, negative_embeds = encoded
+    latents = cair_denoise(pipe.unet, scheduler or pipe.scheduler, latents, prompt_embeds, negative_embeds,
+                           num_inference_steps=num_inference_steps, cache_step=cache_step,
+                           guidance_scale=guidance_scale, added_cond=added, negative_added_cond=negative_added)
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return (images / 2 + 0.5).clamp(0, 1)

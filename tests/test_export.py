@@ -123,8 +123,8 @@ def test_cfg_fidelity_variant_keeps_both_halves(exported):
 
 
 def test_failed_validation_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise ValidationError("planning:noise_pred differs")
+    def broken(graphs, folder, shapes, tolerance, progress, report):
+        report.failures.append("planning:noise_pred differs")
 
     monkeypatch.setattr(export_module, "validate_graphs", broken)
     out = tmp_path / "engine"

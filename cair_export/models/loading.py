@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cair_export.models.presets import PRESETS, SCHEDULER_SD15
+from cair_export.models.presets import PRESETS, SCHEDULER_SD15, TINY_VAE, Preset
 from cair_runtime.errors import InvalidInputError
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _SHARDED_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _PICKLES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json", "pytorch_model.bin")
+_SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
+
+
+@dataclass
+class TextEncoder:
+    """One CLIP text encoder with its tokenizer."""
+
+    model: Any  # transformers CLIPTextModel or CLIPTextModelWithProjection
+    tokenizer: Any  # transformers CLIPTokenizer (fast: has backend_tokenizer)
 
 
 @dataclass
 class LoadedModel:
-    """A UNet ready to export, with what the manifest needs to describe it."""
+    """A UNet ready to export, its pipeline parts when it has them, and what the manifest needs."""
 
     name: str  # preset name or the folder's name
     source: str  # "preset" or the folder path
@@ -28,37 +38,104 @@ class LoadedModel:
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
     vae_scale_factor: int = 8  # pixels per latent pixel
     text_len: int = 77  # tokens the text encoder takes
+    # Whole pipelines (tiny presets, pipeline folders) also have these; UNet-only models do not.
+    text_encoders: list[TextEncoder] = field(default_factory=list)
+    vae: Any = None  # diffusers AutoencoderKL
+    force_zeros_for_empty_prompt: bool = False  # SDXL: zero negative embeddings when no negative prompt
 
     @property
     def added_conditions(self) -> bool:
         """True when the UNet takes SDXL's ``text_embeds``/``time_ids``."""
         return self.unet.config.addition_embed_type == "text_time"
 
+    @property
+    def has_pipeline(self) -> bool:
+        return bool(self.text_encoders) and self.vae is not None
 
-def load_model(name_or_path: str, device: str = "cpu") -> LoadedModel:
+    def diffusers_pipeline(self):
+        """The equivalent diffusers pipeline (the reference for text-to-image)."""
+        from diffusers import (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                               StableDiffusionXLPipeline)
+
+        if not self.has_pipeline:
+            raise InvalidInputError(f"model {self.name} is a UNet alone; it has no text encoder or VAE")
+        classes = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
+        scheduler = classes.get(self.scheduler_config.get("_class_name"), DDIMScheduler).from_config(
+            self.scheduler_config)
+        first = self.text_encoders[0]
+        if self.family == "sdxl":
+            second = self.text_encoders[1]
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=first.model, text_encoder_2=second.model, tokenizer=first.tokenizer,
+                tokenizer_2=second.tokenizer, unet=self.unet, scheduler=scheduler,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=first.model, tokenizer=first.tokenizer, unet=self.unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def load_model(name_or_path: str, device: str = "cpu", with_pipeline: bool = False) -> LoadedModel:
     """Return a preset (``tiny-sd21``, ``sd21``, ...) or a local pipeline/UNet folder.
 
-    ``device="meta"`` builds presets without allocating weights (for counting MACs).
+    ``device="meta"`` builds the UNet without allocating weights (for counting MACs).
+    ``with_pipeline`` also loads text encoder(s), tokenizer(s) and VAE where the model has them.
     """
     if name_or_path in PRESETS:
-        return _build_preset(name_or_path, device)
+        return _build_preset(PRESETS[name_or_path], device, with_pipeline)
     path = Path(name_or_path)
     if not path.is_dir():
         raise InvalidInputError(
             f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a folder; "
             "pass a preset name or a local diffusers pipeline or UNet folder"
         )
-    return _load_folder(path, device)
+    return _load_folder(path, device, with_pipeline)
 
 
-def _build_preset(name: str, device: str) -> LoadedModel:
+# --- presets -------------------------------------------------------------------------------
+
+
+def _build_preset(preset: Preset, device: str, with_pipeline: bool) -> LoadedModel:
     from diffusers import UNet2DConditionModel
 
-    preset = PRESETS[name]
     with torch.device(device):
         torch.manual_seed(preset.seed)
         unet = UNet2DConditionModel(**preset.unet_config)
-    return LoadedModel(name, "preset", preset.family, unet.eval(), dict(preset.scheduler_config))
+    model = LoadedModel(preset.name, "preset", preset.family, unet.eval(), dict(preset.scheduler_config))
+    if with_pipeline and preset.text_encoders and device != "meta":
+        _build_tiny_pipeline(model, preset)
+    return model
+
+
+def _build_tiny_pipeline(model: LoadedModel, preset: Preset) -> None:
+    """Seeded tiny tokenizer(s), CLIP text encoder(s) and VAE with the release's conventions."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from cair_export.shapes.tokenizer import write_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_tokenizer(Path(folder), model_max_length=model.text_len)
+        base_tokenizer = CLIPTokenizer.from_pretrained(folder)
+        for index, spec in enumerate(preset.text_encoders):
+            tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token=spec.pad_token)
+            config = CLIPTextConfig(
+                vocab_size=len(base_tokenizer), hidden_size=spec.hidden_size, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=model.text_len,
+                hidden_act=spec.hidden_act, projection_dim=spec.hidden_size,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+            torch.manual_seed(preset.seed + 1 + index)
+            cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+            model.text_encoders.append(TextEncoder(cls(config).eval(), tokenizer))
+    torch.manual_seed(preset.seed + 10)
+    model.vae = AutoencoderKL(**TINY_VAE, scaling_factor=preset.vae_scaling_factor).eval()
+    model.force_zeros_for_empty_prompt = preset.family == "sdxl"
+
+
+# --- folders -------------------------------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -71,11 +148,30 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_folder(path: Path, device: str) -> LoadedModel:
+def _check_safetensors(folder: Path, weights: str = _WEIGHTS, sharded: str = _SHARDED_INDEX) -> None:
+    if (folder / weights).is_file() or (folder / sharded).is_file():
+        return
+    pickles = [name for name in _PICKLES if (folder / name).is_file()]
+    if pickles:
+        raise InvalidInputError(
+            f"{folder} has only a pickle checkpoint ({pickles[0]}); cair-export loads safetensors only. "
+            "Convert it first, e.g. UNet2DConditionModel.from_pretrained(dir).save_pretrained(dir, "
+            "safe_serialization=True) in a trusted environment"
+        )
+    raise InvalidInputError(f"{folder} has no {weights}; the model folder is incomplete")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
     from diffusers import UNet2DConditionModel
 
+    index = None
     if (path / "model_index.json").is_file():  # a whole pipeline folder
-        _read_json(path / "model_index.json")
+        index = _read_json(path / "model_index.json")
         unet_dir = path / "unet"
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else dict(SCHEDULER_SD15)
@@ -95,39 +191,50 @@ def _load_folder(path: Path, device: str) -> LoadedModel:
             f"{unet_dir} holds a {class_name}, which has no cross-attention; "
             "CAIR needs a text-conditioned UNet2DConditionModel"
         )
-    if not ((unet_dir / _WEIGHTS).is_file() or (unet_dir / _SHARDED_INDEX).is_file()):
-        pickles = [name for name in _PICKLES if (unet_dir / name).is_file()]
-        if pickles:
-            raise InvalidInputError(
-                f"{unet_dir} has only a pickle checkpoint ({pickles[0]}); cair-export loads safetensors only. "
-                "Convert it first, e.g. UNet2DConditionModel.from_pretrained(dir).save_pretrained(dir, "
-                "safe_serialization=True) in a trusted environment"
-            )
-        raise InvalidInputError(f"{unet_dir} has no {_WEIGHTS}; the model folder is incomplete")
+    _check_safetensors(unet_dir)
     if device == "meta":  # counting only: the architecture, no weights read
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
     else:
-        unet = _load_unet_weights(unet_dir)
-    family = "sdxl" if unet.config.addition_embed_type == "text_time" else (
-        "sd21" if scheduler_config.get("prediction_type") == "v_prediction" else "sd15"
-    )
-    return LoadedModel(
+        unet = _from_pretrained(UNet2DConditionModel, unet_dir)
+    sdxl = unet.config.addition_embed_type == "text_time" or (index or {}).get("_class_name") in _SDXL_PIPELINES
+    family = "sdxl" if sdxl else ("sd21" if scheduler_config.get("prediction_type") == "v_prediction" else "sd15")
+    model = LoadedModel(
         path.name, str(path), family, unet.to(device).eval(), scheduler_config,
         vae_scale_factor=_vae_scale_factor(path), text_len=_text_len(path),
     )
+    if with_pipeline and index is not None and device != "meta":
+        _load_pipeline_parts(model, path, index)
+    return model
 
 
-def _load_unet_weights(unet_dir: Path):
-    from diffusers import UNet2DConditionModel
-
+def _from_pretrained(cls: Any, folder: Path, **kwargs: Any) -> Any:
     try:
-        return UNet2DConditionModel.from_pretrained(
-            unet_dir, use_safetensors=True, local_files_only=True, torch_dtype=torch.float32
-        )
+        return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs).eval()
     except (OSError, ValueError, RuntimeError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InvalidInputError(f"cannot load the UNet from {unet_dir}: {first_line}") from None
+        raise InvalidInputError(f"cannot load {cls.__name__} from {folder}: {_first_line(error)}") from None
+
+
+def _load_pipeline_parts(model: LoadedModel, path: Path, index: dict[str, Any]) -> None:
+    """Text encoder(s), tokenizer(s) and VAE of a pipeline folder, when all are present."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    names = [("text_encoder", "tokenizer")] + ([("text_encoder_2", "tokenizer_2")] if model.family == "sdxl" else [])
+    if not all((path / part).is_dir() for pair in names for part in pair) or not (path / "vae").is_dir():
+        return  # a UNet-only export; the manifest says so
+    for encoder_dir, tokenizer_dir in names:
+        _check_safetensors(path / encoder_dir, "model.safetensors", "model.safetensors.index.json")
+        class_name = index.get(encoder_dir, [None, "CLIPTextModel"])[1]
+        cls = CLIPTextModelWithProjection if class_name == "CLIPTextModelWithProjection" else CLIPTextModel
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(path / tokenizer_dir, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise InvalidInputError(f"cannot load the tokenizer from {path / tokenizer_dir}: {_first_line(error)}") from None
+        model.text_encoders.append(TextEncoder(_from_pretrained(cls, path / encoder_dir), tokenizer))
+    _check_safetensors(path / "vae")
+    model.vae = _from_pretrained(AutoencoderKL, path / "vae", torch_dtype=torch.float32)
+    model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", model.family == "sdxl"))
 
 
 def _vae_scale_factor(path: Path) -> int:

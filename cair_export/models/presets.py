@@ -9,7 +9,7 @@ weights, for cost and speed measurement.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -46,15 +46,26 @@ SCHEDULER_SDXL = {
 
 
 @dataclass(frozen=True)
+class TextEncoderSpec:
+    """A tiny CLIP text encoder: its width and the tokenizer conventions of the release."""
+
+    hidden_size: int  # = the part of the UNet's context width it provides
+    with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's second encoder): pooled text_embeds
+    pad_token: str = "<|endoftext|>"  # OpenAI CLIP pads with EOS; OpenCLIP (SD-2.x, SDXL's 2nd) with "!"
+    hidden_act: str = "quick_gelu"
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     family: str  # "sd15" | "sd21" | "sdxl": which release's conventions the model follows
     unet_config: dict[str, Any]  # UNet2DConditionModel keyword arguments
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
-    random_weights: bool = True  # False would mean trained weights ship with the preset
     description: str = ""
     seed: int = 0  # torch seed for the random init, so every build is identical
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Tiny presets are whole pipelines: text encoder(s) and a VAE besides the UNet.
+    text_encoders: tuple[TextEncoderSpec, ...] = ()
+    vae_scaling_factor: float = 0.18215  # SD-1.x/2.x; SDXL's VAE uses 0.13025
 
 
 def _arch(name: str) -> dict[str, Any]:
@@ -103,13 +114,31 @@ _TINY_SDXL = {
     "projection_class_embeddings_input_dim": 1280 + 6 * 8,  # pooled text_embeds + 6 time_ids
 }
 
+# Tiny VAE: four levels (8x, as SD's), a few channels.
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 16, 16, 16),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+
 PRESETS: dict[str, Preset] = {
     "tiny-sd15": Preset("tiny-sd15", "sd15", _TINY_SD15, SCHEDULER_SD15,
-                        description="seeded tiny UNet, SD-1.5 topology (epsilon, conv projection)"),
+                        description="seeded tiny SD-1.5-style pipeline (epsilon, conv projection)",
+                        text_encoders=(TextEncoderSpec(768),)),
     "tiny-sd21": Preset("tiny-sd21", "sd21", _TINY_SD21, SCHEDULER_SD21,
-                        description="seeded tiny UNet, SD-2.1 topology (v-prediction, linear projection)"),
+                        description="seeded tiny SD-2.1-style pipeline (v-prediction, linear projection)",
+                        text_encoders=(TextEncoderSpec(1024, pad_token="!", hidden_act="gelu"),)),
     "tiny-sdxl": Preset("tiny-sdxl", "sdxl", _TINY_SDXL, SCHEDULER_SDXL,
-                        description="seeded tiny UNet, SDXL topology (text_time conditioning)"),
+                        description="seeded tiny SDXL-style pipeline (two text encoders, text_time conditioning)",
+                        text_encoders=(TextEncoderSpec(768),
+                                       TextEncoderSpec(1280, with_projection=True, pad_token="!", hidden_act="gelu")),
+                        vae_scaling_factor=0.13025),
     "sd15": Preset("sd15", "sd15", _arch("sd15"), SCHEDULER_SD15,
                    description="SD-1.5 UNet architecture, random weights (512 px)"),
     "sd21": Preset("sd21", "sd21", _arch("sd21"), SCHEDULER_SD21,

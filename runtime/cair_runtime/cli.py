@@ -72,9 +72,54 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def _image_paths(output: Path, count: int) -> list[Path]:
+    """out.png for one image; out-0.png, out-1.png, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{k}{output.suffix or '.png'}") for k in range(count)]
+
+
+def cmd_text_to_image(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cair_runtime.text2image import CairText2Image, save_png
+
+    output = Path(args.output)
+    _check_writable(output)
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    pipeline = CairText2Image(args.engine_dir, providers=providers, threads=args.threads,
+                              graph_optimization=args.graph_optimization)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pipeline(
+            args.prompt, args.negative_prompt, num_images_per_prompt=args.num_images, height=args.height,
+            width=args.width, num_inference_steps=args.steps, cache_step=args.cache_step,
+            guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed,
+            callback=_Progress(not args.json))
+    for message in dict.fromkeys(str(warning.message) for warning in caught):  # SDXL: once, not per encoder
+        print(f"cair-run: warning: {message}", file=sys.stderr)
+    paths = _image_paths(output, len(result.images))
+    for image, path, parameters in zip(result.images, paths, result.parameters):
+        save_png(image, path, parameters)
+    timings = {**result.timings.as_dict(), "text_s": result.text_s, "vae_s": result.vae_s}
+    if args.json:
+        print(json.dumps({"outputs": [str(p) for p in paths], **timings}, indent=2))
+    else:
+        t = result.timings
+        print(f"wrote {', '.join(map(str, paths))}: text {result.text_s:.3f} s, planning {t.planning_steps} steps "
+              f"{t.planning_s:.3f} s, switch {t.switch_s * 1e3:.3f} ms, fidelity {t.fidelity_steps} steps "
+              f"{t.fidelity_s:.3f} s, decode {result.vae_s:.3f} s")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cair_runtime.pipeline import CairEngine
 
+    if (args.prompt is None) == (args.encoder_hidden_states is None):
+        raise InvalidInputError("give either a prompt (text-to-image) or --encoder-hidden-states (UNet only), "
+                                "not both or neither")
+    if args.prompt is not None:
+        return cmd_text_to_image(args)
     output = Path(args.output)
     _check_writable(output)
     prompt_embeds = _load_npy(args.encoder_hidden_states, "--encoder-hidden-states")
@@ -105,16 +150,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(prog="cair-run", description="Run a CAIR engine folder (UNet loop).")
+    parser = OneLineArgumentParser(
+        prog="cair-run", description="Run a CAIR engine folder: a prompt to PNG images, or embeddings to latents.")
     parser.add_argument("engine_dir", help="folder written by `cair-export export`")
-    parser.add_argument("--encoder-hidden-states", required=True, metavar="FILE.npy",
-                        help="prompt embeddings (B, text_len, D), float32 .npy")
+    parser.add_argument("prompt", nargs="?", help="text prompt (text-to-image; needs a pipeline export)")
+    parser.add_argument("--negative-prompt", help="negative prompt (default: none)")
+    parser.add_argument("--num-images", type=int, default=1,
+                        help="images for the prompt (default 1); several are written as OUT-0.png, OUT-1.png, ...")
+    parser.add_argument("--encoder-hidden-states", metavar="FILE.npy",
+                        help="UNet only: prompt embeddings (B, text_len, D), float32 .npy, instead of a prompt")
     parser.add_argument("--negative-encoder-hidden-states", metavar="FILE.npy",
                         help="negative prompt embeddings (B, text_len, D); default zeros")
     parser.add_argument("--text-embeds", metavar="FILE.npy", help="SDXL pooled text embeddings (B, 1280)")
     parser.add_argument("--negative-text-embeds", metavar="FILE.npy", help="SDXL negative pooled embeddings; default zeros")
     parser.add_argument("--latents", metavar="FILE.npy", help="initial noise (B, C, h, w); default seeded numpy noise")
-    parser.add_argument("--output", "-o", required=True, metavar="FILE.npy", help="where to write the final latents")
+    parser.add_argument("--output", "-o", required=True, metavar="FILE",
+                        help="PNG image(s) for a prompt; .npy final latents for --encoder-hidden-states")
     parser.add_argument("--height", type=int, help="pixel height (default: the engine's tuned size)")
     parser.add_argument("--width", type=int, help="pixel width (default: the engine's tuned size)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps T (default 25)")

@@ -22,7 +22,7 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
-GRAPH_KINDS = ("planning", "fidelity")
+GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and vae_decoder come with a pipeline
 
 
 # --- shape expressions ---------------------------------------------------------------------
@@ -136,6 +136,7 @@ class Manifest:
     caches: tuple[CacheSpec, ...]
     files: tuple[FileRecord, ...]
     engines: tuple[EngineRecord, ...] = ()
+    pipeline: dict[str, Any] | None = None  # text-to-image parts; None for a UNet-only export
 
     def dim(self, name: str) -> Dim:
         for dim in self.dims:
@@ -165,6 +166,7 @@ class Manifest:
             caches=tuple(CacheSpec(**c) for c in data["caches"]),
             files=tuple(FileRecord(**f) for f in data["files"]),
             engines=tuple(EngineRecord(**e) for e in data.get("engines", ())),
+            pipeline=data.get("pipeline"),
         )
 
 

@@ -13,7 +13,7 @@ from cair_runtime.backends import make_backend
 from cair_runtime.errors import InvalidInputError, ShapeError
 from cair_runtime.manifest import Manifest, load_manifest
 from cair_runtime.schedulers import make_scheduler
-from cair_runtime.stages import planning_evaluations
+from cair_runtime.stages import check_cache_step, planning_evaluations
 
 
 @dataclass
@@ -86,6 +86,15 @@ class CairEngine:
             raise ShapeError(f"the engine in {self.folder} does not accept this input: {'; '.join(problems)}; "
                              "re-export with a matching --height/--width/--max-batch")
 
+    def resolve_cache_step(self, cache_step: int | None, num_inference_steps: int) -> int:
+        """The given n, checked against T, or the manifest's hint (capped at T)."""
+        if num_inference_steps < 1:
+            raise InvalidInputError(f"steps {num_inference_steps} must be at least 1")
+        if cache_step is None:
+            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
+        check_cache_step(cache_step, num_inference_steps)
+        return cache_step
+
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Pixel size -> latent size, defaulting to the size the engine was tuned for."""
         factor = self.vae_scale_factor
@@ -124,10 +133,7 @@ class CairEngine:
         embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
         plain baseline. Batches above the engine's max batch run in chunks.
         """
-        if num_inference_steps < 1:
-            raise InvalidInputError(f"steps {num_inference_steps} must be at least 1")
-        if cache_step is None:
-            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
+        cache_step = self.resolve_cache_step(cache_step, num_inference_steps)
         make_scheduler(scheduler, self.manifest.scheduler_config)  # unknown names fail before any work
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]

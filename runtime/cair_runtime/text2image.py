@@ -1,0 +1,215 @@
+"""Text to image with an exported pipeline folder: tokenize, encode, CAIR loop, decode.
+
+Mirrors diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (prompt encoding,
+``num_images_per_prompt`` ordering, SDXL time ids and zeroed negative embeddings, VAE
+post-processing) with onnxruntime sessions for the text encoder(s) and the VAE decoder, and the
+UNet engine of ``CairEngine``. Needs only numpy, onnxruntime, tokenizers and Pillow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cair_runtime.errors import InvalidInputError, ManifestError
+from cair_runtime.pipeline import CairEngine, StageTimings
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt had more tokens than the text encoder takes; the tail was dropped."""
+
+
+@dataclass
+class Text2ImageResult:
+    images: np.ndarray  # (N, H, W, 3) uint8, prompt-major: prompt 0's images first
+    decoded: np.ndarray  # (N, 3, H, W) float32 in [0, 1], before rounding to uint8
+    latents: np.ndarray  # (N, C, h, w) final latents
+    timings: StageTimings
+    text_s: float  # prompt encoding
+    vae_s: float  # decoding
+    parameters: list[dict[str, Any]] = field(default_factory=list)  # per image, for PNG metadata
+
+
+class _Tokenizer:
+    """A CLIP tokenizer from ``tokenizer.json``, padded and truncated as diffusers asks CLIPTokenizer to."""
+
+    def __init__(self, path: Path, spec: dict[str, Any]):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.max_length = int(spec["max_length"])
+        self.eos, self.pad = int(spec["eos_token_id"]), int(spec["pad_token_id"])
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        ids = np.full((len(prompts), self.max_length), self.pad, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            encoding = self.tokenizer.encode(prompt)  # BOS ... EOS (the post-processor adds them)
+            tokens = encoding.ids
+            if len(tokens) > self.max_length:
+                dropped = "".join(encoding.tokens[self.max_length - 1:-1]).replace("</w>", " ").strip()
+                warnings.warn(f"prompt longer than {self.max_length} tokens, truncated; dropped: {dropped!r}",
+                              PromptTruncatedWarning, stacklevel=3)
+                tokens = tokens[:self.max_length - 1] + [self.eos]
+            ids[row, :len(tokens)] = tokens
+        return ids
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """Write to a temporary file beside ``path``, then rename: the file is complete or absent."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) -> None:
+    """Save one (H, W, 3) uint8 image with the generation parameters as PNG text chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in parameters.items():
+        info.add_text(key, "" if value is None else str(value))
+    info.add_text("parameters", json.dumps(parameters))
+    _write_atomically(Path(path), lambda file: Image.fromarray(image).save(file, format="PNG", pnginfo=info))
+
+
+class CairText2Image:
+    """An exported pipeline folder ready to turn prompts into images."""
+
+    def __init__(self, folder: str | Path, backend: str = "onnxruntime",
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, **backend_options: Any):
+        import onnxruntime as ort
+
+        self.engine = CairEngine(folder, backend, providers=providers, threads=threads, **backend_options)
+        manifest = self.engine.manifest
+        if manifest.pipeline is None:
+            raise ManifestError(f"{folder} is a UNet-only export (no text encoder or VAE); export a pipeline "
+                                "(a preset like tiny-sd21, or a diffusers pipeline folder) for text-to-image, "
+                                "or pass --encoder-hidden-states")
+        self.pipeline = manifest.pipeline
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+
+        def session(kind: str):
+            return ort.InferenceSession(str(Path(folder) / manifest.graphs[kind].file), options,
+                                        providers=list(providers))
+
+        self.text_encoders = [(spec, _Tokenizer(Path(folder) / spec["tokenizer"], spec), session(spec["graph"]))
+                              for spec in self.pipeline["text_encoders"]]
+        self.vae = session(self.pipeline["vae_graph"])
+
+    @property
+    def model_name(self) -> str:
+        return str(self.engine.manifest.model.get("name"))
+
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompt embeddings (B, L, D) and, for SDXL, pooled text_embeds (B, P); as diffusers' encode_prompt."""
+        max_batch = self.engine.manifest.dim("batch").max
+        embeds, pooled = [], None
+        for spec, tokenizer, session in self.text_encoders:
+            ids = tokenizer(prompts)
+            parts = [session.run(None, {"input_ids": ids[i:i + max_batch]}) for i in range(0, len(ids), max_batch)]
+            outputs = {name: np.concatenate([p[index] for p in parts])
+                       for index, name in enumerate(("last_hidden_state", "penultimate_hidden_state", "pooled"))}
+            embeds.append(outputs[spec["prompt_output"]])
+            if spec["graph"] == self.pipeline.get("pooled_from"):
+                pooled = outputs["pooled"]
+        return np.concatenate(embeds, axis=-1), pooled  # SDXL: (B, L, 768 + 1280)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Final latents -> images in [0, 1], (N, 3, H, W); as diffusers' VAE decode + postprocess."""
+        scaled = latents / np.float32(self.pipeline["vae_scaling_factor"])
+        max_batch = self.engine.manifest.dim("batch").max
+        images = np.concatenate([self.vae.run(None, {"latent_sample": scaled[i:i + max_batch]})[0]
+                                 for i in range(0, len(scaled), max_batch)])
+        return np.clip(images / 2 + 0.5, 0.0, 1.0)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        cache_step: int | None = None,
+        guidance_scale: float = 7.5,
+        scheduler: str | None = None,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Text2ImageResult:
+        """Generate ``num_images_per_prompt`` images per prompt.
+
+        Image k of the call starts from ``np.random.default_rng(seed + k).standard_normal`` latents
+        (float32), so each image is reproducible from its own seed, recorded in its parameters.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise InvalidInputError("no prompt given; pass at least one (an empty string is allowed)")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise InvalidInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
+        if num_images_per_prompt < 1:
+            raise InvalidInputError(f"images per prompt {num_images_per_prompt} must be at least 1")
+        engine = self.engine
+        cache_step = engine.resolve_cache_step(cache_step, num_inference_steps)
+        latent_height, latent_width = engine.latent_size(height, width)
+        engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
+
+        started = time.perf_counter()
+        prompt_embeds, pooled = self.encode_prompt(prompts)
+        if negatives is None and self.pipeline.get("force_zeros_for_empty_prompt"):
+            negative_embeds = np.zeros_like(prompt_embeds)
+            negative_pooled = None if pooled is None else np.zeros_like(pooled)
+        else:
+            negative_embeds, negative_pooled = self.encode_prompt(negatives or [""] * len(prompts))
+        text_s = time.perf_counter() - started
+
+        def per_image(array: np.ndarray | None) -> np.ndarray | None:  # prompt-major, as diffusers repeats
+            return None if array is None else np.repeat(array, num_images_per_prompt, axis=0)
+
+        count = len(prompts) * num_images_per_prompt
+        if latents is None:
+            shape = (engine.in_channels, latent_height, latent_width)
+            latents = np.stack([np.random.default_rng(seed + k).standard_normal(shape, dtype=np.float32)
+                                for k in range(count)])
+        result = engine.denoise(
+            per_image(prompt_embeds), per_image(negative_embeds), latents=latents,
+            num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_scale=guidance_scale,
+            scheduler=scheduler, seed=seed, text_embeds=per_image(pooled), negative_text_embeds=per_image(negative_pooled),
+            callback=callback)
+
+        started = time.perf_counter()
+        decoded = self.decode(result.latents)
+        vae_s = time.perf_counter() - started
+        images = (decoded.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+        parameters = [{
+            "prompt": prompts[k // num_images_per_prompt],
+            "negative_prompt": None if negatives is None else negatives[k // num_images_per_prompt],
+            "seed": seed + k, "steps": num_inference_steps, "cache_step": cache_step,
+            "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
+            "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
+        } for k in range(count)]
+        return Text2ImageResult(images, decoded.astype(np.float32), result.latents, result.timings, text_s, vae_s,
+                                parameters)
