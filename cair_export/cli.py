@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,12 @@ from cair_runtime.cli import OneLineArgumentParser
 from cair_runtime.errors import CairError
 
 
-def _progress(message: str) -> None:
+# Modules that add their own subcommand with `add_command(subparsers)`; imported when the parser is built,
+# so they import their heavy dependencies inside their functions.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def progress(message: str) -> None:
     print(f"[cair-export] {message}", file=sys.stderr, flush=True)
 
 
@@ -30,7 +36,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch)
     check_export_config(model, config)
-    export_model(model, out_dir, config, overwrite=args.overwrite, progress=_progress)
+    export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress)
     return 0
 
 
@@ -61,7 +67,17 @@ def cmd_macs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int(text: str) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cair_export.demo import DemoConfig, format_table, run_demo
+
+    figures = run_demo(DemoConfig(model=args.model, engines_dir=Path(args.engines_dir), output=Path(args.output),
+                                  steps=args.steps, cache_step=args.cache_step, guidance_scale=args.guidance_scale,
+                                  seed=args.seed, repeats=args.repeats), progress=progress)
+    print(format_table(figures))
+    return 0
+
+
+def int_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -79,27 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a UNet as CAIR planning and fidelity ONNX graphs")
     export.add_argument("model", help=f"preset ({presets}) or local diffusers pipeline/UNet folder")
     export.add_argument("out_dir", help="engine folder to write (created atomically)")
-    export.add_argument("--height", type=_int, help="pixel height the graphs are tuned for (default: native)")
-    export.add_argument("--width", type=_int, help="pixel width the graphs are tuned for (default: native)")
-    export.add_argument("--opset", type=_int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    export.add_argument("--height", type=int_arg, help="pixel height the graphs are tuned for (default: native)")
+    export.add_argument("--width", type=int_arg, help="pixel width the graphs are tuned for (default: native)")
+    export.add_argument("--opset", type=int_arg, default=17, help="ONNX opset, 17 or newer (default 17)")
     export.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none",
                         help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps guidance")
-    export.add_argument("--cache-step-hint", type=_int, default=5,
+    export.add_argument("--cache-step-hint", type=int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
-    export.add_argument("--max-batch", type=_int, default=4, help="largest prompt batch (default 4)")
+    export.add_argument("--max-batch", type=int_arg, default=4, help="largest prompt batch (default 4)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     export.set_defaults(func=cmd_export)
 
+    demo = sub.add_parser("demo", help="export the shipped model and show baseline vs CAIR images and speed")
+    demo.add_argument("--model", default="shapes", help="shipped model, preset or pipeline folder (default shapes)")
+    demo.add_argument("--engines-dir", default="engines", help="where the export goes (default engines/)")
+    demo.add_argument("--output", default="cair-demo.png", help="the side-by-side grid (default cair-demo.png)")
+    demo.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
+    demo.add_argument("--cache-step", type=int_arg, default=5, help="CAIR cache step n (default 5)")
+    demo.add_argument("--guidance-scale", type=float, default=7.5)
+    demo.add_argument("--seed", type=int_arg, default=0)
+    demo.add_argument("--repeats", type=int_arg, default=3, help="timed runs per prompt and configuration (default 3)")
+    demo.set_defaults(func=cmd_demo)
+
     macs = sub.add_parser("macs", help="MACs per evaluation and per generation, baseline vs CAIR")
     macs.add_argument("model", help=f"preset ({presets}) or local folder (only its config is read)")
-    macs.add_argument("--steps", type=_int, default=25, help="denoising steps T (default 25)")
-    macs.add_argument("--cache-step", type=_int, default=5, help="cache step n (default 5)")
-    macs.add_argument("--height", type=_int, help="pixel height (default: native)")
-    macs.add_argument("--width", type=_int, help="pixel width (default: native)")
-    macs.add_argument("--batch", type=_int, default=1, help="prompts per generation (default 1)")
+    macs.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
+    macs.add_argument("--cache-step", type=int_arg, default=5, help="cache step n (default 5)")
+    macs.add_argument("--height", type=int_arg, help="pixel height (default: native)")
+    macs.add_argument("--width", type=int_arg, help="pixel width (default: native)")
+    macs.add_argument("--batch", type=int_arg, default=1, help="prompts per generation (default 1)")
     macs.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none")
     macs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     macs.set_defaults(func=cmd_macs)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_command(sub)
     return parser
 
 

@@ -10,7 +10,14 @@ from typing import Any
 
 import torch
 
-from cair_export.models.presets import PRESETS, SCHEDULER_SD15, TINY_VAE, Preset
+from cair_export.models.presets import (
+    PRESETS,
+    SCHEDULER_SD15,
+    SHIPPED_MODELS,
+    TINY_VAE,
+    Preset,
+    shipped_model_path,
+)
 from cair_runtime.errors import InvalidInputError
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -85,10 +92,17 @@ def load_model(name_or_path: str, device: str = "cpu", with_pipeline: bool = Fal
     """
     if name_or_path in PRESETS:
         return _build_preset(PRESETS[name_or_path], device, with_pipeline)
+    if name_or_path in SHIPPED_MODELS:
+        path = Path(str(shipped_model_path(name_or_path)))
+        if not (path / "model_index.json").is_file():
+            raise InvalidInputError(f"the shipped model {name_or_path!r} is missing from {path}; reinstall cair-export")
+        model = _load_folder(path, device, with_pipeline)
+        model.name, model.source = name_or_path, "shipped"
+        return model
     path = Path(name_or_path)
     if not path.is_dir():
         raise InvalidInputError(
-            f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a folder; "
+            f"model {name_or_path!r} is neither a preset ({', '.join([*PRESETS, *SHIPPED_MODELS])}) nor a folder; "
             "pass a preset name or a local diffusers pipeline or UNet folder"
         )
     return _load_folder(path, device, with_pipeline)

@@ -68,6 +68,17 @@ class Preset:
     vae_scaling_factor: float = 0.18215  # SD-1.x/2.x; SDXL's VAE uses 0.13025
 
 
+# Trained models shipped inside the package (diffusers pipeline folders, safetensors).
+SHIPPED_MODELS = {
+    "shapes": "assets/shapes",  # the project's own text-to-image model: scripts/train_shapes.py
+}
+
+
+def shipped_model_path(name: str):
+    """Folder of a shipped model (an importlib.resources Traversable)."""
+    return resources.files("cair_export").joinpath(SHIPPED_MODELS[name])
+
+
 def _arch(name: str) -> dict[str, Any]:
     text = resources.files("cair_export.models.arch").joinpath(f"{name}-unet.json").read_text()
     config = json.loads(text)

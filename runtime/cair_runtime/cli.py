@@ -9,12 +9,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from cair_runtime.errors import CairError, InvalidInputError
+from cair_runtime.files import write_atomically
 from cair_runtime.schedulers import SCHEDULER_NAMES
 
 
@@ -43,18 +43,6 @@ def _check_writable(path: Path) -> None:
         raise InvalidInputError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise InvalidInputError(f"output folder {parent} is not writable")
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Write to a temporary file beside the target, then rename: complete or absent."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.save(file, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Progress:
@@ -137,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cache_step=args.cache_step, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
         seed=args.seed, callback=_Progress(not args.json),
     )
-    _save_npy(output, result.latents)
+    write_atomically(output, lambda file: np.save(file, result.latents))
     timings = result.timings.as_dict()
     if args.json:
         print(json.dumps({"output": str(output), "shape": list(result.latents.shape), **timings}, indent=2))

@@ -9,8 +9,6 @@ UNet engine of ``CairEngine``. Needs only numpy, onnxruntime, tokenizers and Pil
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cair_runtime.errors import InvalidInputError, ManifestError
+from cair_runtime.files import write_atomically
 from cair_runtime.pipeline import CairEngine, StageTimings
 
 
@@ -64,18 +63,6 @@ class _Tokenizer:
         return ids
 
 
-def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Write to a temporary file beside ``path``, then rename: the file is complete or absent."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) -> None:
     """Save one (H, W, 3) uint8 image with the generation parameters as PNG text chunks."""
     from PIL import Image
@@ -85,7 +72,7 @@ def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) ->
     for key, value in parameters.items():
         info.add_text(key, "" if value is None else str(value))
     info.add_text("parameters", json.dumps(parameters))
-    _write_atomically(Path(path), lambda file: Image.fromarray(image).save(file, format="PNG", pnginfo=info))
+    write_atomically(path, lambda file: Image.fromarray(image).save(file, format="PNG", pnginfo=info))
 
 
 class CairText2Image:

@@ -1,0 +1,29 @@
+"""The demo: exports once, reuses the export, writes the grid and the figures."""
+
+import numpy as np
+from PIL import Image
+
+from cair_export.demo import DEMO_PROMPTS, DemoConfig, psnr, run_demo
+
+
+def test_psnr_hand_computed():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 10  # MSE = 100 / 48
+    assert np.isclose(psnr(a, b), 10 * np.log10(255**2 * 48 / 100))
+    assert psnr(a, a) == float("inf")
+
+
+def test_demo_exports_once_and_writes_grid(tmp_path):
+    messages = []
+    config = DemoConfig(model="tiny-sd21", engines_dir=tmp_path / "engines", output=tmp_path / "grid.png",
+                        steps=4, cache_step=2, repeats=1)
+    figures = run_demo(config, progress=messages.append)
+    assert any("exporting tiny-sd21" in m for m in messages)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width > 2 * 64 and grid.height > len(DEMO_PROMPTS) * 64
+    assert len(figures["psnr_db"]) == len(DEMO_PROMPTS)
+    assert figures["mac_bound"] > 1 and figures["baseline_s"] > 0 and figures["cair_s"] > 0
+    messages.clear()
+    run_demo(config, progress=messages.append)
+    assert any("reusing" in m for m in messages) and not any("exporting" in m for m in messages)
