@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from cair_runtime.cli import OneLineArgumentParser
-from cair_runtime.errors import CairError
+from cair_runtime.cli import OneLineArgumentParser, run_command
 
 
 # Modules that add their own subcommand with `add_command(subparsers)`; imported when the parser is built,
@@ -134,16 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except CairError as error:
-        print(f"cair-export: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cair-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

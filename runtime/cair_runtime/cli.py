@@ -170,16 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse and run; a project error is one line and exit code 2, anything else a bug (traceback)."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except CairError as error:
-        print(f"cair-run: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cair-run: interrupted; nothing was written", file=sys.stderr)
+        print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
