@@ -25,7 +25,6 @@ from cair_runtime.errors import InvalidInputError
 from cair_runtime.stages import planning_evaluations
 
 FIDELITY_GUIDANCE = ("none", "cfg")
-CACHE_MODES = ("compute", "record", "replay")
 
 
 @dataclass(frozen=True)
@@ -38,21 +37,22 @@ class CrossAttentionSite:
     level: int  # spatial level: tokens = cdiv(latent_height, 2**level) * cdiv(latent_width, 2**level)
 
 
+def _level(path: str, deepest: int) -> int:
+    """Down block i works at level i, the mid block at the deepest, up block j at deepest - j."""
+    block, index = re.match(r"(down_blocks|mid_block|up_blocks)\.?(\d*)", path).groups()
+    if block == "down_blocks":
+        return int(index)
+    return deepest if block == "mid_block" else deepest - int(index)
+
+
 def cross_attention_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
     """Every ``attn2`` module of a UNet, in execution order (down, mid, up)."""
     deepest = len(unet.config.block_out_channels) - 1
-    sites = []
-    for path, module in unet.named_modules():
-        if not path.endswith(".attn2") or module is None:
-            continue
-        block, index = re.match(r"(down_blocks|mid_block|up_blocks)\.?(\d*)", path).groups()
-        # Down block i works at level i; the mid block at the deepest; up block j at deepest - j.
-        level = {"down_blocks": lambda: int(index), "mid_block": lambda: deepest,
-                 "up_blocks": lambda: deepest - int(index)}[block]()
-        sites.append(CrossAttentionSite(f"cache_{len(sites):03d}", path, module.to_out[0].out_features, level))
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    sites.sort(key=lambda site: order[site.module.split(".")[0]])
-    return [CrossAttentionSite(f"cache_{i:03d}", s.module, s.channels, s.level) for i, s in enumerate(sites)]
+    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    paths = sorted((path for path, _ in unet.named_modules() if path.endswith(".attn2")),
+                   key=lambda path: stage[path.split(".")[0]])  # stable: module order within a stage
+    return [CrossAttentionSite(f"cache_{i:03d}", path, unet.get_submodule(path).to_out[0].out_features,
+                               _level(path, deepest)) for i, path in enumerate(paths)]
 
 
 class _CachingProcessor:

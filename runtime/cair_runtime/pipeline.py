@@ -155,10 +155,10 @@ class CairEngine:
         if latents.shape[0] != batch or latents.shape[1] != self.in_channels:
             raise ShapeError(f"latents have shape {latents.shape}; expected ({batch}, {self.in_channels}, "
                              "latent_height, latent_width) to match the prompt batch")
-        if (height or width) and (height, width) != (latents.shape[2] * self.vae_scale_factor,
-                                                     latents.shape[3] * self.vae_scale_factor):
-            if height is not None and width is not None:
-                raise ShapeError(f"latents of {latents.shape[2]}x{latents.shape[3]} do not make {height}x{width} px")
+        for label, pixels, size in (("height", height, latents.shape[2]), ("width", width, latents.shape[3])):
+            if pixels is not None and pixels != size * self.vae_scale_factor:
+                raise ShapeError(f"latents of {label} {size} make {size * self.vae_scale_factor} px, not the "
+                                 f"{label} {pixels} asked for; drop --{label} or pass matching latents")
         self.check_dims({"latent_height": latents.shape[2], "latent_width": latents.shape[3]})
 
         added = None
