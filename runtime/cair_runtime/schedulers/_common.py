@@ -1,4 +1,4 @@
-"""Pieces shared by the scheduler ports: beta schedules, sigma conversions, option checks.
+"""Pieces shared by the scheduler ports: a base class, beta schedules, sigma conversions, option checks.
 
 Each function mirrors one in diffusers, including its float32/float64 choices, so that the ports
 reproduce diffusers' schedules to the last bit where that is cheap.
@@ -6,6 +6,7 @@ reproduce diffusers' schedules to the last bit where that is cheap.
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -73,6 +74,11 @@ def make_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
 
 
+def alphas_cumprod_to_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Karras-style noise levels ``sqrt((1 - alpha_bar) / alpha_bar)`` of the training timesteps, ascending."""
+    return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timesteps of ``sigma`` by interpolation in log-sigma (diffusers `_sigma_to_t`)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
@@ -105,6 +111,35 @@ def sigma_to_alpha_sigma_t(sigma: np.float32) -> tuple[np.float32, np.float32]:
     return alpha_t, sigma * alpha_t
 
 
+def sigma_to_lambda(sigma: np.float32) -> np.float32:
+    """Half log-SNR ``log(alpha_t) - log(sigma_t)`` of a Karras-style ``sigma``; +inf at the final sigma 0."""
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+    with np.errstate(divide="ignore"):
+        return np.log(alpha_t) - np.log(sigma_t)
+
+
+def predict_x0(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: np.float32, sigma_t: np.float32
+) -> np.ndarray:
+    """The data prediction x0 from a model output, where ``sample = alpha_t * x0 + sigma_t * epsilon``."""
+    if prediction_type == "epsilon":
+        return (sample - sigma_t * model_output) / alpha_t
+    if prediction_type == "sample":
+        return model_output
+    return alpha_t * sample - sigma_t * model_output  # "v_prediction"
+
+
+def predict_epsilon(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: np.float32, sigma_t: np.float32
+) -> np.ndarray:
+    """The noise prediction epsilon from a model output, where ``sample = alpha_t * x0 + sigma_t * epsilon``."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (sample - alpha_t * model_output) / sigma_t
+    return alpha_t * model_output + sigma_t * sample  # "v_prediction"
+
+
 def index_for_timestep(timesteps: np.ndarray, timestep: float) -> int:
     """Step index of ``timestep`` in ``timesteps``, as diffusers' schedulers find it on their first step.
 
@@ -118,3 +153,58 @@ def index_for_timestep(timesteps: np.ndarray, timestep: float) -> int:
             "scheduler.timesteps, in order, after set_timesteps"
         )
     return int(candidates[1] if len(candidates) > 1 else candidates[0])
+
+
+class DiscreteScheduler:
+    """Base of the ports: diffusers' training noise schedule and the options that place timesteps on it.
+
+    Each port names diffusers' options, with diffusers' defaults, in its own ``__init__`` (make_scheduler
+    passes it the options of a config that its signature names), builds the betas with ``make_betas``
+    and hands them and the shared options to this one. A port that supports fewer prediction types
+    checks ``prediction_type`` before that.
+    """
+
+    order: ClassVar[int] = 1
+    # diffusers options a port supports only at the value given (checked by make_scheduler)
+    unported_options: ClassVar[dict[str, object]] = {}
+    init_noise_sigma: float = 1.0  # latents are multiplied by this before the loop
+
+    def __init__(
+        self,
+        num_train_timesteps: int,
+        betas: np.ndarray,
+        prediction_type: str,
+        timestep_spacing: str,
+        steps_offset: int,
+    ) -> None:
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+        self.alphas_cumprod = make_alphas_cumprod(betas)
+        self.timesteps = np.empty(0, dtype=np.int64)  # set by set_timesteps
+
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
+        """The model's input: ``sample`` itself; only the Euler schedulers scale it."""
+        return sample
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        # diffusers' DDIMScheduler.set_timesteps: int64, descending
+        if self.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, self.num_train_timesteps - 1, num_inference_steps).round()[::-1]
+        elif self.timestep_spacing == "leading":
+            step_ratio = self.num_train_timesteps // num_inference_steps
+            timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1] + self.steps_offset
+        else:  # "trailing"
+            step_ratio = self.num_train_timesteps / num_inference_steps
+            timesteps = np.round(np.arange(self.num_train_timesteps, 0, -step_ratio)) - 1
+        return timesteps.astype(np.int64)
+
+    def _multistep_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        # diffusers' multistep solvers space num_inference_steps + 1 points and drop the last (t = 0);
+        # "trailing" is DDIM's
+        if self.timestep_spacing == "trailing":
+            return self._spaced_timesteps(num_inference_steps)
+        return self._spaced_timesteps(num_inference_steps + 1)[:-1]

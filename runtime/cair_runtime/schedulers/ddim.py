@@ -5,24 +5,16 @@ from typing import ClassVar
 
 import numpy as np
 
-from cair_runtime.schedulers._common import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    check_choice,
-    make_alphas_cumprod,
-    make_betas,
-)
+from cair_runtime.schedulers._common import DiscreteScheduler, make_betas, predict_epsilon, predict_x0
 
 
-class DDIMScheduler:
+class DDIMScheduler(DiscreteScheduler):
     """Port of diffusers `DDIMScheduler` (scheduling_ddim.py); Song et al. 2020, eq. 12 with eta = 0.
 
     Only the deterministic sampler (diffusers' and the pipelines' default ``eta=0``) is ported, so
     ``step`` never draws noise and ignores ``rng``.
     """
 
-    order: ClassVar[int] = 1
-    # diffusers options this port supports only at the value given (checked by make_scheduler)
     unported_options: ClassVar[dict[str, object]] = {"thresholding": False, "rescale_betas_zero_snr": False}
 
     def __init__(
@@ -39,39 +31,18 @@ class DDIMScheduler:
         clip_sample_range: float = 1.0,
         timestep_spacing: str = "leading",
     ) -> None:
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.num_train_timesteps = num_train_timesteps
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
-        self.steps_offset = steps_offset
-        self.prediction_type = prediction_type
-        self.timestep_spacing = timestep_spacing
-
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas_cumprod = make_alphas_cumprod(betas)
         # the alpha product "before" step 0, used by the last step
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
         self.num_inference_steps = 0
-        self.timesteps = np.empty(0, dtype=np.int64)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose ``num_inference_steps`` timesteps (int64, descending) per ``timestep_spacing``."""
         self.num_inference_steps = num_inference_steps
-        if self.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, self.num_train_timesteps - 1, num_inference_steps).round()[::-1]
-        elif self.timestep_spacing == "leading":
-            step_ratio = self.num_train_timesteps // num_inference_steps
-            timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1] + self.steps_offset
-        else:  # "trailing"
-            step_ratio = self.num_train_timesteps / num_inference_steps
-            timesteps = np.round(np.arange(self.num_train_timesteps, 0, -step_ratio)) - 1
-        self.timesteps = timesteps.astype(np.int64)
-
-    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
-        """DDIM does not scale the model input."""
-        return sample
+        self.timesteps = self._spaced_timesteps(num_inference_steps)
 
     def step(
         self,
@@ -89,15 +60,9 @@ class DDIMScheduler:
         beta_prod_t = 1 - alpha_prod_t
 
         # "predicted x_0" and "direction pointing to x_t" of eq. 12
-        if self.prediction_type == "epsilon":
-            pred_original_sample = (sample - np.sqrt(beta_prod_t) * model_output) / np.sqrt(alpha_prod_t)
-            pred_epsilon = model_output
-        elif self.prediction_type == "sample":
-            pred_original_sample = model_output
-            pred_epsilon = (sample - np.sqrt(alpha_prod_t) * pred_original_sample) / np.sqrt(beta_prod_t)
-        else:  # "v_prediction"
-            pred_original_sample = np.sqrt(alpha_prod_t) * sample - np.sqrt(beta_prod_t) * model_output
-            pred_epsilon = np.sqrt(alpha_prod_t) * model_output + np.sqrt(beta_prod_t) * sample
+        alpha_t, sigma_t = np.sqrt(alpha_prod_t), np.sqrt(beta_prod_t)
+        pred_original_sample = predict_x0(self.prediction_type, model_output, sample, alpha_t, sigma_t)
+        pred_epsilon = predict_epsilon(self.prediction_type, model_output, sample, alpha_t, sigma_t)
 
         if self.clip_sample:
             pred_original_sample = np.clip(pred_original_sample, -self.clip_sample_range, self.clip_sample_range)

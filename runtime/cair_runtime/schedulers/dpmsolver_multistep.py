@@ -6,25 +6,20 @@ from typing import ClassVar
 import numpy as np
 
 from cair_runtime.schedulers._common import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
+    DiscreteScheduler,
+    alphas_cumprod_to_sigmas,
     check_choice,
     index_for_timestep,
     karras_sigmas,
-    make_alphas_cumprod,
     make_betas,
+    predict_x0,
     sigma_to_alpha_sigma_t,
+    sigma_to_lambda,
     sigma_to_t,
 )
 
 
-def _lambda(alpha_t: np.float32, sigma_t: np.float32) -> np.float32:
-    # half log-SNR; +inf at the final sigma 0
-    with np.errstate(divide="ignore"):
-        return np.log(alpha_t) - np.log(sigma_t)
-
-
-class DPMSolverMultistepScheduler:
+class DPMSolverMultistepScheduler(DiscreteScheduler):
     """Port of diffusers `DPMSolverMultistepScheduler` (scheduling_dpmsolver_multistep.py); Lu et al. 2022.
 
     Only the data-prediction solver ``algorithm_type="dpmsolver++"`` of order 1 or 2 ("DPM++ 2M",
@@ -32,8 +27,6 @@ class DPMSolverMultistepScheduler:
     step first order. It is deterministic and ignores ``rng``.
     """
 
-    order: ClassVar[int] = 1
-    # diffusers options this port supports only at the value given (checked by make_scheduler)
     unported_options: ClassVar[dict[str, object]] = {
         "thresholding": False,
         "algorithm_type": "dpmsolver++",
@@ -63,23 +56,14 @@ class DPMSolverMultistepScheduler:
         steps_offset: int = 0,
     ) -> None:
         check_choice("solver_order", solver_order, (1, 2))
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
         # diffusers maps the solver types of other multistep solvers onto "midpoint"
         check_choice("solver_type", solver_type, ("midpoint", "heun", "logrho", "bh1", "bh2"))
-        self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
         self.solver_order = solver_order
-        self.prediction_type = prediction_type
         self.solver_type = "heun" if solver_type == "heun" else "midpoint"
         self.use_karras_sigmas = use_karras_sigmas
-        self.timestep_spacing = timestep_spacing
-        self.steps_offset = steps_offset
-
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas_cumprod = make_alphas_cumprod(betas)
-        self.init_noise_sigma = 1.0
-        self.timesteps = np.empty(0, dtype=np.int64)
         self.sigmas = np.empty(0, dtype=np.float32)
         self.model_outputs: list[np.ndarray | None] = [None] * solver_order
         self.lower_order_nums = 0
@@ -87,17 +71,8 @@ class DPMSolverMultistepScheduler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (int64, descending) and sigmas; clears the multistep history."""
-        # diffusers spaces num_inference_steps + 1 points and drops the last (t = 0)
-        if self.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, self.num_train_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
-        elif self.timestep_spacing == "leading":
-            step_ratio = self.num_train_timesteps // (num_inference_steps + 1)
-            timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1] + self.steps_offset
-        else:  # "trailing"
-            step_ratio = self.num_train_timesteps / num_inference_steps
-            timesteps = np.arange(self.num_train_timesteps, 0, -step_ratio).round() - 1
-
-        sigmas = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
+        timesteps = self._multistep_timesteps(num_inference_steps)
+        sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(sigmas)
         if self.use_karras_sigmas:
             sigmas = karras_sigmas(sigmas[::-1], num_inference_steps, None, None)
@@ -112,34 +87,20 @@ class DPMSolverMultistepScheduler:
         self.lower_order_nums = 0
         self._step_index = None
 
-    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
-        """DPM-Solver does not scale the model input."""
-        return sample
-
-    def _convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        # DPM-Solver++ works on the data prediction x0
-        if self.prediction_type == "sample":
-            return model_output
-        alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
-        if self.prediction_type == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        return alpha_t * sample - sigma_t * model_output  # "v_prediction"
-
     def _first_order_update(self, x0_pred: np.ndarray, sample: np.ndarray) -> np.ndarray:
         # DPM-Solver++(1S) = DDIM, eq. 5 of Lu et al. 2022b
         alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[self._step_index + 1])
-        alpha_s, sigma_s = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
-        h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s, sigma_s)
+        _, sigma_s = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
+        h = sigma_to_lambda(self.sigmas[self._step_index + 1]) - sigma_to_lambda(self.sigmas[self._step_index])
         return (sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - 1.0)) * x0_pred
 
     def _second_order_update(self, sample: np.ndarray) -> np.ndarray:
         # DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022b
         alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[self._step_index + 1])
-        alpha_s0, sigma_s0 = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
-        alpha_s1, sigma_s1 = sigma_to_alpha_sigma_t(self.sigmas[self._step_index - 1])
-        lambda_t = _lambda(alpha_t, sigma_t)
-        lambda_s0 = _lambda(alpha_s0, sigma_s0)
-        lambda_s1 = _lambda(alpha_s1, sigma_s1)
+        _, sigma_s0 = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
+        lambda_t = sigma_to_lambda(self.sigmas[self._step_index + 1])
+        lambda_s0 = sigma_to_lambda(self.sigmas[self._step_index])
+        lambda_s1 = sigma_to_lambda(self.sigmas[self._step_index - 1])
 
         m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
@@ -170,7 +131,9 @@ class DPMSolverMultistepScheduler:
         # final_sigmas_type "zero": the step to sigma 0 is first order (diffusers' lower_order_final)
         lower_order_final = self._step_index == len(self.timesteps) - 1
 
-        x0_pred = self._convert_model_output(model_output, sample)
+        # DPM-Solver++ works on the data prediction x0
+        alpha_s, sigma_s = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
+        x0_pred = predict_x0(self.prediction_type, model_output, sample, alpha_s, sigma_s)
         self.model_outputs = self.model_outputs[1:] + [x0_pred]  # oldest first
         sample = sample.astype(np.float32, copy=False)
 

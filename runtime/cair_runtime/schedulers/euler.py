@@ -6,26 +6,24 @@ from typing import ClassVar
 import numpy as np
 
 from cair_runtime.schedulers._common import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    check_choice,
+    DiscreteScheduler,
+    alphas_cumprod_to_sigmas,
     index_for_timestep,
     karras_sigmas,
-    make_alphas_cumprod,
     make_betas,
     sigma_to_t,
 )
 
 
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(DiscreteScheduler):
     """Port of diffusers `EulerDiscreteScheduler` (scheduling_euler_discrete.py); Karras et al. 2022, Algorithm 2.
 
     Without churn (diffusers' default ``s_churn=0``), so the sampler is deterministic and ``step``
-    ignores ``rng``.
+    ignores ``rng``. The sample lives at the noise level ``sigma`` (``x = x0 + sigma * epsilon``),
+    and the schedule, its initial noise and the input scaling are shared with the ancestral sampler,
+    which subclasses this one.
     """
 
-    order: ClassVar[int] = 1
-    # diffusers options this port supports only at the value given (checked by make_scheduler)
     unported_options: ClassVar[dict[str, object]] = {
         "interpolation_type": "linear",
         "use_exponential_sigmas": False,
@@ -49,20 +47,13 @@ class EulerDiscreteScheduler:
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ) -> None:
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.num_train_timesteps = num_train_timesteps
-        self.prediction_type = prediction_type
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
         self.use_karras_sigmas = use_karras_sigmas
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-        self.timestep_spacing = timestep_spacing
-        self.steps_offset = steps_offset
-
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas_cumprod = make_alphas_cumprod(betas)
         # before set_timesteps the schedule is every training step (init_noise_sigma reads it)
-        train_sigmas = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)[::-1]
+        train_sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)[::-1]
         self.sigmas = np.concatenate([train_sigmas, np.zeros(1, dtype=np.float32)])
         self.timesteps = np.arange(num_train_timesteps - 1, -1, -1).astype(np.float32)
         self._step_index: int | None = None
@@ -78,16 +69,12 @@ class EulerDiscreteScheduler:
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (float32, descending) and their sigmas; resets the step index."""
         if self.timestep_spacing == "linspace":
+            # not rounded, unlike the other schedulers' timesteps
             timesteps = np.linspace(0, self.num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1]
-        elif self.timestep_spacing == "leading":
-            step_ratio = self.num_train_timesteps // num_inference_steps
-            timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.float32)
-            timesteps += self.steps_offset
-        else:  # "trailing"
-            step_ratio = self.num_train_timesteps / num_inference_steps
-            timesteps = np.arange(self.num_train_timesteps, 0, -step_ratio).round().astype(np.float32) - 1
+        else:
+            timesteps = self._spaced_timesteps(num_inference_steps).astype(np.float32)
 
-        sigmas = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
+        sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(sigmas)
         sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)  # float64
         if self.use_karras_sigmas:
@@ -104,6 +91,15 @@ class EulerDiscreteScheduler:
         sigma = self.sigmas[self._step_index]
         return sample / np.sqrt(sigma**2 + 1)
 
+    def _pred_original_sample(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
+        # the denoised x0 of k-diffusion
+        if self.prediction_type == "sample":
+            return model_output
+        if self.prediction_type == "epsilon":
+            return sample - sigma * model_output
+        # "v_prediction": x0 = c_skip * x + c_out * v with the sample scaled by 1/sqrt(sigma^2+1)
+        return model_output * (-sigma / np.sqrt(sigma**2 + 1)) + (sample / (sigma**2 + 1))
+
     def step(
         self,
         model_output: np.ndarray,
@@ -118,13 +114,7 @@ class EulerDiscreteScheduler:
         sigma = self.sigmas[self._step_index]
         sigma_hat = sigma  # s_churn = 0: gamma = 0, no noise is added back
 
-        if self.prediction_type == "sample":
-            pred_original_sample = model_output
-        elif self.prediction_type == "epsilon":
-            pred_original_sample = sample - sigma_hat * model_output
-        else:  # "v_prediction": x0 = c_skip * x + c_out * v with the sample scaled by 1/sqrt(sigma^2+1)
-            pred_original_sample = model_output * (-sigma / np.sqrt(sigma**2 + 1)) + (sample / (sigma**2 + 1))
-
+        pred_original_sample = self._pred_original_sample(model_output, sample, sigma_hat)
         derivative = (sample - pred_original_sample) / sigma_hat
         dt = self.sigmas[self._step_index + 1] - sigma_hat
         prev_sample = sample + derivative * dt

@@ -5,15 +5,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from cair_runtime.schedulers._common import (
-    TIMESTEP_SPACINGS,
-    check_choice,
-    make_alphas_cumprod,
-    make_betas,
-)
+from cair_runtime.schedulers._common import DiscreteScheduler, check_choice, make_betas, predict_epsilon
 
 
-class PNDMScheduler:
+class PNDMScheduler(DiscreteScheduler):
     """Port of diffusers `PNDMScheduler` (scheduling_pndm.py); pseudo numerical methods, Liu et al. 2022.
 
     Runge-Kutta warm-up steps (PRK, four model evaluations per step) then linear multistep steps
@@ -21,9 +16,7 @@ class PNDMScheduler:
     timesteps hold one entry per model evaluation. Deterministic; ``step`` ignores ``rng``.
     """
 
-    order: ClassVar[int] = 1
-    unported_options: ClassVar[dict[str, object]] = {}
-    pndm_order = 4
+    pndm_order: ClassVar[int] = 4
 
     def __init__(
         self,
@@ -39,20 +32,12 @@ class PNDMScheduler:
         steps_offset: int = 0,
     ) -> None:
         check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.num_train_timesteps = num_train_timesteps
-        self.skip_prk_steps = skip_prk_steps
-        self.prediction_type = prediction_type
-        self.timestep_spacing = timestep_spacing
-        self.steps_offset = steps_offset
-
         betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas_cumprod = make_alphas_cumprod(betas)
+        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
+        self.skip_prk_steps = skip_prk_steps
         # the alpha product "before" step 0, used by the last step
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
         self.num_inference_steps = 0
-        self.timesteps = np.empty(0, dtype=np.int64)
         self.prk_timesteps = np.empty(0, dtype=np.int64)
         self._reset_state()
 
@@ -65,15 +50,7 @@ class PNDMScheduler:
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (int64, one per model evaluation); clears the multistep history."""
         self.num_inference_steps = num_inference_steps
-        # ascending here; the PRK/PLMS schedules below reverse them
-        if self.timestep_spacing == "linspace":
-            _timesteps = np.linspace(0, self.num_train_timesteps - 1, num_inference_steps).round().astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            step_ratio = self.num_train_timesteps // num_inference_steps
-            _timesteps = (np.arange(0, num_inference_steps) * step_ratio).round() + self.steps_offset
-        else:  # "trailing"
-            step_ratio = self.num_train_timesteps / num_inference_steps
-            _timesteps = np.round(np.arange(self.num_train_timesteps, 0, -step_ratio))[::-1].astype(np.int64) - 1
+        _timesteps = self._spaced_timesteps(num_inference_steps)[::-1]  # ascending; reversed again below
 
         if self.skip_prk_steps:
             # PLMS needs a first-order warm-up: the first timestep after the start is evaluated twice
@@ -88,10 +65,6 @@ class PNDMScheduler:
             plms_timesteps = _timesteps[:-3][::-1]
         self.timesteps = np.concatenate([self.prk_timesteps, plms_timesteps]).astype(np.int64)
         self._reset_state()
-
-    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
-        """PNDM does not scale the model input."""
-        return sample
 
     def step(
         self,
@@ -163,8 +136,8 @@ class PNDMScheduler:
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
 
-        if self.prediction_type == "v_prediction":
-            model_output = np.sqrt(alpha_prod_t) * model_output + np.sqrt(beta_prod_t) * sample
+        alpha_t, sigma_t = np.sqrt(alpha_prod_t), np.sqrt(beta_prod_t)
+        model_output = predict_epsilon(self.prediction_type, model_output, sample, alpha_t, sigma_t)
 
         sample_coeff = np.sqrt(alpha_prod_t_prev / alpha_prod_t)
         model_output_denom_coeff = alpha_prod_t * np.sqrt(beta_prod_t_prev) + np.sqrt(

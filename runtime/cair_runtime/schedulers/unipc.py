@@ -6,26 +6,20 @@ from typing import ClassVar
 import numpy as np
 
 from cair_runtime.schedulers._common import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
+    DiscreteScheduler,
+    alphas_cumprod_to_sigmas,
     check_choice,
     index_for_timestep,
     karras_sigmas,
-    make_alphas_cumprod,
     make_betas,
+    predict_x0,
     sigma_to_alpha_sigma_t,
+    sigma_to_lambda,
     sigma_to_t,
 )
 
 
-def _lambda(sigma: np.float32) -> np.float32:
-    # half log-SNR of a Karras-style sigma; +inf at the final sigma 0
-    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    with np.errstate(divide="ignore"):
-        return np.log(alpha_t) - np.log(sigma_t)
-
-
-class UniPCMultistepScheduler:
+class UniPCMultistepScheduler(DiscreteScheduler):
     """Port of diffusers `UniPCMultistepScheduler` (scheduling_unipc_multistep.py); Zhao et al. 2023.
 
     Each step first corrects the current sample with the new model output (UniC), then predicts
@@ -33,8 +27,6 @@ class UniPCMultistepScheduler:
     ``B(h)`` of ``solver_type`` "bh1" or "bh2". Deterministic; ``step`` ignores ``rng``.
     """
 
-    order: ClassVar[int] = 1
-    # diffusers options this port supports only at the value given (checked by make_scheduler)
     unported_options: ClassVar[dict[str, object]] = {
         "thresholding": False,
         "predict_x0": True,
@@ -67,25 +59,16 @@ class UniPCMultistepScheduler:
         sigma_min: float | None = None,
         sigma_max: float | None = None,
     ) -> None:
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
         # diffusers maps the solver types of DPM-Solver onto "bh2"
         check_choice("solver_type", solver_type, ("bh1", "bh2", "midpoint", "heun", "logrho"))
-        self.num_train_timesteps = num_train_timesteps
         self.solver_order = solver_order
-        self.prediction_type = prediction_type
         self.solver_type = "bh1" if solver_type == "bh1" else "bh2"
         self.disable_corrector = tuple(disable_corrector)
         self.use_karras_sigmas = use_karras_sigmas
-        self.timestep_spacing = timestep_spacing
-        self.steps_offset = steps_offset
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas_cumprod = make_alphas_cumprod(betas)
-        self.init_noise_sigma = 1.0
-        self.timesteps = np.empty(0, dtype=np.int64)
         self.sigmas = np.empty(0, dtype=np.float32)
         self._reset_state()
 
@@ -98,17 +81,8 @@ class UniPCMultistepScheduler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (int64, descending) and sigmas; clears the multistep history."""
-        # diffusers spaces num_inference_steps + 1 points and drops the last (t = 0)
-        if self.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, self.num_train_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
-        elif self.timestep_spacing == "leading":
-            step_ratio = self.num_train_timesteps // (num_inference_steps + 1)
-            timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1] + self.steps_offset
-        else:  # "trailing"
-            step_ratio = self.num_train_timesteps / num_inference_steps
-            timesteps = np.arange(self.num_train_timesteps, 0, -step_ratio).round() - 1
-
-        sigmas = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
+        timesteps = self._multistep_timesteps(num_inference_steps)
+        sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)
         if self.use_karras_sigmas:
             log_sigmas = np.log(sigmas)
             sigmas = karras_sigmas(sigmas[::-1], num_inference_steps, self.sigma_min, self.sigma_max)
@@ -118,19 +92,6 @@ class UniPCMultistepScheduler:
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.int64)
         self._reset_state()
-
-    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
-        """UniPC does not scale the model input."""
-        return sample
-
-    def _convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        # UniPC (predict_x0) works on the data prediction x0
-        if self.prediction_type == "sample":
-            return model_output
-        alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
-        if self.prediction_type == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        return alpha_t * sample - sigma_t * model_output  # "v_prediction"
 
     def _coefficients(self, h: np.float32, rks: list[np.float32], order: int) -> tuple:
         # h*phi_1(-h), B(h), and the linear system R rho = b of the order conditions (Zhao et al., eq. 8)
@@ -154,12 +115,12 @@ class UniPCMultistepScheduler:
         m0 = self.model_outputs[-1]
         alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[i + 1])
         _, sigma_s0 = sigma_to_alpha_sigma_t(self.sigmas[i])
-        lambda_s0 = _lambda(self.sigmas[i])
-        h = _lambda(self.sigmas[i + 1]) - lambda_s0
+        lambda_s0 = sigma_to_lambda(self.sigmas[i])
+        h = sigma_to_lambda(self.sigmas[i + 1]) - lambda_s0
 
         rks, D1s = [], []
         for k in range(1, order):
-            rk = (_lambda(self.sigmas[i - k]) - lambda_s0) / h
+            rk = (sigma_to_lambda(self.sigmas[i - k]) - lambda_s0) / h
             rks.append(rk)
             D1s.append((self.model_outputs[-(k + 1)] - m0) / rk)
         h_phi_1, B_h, R, b = self._coefficients(h, rks, order)
@@ -181,12 +142,12 @@ class UniPCMultistepScheduler:
         m0 = self.model_outputs[-1]
         alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[i])
         _, sigma_s0 = sigma_to_alpha_sigma_t(self.sigmas[i - 1])
-        lambda_s0 = _lambda(self.sigmas[i - 1])
-        h = _lambda(self.sigmas[i]) - lambda_s0
+        lambda_s0 = sigma_to_lambda(self.sigmas[i - 1])
+        h = sigma_to_lambda(self.sigmas[i]) - lambda_s0
 
         rks, D1s = [], []
         for k in range(1, order):
-            rk = (_lambda(self.sigmas[i - (k + 1)]) - lambda_s0) / h
+            rk = (sigma_to_lambda(self.sigmas[i - (k + 1)]) - lambda_s0) / h
             rks.append(rk)
             D1s.append((self.model_outputs[-(k + 1)] - m0) / rk)
         h_phi_1, B_h, R, b = self._coefficients(h, rks, order)
@@ -215,7 +176,9 @@ class UniPCMultistepScheduler:
             and self._step_index - 1 not in self.disable_corrector
             and self.last_sample is not None
         )
-        x0_pred = self._convert_model_output(model_output, sample)
+        # UniPC (predict_x0) works on the data prediction x0
+        alpha_s, sigma_s = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
+        x0_pred = predict_x0(self.prediction_type, model_output, sample, alpha_s, sigma_s)
         if use_corrector:
             sample = self._corrector_update(x0_pred, self.this_order)
 
