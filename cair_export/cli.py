@@ -1,4 +1,4 @@
-"""``cair-export``: export, cost and (later) build, measure and demo commands.
+"""``cair-export``: export, build, compare, measure and demo CAIR engines.
 
 Project errors become one line on stderr and exit code 2; anything else is a bug and keeps its
 traceback.
@@ -17,7 +17,8 @@ from cair_runtime.cli import OneLineArgumentParser, run_command
 
 # Modules that add their own subcommand with `add_command(subparsers)`; imported when the parser is built,
 # so they import their heavy dependencies inside their functions.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("cair_export.build", "cair_export.compare", "cair_export.profile",
+                                    "cair_export.evaluate")
 
 
 def progress(message: str) -> None:
@@ -33,7 +34,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = load_model(args.model, with_pipeline=True)
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, dtype=args.dtype)
     check_export_config(model, config)
     export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress)
     return 0
@@ -84,6 +85,13 @@ def int_arg(text: str) -> int:
     return value
 
 
+def positive_int_arg(text: str) -> int:
+    value = int_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cair_export.models import PRESETS
 
@@ -102,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--cache-step-hint", type=int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
     export.add_argument("--max-batch", type=int_arg, default=4, help="largest prompt batch (default 4)")
+    export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="compute precision in the UNet graphs (attention scores, softmax, norms stay fp32; "
+                             "IO float32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     export.set_defaults(func=cmd_export)
 

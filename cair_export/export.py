@@ -59,6 +59,7 @@ class ExportConfig:
     max_batch: int = 4  # prompts per call the graphs accept (the graphs see 2x this in planning)
     validate: bool = True  # run every graph in onnxruntime against the torch module
     tolerance: float = FP32_RELATIVE_TOLERANCE  # max abs error / max abs reference value
+    dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": compute precision in the UNet graphs (fp32 islands); IO float32
 
 
 @dataclass
@@ -102,6 +103,8 @@ def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, 
                                 f"expected one of {', '.join(FIDELITY_GUIDANCE)}")
     if config.cache_step_hint < 1:
         raise InvalidInputError(f"cache step hint {config.cache_step_hint} must be at least 1")
+    if config.dtype not in ("fp32", "fp16", "bf16"):
+        raise InvalidInputError(f"dtype {config.dtype!r} is unknown; expected fp32, fp16 or bf16")
     if config.max_batch < 1:
         raise InvalidInputError(f"max batch {config.max_batch} must be at least 1")
     return height, width
@@ -328,6 +331,11 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
             files += _export_onnx(graph, graph.io, make_inputs(graph.io, trace, seed=0), work, config.opset)
         if report is not None:
             validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress, report)
+        if config.dtype != "fp32":
+            from cair_export.precision import lower_exported_graphs
+
+            lowered, _ = lower_exported_graphs(graphs, work, config.dtype, _validation_dims(dims, up_factor), progress)
+            files = [f for f in files if not f.startswith(("planning.onnx", "fidelity.onnx"))] + lowered
     pipeline = None
     if model.has_pipeline:
         pipeline, pipeline_ios = _export_pipeline_parts(model, work, dims, config, report, progress)
@@ -346,7 +354,8 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         producer=_producer(),
-        model={"name": model.name, "source": model.source, "family": model.family, "dtype": "float32",
+        model={"name": model.name, "source": model.source, "family": model.family,
+               "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[config.dtype],
                "vae_scale_factor": model.vae_scale_factor, "cache_step_hint": config.cache_step_hint,
                "unet_config": json.loads(json.dumps(dict(unet.config), default=str))},
         scheduler_config=model.scheduler_config,

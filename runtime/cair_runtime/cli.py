@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cair_runtime.backends import BACKENDS
 from cair_runtime.errors import CairError, InvalidInputError
 from cair_runtime.files import write_atomically
 from cair_runtime.schedulers import SCHEDULER_NAMES
@@ -60,6 +61,20 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def _providers(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(p.strip() for p in args.providers.split(",") if p.strip())
+
+
+def _backend_options(args: argparse.Namespace, with_providers: bool = False) -> dict:
+    """The UNet backend's keywords from the flags (onnxruntime's only apply to it)."""
+    if args.backend != "onnxruntime":
+        return {}
+    options = {"graph_optimization": args.graph_optimization}
+    if with_providers:
+        options.update(providers=_providers(args), threads=args.threads)
+    return options
+
+
 def _image_paths(output: Path, count: int) -> list[Path]:
     """out.png for one image; out-0.png, out-1.png, ... for several."""
     if count == 1:
@@ -74,9 +89,8 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     _check_writable(output)
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-    pipeline = CairText2Image(args.engine_dir, providers=providers, threads=args.threads,
-                              graph_optimization=args.graph_optimization)
+    pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
+                              **_backend_options(args))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipeline(
@@ -117,9 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "text_embeds": _load_npy(args.text_embeds, "--text-embeds"),
         "negative_text_embeds": _load_npy(args.negative_text_embeds, "--negative-text-embeds"),
     }
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-    engine = CairEngine(args.engine_dir, providers=providers, threads=args.threads,
-                        graph_optimization=args.graph_optimization)
+    engine = CairEngine(args.engine_dir, args.backend, **_backend_options(args, with_providers=True))
     result = engine.denoise(
         prompt_embeds, **inputs, height=args.height, width=args.width, num_inference_steps=args.steps,
         cache_step=args.cache_step, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
@@ -161,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy noise (default 0)")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="what runs the UNet graphs: onnxruntime (default), tensorrt or aoti (after cair-export build)")
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="onnxruntime execution providers, comma separated (default CPUExecutionProvider)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = onnxruntime's default")

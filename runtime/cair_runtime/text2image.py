@@ -76,13 +76,19 @@ def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) ->
 
 
 class CairText2Image:
-    """An exported pipeline folder ready to turn prompts into images."""
+    """An exported pipeline folder ready to turn prompts into images.
+
+    The UNet graphs run on ``backend``; the text encoder(s) and the VAE decoder (once per call)
+    run in onnxruntime with ``providers`` and ``threads``.
+    """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime",
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, **backend_options: Any):
         import onnxruntime as ort
 
-        self.engine = CairEngine(folder, backend, providers=providers, threads=threads, **backend_options)
+        if backend == "onnxruntime":
+            backend_options = {"providers": providers, "threads": threads, **backend_options}
+        self.engine = CairEngine(folder, backend, **backend_options)
         manifest = self.engine.manifest
         if manifest.pipeline is None:
             raise ManifestError(f"{folder} is a UNet-only export (no text encoder or VAE); export a pipeline "

@@ -2,7 +2,8 @@
 
 A backend keeps the cross-attention caches on its device: planning writes them into buffers the
 backend allocated, fidelity reads the same buffers. Per step only the latents (in) and
-``noise_pred`` (out) cross between host and device.
+``noise_pred`` (out) cross between host and device. Optional backends (TensorRT, AOTInductor)
+are imported only when asked for, so their packages (tensorrt, torch) are never loaded otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.manifest import Manifest
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt", "aoti")
 
 
 class Backend(Protocol):
@@ -38,4 +39,12 @@ def make_backend(name: str, folder: str | Path, manifest: Manifest, **options: A
         from cair_runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(folder, manifest, **options)
+    if name == "tensorrt":
+        from cair_runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(folder, manifest, **options)
+    if name == "aoti":
+        from cair_runtime.backends.aoti import AotiBackend
+
+        return AotiBackend(folder, manifest, **options)
     raise InvalidInputError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

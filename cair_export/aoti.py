@@ -1,0 +1,228 @@
+"""Compile the planning and fidelity graphs ahead of time with AOTInductor (``.pt2`` packages).
+
+For GPUs without TensorRT: the same two ``CairGraph`` modules the ONNX export traces, exported
+with ``torch.export`` (batch and latent size dynamic, ranges from the manifest's dims) and
+compiled by ``torch._inductor.aoti_compile_and_package``, as in PyTorch's AOTInductor tutorial.
+``cair_runtime.backends.aoti`` loads them with ``torch._inductor.aoti_load_package``.
+
+Graph IO matches the manifest (float32 latents, timestep and conditions; ``noise_pred`` float32),
+whatever the compute dtype; the caches, which never leave the device, are in the compute dtype.
+Latent sizes must be multiples of the UNet's upsampling factor: diffusers branches in Python on
+``size % factor`` (``forward_upsample_size``), which ``torch.export`` cannot keep symbolic, so the
+packages are exported for the multiples only and the runtime refuses other sizes with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cair_export.graphs import CairGraph, GraphIO, make_inputs
+from cair_export.models import LoadedModel
+from cair_export.reference import CrossAttentionCache
+from cair_runtime.errors import InvalidInputError, ManifestError
+from cair_runtime.manifest import EngineRecord, Manifest
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Unoptimised wrapper, scalar kernels, no line tables: about half the C++ compile time on a CPU.
+QUICK_CPU_COMPILE = {"aot_inductor.compile_wrapper_opt_level": "O0", "cpp.vec_isa_ok": False,
+                     "aot_inductor.enable_line_tables": False}
+_CONDITIONS = ("sample", "encoder_hidden_states", "text_embeds", "time_ids")  # float IO cast to the compute dtype
+
+
+class PrecisionGraph(torch.nn.Module):
+    """A ``CairGraph`` with float32 IO around a ``dtype`` UNet; caches stay in ``dtype``."""
+
+    def __init__(self, graph: CairGraph, dtype: torch.dtype):
+        super().__init__()
+        self.cair, self.dtype = graph, dtype  # not `graph`: fx.GraphModule reserves that name
+        self.num_caches = graph.num_caches
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cast = [x.to(self.dtype) if name in _CONDITIONS else x for name, x in zip(self.cair.input_names, inputs)]
+        # The timestep stays float32: diffusers computes the sinusoidal embedding in fp32 anyway.
+        outputs = self.cair(*cast)
+        return (outputs[0].float(), *outputs[1:])  # noise_pred back to float32 for the host scheduler
+
+
+def upsample_factor(unet_config: dict[str, Any]) -> int:
+    """Latent sizes the compiled graphs take are multiples of this (``2 ** (levels - 1)``)."""
+    return 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
+def dynamic_shapes(io: GraphIO, manifest: Manifest, factor: int) -> tuple[list[dict[int, Any]], dict[str, int]]:
+    """``torch.export`` dynamic shapes per input, from the manifest's dims, and example dims to trace at.
+
+    ``batch`` is a ``Dim`` over its range (``2*batch`` a derived dim); latent sizes are
+    ``factor * Dim`` so diffusers' upsampling branch is decided once; cache token counts (a product
+    of the latent dims) are left to ``Dim.AUTO``, which infers their relation to the latent dims.
+    """
+    from torch.export import Dim
+
+    by_name = {dim.name: dim for dim in manifest.dims}
+    batch = by_name["batch"]
+    symbols: dict[str, Any] = {}
+    example: dict[str, int] = {}
+    if batch.max > batch.min:
+        symbols["batch"] = Dim("batch", min=batch.min, max=batch.max)
+    # Trace at batch 2 where allowed: torch.export specialises dims whose example size is 0 or 1.
+    example["batch"] = min(max(2, batch.min), batch.max)
+    for offset, name in enumerate(("latent_height", "latent_width")):
+        dim = by_name[name]
+        low, high = -(-dim.min // factor), dim.max // factor
+        if high < max(low, 1):
+            raise InvalidInputError(f"{name} range {dim.min}..{dim.max} holds no multiple of {factor}; "
+                                    "re-export with a larger --height/--width")
+        low = max(low, 1)
+        # Distinct example sizes for height and width, so no accidental equality is assumed.
+        example[name] = factor * min(max(low, 2 + offset), high)
+        if high > low:
+            symbols[name] = factor * Dim(f"{name}_blocks", min=low, max=high)
+    example["text_len"] = by_name["text_len"].opt
+
+    def entry(expr: int | str) -> Any:
+        if isinstance(expr, int):
+            return None  # static
+        if expr in symbols:
+            return symbols[expr]
+        if expr.startswith("2*") and expr[2:] in symbols:
+            return 2 * symbols[expr[2:]]
+        if expr in example or (expr.startswith("2*") and expr[2:] in example):
+            return None  # a dim with one value (min == max)
+        return Dim.AUTO  # e.g. cache tokens: cdiv(latent_height,2)*cdiv(latent_width,2)
+
+    return [{axis: entry(e) for axis, e in enumerate(spec.shape) if entry(e) is not None} for spec in io.inputs], example
+
+
+def compile_graph(graph: torch.nn.Module, io: GraphIO, manifest: Manifest, factor: int, device: str,
+                  package: Path, inductor_configs: dict[str, Any] | None = None) -> dict[str, int]:
+    """Export one graph with dynamic shapes and AOT-compile it to ``package`` (a ``.pt2`` file)."""
+    shapes, example = dynamic_shapes(io, manifest, factor)
+    inputs = tuple(torch.from_numpy(array).to(device) for array in make_inputs(io, example, seed=0).values())
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # forward(*inputs): the varargs take one entry of per-input shapes.
+        program = torch.export.export(graph, inputs, dynamic_shapes={"inputs": tuple(shapes)}, strict=False)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=inductor_configs)
+    return example
+
+
+def _name(dtype: str) -> str:
+    return str(TORCH_DTYPES[dtype]).removeprefix("torch.")
+
+
+def _device_properties(device: str) -> dict[str, Any]:
+    if not device.startswith("cuda"):
+        return {"device": "cpu"}
+    index = torch.device(device).index or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
+            "cuda": torch.version.cuda}
+
+
+def compile_aoti_packages(model: LoadedModel, folder: Path, manifest: Manifest, device: str = "cpu",
+                          dtype: str = "fp32", progress: Callable[[str], None] = print,
+                          inductor_configs: dict[str, Any] | None = None) -> tuple[dict[str, Path], list[EngineRecord]]:
+    """Compile planning and fidelity into staged ``<kind>.pt2`` files in a temporary folder inside ``folder``.
+
+    Returns the staged files (kind -> path; the caller moves them into place and updates the
+    manifest, see ``cair_export.build``) and one ``EngineRecord`` per graph. ``inductor_configs``
+    go to ``aoti_compile_and_package`` (``QUICK_CPU_COMPILE`` halves CPU compile time, for tests).
+    """
+    if dtype not in TORCH_DTYPES:
+        raise InvalidInputError(f"AOTInductor precision {dtype!r} is unknown; expected one of {', '.join(TORCH_DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
+    factor = upsample_factor(manifest.model["unet_config"])
+    unet = model.unet.eval().to(device=device, dtype=TORCH_DTYPES[dtype])
+    staging = Path(tempfile.mkdtemp(prefix=".aoti-", dir=folder))
+    try:
+        return _compile_into(unet, staging, manifest, factor, device, dtype, progress, inductor_configs)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _compile_into(unet: torch.nn.Module, staging: Path, manifest: Manifest, factor: int, device: str, dtype: str,
+                  progress: Callable[[str], None], inductor_configs: dict[str, Any] | None
+                  ) -> tuple[dict[str, Path], list[EngineRecord]]:
+    files: dict[str, Path] = {}
+    records = []
+    with CrossAttentionCache(unet, manifest.fidelity_guidance) as cache:
+        names = [site.name for site in cache.sites]
+        if names != [spec.name for spec in manifest.caches]:
+            raise ManifestError(f"the model's cross-attention modules ({len(names)}) do not match the manifest's "
+                                f"caches ({len(manifest.caches)}); build from the model the folder was exported from")
+        for kind, spec in manifest.graphs.items():
+            io = GraphIO(kind, spec.inputs, spec.outputs)  # the manifest's IO: the single description
+            graph = PrecisionGraph(CairGraph(unet, cache, io), TORCH_DTYPES[dtype])
+            progress(f"compiling {kind} with AOTInductor on {device} ({dtype}); minutes on a CPU")
+            started = time.perf_counter()
+            package = staging / f"{kind}.pt2"
+            example = compile_graph(graph, io, manifest, factor, device, package, inductor_configs)
+            files[kind] = package
+            progress(f"  {kind}.pt2 in {time.perf_counter() - started:.0f} s")
+            records.append(EngineRecord(kind, "aoti", f"{kind}.pt2", {
+                "torch": torch.__version__, **_device_properties(device), "precision": _name(dtype),
+                "cache_dtype": _name(dtype), "latent_multiple": factor,
+                "profile": {dim.name: [dim.min, dim.opt, dim.max] for dim in manifest.dims},
+                "example": example,
+            }))
+    return files, records
+
+
+def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 1, static: bool = False,
+                  fidelity_guidance: str = "none") -> Manifest:
+    """The manifest of an AOTInductor-only engine folder (no ONNX): graphs are the ``.pt2`` packages.
+
+    ``static`` pins every dim to its opt value (batch ``max_batch``): static shapes compile faster
+    and run faster, for measuring one configuration (``scripts/gpu_measure.py``).
+    """
+    import json
+
+    from cair_export.graphs import cache_specs, graph_dims, graph_specs
+    from cair_runtime.manifest import SCHEMA_VERSION, Dim, GraphSpec
+
+    dims = graph_dims(model, height, width, max_batch)
+    if static:
+        dims = tuple(Dim(d.name, v, v, v) for d, v in ((d, max_batch if d.name == "batch" else d.opt) for d in dims))
+    with CrossAttentionCache(model.unet, fidelity_guidance) as cache:
+        caches = cache_specs(cache.sites)
+    ios = graph_specs(model, caches, fidelity_guidance)
+    return Manifest(
+        schema_version=SCHEMA_VERSION, producer={"torch": torch.__version__},
+        model={"name": model.name, "source": model.source, "family": model.family, "dtype": "float32",
+               "vae_scale_factor": model.vae_scale_factor, "cache_step_hint": 5,
+               "unet_config": json.loads(json.dumps(dict(model.unet.config), default=str))},
+        scheduler_config=model.scheduler_config, fidelity_guidance=fidelity_guidance, dims=dims,
+        graphs={kind: GraphSpec(kind, f"{kind}.pt2", io.inputs, io.outputs, format="aoti") for kind, io in ios.items()},
+        caches=caches, files=())
+
+
+def export_aoti_folder(model: LoadedModel, out_dir: str | Path, height: int, width: int, device: str = "cpu",
+                       dtype: str = "fp32", max_batch: int = 1, static: bool = False,
+                       progress: Callable[[str], None] = print,
+                       inductor_configs: dict[str, Any] | None = None) -> Manifest:
+    """Compile an AOTInductor-only engine folder (``planning.pt2``, ``fidelity.pt2``, ``manifest.json``)."""
+    from cair_export.build import write_manifest
+    from cair_runtime.manifest import record_file
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = aoti_manifest(model, height, width, max_batch, static)
+    files, records = compile_aoti_packages(model, folder, manifest, device, dtype, progress, inductor_configs)
+    for path in files.values():
+        os.replace(path, folder / path.name)
+    shutil.rmtree(next(iter(files.values())).parent, ignore_errors=True)
+    manifest = dataclasses.replace(manifest, files=tuple(record_file(folder, p.name) for p in files.values()),
+                                   engines=tuple(records))
+    write_manifest(folder, manifest)
+    return manifest

@@ -1,0 +1,103 @@
+"""AOTInductor backend: runs the ``.pt2`` packages ``cair-export build --backend aoti`` compiled.
+
+Needs torch (not diffusers): this module imports it, and ``make_backend`` imports this module only
+when the backend is asked for, so the rest of the runtime stays torch-free. Packages load with
+``torch._inductor.aoti_load_package`` (PyTorch's AOTInductor tutorial). The caches are device
+tensors: planning returns them, the backend keeps the references from the step-n evaluation and
+passes the very same tensors to fidelity; they never pass through numpy. Per step only the
+latents go up and ``noise_pred`` comes down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from cair_runtime.errors import EngineMismatchError, ManifestError, MissingDependencyError, ShapeError
+from cair_runtime.manifest import EngineRecord, Manifest
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - depends on the installation
+    torch = None
+
+
+def aoti_records(manifest: Manifest) -> dict[str, EngineRecord]:
+    """The manifest's AOTInductor engines by graph kind; refuses a folder without both."""
+    records = {record.graph: record for record in manifest.engines if record.backend == "aoti"}
+    missing = [kind for kind in manifest.graphs if kind not in records]
+    if missing:
+        raise ManifestError(f"the engine folder has no AOTInductor package for {', '.join(missing)}; "
+                            "build them with `cair-export build ENGINE_DIR --backend aoti`")
+    return records
+
+
+def check_aoti_record(record: EngineRecord, device: str, torch_version: str) -> None:
+    """Refuse a package compiled for another device kind or another torch (AOTI ties both)."""
+    properties = record.properties
+    built_device = properties.get("device", "cpu")
+    if built_device != device.split(":")[0]:
+        raise EngineMismatchError(f"{record.file} was compiled for {built_device}, this backend runs on {device}; "
+                                  f"rebuild with `cair-export build ENGINE_DIR --backend aoti --device {device}`")
+    built_torch = properties.get("torch")
+    if built_torch and built_torch.split("+")[0] != torch_version.split("+")[0]:
+        raise EngineMismatchError(f"{record.file} was compiled by torch {built_torch}, this is torch {torch_version}; "
+                                  "rebuild with `cair-export build ENGINE_DIR --backend aoti`")
+
+
+class AotiBackend:
+    """Runs planning.pt2 and fidelity.pt2 on ``device`` ("cpu" or "cuda[:N]")."""
+
+    def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None):
+        if torch is None:
+            raise MissingDependencyError("the AOTInductor backend needs torch; install it with `pip install torch` "
+                                         "(the CPU or CUDA build the packages were compiled for)")
+        self.manifest = manifest
+        records = aoti_records(manifest)
+        self.device = device or records["planning"].properties.get("device", "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise MissingDependencyError(f"device {self.device!r} requested but torch sees no CUDA GPU; "
+                                         "use a CUDA build of torch on a GPU machine, or --device cpu packages")
+        for record in records.values():
+            check_aoti_record(record, self.device, torch.__version__)
+        self.latent_multiple = int(records["planning"].properties.get("latent_multiple", 1))
+        self.vae_scale_factor = int(manifest.model.get("vae_scale_factor", 8))
+        index = torch.device(self.device).index
+        self.models = {kind: torch._inductor.aoti_load_package(str(Path(folder) / record.file),
+                                                               device_index=-1 if index is None else index)
+                       for kind, record in records.items()}
+        self.inputs = {kind: [spec.name for spec in graph.inputs] for kind, graph in manifest.graphs.items()}
+        self.cache_names = [cache.name for cache in manifest.caches]
+        self.caches: dict[str, torch.Tensor] = {}  # fidelity's cache inputs: device tensors from planning
+        self._planned: dict[str, torch.Tensor] = {}  # the latest planning evaluation's caches
+        self._fixed: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in manifest.graphs}
+        self._dims: dict[str, int] | None = None
+
+    def prepare(self, dims: Mapping[str, int]) -> None:
+        odd = [f"{name} {dims[name]}" for name in ("latent_height", "latent_width")
+               if dims[name] % self.latent_multiple]
+        if odd:
+            raise ShapeError(f"the AOTInductor packages take latent sizes that are multiples of {self.latent_multiple} "
+                             f"(pixels: {self.vae_scale_factor * self.latent_multiple}); got {', '.join(odd)}; use another size or the "
+                             "onnxruntime backend")
+        self._dims = dict(dims)
+
+    def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            self._fixed[kind][name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def switch_to_fidelity(self) -> None:
+        # The tensors planning returned at step n become fidelity's inputs: references, no copy.
+        self.caches = dict(self._planned)
+
+    def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        step = {"sample": torch.from_numpy(np.ascontiguousarray(sample)).to(self.device),
+                "timestep": torch.from_numpy(np.ascontiguousarray(timestep)).to(self.device)}
+        named = {**self._fixed[kind], **self.caches, **step} if kind == "fidelity" else {**self._fixed[kind], **step}
+        outputs = self.models[kind](*(named[name] for name in self.inputs[kind]))
+        if kind == "planning":
+            self._planned = dict(zip(self.cache_names, outputs[1:]))
+        # noise_pred only; copy, since the scheduler keeps past outputs and the package may reuse buffers.
+        return outputs[0].detach().to("cpu", torch.float32).numpy().copy()

@@ -1,0 +1,280 @@
+"""TensorRT backend: two engines, one stream, one activation block, caches bound by address.
+
+- Engines are deserialised once, after their provenance in the manifest (TensorRT version,
+  compute capability) was checked against this machine: a mismatch is refused with the reason
+  (``EngineMismatchError``) instead of failing deep inside ``deserialize_cuda_engine``.
+- One device buffer per IO tensor, wired with ``set_tensor_address``; ``execute_async_v3`` on one
+  stream (as the TensorRT demo's ``Engine.allocate_buffers``/``Engine.infer``).
+- Planning's cache output buffers ARE fidelity's cache input buffers: the same device addresses
+  are bound on both contexts; nothing is copied at the switch.
+- The two engines never run at once, so both contexts are created with
+  ``ExecutionContextAllocationStrategy.USER_MANAGED`` and share one activation block of
+  ``max(device_memory_size_v2)`` bytes (``set_device_memory``).
+- Optional CUDA-graph capture per engine for static shapes: the step inputs are copied into the
+  fixed buffers before each launch, and ``noise_pred`` is copied out before the next launch
+  overwrites it.
+
+Light dependencies: ``tensorrt`` and ``cuda-python`` (``pip install cair-runtime[tensorrt]``),
+imported when the backend is built, never torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from cair_runtime.errors import EngineMismatchError, ManifestError, MissingDependencyError, ShapeError
+from cair_runtime.manifest import EngineRecord, Manifest
+
+INSTALL = "pip install 'cair-runtime[tensorrt]'"
+REBUILD = "rebuild the engines on this machine with `cair-export build ENGINE_DIR --backend tensorrt`"
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, or a ``MissingDependencyError`` naming what to install."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise MissingDependencyError(f"the TensorRT backend needs the tensorrt package (and an NVIDIA GPU); "
+                                     f"install it with `{INSTALL}`") from None
+    return tensorrt
+
+
+def import_cudart() -> Any:
+    """cuda-python's runtime bindings (``cuda.bindings.runtime`` since 12.6, ``cuda.cudart`` before)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError:
+            raise MissingDependencyError(f"the TensorRT backend needs cuda-python; install it with `{INSTALL}`") from None
+    return runtime
+
+
+def _call(cudart: Any, result: Any) -> Any:
+    """Unwrap a cuda-python ``(error, *values)`` result; raise on a CUDA error."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if error != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA call failed: {cudart.cudaGetErrorString(error)[1].decode()}")
+    return values[0] if len(values) == 1 else values or None
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The GPU an engine is built for or runs on."""
+
+    name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    compute_capability: str  # "major.minor", e.g. "9.0"
+
+
+def device_info(device_id: int = 0) -> DeviceInfo:
+    """Name and compute capability of CUDA device ``device_id`` (needs a GPU and cuda-python)."""
+    cudart = import_cudart()
+    try:
+        properties = _call(cudart, cudart.cudaGetDeviceProperties(device_id))
+    except RuntimeError as error:
+        raise MissingDependencyError(f"no usable CUDA GPU {device_id} ({error}); TensorRT engines are built on, "
+                                     "and run on, an NVIDIA GPU") from None
+    name = properties.name.decode(errors="replace") if isinstance(properties.name, bytes) else str(properties.name)
+    return DeviceInfo(name.rstrip("\x00").strip(), f"{properties.major}.{properties.minor}")
+
+
+# --- provenance: pure functions over manifest records ------------------------------------------
+
+
+def tensorrt_records(manifest: Manifest) -> dict[str, EngineRecord]:
+    """The manifest's TensorRT engines by graph kind; refuses a folder without both."""
+    records = {record.graph: record for record in manifest.engines if record.backend == "tensorrt"}
+    missing = [kind for kind in manifest.graphs if kind not in records]
+    if missing:
+        raise ManifestError(f"the engine folder has no TensorRT engine for {', '.join(missing)}; "
+                            "build them with `cair-export build ENGINE_DIR --backend tensorrt` on the GPU that will run them")
+    return records
+
+
+def engine_problems(record: EngineRecord, tensorrt_version: str, device: DeviceInfo) -> list[str]:
+    """Why ``record``'s engine cannot run with this TensorRT on this GPU; empty if it can.
+
+    A plan file is tied to the exact TensorRT version that built it and to the GPU's compute
+    capability (engines are not version- or hardware-compatible unless built so).
+    """
+    problems = []
+    properties = record.properties
+    built_version = properties.get("tensorrt")
+    if built_version != tensorrt_version:
+        problems.append(f"{record.file} was built by TensorRT {built_version}, this is TensorRT {tensorrt_version}")
+    built_capability = properties.get("compute_capability")
+    if built_capability != device.compute_capability:
+        problems.append(f"{record.file} was built for compute capability {built_capability} "
+                        f"({properties.get('gpu', 'unknown GPU')}), this GPU ({device.name}) is {device.compute_capability}")
+    return problems
+
+
+def check_engine_records(records: Iterable[EngineRecord], tensorrt_version: str, device: DeviceInfo) -> None:
+    """Refuse, with every reason at once, engines this TensorRT and GPU cannot run."""
+    problems = [problem for record in records for problem in engine_problems(record, tensorrt_version, device)]
+    if problems:
+        raise EngineMismatchError("; ".join(problems) + f"; {REBUILD}")
+
+
+# --- the backend ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceBuffer:
+    pointer: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class TensorRTBackend:
+    """Runs planning.plan and fidelity.plan with TensorRT on CUDA device ``device_id``."""
+
+    def __init__(self, folder: str | Path, manifest: Manifest, device_id: int = 0, cuda_graphs: bool = False):
+        trt = import_tensorrt()
+        cudart = import_cudart()
+        self.trt, self.cudart, self.manifest = trt, cudart, manifest
+        records = tensorrt_records(manifest)
+        device = device_info(device_id)  # no GPU: MissingDependencyError
+        _call(cudart, cudart.cudaSetDevice(device_id))
+        check_engine_records(records.values(), trt.__version__, device)  # before deserialising
+
+        self.logger = trt.Logger(trt.Logger.ERROR)
+        self.runtime = trt.Runtime(self.logger)
+        self.engines = {}
+        for kind, record in records.items():
+            engine = self.runtime.deserialize_cuda_engine((Path(folder) / record.file).read_bytes())
+            if engine is None:
+                raise EngineMismatchError(f"TensorRT {trt.__version__} could not deserialise {record.file}; {REBUILD}")
+            self.engines[kind] = engine
+        # One activation block for both contexts: they run one after the other on one stream.
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = {kind: engine.create_execution_context(strategy) for kind, engine in self.engines.items()}
+        self.activation_bytes = max(_activation_bytes(engine) for engine in self.engines.values())
+        self.activation = _call(cudart, cudart.cudaMalloc(max(self.activation_bytes, 1)))
+        for context in self.contexts.values():
+            if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+                context.set_device_memory(self.activation, self.activation_bytes)
+            else:
+                context.device_memory = self.activation
+        self.stream = _call(cudart, cudart.cudaStreamCreate())
+        self.stream_handle = int(self.stream)
+        self.use_cuda_graphs = cuda_graphs
+        self.caches: dict[str, DeviceBuffer] = {}  # shared by planning (outputs) and fidelity (inputs)
+        self.buffers: dict[str, dict[str, DeviceBuffer]] = {kind: {} for kind in self.engines}
+        self._graphs: dict[str, Any] = {}  # kind -> instantiated CUDA graph for the prepared shapes
+        self._dims: dict[str, int] | None = None
+
+    # -- buffers ------------------------------------------------------------------------------
+
+    def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceBuffer:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        return DeviceBuffer(_call(self.cudart, self.cudart.cudaMalloc(max(nbytes, 1))), nbytes, shape, dtype)
+
+    def _free_buffers(self) -> None:
+        seen = set()
+        for buffer in [*self.caches.values(), *(b for kind in self.buffers.values() for b in kind.values())]:
+            if buffer.pointer not in seen:
+                seen.add(buffer.pointer)
+                _call(self.cudart, self.cudart.cudaFree(buffer.pointer))
+        self.caches, self.buffers = {}, {kind: {} for kind in self.engines}
+        self._graphs.clear()
+
+    def prepare(self, dims: Mapping[str, int]) -> None:
+        dims = dict(dims)
+        if dims == self._dims:
+            return
+        self._free_buffers()
+        cache_names = {cache.name for cache in self.manifest.caches}
+        for kind, graph in self.manifest.graphs.items():
+            engine, context = self.engines[kind], self.contexts[kind]
+            for spec in (*graph.inputs, *graph.outputs):
+                shape = spec.resolve(dims)
+                dtype = np.dtype(spec.dtype)
+                built = self.trt.nptype(engine.get_tensor_dtype(spec.name))
+                if np.dtype(built) != dtype:
+                    raise EngineMismatchError(f"{kind} engine tensor {spec.name} is {np.dtype(built)}, the manifest "
+                                              f"declares {dtype}; {REBUILD}")
+                if spec.name in cache_names:
+                    # Allocated once, bound as planning's output and (at the switch) fidelity's input.
+                    buffer = self.caches.setdefault(spec.name, self._allocate(shape, dtype))
+                else:
+                    buffer = self._allocate(shape, dtype)
+                self.buffers[kind][spec.name] = buffer
+                if engine.get_tensor_mode(spec.name) == self.trt.TensorIOMode.INPUT:
+                    if not context.set_input_shape(spec.name, shape):
+                        raise ShapeError(f"{kind} engine does not accept {spec.name} of shape {shape} (outside its "
+                                         "optimisation profile); rebuild with wider --min/--max sizes")
+                context.set_tensor_address(spec.name, buffer.pointer)
+        self._dims = dims
+
+    def switch_to_fidelity(self) -> None:
+        # Already bound in prepare: fidelity reads the addresses planning wrote. Rebinding is free
+        # and keeps the hand-off visible here, as in the onnxruntime backend.
+        for name, buffer in self.caches.items():
+            self.contexts["fidelity"].set_tensor_address(name, buffer.pointer)
+
+    def _upload(self, buffer: DeviceBuffer, array: np.ndarray) -> None:
+        host = np.ascontiguousarray(array, dtype=buffer.dtype)
+        if host.shape != buffer.shape:
+            raise ShapeError(f"input of shape {host.shape} does not fit the prepared buffer {buffer.shape}")
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        _call(self.cudart, self.cudart.cudaMemcpyAsync(buffer.pointer, host.ctypes.data, buffer.nbytes, kind, self.stream))
+        _call(self.cudart, self.cudart.cudaStreamSynchronize(self.stream))  # `host` may be freed after return
+
+    def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            self._upload(self.buffers[kind][name], array)
+
+    def _execute(self, kind: str) -> None:
+        cudart = self.cudart
+        if not self.use_cuda_graphs:
+            if not self.contexts[kind].execute_async_v3(self.stream_handle):
+                raise RuntimeError(f"TensorRT failed to enqueue the {kind} engine")
+            return
+        if kind not in self._graphs:
+            # First run un-captured (lazy initialisation), then capture one launch for these shapes.
+            self.contexts[kind].execute_async_v3(self.stream_handle)
+            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+            _call(cudart, cudart.cudaStreamBeginCapture(self.stream, mode))
+            self.contexts[kind].execute_async_v3(self.stream_handle)
+            graph = _call(cudart, cudart.cudaStreamEndCapture(self.stream))
+            self._graphs[kind] = _call(cudart, cudart.cudaGraphInstantiate(graph, 0))
+        _call(cudart, cudart.cudaGraphLaunch(self._graphs[kind], self.stream))
+
+    def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        buffers = self.buffers[kind]
+        self._upload(buffers["sample"], sample)
+        self._upload(buffers["timestep"], timestep)
+        self._execute(kind)
+        noise_pred = buffers[self.manifest.graphs[kind].outputs[0].name]
+        host = np.empty(noise_pred.shape, noise_pred.dtype)  # fresh: multistep schedulers keep past outputs
+        kind_d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _call(self.cudart, self.cudart.cudaMemcpyAsync(host.ctypes.data, noise_pred.pointer, noise_pred.nbytes,
+                                                       kind_d2h, self.stream))
+        _call(self.cudart, self.cudart.cudaStreamSynchronize(self.stream))
+        return host
+
+    def close(self) -> None:
+        """Free device memory (also on garbage collection)."""
+        if getattr(self, "activation", None) is None:
+            return
+        self._free_buffers()
+        _call(self.cudart, self.cudart.cudaFree(self.activation))
+        self.activation = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down cuda-python
+            pass
+
+
+def _activation_bytes(engine: Any) -> int:
+    """Activation memory the engine needs at most (``device_memory_size_v2`` since TensorRT 10.1)."""
+    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)

@@ -1,0 +1,197 @@
+"""GPU latency: baseline (n = T) against CAIR (n = 5, 10) for torch eager, torch CAIR and AOTInductor.
+
+For a lent GPU machine (PyTorch with CUDA; no TensorRT, no onnxruntime-gpu, no network). Random
+weights of the published architecture (preset ``sd21``) at 512x512, 25 DDIM steps, fp16:
+
+- (a) ``eager``: the plain diffusers loop (UNet with CFG at batch 2B every step), the baseline users run;
+- (b) ``torch-cair``: the torch reference ``cair_denoise`` at n = T, 5, 10;
+- (c) ``aoti``: the runtime (``CairEngine(backend="aoti")``) over AOTInductor packages compiled here
+  with static shapes (batch 1, 512x512), at n = T, 5, 10.
+
+After one warm-up each, the configurations run alternately ``--repeats`` rounds, so drift hits
+them alike; the table gives median latency, speed-up over the same method's n = T and over (a),
+and the MAC bound of ``cair_export.macs`` (conv+linear convention). JSON goes to ``--json``,
+rewritten after every stage so an interrupted run keeps what it measured.
+
+    python scripts/gpu_measure.py --json docs/gpu-measure.json                  # the GPU run (~5-8 min on an H100)
+    python scripts/gpu_measure.py --model tiny-sd21 --size 64 --device cpu --dtype fp32 \\
+        --steps 6 --cache-steps 2,3 --repeats 1 --json /tmp/measure.json      # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def log(message: str) -> None:
+    print(f"[gpu_measure] {message}", file=sys.stderr, flush=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def eager_loop(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, steps, guidance_scale, added=None):
+    """The plain diffusers loop (``StableDiffusionPipeline.__call__``'s denoising part): CFG at 2B every step."""
+    scheduler.set_timesteps(steps)
+    latents = latents * scheduler.init_noise_sigma
+    context = torch.cat([negative_prompt_embeds, prompt_embeds])
+    for t in scheduler.timesteps:
+        latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise_uncond, noise_text = unet(latent_input, t, context, added_cond_kwargs=added, return_dict=False)[0].chunk(2)
+        latents = scheduler.step(noise_uncond + guidance_scale * (noise_text - noise_uncond), t, latents,
+                                 return_dict=False)[0]
+    return latents
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd21", help="preset (default sd21: the published architecture)")
+    parser.add_argument("--size", type=int, default=512, help="square size in pixels (default 512)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps T (default 25)")
+    parser.add_argument("--cache-steps", default="5,10", help="CAIR cache steps n, comma-separated (default 5,10)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="fp16", help="UNet precision (default fp16)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
+    parser.add_argument("--skip-aoti", action="store_true", help="measure (a) and (b) only")
+    parser.add_argument("--work-dir", help="where the AOTInductor folder goes (default: a temporary folder)")
+    parser.add_argument("--json", required=True, help="write the results here")
+    args = parser.parse_args(argv)
+
+    from diffusers import DDIMScheduler
+
+    from cair_export.aoti import QUICK_CPU_COMPILE, export_aoti_folder
+    from cair_export.macs import count_graph_macs, generation_macs
+    from cair_export.models import load_model
+    from cair_export.reference import cair_denoise
+    from cair_runtime.pipeline import CairEngine
+
+    started_all = time.perf_counter()
+    device, dtype = args.device, TORCH_DTYPES[args.dtype]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_measure: error: --device cuda but torch sees no GPU; use --device cpu for a smoke test",
+              file=sys.stderr)
+        return 2
+    cache_steps = [int(n) for n in args.cache_steps.split(",")]
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    results: dict = {"model": args.model, "size": args.size, "steps": args.steps, "cache_steps": cache_steps,
+                     "device": device, "gpu": gpu, "dtype": args.dtype, "torch": torch.__version__,
+                     "guidance_scale": args.guidance_scale, "repeats": args.repeats, "timings": {}}
+    out = Path(args.json)
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    # MAC bound (meta device: no weights allocated).
+    per_graph = count_graph_macs(load_model(args.model, device="meta"), args.size, args.size)
+    results["mac_bound"] = {n: generation_macs(per_graph, args.steps, n)["conv_linear"]["speedup_bound"]
+                            for n in cache_steps}
+
+    log(f"building {args.model} ({args.dtype}) on {gpu}")
+    model = load_model(args.model)
+    unet = model.unet.eval().to(device=device, dtype=dtype)
+    latent = args.size // model.vae_scale_factor
+    rng = np.random.default_rng(0)
+    embeds = rng.standard_normal((2, 1, model.text_len, unet.config.cross_attention_dim), dtype=np.float32)
+    noise = rng.standard_normal((1, unet.config.in_channels, latent, latent), dtype=np.float32)
+    on_device = {"prompt": torch.from_numpy(embeds[0]).to(device, dtype),
+                 "negative": torch.from_numpy(embeds[1]).to(device, dtype),
+                 "latents": torch.from_numpy(noise).to(device, dtype)}
+    added = negative_added = None
+    runtime_extra = {}
+    if model.added_conditions:
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        text_embeds = rng.standard_normal((2, 1, pooled), dtype=np.float32)
+        time_ids = torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]], device=device, dtype=dtype)
+        added = {"text_embeds": torch.from_numpy(text_embeds[0]).to(device, dtype), "time_ids": time_ids}
+        negative_added = {"text_embeds": torch.from_numpy(text_embeds[1]).to(device, dtype), "time_ids": time_ids}
+        runtime_extra = {"text_embeds": text_embeds[0], "negative_text_embeds": text_embeds[1]}
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+
+    # Each configuration: (method, n) -> a callable running one whole generation.
+    configs: dict[tuple[str, int], object] = {}
+    configs[("eager", args.steps)] = lambda: eager_loop(
+        unet, scheduler, on_device["latents"], on_device["prompt"], on_device["negative"], args.steps,
+        args.guidance_scale,
+        None if added is None else {k: torch.cat([negative_added[k], added[k]]) for k in added})
+    for n in [args.steps, *cache_steps]:
+        configs[("torch-cair", n)] = lambda n=n: cair_denoise(
+            unet, scheduler, on_device["latents"], on_device["prompt"], on_device["negative"],
+            num_inference_steps=args.steps, cache_step=n, guidance_scale=args.guidance_scale,
+            added_cond=added, negative_added_cond=negative_added)
+
+    if not args.skip_aoti:
+        work = Path(args.work_dir or tempfile.mkdtemp(prefix="cair-aoti-"))
+        log(f"compiling AOTInductor packages (static shapes: batch 1, {args.size}x{args.size}) into {work}")
+        compiled = time.perf_counter()
+        export_aoti_folder(model, work / f"{args.model}-{args.size}", args.size, args.size, device=device,
+                           dtype=args.dtype, max_batch=1, static=True, progress=log,
+                           inductor_configs=QUICK_CPU_COMPILE if device == "cpu" else None)
+        results["aoti_compile_s"] = time.perf_counter() - compiled
+        save()
+        engine = CairEngine(work / f"{args.model}-{args.size}", backend="aoti", device=device)
+        for n in [args.steps, *cache_steps]:
+            configs[("aoti", n)] = lambda n=n: engine.denoise(
+                embeds[0], embeds[1], latents=noise, num_inference_steps=args.steps, cache_step=n,
+                guidance_scale=args.guidance_scale, scheduler="ddim", **runtime_extra).latents
+
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in configs}
+    finals = {}
+    for round_index in range(args.repeats + 1):  # round 0 is the warm-up
+        for key, run in configs.items():
+            sync(device)
+            started = time.perf_counter()
+            final = run()
+            sync(device)
+            elapsed = time.perf_counter() - started
+            log(f"{key[0]:10s} n={key[1]:<3d} {'warm-up' if round_index == 0 else f'round {round_index}'}: {elapsed:.3f} s")
+            if round_index:
+                times[key].append(elapsed)
+            finals[key] = final
+        results["timings"] = {f"{m}/n={n}": v for (m, n), v in times.items()}
+        save()
+
+    median = {key: statistics.median(values) for key, values in times.items()}
+    # Agreement of the runtime (fp32 latents) with the torch reference (latents in the UNet's dtype).
+    agreement = {}
+    for n in [args.steps, *cache_steps]:
+        if ("aoti", n) in finals:
+            reference = finals[("torch-cair", n)].float().cpu().numpy()
+            agreement[n] = float(np.abs(finals[("aoti", n)] - reference).max() / np.abs(reference).max())
+    results["aoti_vs_torch_relative"] = agreement
+
+    eager = median[("eager", args.steps)]
+    lines = [f"{args.model} at {args.size}x{args.size}, {args.steps} DDIM steps, {args.dtype}, batch 1, "
+             f"guidance {args.guidance_scale}, {gpu}, torch {torch.__version__}; median of {args.repeats} warm runs",
+             "", "| method | n | median s | speed-up vs own n=T | speed-up vs eager | MAC bound |",
+             "|---|---|---|---|---|---|"]
+    for (method, n), value in median.items():
+        own = median.get((method, args.steps), value)
+        bound = f"{results['mac_bound'][n]:.2f}x" if n in results["mac_bound"] else "1.00x"
+        lines.append(f"| {method} | {n} | {value:.3f} | {own / value:.2f}x | {eager / value:.2f}x | {bound} |")
+    table = "\n".join(lines)
+    results["median_s"] = {f"{m}/n={n}": v for (m, n), v in median.items()}
+    results["table"] = table
+    results["wall_s"] = time.perf_counter() - started_all
+    save()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
