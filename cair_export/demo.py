@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from cair_export.quality_metrics import psnr
 from cair_runtime.errors import CairError
 from cair_runtime.files import write_atomically
 from cair_runtime.manifest import load_manifest
@@ -40,12 +41,6 @@ class DemoConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     repeats: int = 3  # timed runs per prompt and configuration; the median is reported
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def ensure_engine(model: str, engines_dir: Path, progress: Callable[[str], None]) -> Path:

@@ -1,17 +1,8 @@
 """The demo: exports once, reuses the export, writes the grid and the figures."""
 
-import numpy as np
 from PIL import Image
 
-from cair_export.demo import DEMO_PROMPTS, DemoConfig, psnr, run_demo
-
-
-def test_psnr_hand_computed():
-    a = np.zeros((4, 4, 3), np.uint8)
-    b = a.copy()
-    b[0, 0, 0] = 10  # MSE = 100 / 48
-    assert np.isclose(psnr(a, b), 10 * np.log10(255**2 * 48 / 100))
-    assert psnr(a, a) == float("inf")
+from cair_export.demo import DEMO_PROMPTS, DemoConfig, run_demo
 
 
 def test_demo_exports_once_and_writes_grid(tmp_path):

@@ -1,0 +1,409 @@
+"""Latency of CAIR against the peers, side by side in one run, configurations alternating.
+
+Two suites:
+
+- ``shapes``: text to image end to end (prompt encoding, 25 steps, VAE decode), batch 1, on the
+  shipped model: the diffusers pipeline (eager, plain); T-GATE (PyPI ``tgate``) at the same n with
+  cross-attention gating only and at its recommended defaults; DeepCache (PyPI ``DeepCache``) at
+  its README settings; diffusers' own cache hooks that apply to a UNet; the torch reference CAIR;
+  the runtime (onnxruntime) at n = T, 5 and 10.
+- ``sd21``: the SD-2.1 UNet architecture with random weights at 256x256, UNet loop only (fixed
+  random prompt embeddings, DDIM): the plain diffusers loop, T-GATE's gating in the same loop,
+  DeepCache on the same loop, the torch reference CAIR, the runtime on ``engines/sd21-256``.
+
+Every configuration gets its own model copy (T-GATE and DeepCache patch module forwards for good).
+Round 0 is a warm-up; then ``--repeats`` rounds run every configuration once in turn, so drift on
+the machine hits them alike; the median is reported. A peer that fails records its error.
+
+    python scripts/bench.py --suite shapes --repeats 5 --json docs/benchmarks.json --markdown docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a large red circle on the left on a white background"
+
+
+@dataclass
+class Config:
+    """One benchmarked configuration: a callable generating once, and how to read its figures."""
+
+    name: str
+    group: str  # "torch" (speed-up over the diffusers plain row) or "runtime" (over runtime n = T)
+    run: Callable[[], Any] | None  # None when setting it up failed
+    cache_step: int | None = None  # n for CAIR and T-GATE rows: gives the MAC bound
+    error: str | None = None
+    times: list[float] = field(default_factory=list)
+    switch_fraction: list[float] = field(default_factory=list)  # runtime: switch time / one planning step
+
+
+def _error_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+def _safely(name: str, group: str, make: Callable[[], Callable[[], Any]], cache_step: int | None = None) -> Config:
+    try:
+        return Config(name, group, make(), cache_step)
+    except Exception as error:  # a peer that cannot be set up is a result
+        return Config(name, group, None, cache_step, error=_error_line(error))
+
+
+# --- shapes: text to image -----------------------------------------------------------------
+
+
+def shapes_configs(model_name: str, steps: int, cache_steps: list[int], engines: Path, threads: int) -> list[Config]:
+    import torch
+
+    from cair_export.models import load_model
+    from cair_export.reference import cair_text_to_image
+
+    def pipe():
+        return load_model(model_name, with_pipeline=True).diffusers_pipeline()
+
+    first = load_model(model_name, with_pipeline=True)
+    unet_config = first.unet.config
+    shape = (1, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    latents = torch.from_numpy(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+    settings = {"num_inference_steps": steps, "guidance_scale": 7.5, "output_type": "np"}
+
+    def plain():
+        p = pipe()
+        return lambda: p(PROMPT, latents=latents.clone(), **settings)
+
+    def tgate(n: int | None):
+        def make():
+            from tgate import TgateSDLoader
+
+            p = TgateSDLoader(pipe())
+            options = ({"gate_step": n, "sp_interval": 1, "fi_interval": 1, "warm_up": 0} if n is not None
+                       else {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2})
+            return lambda: p.tgate(PROMPT, latents=latents.clone(), **settings, **options)
+        return make
+
+    def deepcache():
+        from DeepCache import DeepCacheSDHelper
+
+        p = pipe()
+        helper = DeepCacheSDHelper(pipe=p)
+        helper.set_params(cache_interval=3, cache_branch_id=0)  # the README's settings
+        helper.enable()
+        return lambda: p(PROMPT, latents=latents.clone(), **settings)
+
+    def hook(kind: str):
+        def make():
+            from diffusers import hooks
+
+            p = pipe()
+            current = {"t": 999}
+            # StableDiffusionPipeline has no current_timestep: record it from the UNet's calls.
+            p.unet.register_forward_pre_hook(lambda module, args: current.update(t=int(args[1])))
+            callback = lambda: current["t"]  # noqa: E731
+            if kind == "pab":
+                hooks.apply_pyramid_attention_broadcast(p.unet, hooks.PyramidAttentionBroadcastConfig(
+                    cross_attention_block_skip_range=2, current_timestep_callback=callback))
+            elif kind == "faster":
+                hooks.apply_faster_cache(p.unet, hooks.FasterCacheConfig(current_timestep_callback=callback))
+            elif kind == "first_block":
+                hooks.apply_first_block_cache(p.unet, hooks.FirstBlockCacheConfig(threshold=0.05))
+            elif kind == "mag":
+                hooks.apply_mag_cache(p.unet, hooks.MagCacheConfig(num_inference_steps=steps))
+            elif kind == "taylorseer":
+                hooks.apply_taylorseer_cache(p.unet, hooks.TaylorSeerCacheConfig())
+            return lambda: p(PROMPT, latents=latents.clone(), **settings)
+        return make
+
+    def reference(n: int):
+        def make():
+            p = pipe()
+            return lambda: cair_text_to_image(p, [PROMPT], None, latents.clone(), num_inference_steps=steps,
+                                              cache_step=n, guidance_scale=7.5)
+        return make
+
+    def runtime(n: int):
+        def make():
+            from cair_export.demo import ensure_engine
+            from cair_runtime.text2image import CairText2Image
+
+            folder = ensure_engine(model_name, engines, lambda m: print(f"  {m}", file=sys.stderr))
+            pipeline = CairText2Image(folder, threads=threads)
+            noise = latents.numpy()
+            return lambda: pipeline(PROMPT, num_inference_steps=steps, cache_step=n, guidance_scale=7.5, latents=noise)
+        return make
+
+    configs = [_safely("diffusers pipeline, eager, plain", "torch", plain)]
+    configs += [_safely(f"T-GATE n={n} (cross-attention gating only)", "torch", tgate(n), n) for n in cache_steps]
+    configs.append(_safely("T-GATE defaults (gate 10, self-attn interval 5, warm-up 2)", "torch", tgate(None)))
+    configs.append(_safely("DeepCache (cache_interval 3, branch 0)", "torch", deepcache))
+    configs += [_safely(f"diffusers hook: {label}", "torch", hook(kind)) for kind, label in (
+        ("pab", "PyramidAttentionBroadcast (cross-attn skip 2)"), ("faster", "FasterCache (defaults)"),
+        ("first_block", "FirstBlockCache (threshold 0.05)"), ("mag", "MagCache"), ("taylorseer", "TaylorSeerCache"))]
+    configs += [_safely(f"torch reference CAIR n={n}", "torch", reference(n), n) for n in cache_steps]
+    configs += [_safely(f"runtime (onnxruntime) n={n}", "runtime", runtime(n), n) for n in [steps, *cache_steps]]
+    return configs
+
+
+# --- sd21 at 256: UNet loop only -----------------------------------------------------------
+
+
+def sd21_configs(steps: int, cache_steps: list[int], size: int, engines: Path, threads: int,
+                 only: set[str] | None) -> list[Config]:
+    import torch
+
+    from cair_export.models import load_model
+    from cair_export.reference import cair_denoise
+
+    def unet_and_scheduler():
+        from diffusers import DDIMScheduler
+
+        model = load_model("sd21")
+        return model.unet, DDIMScheduler.from_config(model.scheduler_config)
+
+    rng = np.random.default_rng(0)
+    latents = torch.from_numpy(rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32))
+    embeds = torch.from_numpy(rng.standard_normal((1, 77, 1024), dtype=np.float32))
+    negative = torch.zeros_like(embeds)
+
+    def loop(n: int):
+        def make():
+            unet, scheduler = unet_and_scheduler()
+            return lambda: cair_denoise(unet, scheduler, latents.clone(), embeds, negative, num_inference_steps=steps,
+                                        cache_step=n, guidance_scale=7.5)
+        return make
+
+    def deepcache():
+        from DeepCache import DeepCacheSDHelper
+
+        unet, scheduler = unet_and_scheduler()
+        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+        return lambda: cair_denoise(unet, scheduler, latents.clone(), embeds, negative, num_inference_steps=steps,
+                                    cache_step=steps, guidance_scale=7.5)
+
+    def tgate(n: int):
+        def make():
+            from tgate.tgate_utils import register_forward, tgate_scheduler
+
+            unet, scheduler = unet_and_scheduler()
+
+            @torch.no_grad()
+            def run():  # T-GATE's SD pipeline loop (tgate/SD.py), UNet part only
+                scheduler.set_timesteps(steps)
+                x = latents.clone() * scheduler.init_noise_sigma
+                context = torch.cat([negative, embeds])
+                for i, t in enumerate(scheduler.timesteps):
+                    ca, sa, keep = tgate_scheduler(cur_step=i, gate_step=n, sp_interval=1, fi_interval=1, warm_up=0)
+                    register_forward(unet, "Attention", ca_kward=ca, sa_kward=sa, keep_shape=keep)
+                    if i < n:
+                        uncond, text = unet(scheduler.scale_model_input(torch.cat([x] * 2), t), t, context,
+                                            return_dict=False)[0].chunk(2)
+                        noise = uncond + 7.5 * (text - uncond)
+                    else:
+                        noise = unet(scheduler.scale_model_input(x, t), t, negative, return_dict=False)[0]
+                    x = scheduler.step(noise, t, x, return_dict=False)[0]
+                return x
+            return run
+        return make
+
+    def runtime(n: int):
+        def make():
+            from cair_runtime.pipeline import CairEngine
+
+            folder = engines / f"sd21-{size}"
+            if not (folder / "manifest.json").is_file():
+                raise FileNotFoundError(f"no engine at {folder}; export it first (about 15 min): "
+                                        f"cair-export export sd21 {folder} --height {size} --width {size} --max-batch 1")
+            engine = CairEngine(folder, threads=threads)
+            return lambda: engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(),
+                                          num_inference_steps=steps, cache_step=n, guidance_scale=7.5, scheduler="ddim")
+        return make
+
+    configs = [("diffusers UNet loop, eager, plain", "torch", loop(steps), None)]
+    configs += [(f"T-GATE n={n} (cross-attention gating only)", "torch", tgate(n), n) for n in cache_steps]
+    configs.append(("DeepCache (cache_interval 3, branch 0)", "torch", deepcache, None))
+    configs += [(f"torch reference CAIR n={n}", "torch", loop(n), n) for n in cache_steps]
+    configs += [(f"runtime (onnxruntime) n={n}", "runtime", runtime(n), n) for n in [steps, *cache_steps]]
+    return [_safely(name, group, make, n) for name, group, make, n in configs
+            if only is None or any(key in name for key in only)]
+
+
+# --- measuring and reporting ---------------------------------------------------------------
+
+
+def measure(configs: list[Config], repeats: int, label: str) -> None:
+    """Warm-up round, then ``repeats`` rounds of every configuration in turn."""
+    for round_index in range(repeats + 1):
+        for config in configs:
+            if config.run is None:
+                continue
+            started = time.perf_counter()
+            try:
+                result = config.run()
+            except Exception as error:
+                config.error, config.run = _error_line(error), None
+                print(f"  [{label}] {config.name}: FAILED {config.error}", file=sys.stderr, flush=True)
+                traceback.print_exc(limit=2, file=sys.stderr)
+                continue
+            elapsed = time.perf_counter() - started
+            timings = getattr(result, "timings", None)
+            if round_index and timings is not None and timings.switch_s and timings.planning_steps:
+                config.switch_fraction.append(timings.switch_s / (timings.planning_s / timings.planning_steps))
+            tag = "warm-up" if round_index == 0 else f"round {round_index}/{repeats}"
+            print(f"  [{label}] {config.name} {tag}: {elapsed:.3f} s", file=sys.stderr, flush=True)
+            if round_index:
+                config.times.append(elapsed)
+
+
+def summarise(configs: list[Config], steps: int, bounds: dict[int, float]) -> list[dict[str, Any]]:
+    """Median, speed-up over the group's baseline (first torch row, runtime n = T), bound, efficiency."""
+    baselines = {}
+    for config in configs:
+        if config.times and config.group not in baselines and (config.group == "torch" or config.cache_step == steps):
+            baselines[config.group] = statistics.median(config.times)
+    rows = []
+    for config in configs:
+        row: dict[str, Any] = {"name": config.name, "group": config.group, "cache_step": config.cache_step,
+                               "error": config.error, "runs_s": config.times}
+        if config.times:
+            median = statistics.median(config.times)
+            speedup = baselines.get(config.group, float("nan")) / median
+            bound = bounds.get(config.cache_step) if config.cache_step else None
+            row.update(median_s=median, speedup=speedup, mac_bound=bound,
+                       efficiency=speedup / bound if bound else None,
+                       switch_fraction_of_step=statistics.median(config.switch_fraction) if config.switch_fraction else None)
+        rows.append(row)
+    return rows
+
+
+# Why a diffusers cache hook does not apply to UNet2DConditionModel (diffusers 0.42), by its error.
+HOOK_NOTES = {
+    "FirstBlockCache": "needs a top-level ModuleList of transformer blocks (DiT-style); a UNet nests its "
+                       "transformer blocks inside down/mid/up blocks, so none is found",
+    "MagCache": "needs per-model mag_ratios from a calibration run, and a top-level transformer-block list as "
+                "FirstBlockCache",
+    "FasterCache": "written for video/DiT transformers: its attention hooks assume their tensor layout and "
+                   "batched-CFG handling, which UNet attention does not match",
+}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| configuration | median (s) | speed-up | MAC bound | efficiency | note |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "median_s" not in row:
+            why = next((f" ({note})" for key, note in HOOK_NOTES.items() if key in row["name"]), "")
+            lines.append(f"| {row['name']} | - | - | - | - | does not run: `{row['error']}`{why} |")
+            continue
+        bound = f"{row['mac_bound']:.2f}x" if row["mac_bound"] else "-"
+        efficiency = f"{row['efficiency']:.0%}" if row["efficiency"] else "-"
+        note = f"switch {row['switch_fraction_of_step']:.3%} of a step" if row.get("switch_fraction_of_step") else ""
+        base = "over runtime n=T" if row["group"] == "runtime" else "over diffusers plain"
+        lines.append(f"| {row['name']} | {row['median_s']:.3f} | {row['speedup']:.2f}x ({base}) | {bound} | "
+                     f"{efficiency} | {note} |")
+    medians = {row["name"]: row["median_s"] for row in rows if "median_s" in row}
+    for n in sorted({row["cache_step"] for row in rows if row["cache_step"]}):
+        cair = medians.get(f"runtime (onnxruntime) n={n}")
+        tgate = medians.get(f"T-GATE n={n} (cross-attention gating only)")
+        if cair and tgate:
+            lines.append(f"\nRuntime CAIR vs T-GATE at n = {n}: {cair:.3f} s vs {tgate:.3f} s "
+                         f"({tgate / cair:.2f}x; {'faster' if cair < tgate else 'NOT faster'}).")
+    return lines
+
+
+def _machine() -> str:
+    import os
+
+    import onnxruntime as ort
+    import torch
+
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"{cpu}, {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__} CPUExecutionProvider")
+
+
+def main() -> int:
+    import torch
+
+    from cair_export.macs import count_graph_macs, generation_macs
+    from cair_export.models import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("shapes", "sd21", "both"), default="shapes")
+    parser.add_argument("--model", default="shapes", help="model of the shapes suite (default: the shipped one)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--cache-steps", default="5,10", help="n values for CAIR and T-GATE (default 5,10)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured rounds after the warm-up (default 5)")
+    parser.add_argument("--sd21-repeats", type=int, default=3, help="measured rounds for sd21 (default 3)")
+    parser.add_argument("--sd21-only", help="comma-separated name fragments of sd21 configurations to run")
+    parser.add_argument("--size", type=int, default=256, help="sd21 pixel size (default 256)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads, torch and onnxruntime (0: default)")
+    parser.add_argument("--engines-dir", type=Path, default=ROOT / "engines")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache_steps = [int(n) for n in args.cache_steps.split(",") if n.strip()]
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    results = {"command": command, "date": datetime.datetime.now().isoformat(timespec="minutes"),
+               "machine": _machine(), "suites": {}}
+    suites = [("shapes", args.repeats), ("sd21", args.sd21_repeats)] if args.suite == "both" else \
+        [(args.suite, args.repeats if args.suite == "shapes" else args.sd21_repeats)]
+    for suite, repeats in suites:
+        if suite == "shapes":
+            model = load_model(args.model, device="meta")
+            size = model.unet.config.sample_size * model.vae_scale_factor
+            configs = shapes_configs(args.model, args.steps, cache_steps, args.engines_dir, args.threads)
+        else:
+            model, size = load_model("sd21", device="meta"), args.size
+            only = set(args.sd21_only.split(",")) if args.sd21_only else None
+            configs = sd21_configs(args.steps, cache_steps, size, args.engines_dir, args.threads, only)
+        per_graph = count_graph_macs(model, size, size)
+        bounds = {n: generation_macs(per_graph, args.steps, n)["conv_linear"]["speedup_bound"]
+                  for n in range(1, args.steps + 1)}
+        measure(configs, repeats, suite)
+        results["suites"][suite] = {"size": size, "steps": args.steps, "repeats": repeats,
+                                    "rows": summarise(configs, args.steps, bounds)}
+
+    lines = ["# Benchmarks", "", f"Date: {results['date']}. Machine: {results['machine']}.", "",
+             "The machine is shared with other developers' jobs and a training run: absolute times are noisy; "
+             "configurations alternate within each round, so ratios are fairer than absolute figures.", "",
+             "```", command, "```"]
+    for suite, result in results["suites"].items():
+        what = ("text to image end to end, batch 1" if suite == "shapes" else "UNet loop only, random weights, batch 1")
+        lines += ["", f"## {suite} at {result['size']}x{result['size']}, {result['steps']} steps ({what}), "
+                      f"median of {result['repeats']} warm runs", "", *markdown_table(result["rows"])]
+    lines += ["", "MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet; "
+                  "efficiency = measured speed-up / MAC bound. Torch rows are relative to the diffusers plain row, "
+                  "runtime rows to the runtime at n = T."]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
