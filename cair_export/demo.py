@@ -49,32 +49,43 @@ def ensure_engine(model: str, engines_dir: Path, progress: Callable[[str], None]
     from cair_export.models import load_model
 
     folder = engines_dir / Path(model).name
+    loaded = None
     try:
         manifest = load_manifest(folder)
         if manifest.pipeline is not None:
-            progress(f"reusing {folder}")
-            return folder
+            loaded = load_model(model, with_pipeline=True)
+            if manifest.model.get("source_sha256") == loaded.source_sha256:
+                progress(f"reusing {folder}")
+                return folder
+            progress(f"{model} changed since {folder} was exported")
     except CairError:
         pass
     progress(f"exporting {model} to {folder} (once; later runs reuse it)")
-    export_model(load_model(model, with_pipeline=True), folder, overwrite=True, progress=progress)
+    export_model(loaded or load_model(model, with_pipeline=True), folder, overwrite=True, progress=progress)
     return folder
 
 
 def make_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str, str], scale: int = 3):
-    """A PIL image: per row a caption, then the two images side by side (nearest-neighbour upscaled)."""
+    """A PIL image: per row a caption (wrapped), then the two images side by side (nearest-neighbour upscaled)."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     height, width = rows[0][1].shape[:2]
-    cell_w, cell_h, gap, caption_h = width * scale, height * scale, 8, 18
-    grid = Image.new("RGB", (2 * cell_w + 3 * gap, caption_h + len(rows) * (cell_h + caption_h + gap) + gap), "white")
+    cell_w, cell_h, gap, line_h = width * scale, height * scale, 8, 12
+    chars = max(20, (2 * cell_w + gap) // 6)  # PIL's default bitmap font is about 6 px per character
+    captions = [textwrap.wrap(caption, chars) or [""] for caption, _, _ in rows]
+    total = line_h + 8 + sum(len(lines) * line_h + 6 + cell_h + gap for lines in captions) + gap
+    grid = Image.new("RGB", (2 * cell_w + 3 * gap, total), "white")
     draw = ImageDraw.Draw(grid)
     for column, label in enumerate(labels):
         draw.text((gap + column * (cell_w + gap), 4), label, fill="black")
-    y = caption_h
-    for caption, left, right in rows:
-        draw.text((gap, y + 3), caption[: 2 * cell_w // 6], fill="black")
-        y += caption_h
+    y = line_h + 8
+    for lines, (_, left, right) in zip(captions, rows):
+        for line in lines:
+            draw.text((gap, y), line, fill="black")
+            y += line_h
+        y += 6
         for column, image in enumerate((left, right)):
             tile = Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST)
             grid.paste(tile, (gap + column * (cell_w + gap), y))

@@ -357,6 +357,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         model={"name": model.name, "source": model.source, "family": model.family,
                "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[config.dtype],
                "vae_scale_factor": model.vae_scale_factor, "cache_step_hint": config.cache_step_hint,
+               "source_sha256": model.source_sha256,
                "unet_config": json.loads(json.dumps(dict(unet.config), default=str))},
         scheduler_config=model.scheduler_config,
         fidelity_guidance=config.fidelity_guidance,

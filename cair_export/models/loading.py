@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class LoadedModel:
     text_encoders: list[TextEncoder] = field(default_factory=list)
     vae: Any = None  # diffusers AutoencoderKL
     force_zeros_for_empty_prompt: bool = False  # SDXL: zero negative embeddings when no negative prompt
+    source_sha256: str | None = None  # digest of a folder model's files, to tell a changed model from its export
 
     @property
     def added_conditions(self) -> bool:
@@ -215,7 +217,7 @@ def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
     family = "sdxl" if sdxl else ("sd21" if scheduler_config.get("prediction_type") == "v_prediction" else "sd15")
     model = LoadedModel(
         path.name, str(path), family, unet.to(device).eval(), scheduler_config,
-        vae_scale_factor=_vae_scale_factor(path), text_len=_text_len(path),
+        vae_scale_factor=_vae_scale_factor(path), text_len=_text_len(path), source_sha256=folder_digest(path),
     )
     if with_pipeline and index is not None and device != "meta":
         _load_pipeline_parts(model, path, index)
@@ -249,6 +251,15 @@ def _load_pipeline_parts(model: LoadedModel, path: Path, index: dict[str, Any]) 
     _check_safetensors(path / "vae")
     model.vae = _from_pretrained(AutoencoderKL, path / "vae", torch_dtype=torch.float32)
     model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", model.family == "sdxl"))
+
+
+def folder_digest(path: Path) -> str:
+    """sha256 over a model folder's configs, vocabularies and safetensors (names and contents)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", ".safetensors")):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _vae_scale_factor(path: Path) -> int:
