@@ -334,7 +334,11 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         if config.dtype != "fp32":
             from cair_export.precision import lower_exported_graphs
 
-            lowered, _ = lower_exported_graphs(graphs, work, config.dtype, _validation_dims(dims, up_factor), progress)
+            lowered, lowering = lower_exported_graphs(graphs, work, config.dtype, _validation_dims(dims, up_factor),
+                                                      progress)
+            checks = lowering["validation"]["checks"]
+            progress(f"  {config.dtype} UNet graphs: worst relative error {max(c['relative'] for c in checks):.2e} "
+                     f"(tolerance {lowering['validation']['tolerance']:.0e}, {lowering['validation']['executors']})")
             files = [f for f in files if not f.startswith(("planning.onnx", "fidelity.onnx"))] + lowered
     pipeline = None
     if model.has_pipeline:
