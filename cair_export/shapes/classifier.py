@@ -31,24 +31,24 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes_class
 class ShapeClassifier(nn.Module):
     """CNN trunk (64 -> 8 px, then pooled to 4x4 so position survives) and one head per attribute."""
 
-    def __init__(self, width: int = 32, heads: dict[str, tuple[str, ...]] = HEADS):
+    def __init__(self, width: int = 16, heads: dict[str, tuple[str, ...]] = HEADS):
         super().__init__()
         self.width = width
         self.heads = dict(heads)
 
         def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.SiLU()
-            )
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.SiLU())
 
+        # Strided from the first layer: flat-colour shapes need no full-resolution features,
+        # and the classifier must be cheap to train on 2 CPU cores.
         self.trunk = nn.Sequential(
-            block(3, width, 1),  # 64x64
-            block(width, 2 * width, 2),  # 32x32
-            block(2 * width, 2 * width, 2),  # 16x16
-            block(2 * width, 2 * width, 2),  # 8x8
+            block(3, width, 2),  # 32x32
+            block(width, 2 * width, 2),  # 16x16
+            block(2 * width, 4 * width, 2),  # 8x8
+            block(4 * width, 4 * width, 1),  # 8x8, wider receptive field
             nn.AdaptiveAvgPool2d(4),  # 4x4: coarse layout kept for the position head
             nn.Flatten(),
-            nn.Linear(2 * width * 16, 128),
+            nn.Linear(4 * width * 16, 128),
             nn.SiLU(),
         )
         self.logits = nn.ModuleDict({name: nn.Linear(128, len(classes)) for name, classes in heads.items()})
