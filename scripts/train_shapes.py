@@ -15,8 +15,10 @@ pipeline (EMA weights) is written every `--save-every` steps: a run stopped at a
 with `--unet-steps` set to that step.
 
 Outputs: a StableDiffusionPipeline folder in cair_export/assets/shapes/ and the classifier in
-cair_export/assets/shapes_classifier/. On a CPU shared with other work, `--threads 1` can be many
-times faster than 2 (OpenMP threads waiting on each other). Examples:
+cair_export/assets/shapes_classifier/. Measured wall time of the shipped run (docs/shapes_quality.md):
+about 100 min stage by stage on 2 shared CPU cores (VAE 41, decoder 12, classifier 3, UNet 46). On
+a CPU shared with other work, `--threads 1` can be many times faster than 2 (OpenMP threads waiting
+on each other). Examples:
 
     PYTHONPATH=. python scripts/train_shapes.py --threads 1
     PYTHONPATH=. python scripts/train_shapes.py --unet-steps 200 --out /tmp/pilot/shapes \
