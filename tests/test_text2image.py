@@ -23,15 +23,16 @@ def _latents(count, shape=(4, 8, 8), seed=0):
     return np.stack([np.random.default_rng(seed + k).standard_normal(shape, dtype=np.float32) for k in range(count)])
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sd21", "tiny-sdxl"])
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sd21", "tiny-sdxl", "shapes"])
 def test_images_match_reference_pipeline(exported, preset):
     folder = exported(preset, with_pipeline=True)
     runtime = CairText2Image(folder)
     pipe = load_model(preset, with_pipeline=True).diffusers_pipeline()
+    latent_shape = (runtime.engine.in_channels, *runtime.engine.latent_size(None, None))
     for cache_step in (2, 6):
         result = runtime(PROMPTS, num_images_per_prompt=2, num_inference_steps=6, cache_step=cache_step,
                          guidance_scale=5.0, seed=3)
-        expected = cair_text_to_image(pipe, PROMPTS, None, torch.from_numpy(_latents(4, seed=3)),
+        expected = cair_text_to_image(pipe, PROMPTS, None, torch.from_numpy(_latents(4, latent_shape, seed=3)),
                                       num_images_per_prompt=2, num_inference_steps=6, cache_step=cache_step,
                                       guidance_scale=5.0).numpy()
         assert result.decoded.shape == expected.shape == (4, 3, 64, 64)
