@@ -7,7 +7,8 @@ import sys
 HEAVY = ("torch", "diffusers", "transformers", "onnx", "cair_export")
 RUNTIME_MODULES = ("cair_runtime", "cair_runtime.cli", "cair_runtime.pipeline", "cair_runtime.manifest",
                    "cair_runtime.text2image", "cair_runtime.files", "cair_runtime.schedulers",
-                   "cair_runtime.backends", "cair_runtime.backends.onnxruntime", "cair_runtime.backends.tensorrt")
+                   "cair_runtime.backends", "cair_runtime.backends.onnxruntime", "cair_runtime.backends.tensorrt",
+                   "cair_runtime.backends.aoti")
 
 
 def test_runtime_imports_no_heavy_package():

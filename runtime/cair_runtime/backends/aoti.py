@@ -1,7 +1,7 @@
 """AOTInductor backend: runs the ``.pt2`` packages ``cair-export build --backend aoti`` compiled.
 
-Needs torch (not diffusers): this module imports it, and ``make_backend`` imports this module only
-when the backend is asked for, so the rest of the runtime stays torch-free. Packages load with
+Needs torch (not diffusers), imported when the backend is built (``make_backend`` also imports this
+module only when the backend is asked for), so the rest of the runtime stays torch-free. Packages load with
 ``torch._inductor.aoti_load_package`` (PyTorch's AOTInductor tutorial). The caches are device
 tensors: planning returns them, the backend keeps the references from the step-n evaluation and
 passes the very same tensors to fidelity; they never pass through numpy. Per step only the
@@ -18,10 +18,19 @@ import numpy as np
 from cair_runtime.errors import EngineMismatchError, ManifestError, MissingDependencyError, ShapeError
 from cair_runtime.manifest import EngineRecord, Manifest
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - depends on the installation
-    torch = None
+torch = None  # imported by AotiBackend, so that importing this module stays light
+
+
+def _import_torch():
+    global torch
+    if torch is None:
+        try:
+            import torch as _torch
+        except ImportError:  # pragma: no cover - depends on the installation
+            raise MissingDependencyError("the AOTInductor backend needs torch; install it with `pip install torch` "
+                                         "(the CPU or CUDA build the packages were compiled for)") from None
+        torch = _torch
+    return torch
 
 
 def aoti_records(manifest: Manifest) -> dict[str, EngineRecord]:
@@ -51,9 +60,7 @@ class AotiBackend:
     """Runs planning.pt2 and fidelity.pt2 on ``device`` ("cpu" or "cuda[:N]")."""
 
     def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None):
-        if torch is None:
-            raise MissingDependencyError("the AOTInductor backend needs torch; install it with `pip install torch` "
-                                         "(the CPU or CUDA build the packages were compiled for)")
+        _import_torch()
         self.manifest = manifest
         records = aoti_records(manifest)
         self.device = device or records["planning"].properties.get("device", "cpu")
