@@ -161,7 +161,7 @@ def _compile_into(unet: torch.nn.Module, staging: Path, manifest: Manifest, fact
         if names != [spec.name for spec in manifest.caches]:
             raise ManifestError(f"the model's cross-attention modules ({len(names)}) do not match the manifest's "
                                 f"caches ({len(manifest.caches)}); build from the model the folder was exported from")
-        for kind, spec in manifest.graphs.items():
+        for kind, spec in manifest.unet_graphs.items():
             io = GraphIO(kind, spec.inputs, spec.outputs)  # the manifest's IO: the single description
             graph = PrecisionGraph(CairGraph(unet, cache, io), TORCH_DTYPES[dtype])
             progress(f"compiling {kind} with AOTInductor on {device} ({dtype}); minutes on a CPU")

@@ -158,7 +158,7 @@ def build_tensorrt_engines(folder: Path, manifest: Manifest, config: BuildConfig
     staging.mkdir(exist_ok=True)
     files, records = {}, []
     try:
-        for kind, graph in manifest.graphs.items():
+        for kind, graph in manifest.unet_graphs.items():
             shapes = tensor_profiles(graph, dims)
             profile = Profile()
             for name, (low, opt, high) in shapes.items():

@@ -50,7 +50,7 @@ def _onnxruntime_runner(folder: Path, manifest: Manifest) -> Runner:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     sessions = {kind: ort.InferenceSession(str(folder / graph.file), options, providers=["CPUExecutionProvider"])
-                for kind, graph in manifest.graphs.items()}
+                for kind, graph in manifest.unet_graphs.items()}
     return lambda kind, inputs: sessions[kind].run(None, dict(inputs))
 
 
@@ -136,10 +136,10 @@ def compare_engines(engine_dir: str | Path, reference_dir: str | Path | None = N
         try:
             runner = factory()
         except CairError as error:  # e.g. no TensorRT here: reported, not failed
-            rows += [Row(name, kind, "-", precision, note=f"not run: {error}") for kind in manifest.graphs]
+            rows += [Row(name, kind, "-", precision, note=f"not run: {error}") for kind in manifest.unet_graphs]
             continue
         dims = comparison_dims(manifest, batch, multiple)
-        for seed, (kind, graph) in enumerate(manifest.graphs.items()):
+        for seed, (kind, graph) in enumerate(manifest.unet_graphs.items()):
             progress(f"comparing {name} {kind} at {dims}")
             inputs = make_inputs(GraphIO(kind, graph.inputs, graph.outputs), dims, seed=300 + seed)
             expected = reference(kind, inputs)

@@ -138,6 +138,11 @@ class Manifest:
     engines: tuple[EngineRecord, ...] = ()
     pipeline: dict[str, Any] | None = None  # text-to-image parts; None for a UNet-only export
 
+    @property
+    def unet_graphs(self) -> dict[str, GraphSpec]:
+        """The planning and fidelity graphs, the ones backends run (the rest belong to the pipeline)."""
+        return {kind: self.graphs[kind] for kind in GRAPH_KINDS}
+
     def dim(self, name: str) -> Dim:
         for dim in self.dims:
             if dim.name == name:

@@ -36,7 +36,7 @@ def _import_torch():
 def aoti_records(manifest: Manifest) -> dict[str, EngineRecord]:
     """The manifest's AOTInductor engines by graph kind; refuses a folder without both."""
     records = {record.graph: record for record in manifest.engines if record.backend == "aoti"}
-    missing = [kind for kind in manifest.graphs if kind not in records]
+    missing = [kind for kind in manifest.unet_graphs if kind not in records]
     if missing:
         raise ManifestError(f"the engine folder has no AOTInductor package for {', '.join(missing)}; "
                             "build them with `cair-export build ENGINE_DIR --backend aoti`")
@@ -75,11 +75,11 @@ class AotiBackend:
         self.models = {kind: torch._inductor.aoti_load_package(str(Path(folder) / record.file),
                                                                device_index=-1 if index is None else index)
                        for kind, record in records.items()}
-        self.inputs = {kind: [spec.name for spec in graph.inputs] for kind, graph in manifest.graphs.items()}
+        self.inputs = {kind: [spec.name for spec in graph.inputs] for kind, graph in manifest.unet_graphs.items()}
         self.cache_names = [cache.name for cache in manifest.caches]
         self.caches: dict[str, torch.Tensor] = {}  # fidelity's cache inputs: device tensors from planning
         self._planned: dict[str, torch.Tensor] = {}  # the latest planning evaluation's caches
-        self._fixed: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in manifest.graphs}
+        self._fixed: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in manifest.unet_graphs}
         self._dims: dict[str, int] | None = None
 
     def prepare(self, dims: Mapping[str, int]) -> None:

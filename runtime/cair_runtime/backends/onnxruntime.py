@@ -52,7 +52,7 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         self.sessions = {
             kind: ort.InferenceSession(str(Path(folder) / graph.file), options, providers=list(providers))
-            for kind, graph in manifest.graphs.items()
+            for kind, graph in manifest.unet_graphs.items()
         }
         self.bindings = {kind: session.io_binding() for kind, session in self.sessions.items()}
         self.caches: dict[str, ort.OrtValue] = {}  # cache name -> device buffer shared by both graphs

@@ -89,7 +89,7 @@ def device_info(device_id: int = 0) -> DeviceInfo:
 def tensorrt_records(manifest: Manifest) -> dict[str, EngineRecord]:
     """The manifest's TensorRT engines by graph kind; refuses a folder without both."""
     records = {record.graph: record for record in manifest.engines if record.backend == "tensorrt"}
-    missing = [kind for kind in manifest.graphs if kind not in records]
+    missing = [kind for kind in manifest.unet_graphs if kind not in records]
     if missing:
         raise ManifestError(f"the engine folder has no TensorRT engine for {', '.join(missing)}; "
                             "build them with `cair-export build ENGINE_DIR --backend tensorrt` on the GPU that will run them")
@@ -191,7 +191,7 @@ class TensorRTBackend:
             return
         self._free_buffers()
         cache_names = {cache.name for cache in self.manifest.caches}
-        for kind, graph in self.manifest.graphs.items():
+        for kind, graph in self.manifest.unet_graphs.items():
             engine, context = self.engines[kind], self.contexts[kind]
             for spec in (*graph.inputs, *graph.outputs):
                 shape = spec.resolve(dims)
