@@ -192,13 +192,12 @@ def build_aoti_packages(folder: Path, manifest: Manifest, config: BuildConfig,
                         progress: Callable[[str], None]) -> tuple[dict[str, Path], list[EngineRecord]]:
     """Compile ``<kind>.pt2`` per graph (the model reloaded from the manifest's identity)."""
     from cair_export.aoti import compile_aoti_packages
-    from cair_export.models import load_model
+    from cair_export.models.loading import load_exported_model
 
     profile = profile_dims(manifest, config)
     if profile != {dim.name: dim for dim in manifest.dims}:
         manifest = dataclasses.replace(manifest, dims=tuple(profile.values()))  # the narrowed ranges
-    source = manifest.model.get("source")
-    model = load_model(manifest.model["name"] if source == "preset" else str(source))
+    model = load_exported_model(manifest.model)
     return compile_aoti_packages(model, folder, manifest, device=config.device, dtype=config.dtype, progress=progress)
 
 

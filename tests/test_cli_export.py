@@ -116,3 +116,14 @@ def test_export_cli_writes_engine_folder(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert {"manifest.json", "planning.onnx", "fidelity.onnx"} <= {p.name for p in (tmp_path / "engine").iterdir()}
+
+
+def test_exported_model_is_found_again_from_its_manifest(tmp_path):
+    """build --backend aoti reloads the source model: presets, the shipped model and folders."""
+    from cair_export.models.loading import load_exported_model
+
+    assert load_exported_model({"name": "tiny-sd15", "source": "preset"}).name == "tiny-sd15"
+    shipped = load_exported_model({"name": "shapes", "source": "shipped"})
+    assert shipped.name == "shapes" and shipped.source == "shipped"
+    folder = _tiny_unet_folder(tmp_path / "unet")
+    assert load_exported_model({"name": "unet", "source": str(folder)}).source == str(folder)

@@ -40,7 +40,7 @@ class LoadedModel:
     """A UNet ready to export, its pipeline parts when it has them, and what the manifest needs."""
 
     name: str  # preset name or the folder's name
-    source: str  # "preset" or the folder path
+    source: str  # "preset", "shipped" (a model inside the package) or the folder path
     family: str  # "sd15" | "sd21" | "sdxl": conventions the model follows
     unet: Any  # diffusers UNet2DConditionModel, eval mode, fp32
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
@@ -108,6 +108,12 @@ def load_model(name_or_path: str, device: str = "cpu", with_pipeline: bool = Fal
             "pass a preset name or a local diffusers pipeline or UNet folder"
         )
     return _load_folder(path, device, with_pipeline)
+
+
+def load_exported_model(model_info: dict[str, Any], device: str = "cpu") -> LoadedModel:
+    """The model an engine folder was exported from, from its manifest's ``model`` entry."""
+    source = model_info.get("source")
+    return load_model(model_info["name"] if source in ("preset", "shipped") else str(source), device)
 
 
 # --- presets -------------------------------------------------------------------------------
