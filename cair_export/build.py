@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

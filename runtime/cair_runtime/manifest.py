@@ -143,6 +143,15 @@ class Manifest:
         """The planning and fidelity graphs, the ones backends run (the rest belong to the pipeline)."""
         return {kind: self.graphs[kind] for kind in GRAPH_KINDS}
 
+    def engine_records(self, backend: str, what: str, where: str = "") -> dict[str, EngineRecord]:
+        """The built ``backend`` engines by graph kind; refuses a folder lacking one for a UNet graph."""
+        records = {record.graph: record for record in self.engines if record.backend == backend}
+        missing = [kind for kind in self.unet_graphs if kind not in records]
+        if missing:
+            raise ManifestError(f"the engine folder has no {what} for {', '.join(missing)}; "
+                                f"build them with `cair-export build ENGINE_DIR --backend {backend}`{where}")
+        return records
+
     def dim(self, name: str) -> Dim:
         for dim in self.dims:
             if dim.name == name:

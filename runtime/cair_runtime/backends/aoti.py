@@ -10,37 +10,34 @@ latents go up and ``noise_pred`` comes down.
 
 from __future__ import annotations
 
+import importlib
+
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from cair_runtime.errors import EngineMismatchError, ManifestError, MissingDependencyError, ShapeError
+from cair_runtime.errors import EngineMismatchError, MissingDependencyError, ShapeError
 from cair_runtime.manifest import EngineRecord, Manifest
 
-torch = None  # imported by AotiBackend, so that importing this module stays light
+torch = None  # imported when an AotiBackend is built, so that importing this module stays light
 
 
 def _import_torch():
+    """Import torch on first use (importlib: an optional dependency, never loaded by the rest of the runtime)."""
     global torch
     if torch is None:
         try:
-            import torch as _torch
+            torch = importlib.import_module("torch")
         except ImportError:  # pragma: no cover - depends on the installation
             raise MissingDependencyError("the AOTInductor backend needs torch; install it with `pip install torch` "
                                          "(the CPU or CUDA build the packages were compiled for)") from None
-        torch = _torch
     return torch
 
 
 def aoti_records(manifest: Manifest) -> dict[str, EngineRecord]:
-    """The manifest's AOTInductor engines by graph kind; refuses a folder without both."""
-    records = {record.graph: record for record in manifest.engines if record.backend == "aoti"}
-    missing = [kind for kind in manifest.unet_graphs if kind not in records]
-    if missing:
-        raise ManifestError(f"the engine folder has no AOTInductor package for {', '.join(missing)}; "
-                            "build them with `cair-export build ENGINE_DIR --backend aoti`")
-    return records
+    """The manifest's AOTInductor packages by graph kind; refuses a folder without both."""
+    return manifest.engine_records("aoti", "AOTInductor package")
 
 
 def check_aoti_record(record: EngineRecord, device: str, torch_version: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from cair_runtime.errors import EngineMismatchError, ManifestError, MissingDependencyError, ShapeError
+from cair_runtime.errors import EngineMismatchError, MissingDependencyError, ShapeError
 from cair_runtime.manifest import EngineRecord, Manifest
 
 INSTALL = "pip install 'cair-runtime[tensorrt]'"
@@ -88,12 +88,7 @@ def device_info(device_id: int = 0) -> DeviceInfo:
 
 def tensorrt_records(manifest: Manifest) -> dict[str, EngineRecord]:
     """The manifest's TensorRT engines by graph kind; refuses a folder without both."""
-    records = {record.graph: record for record in manifest.engines if record.backend == "tensorrt"}
-    missing = [kind for kind in manifest.unet_graphs if kind not in records]
-    if missing:
-        raise ManifestError(f"the engine folder has no TensorRT engine for {', '.join(missing)}; "
-                            "build them with `cair-export build ENGINE_DIR --backend tensorrt` on the GPU that will run them")
-    return records
+    return manifest.engine_records("tensorrt", "TensorRT engine", " on the GPU that will run them")
 
 
 def engine_problems(record: EngineRecord, tensorrt_version: str, device: DeviceInfo) -> list[str]:
