@@ -102,15 +102,31 @@ def dynamic_shapes(io: GraphIO, manifest: Manifest, factor: int) -> tuple[list[d
     return [{axis: entry(e) for axis, e in enumerate(spec.shape) if entry(e) is not None} for spec in io.inputs], example
 
 
-def compile_graph(graph: torch.nn.Module, io: GraphIO, manifest: Manifest, factor: int, device: str,
-                  package: Path, inductor_configs: dict[str, Any] | None = None) -> dict[str, int]:
-    """Export one graph with dynamic shapes and AOT-compile it to ``package`` (a ``.pt2`` file)."""
+def export_graph(graph: torch.nn.Module, io: GraphIO, manifest: Manifest, factor: int, device: str
+                 ) -> tuple[torch.export.ExportedProgram, dict[str, int]]:
+    """``torch.export`` one graph with dynamic shapes; returns the program and the example dims traced at.
+
+    Cache inputs are traced in the graph's compute dtype (a ``PrecisionGraph``'s ``dtype``): planning
+    returns them in that dtype and fidelity takes them as they are, on the device.
+    """
     shapes, example = dynamic_shapes(io, manifest, factor)
-    inputs = tuple(torch.from_numpy(array).to(device) for array in make_inputs(io, example, seed=0).values())
+    cache_dtype = getattr(graph, "dtype", torch.float32)
+    cache_names = {cache.name for cache in manifest.caches}
+    inputs = tuple(torch.from_numpy(array).to(device, cache_dtype if name in cache_names else None)
+                   for name, array in make_inputs(io, example, seed=0).items())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # forward(*inputs): the varargs take one entry of per-input shapes.
         program = torch.export.export(graph, inputs, dynamic_shapes={"inputs": tuple(shapes)}, strict=False)
+    return program, example
+
+
+def compile_graph(graph: torch.nn.Module, io: GraphIO, manifest: Manifest, factor: int, device: str,
+                  package: Path, inductor_configs: dict[str, Any] | None = None) -> dict[str, int]:
+    """Export one graph (``export_graph``) and AOT-compile it to ``package`` (a ``.pt2`` file)."""
+    program, example = export_graph(graph, io, manifest, factor, device)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=inductor_configs)
     return example
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from cair_export.aoti import QUICK_CPU_COMPILE
+from cair_export.aoti import QUICK_CPU_COMPILE, PrecisionGraph, aoti_manifest, export_graph, upsample_factor
 from cair_export.build import BuildConfig, build_engines
+from cair_export.graphs import CairGraph, GraphIO
 from cair_export.models import load_model
-from cair_export.reference import cair_denoise
+from cair_export.reference import CrossAttentionCache, cair_denoise
 from cair_runtime.errors import ShapeError
 from cair_runtime.manifest import load_manifest
 from cair_runtime.pipeline import CairEngine
@@ -129,3 +130,82 @@ def test_latent_sizes_off_the_multiple_are_refused(aoti_folder):
     engine = CairEngine(aoti_folder("tiny-sd21"), backend="aoti")
     with pytest.raises(ShapeError, match="multiples of 4"):
         engine.denoise(**_inputs(engine, size=(8, 10)), num_inference_steps=2, cache_step=1)
+
+
+def test_low_precision_fidelity_takes_caches_in_the_compute_dtype():
+    """fp16 packages: planning returns caches in fp16 and fidelity is traced to take them so.
+
+    (Tracing fidelity with fp32 caches failed: the cached output is added to fp16 hidden states,
+    which promotes them to fp32 before the next fp16 convolution. Found on a GPU; export is enough.)
+    """
+    model = load_model("tiny-sd21")
+    manifest = aoti_manifest(model, 64, 64)
+    unet = model.unet.to(torch.float16)
+    spec = manifest.unet_graphs["fidelity"]
+    io = GraphIO("fidelity", spec.inputs, spec.outputs)
+    with CrossAttentionCache(unet, manifest.fidelity_guidance) as cache:
+        program, _ = export_graph(PrecisionGraph(CairGraph(unet, cache, io), torch.float16), io, manifest,
+                                  upsample_factor(unet.config), "cpu")
+    placeholders = [node.meta["val"] for node in program.graph.nodes if node.op == "placeholder"]
+    dtypes = dict(zip([spec.name for spec in io.inputs], (value.dtype for value in placeholders[-len(io.inputs):])))
+    assert {dtypes[cache.name] for cache in manifest.caches} == {torch.float16}
+    assert dtypes["sample"] == torch.float32  # IO stays float32; the graph casts
+
+
+# --- CUDA: the same parity on a GPU (skipped where torch sees none) ---------------------------------
+
+NO_CUDA = "needs an NVIDIA GPU and a CUDA build of torch (torch.cuda.is_available() is False)"
+# Relative bounds against the fp32 CPU reference over 10 DDIM steps. fp32: cuDNN may run convolutions
+# in TF32 (torch.backends.cudnn.allow_tf32 defaults to True), 10-bit mantissas inside each conv.
+# fp16: the UNet computes in half precision (inputs, outputs and the host scheduler stay fp32).
+CUDA_BOUNDS = {"fp32": 1e-3, "fp16": 3e-2}
+
+
+@pytest.fixture(scope="session")
+def aoti_cuda_folder(exported, tmp_path_factory):
+    folders = {}
+
+    def get(dtype):
+        if dtype not in folders:
+            folder = tmp_path_factory.mktemp("aoti-cuda") / f"tiny-sd21-{dtype}"
+            shutil.copytree(exported("tiny-sd21"), folder)
+            build_engines(folder, BuildConfig(backend="aoti", device="cuda", dtype=dtype), progress=lambda m: None)
+            folders[dtype] = folder
+        return folders[dtype]
+
+    return get
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_aoti_cuda_matches_reference(aoti_cuda_folder, dtype):  # pragma: no cover - GPU machines only
+    engine = CairEngine(aoti_cuda_folder(dtype), backend="aoti", device="cuda")
+    assert load_manifest(aoti_cuda_folder(dtype)).engines[0].properties["device"] == "cuda"
+    x = _inputs(engine, size=(16, 12))
+    errors, outputs = {}, {}
+    for cache_step in (1, STEPS // 2, STEPS):
+        outputs[cache_step] = engine.denoise(**x, num_inference_steps=STEPS, cache_step=cache_step,
+                                             guidance_scale=GUIDANCE, scheduler="ddim").latents
+        errors[cache_step] = _relative(outputs[cache_step], _reference("tiny-sd21", "ddim", x, cache_step))
+    print(f"AOTInductor CUDA {dtype} vs fp32 CPU reference, relative: {errors}")
+    assert max(errors.values()) <= CUDA_BOUNDS[dtype], errors
+    # The bound is far tighter than what caching changes: n = 1 and n = T really differ.
+    assert _relative(outputs[1], outputs[STEPS]) > 10 * CUDA_BOUNDS[dtype]
+    assert all(value.device.type == "cuda" for value in engine.backend.caches.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_torch_reference_cair_on_cuda_matches_cpu():  # pragma: no cover - GPU machines only
+    """The reference method itself (caching processors, CFG halving) runs on a GPU as on the CPU."""
+    model = load_model("tiny-sd21")
+    rng = np.random.default_rng(1)
+    x = {name: torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) for name, shape in
+         (("latents", (2, 4, 16, 16)), ("prompt", (2, model.text_len, model.unet.config.cross_attention_dim)),
+          ("negative", (2, model.text_len, model.unet.config.cross_attention_dim)))}
+    results = {}
+    for device in ("cpu", "cuda"):
+        unet = model.unet.to(device)
+        results[device] = cair_denoise(unet, DDIMScheduler.from_config(model.scheduler_config),
+                                       *(x[k].to(device) for k in ("latents", "prompt", "negative")),
+                                       num_inference_steps=STEPS, cache_step=3, guidance_scale=GUIDANCE).cpu().numpy()
+    assert _relative(results["cuda"], results["cpu"]) <= CUDA_BOUNDS["fp32"]
