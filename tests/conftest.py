@@ -27,3 +27,20 @@ def exported(tmp_path_factory):
         return folders[key]
 
     return get
+
+
+@pytest.fixture
+def one_line_error():
+    """``one_line_error(code, err, *needles, prog=None)``: exit code 2 and one stderr line holding every needle.
+
+    The CLI's promise for bad input: a clear one-line error, no traceback (``prog``: the line's start).
+    """
+    def check(code: int, err: str, *needles: str, prog: str | None = None) -> None:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (code, err)
+        assert prog is None or lines[0].startswith(prog), lines[0]
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+
+    return check
+

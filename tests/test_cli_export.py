@@ -18,15 +18,6 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def _assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("cair-export")
-    for needle in needles:
-        assert needle in lines[0]
-
-
 def _tiny_unet_folder(path, safe=True):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**PRESETS["tiny-sd15"].unet_config)
@@ -34,62 +25,62 @@ def _tiny_unet_folder(path, safe=True):
     return path
 
 
-def test_missing_model_folder(tmp_path, capsys):
+def test_missing_model_folder(tmp_path, capsys, one_line_error):
     code, _, err = _run(capsys, "export", str(tmp_path / "nope"), str(tmp_path / "out"))
-    _assert_one_line_error(code, err, "neither a preset", "nope")
+    one_line_error(code, err, "neither a preset", "nope", prog="cair-export")
     assert not (tmp_path / "out").exists()
 
 
-def test_malformed_model_folder(tmp_path, capsys):
+def test_malformed_model_folder(tmp_path, capsys, one_line_error):
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "model_index.json").write_text("{not json")
     code, _, err = _run(capsys, "export", str(folder), str(tmp_path / "out"))
-    _assert_one_line_error(code, err, "model_index.json", "not readable JSON")
+    one_line_error(code, err, "model_index.json", "not readable JSON", prog="cair-export")
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = _run(capsys, "export", str(empty), str(tmp_path / "out"))
-    _assert_one_line_error(code, err, "neither model_index.json")
+    one_line_error(code, err, "neither model_index.json", prog="cair-export")
     assert not (tmp_path / "out").exists()
 
 
-def test_unet_without_cross_attention_is_refused(tmp_path, capsys):
+def test_unet_without_cross_attention_is_refused(tmp_path, capsys, one_line_error):
     UNet2DModel(sample_size=8, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
                 layers_per_block=1).save_pretrained(tmp_path / "unet2d")
     code, _, err = _run(capsys, "export", str(tmp_path / "unet2d"), str(tmp_path / "out"))
-    _assert_one_line_error(code, err, "UNet2DModel", "no cross-attention")
+    one_line_error(code, err, "UNet2DModel", "no cross-attention", prog="cair-export")
     assert not (tmp_path / "out").exists()
 
 
-def test_pickle_checkpoint_is_refused(tmp_path, capsys):
+def test_pickle_checkpoint_is_refused(tmp_path, capsys, one_line_error):
     folder = _tiny_unet_folder(tmp_path / "pickled", safe=False)
     assert (folder / "diffusion_pytorch_model.bin").exists()
     code, _, err = _run(capsys, "export", str(folder), str(tmp_path / "out"))
-    _assert_one_line_error(code, err, "pickle", "safetensors only")
+    one_line_error(code, err, "pickle", "safetensors only", prog="cair-export")
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_needs_overwrite(tmp_path, capsys):
+def test_existing_output_needs_overwrite(tmp_path, capsys, one_line_error):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     code, _, err = _run(capsys, "export", "tiny-sd15", str(out))
-    _assert_one_line_error(code, err, "not empty", "--overwrite")
+    one_line_error(code, err, "not empty", "--overwrite", prog="cair-export")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
 @pytest.mark.parametrize("flag,value", [("--height", "60"), ("--width", "100"), ("--height", "0")])
-def test_size_not_multiple_of_8(tmp_path, capsys, flag, value):
+def test_size_not_multiple_of_8(tmp_path, capsys, flag, value, one_line_error):
     code, _, err = _run(capsys, "export", "tiny-sd15", str(tmp_path / "out"), flag, value)
-    _assert_one_line_error(code, err, "multiple of 8")
+    one_line_error(code, err, "multiple of 8", prog="cair-export")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("steps,cache_step", [("25", "0"), ("25", "26"), ("10", "-1")])
-def test_cache_step_outside_1_to_T(capsys, steps, cache_step):
+def test_cache_step_outside_1_to_T(capsys, steps, cache_step, one_line_error):
     code, _, err = _run(capsys, "macs", "sd15", "--steps", steps, "--cache-step", cache_step)
-    _assert_one_line_error(code, err, "outside 1..")
+    one_line_error(code, err, "outside 1..", prog="cair-export")
 
 
 def test_usage_errors_are_one_line():

@@ -31,14 +31,6 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def _assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_run_writes_latents_and_timings(engine, embeddings, tmp_path, capsys):
     out = tmp_path / "latents.npy"
     code, stdout, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", out,
@@ -72,35 +64,35 @@ def test_console_script_runs_without_torch(engine, embeddings, tmp_path):
     assert np.load(out).shape == (1, 4, 8, 8)
 
 
-def test_missing_engine_folder(tmp_path, embeddings, capsys):
+def test_missing_engine_folder(tmp_path, embeddings, capsys, one_line_error):
     code, _, err = _run(capsys, tmp_path / "nope", "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy")
-    _assert_one_line_error(code, err, "does not exist")
+    one_line_error(code, err, "does not exist")
     assert not (tmp_path / "o.npy").exists()
 
 
-def test_incomplete_engine_folder(engine, embeddings, tmp_path, capsys):
+def test_incomplete_engine_folder(engine, embeddings, tmp_path, capsys, one_line_error):
     (engine / "fidelity.onnx").unlink()
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy")
-    _assert_one_line_error(code, err, "fidelity.onnx is missing")
+    one_line_error(code, err, "fidelity.onnx is missing")
     (engine / "manifest.json").unlink()
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy")
-    _assert_one_line_error(code, err, "no manifest.json")
+    one_line_error(code, err, "no manifest.json")
     assert not (tmp_path / "o.npy").exists()
 
 
-def test_unsupported_schema_version(engine, embeddings, tmp_path, capsys):
+def test_unsupported_schema_version(engine, embeddings, tmp_path, capsys, one_line_error):
     manifest = json.loads((engine / "manifest.json").read_text())
     manifest["schema_version"] = 99
     (engine / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy")
-    _assert_one_line_error(code, err, "schema version 99", "reads versions 1")
+    one_line_error(code, err, "schema version 99", "reads versions 1")
 
 
-def test_tampered_graph_fails_checksum(engine, embeddings, tmp_path, capsys):
+def test_tampered_graph_fails_checksum(engine, embeddings, tmp_path, capsys, one_line_error):
     with open(engine / "planning.onnx", "ab") as handle:
         handle.write(b"\0")
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy")
-    _assert_one_line_error(code, err, "planning.onnx does not match its sha256")
+    one_line_error(code, err, "planning.onnx does not match its sha256")
 
 
 @pytest.mark.parametrize("shape,dtype,needle", [
@@ -109,35 +101,35 @@ def test_tampered_graph_fails_checksum(engine, embeddings, tmp_path, capsys):
     ((1, 4, 64, 64), np.float32, "latent_height 64 is outside 4..16"),
     ((1, 4, 8, 8), np.int64, "dtype int64"),
 ])
-def test_latents_the_graphs_cannot_take(engine, embeddings, tmp_path, capsys, shape, dtype, needle):
+def test_latents_the_graphs_cannot_take(engine, embeddings, tmp_path, capsys, shape, dtype, needle, one_line_error):
     latents = tmp_path / "latents.npy"
     np.save(latents, np.zeros(shape, dtype=dtype))
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "--latents", latents,
                         "-o", tmp_path / "o.npy")
-    _assert_one_line_error(code, err, needle)
+    one_line_error(code, err, needle)
     assert not (tmp_path / "o.npy").exists()
 
 
 @pytest.mark.parametrize("cache_step", [0, 11])
-def test_cache_step_outside_1_to_T(engine, embeddings, tmp_path, capsys, cache_step):
+def test_cache_step_outside_1_to_T(engine, embeddings, tmp_path, capsys, cache_step, one_line_error):
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy",
                         "--steps", 10, "--cache-step", cache_step)
-    _assert_one_line_error(code, err, f"cache step {cache_step} is outside 1..10")
+    one_line_error(code, err, f"cache step {cache_step} is outside 1..10")
 
 
-def test_unknown_scheduler_lists_the_known_ones(engine, embeddings, tmp_path, capsys):
+def test_unknown_scheduler_lists_the_known_ones(engine, embeddings, tmp_path, capsys, one_line_error):
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy",
                         "--scheduler", "heun")
-    _assert_one_line_error(code, err, "unknown scheduler 'heun'", "ddim", "dpm++2m")
+    one_line_error(code, err, "unknown scheduler 'heun'", "ddim", "dpm++2m")
 
 
-def test_unwritable_output_fails_before_compute(engine, embeddings, tmp_path, capsys):
+def test_unwritable_output_fails_before_compute(engine, embeddings, tmp_path, capsys, one_line_error):
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "no" / "o.npy")
-    _assert_one_line_error(code, err, "does not exist")
+    one_line_error(code, err, "does not exist")
 
 
-def test_unreadable_embeddings_file(engine, tmp_path, capsys):
+def test_unreadable_embeddings_file(engine, tmp_path, capsys, one_line_error):
     bad = tmp_path / "bad.npy"
     bad.write_text("not numpy")
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", bad, "-o", tmp_path / "o.npy")
-    _assert_one_line_error(code, err, "cannot read --encoder-hidden-states")
+    one_line_error(code, err, "cannot read --encoder-hidden-states")
