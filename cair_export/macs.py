@@ -2,13 +2,16 @@
 
 The UNet runs on the meta device (shapes only, no weights) with hooks on every module. Two
 conventions side by side: convolutions and linear layers only (what published tables count),
-and the same plus the attention-score matmuls ``QK^T`` and ``AV``. Text encoders and the VAE
-are not counted (they run once per image, not once per step).
+and the same plus the attention-score matmuls ``QK^T`` and ``AV``. The parts that run once per
+image (text encoders, VAE decoder) are counted apart (``count_pipeline_macs``), for end-to-end
+bounds (``generation_macs(..., per_image=...)``).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -30,11 +33,15 @@ class GraphMacs:
         return self.conv_linear + self.attention
 
 
-def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, torch.Tensor]) -> GraphMacs:
+@contextmanager
+def _counting(root: torch.nn.Module, skip: frozenset[int] = frozenset()) -> Iterator[dict[str, int]]:
+    """Hooks on every Conv2d, Linear and diffusers ``Attention`` under ``root``; yields the running totals.
+
+    ``skip``: ids of attention modules whose scores are not computed (replayed caches).
+    """
     from diffusers.models.attention_processor import Attention
 
     totals = {"conv_linear": 0, "attention": 0}
-    replayed = {id(unet.get_submodule(site.module)) for site in cache.sites} if cache.mode == "replay" else set()
 
     def conv_hook(module, args, output):
         kernel = module.kernel_size[0] * module.kernel_size[1]
@@ -44,17 +51,20 @@ def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, 
         totals["conv_linear"] += output.numel() * module.in_features
 
     def attention_hook(module, args, kwargs, output):
-        if id(module) in replayed:
+        if id(module) in skip:
             return
         hidden_states = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states")
-        batch, queries = hidden_states.shape[0], hidden_states.shape[1]
+        if hidden_states.ndim == 4:  # VAE attention takes (B, C, H, W)
+            batch, queries = hidden_states.shape[0], hidden_states.shape[2] * hidden_states.shape[3]
+        else:
+            batch, queries = hidden_states.shape[0], hidden_states.shape[1]
         keys = context.shape[1] if context is not None else queries
         # QK^T and AV: each batch * queries * keys * inner_dim multiply-adds.
         totals["attention"] += 2 * batch * queries * keys * module.inner_dim
 
     handles = []
-    for module in unet.modules():
+    for module in root.modules():
         if isinstance(module, torch.nn.Conv2d):
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, torch.nn.Linear):
@@ -63,12 +73,18 @@ def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, 
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
-            unet(inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"),
-                 added_cond_kwargs=added, return_dict=False)
+            yield totals
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, torch.Tensor]) -> GraphMacs:
+    replayed = {id(unet.get_submodule(site.module)) for site in cache.sites} if cache.mode == "replay" else set()
+    with _counting(unet, frozenset(replayed)) as totals:
+        added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
+        unet(inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"),
+             added_cond_kwargs=added, return_dict=False)
     return GraphMacs(totals["conv_linear"], totals["attention"])
 
 
@@ -93,15 +109,41 @@ def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1
     return results
 
 
-def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int) -> dict[str, dict[str, float]]:
-    """Per convention: planning, fidelity, baseline_total (T*P) and cair_total (n*P + (T-n)*F)."""
+def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int = 1) -> GraphMacs:
+    """MACs of what runs once per generation: every text encoder over the prompts and negative prompts
+    (2B sequences) and the VAE decoder over B latents. Conv+linear as for the UNet; ``attention``
+    holds the VAE's self-attention scores (the text encoders' CLIP attention is not hooked: its
+    scores are 2 * 77 * 77 * width per layer, under 1% of their linear layers)."""
+    if not model.has_pipeline:
+        raise ValueError(f"{model.name} has no text encoders and VAE to count")
+    device = next(model.unet.parameters()).device
+    conv_linear = attention = 0
+    for encoder in model.text_encoders:
+        with _counting(encoder.model) as totals:
+            encoder.model(torch.zeros(2 * batch, model.text_len, dtype=torch.long, device=device))
+        conv_linear, attention = conv_linear + totals["conv_linear"], attention + totals["attention"]
+    latent = torch.zeros(batch, model.vae.config.latent_channels, height // model.vae_scale_factor,
+                         width // model.vae_scale_factor, device=device)
+    with _counting(model.vae) as totals:
+        model.vae.decode(latent, return_dict=False)
+    return GraphMacs(conv_linear + totals["conv_linear"], attention + totals["attention"])
+
+
+def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int,
+                    per_image: GraphMacs | None = None) -> dict[str, dict[str, float]]:
+    """Per convention: planning, fidelity, baseline_total (T*P + E) and cair_total (n*P + (T-n)*F + E).
+
+    ``per_image`` (E, from ``count_pipeline_macs``): text encoders and VAE decoder, for an end-to-end
+    bound; without it E = 0 (the UNet loop alone).
+    """
     check_cache_step(cache_step, steps)
     table = {}
     for convention in CONVENTIONS:
         planning = getattr(per_graph["planning"], convention)
         fidelity = getattr(per_graph["fidelity"], convention)
-        baseline = steps * planning
-        cair = cache_step * planning + (steps - cache_step) * fidelity
+        once = getattr(per_image, convention) if per_image is not None else 0
+        baseline = steps * planning + once
+        cair = cache_step * planning + (steps - cache_step) * fidelity + once
         table[convention] = {"planning": planning, "fidelity": fidelity, "baseline_total": baseline,
                              "cair_total": cair, "speedup_bound": baseline / cair}
     return table

@@ -167,68 +167,84 @@ def sd21_configs(steps: int, cache_steps: list[int], size: int, engines: Path, t
     from cair_export.models import load_model
     from cair_export.reference import cair_denoise
 
-    def unet_and_scheduler():
-        from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler
 
-        model = load_model("sd21")
-        return model.unet, DDIMScheduler.from_config(model.scheduler_config)
+    # One UNet (3.5 GB) for every torch configuration and one engine for every runtime one: a copy
+    # each does not fit in memory. Each peer patches the UNet only for its own runs.
+    model = load_model("sd21")
+    unet = model.unet
+
+    def scheduler():
+        return DDIMScheduler.from_config(model.scheduler_config)
 
     rng = np.random.default_rng(0)
     latents = torch.from_numpy(rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32))
     embeds = torch.from_numpy(rng.standard_normal((1, 77, 1024), dtype=np.float32))
     negative = torch.zeros_like(embeds)
 
+    def denoise(n: int):
+        return cair_denoise(unet, scheduler(), latents.clone(), embeds, negative, num_inference_steps=steps,
+                            cache_step=n, guidance_scale=7.5)
+
     def loop(n: int):
-        def make():
-            unet, scheduler = unet_and_scheduler()
-            return lambda: cair_denoise(unet, scheduler, latents.clone(), embeds, negative, num_inference_steps=steps,
-                                        cache_step=n, guidance_scale=7.5)
-        return make
+        return lambda: lambda: denoise(n)
 
     def deepcache():
         from DeepCache import DeepCacheSDHelper
 
-        unet, scheduler = unet_and_scheduler()
-        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
+        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler()))
         helper.set_params(cache_interval=3, cache_branch_id=0)
-        helper.enable()
-        return lambda: cair_denoise(unet, scheduler, latents.clone(), embeds, negative, num_inference_steps=steps,
-                                    cache_step=steps, guidance_scale=7.5)
+
+        def run():
+            helper.enable()
+            try:
+                return denoise(steps)
+            finally:
+                helper.disable()  # unwraps the UNet's blocks for the other configurations
+        return run
 
     def tgate(n: int):
         def make():
             from tgate.tgate_utils import register_forward, tgate_scheduler
 
-            unet, scheduler = unet_and_scheduler()
-
             @torch.no_grad()
             def run():  # T-GATE's SD pipeline loop (tgate/SD.py), UNet part only
-                scheduler.set_timesteps(steps)
-                x = latents.clone() * scheduler.init_noise_sigma
+                sampler = scheduler()
+                sampler.set_timesteps(steps)
+                x = latents.clone() * sampler.init_noise_sigma
                 context = torch.cat([negative, embeds])
-                for i, t in enumerate(scheduler.timesteps):
-                    ca, sa, keep = tgate_scheduler(cur_step=i, gate_step=n, sp_interval=1, fi_interval=1, warm_up=0)
-                    register_forward(unet, "Attention", ca_kward=ca, sa_kward=sa, keep_shape=keep)
-                    if i < n:
-                        uncond, text = unet(scheduler.scale_model_input(torch.cat([x] * 2), t), t, context,
-                                            return_dict=False)[0].chunk(2)
-                        noise = uncond + 7.5 * (text - uncond)
-                    else:
-                        noise = unet(scheduler.scale_model_input(x, t), t, negative, return_dict=False)[0]
-                    x = scheduler.step(noise, t, x, return_dict=False)[0]
+                try:
+                    for i, t in enumerate(sampler.timesteps):
+                        ca, sa, keep = tgate_scheduler(cur_step=i, gate_step=n, sp_interval=1, fi_interval=1,
+                                                       warm_up=0)
+                        register_forward(unet, "Attention", ca_kward=ca, sa_kward=sa, keep_shape=keep)
+                        if i < n:
+                            uncond, text = unet(sampler.scale_model_input(torch.cat([x] * 2), t), t, context,
+                                                return_dict=False)[0].chunk(2)
+                            noise = uncond + 7.5 * (text - uncond)
+                        else:
+                            noise = unet(sampler.scale_model_input(x, t), t, negative, return_dict=False)[0]
+                        x = sampler.step(noise, t, x, return_dict=False)[0]
+                finally:  # register_forward sets instance attributes on each Attention: drop them
+                    for module in unet.modules():
+                        module.__dict__.pop("forward", None)
+                        module.__dict__.pop("cache", None)
                 return x
             return run
         return make
 
+    engine = None
+
     def runtime(n: int):
         def make():
+            nonlocal engine
             from cair_runtime.pipeline import CairEngine
 
             folder = engines / f"sd21-{size}"
             if not (folder / "manifest.json").is_file():
                 raise FileNotFoundError(f"no engine at {folder}; export it first (about 15 min): "
                                         f"cair-export export sd21 {folder} --height {size} --width {size} --max-batch 1")
-            engine = CairEngine(folder, threads=threads)
+            engine = engine or CairEngine(folder, threads=threads)
             return lambda: engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(),
                                           num_inference_steps=steps, cache_step=n, guidance_scale=7.5, scheduler="ddim")
         return make
@@ -269,8 +285,13 @@ def measure(configs: list[Config], repeats: int, label: str) -> None:
                 config.times.append(elapsed)
 
 
-def summarise(configs: list[Config], steps: int, bounds: dict[int, float]) -> list[dict[str, Any]]:
-    """Median, speed-up over the group's baseline (first torch row, runtime n = T), bound, efficiency."""
+def summarise(configs: list[Config], steps: int, bounds: dict[int, float],
+              end_to_end_bounds: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    """Median, speed-up over the group's baseline (first torch row, runtime n = T), bounds, efficiencies.
+
+    ``bounds``: the UNet loop's MAC bound; ``end_to_end_bounds``: with the text encoders and VAE
+    decoder, which run once per image, on both sides (text-to-image suites only).
+    """
     baselines = {}
     for config in configs:
         if config.times and config.group not in baselines and (config.group == "torch" or config.cache_step == steps):
@@ -283,8 +304,10 @@ def summarise(configs: list[Config], steps: int, bounds: dict[int, float]) -> li
             median = statistics.median(config.times)
             speedup = baselines.get(config.group, float("nan")) / median
             bound = bounds.get(config.cache_step) if config.cache_step else None
+            whole = (end_to_end_bounds or {}).get(config.cache_step) if config.cache_step else None
             row.update(median_s=median, speedup=speedup, mac_bound=bound,
-                       efficiency=speedup / bound if bound else None,
+                       efficiency=speedup / bound if bound else None, mac_bound_end_to_end=whole,
+                       efficiency_end_to_end=speedup / whole if whole else None,
                        switch_fraction_of_step=statistics.median(config.switch_fraction) if config.switch_fraction else None)
         rows.append(row)
     return rows
@@ -302,18 +325,29 @@ HOOK_NOTES = {
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| configuration | median (s) | speed-up | MAC bound | efficiency | note |", "|---|---|---|---|---|---|"]
+    end_to_end = any(row.get("mac_bound_end_to_end") for row in rows)
+    extra = " end-to-end MAC bound | efficiency (end to end) |" if end_to_end else ""
+    lines = [f"| configuration | median (s) | speed-up | UNet MAC bound | efficiency |{extra} note |",
+             "|---|---|---|---|---|" + ("---|---|" if end_to_end else "") + "---|"]
+
+    def ratio(value):
+        return f"{value:.2f}x" if value else "-"
+
+    def percent(value):
+        return f"{value:.0%}" if value else "-"
+
     for row in rows:
         if "median_s" not in row:
             why = next((f" ({note})" for key, note in HOOK_NOTES.items() if key in row["name"]), "")
-            lines.append(f"| {row['name']} | - | - | - | - | does not run: `{row['error']}`{why} |")
+            blanks = " - | - |" if end_to_end else ""
+            lines.append(f"| {row['name']} | - | - | - | - |{blanks} does not run: `{row['error']}`{why} |")
             continue
-        bound = f"{row['mac_bound']:.2f}x" if row["mac_bound"] else "-"
-        efficiency = f"{row['efficiency']:.0%}" if row["efficiency"] else "-"
         note = f"switch {row['switch_fraction_of_step']:.3%} of a step" if row.get("switch_fraction_of_step") else ""
         base = "over runtime n=T" if row["group"] == "runtime" else "over diffusers plain"
-        lines.append(f"| {row['name']} | {row['median_s']:.3f} | {row['speedup']:.2f}x ({base}) | {bound} | "
-                     f"{efficiency} | {note} |")
+        whole = (f" {ratio(row.get('mac_bound_end_to_end'))} | {percent(row.get('efficiency_end_to_end'))} |"
+                 if end_to_end else "")
+        lines.append(f"| {row['name']} | {row['median_s']:.3f} | {row['speedup']:.2f}x ({base}) | "
+                     f"{ratio(row['mac_bound'])} | {percent(row['efficiency'])} |{whole} {note} |")
     medians = {row["name"]: row["median_s"] for row in rows if "median_s" in row}
     for n in sorted({row["cache_step"] for row in rows if row["cache_step"]}):
         cair = medians.get(f"runtime (onnxruntime) n={n}")
@@ -342,7 +376,7 @@ def _machine() -> str:
 def main() -> int:
     import torch
 
-    from cair_export.macs import count_graph_macs, generation_macs
+    from cair_export.macs import count_graph_macs, count_pipeline_macs, generation_macs
     from cair_export.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -379,9 +413,14 @@ def main() -> int:
         per_graph = count_graph_macs(model, size, size)
         bounds = {n: generation_macs(per_graph, args.steps, n)["conv_linear"]["speedup_bound"]
                   for n in range(1, args.steps + 1)}
+        end_to_end = None
+        if suite == "shapes":  # text to image: text encoder and VAE decoder run once per image
+            per_image = count_pipeline_macs(load_model(args.model, with_pipeline=True), size, size)
+            end_to_end = {n: generation_macs(per_graph, args.steps, n, per_image)["conv_linear"]["speedup_bound"]
+                          for n in range(1, args.steps + 1)}
         measure(configs, repeats, suite)
         results["suites"][suite] = {"size": size, "steps": args.steps, "repeats": repeats,
-                                    "rows": summarise(configs, args.steps, bounds)}
+                                    "rows": summarise(configs, args.steps, bounds, end_to_end)}
 
     lines = ["# Benchmarks", "", f"Date: {results['date']}. Machine: {results['machine']}.", "",
              "The machine is shared with other developers' jobs and a training run: absolute times are noisy; "
@@ -391,7 +430,9 @@ def main() -> int:
         what = ("text to image end to end, batch 1" if suite == "shapes" else "UNet loop only, random weights, batch 1")
         lines += ["", f"## {suite} at {result['size']}x{result['size']}, {result['steps']} steps ({what}), "
                       f"median of {result['repeats']} warm runs", "", *markdown_table(result["rows"])]
-    lines += ["", "MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet; "
+    lines += ["", "UNet MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet; "
+                  "end-to-end MAC bound (text-to-image suites): the same plus E on both sides, the text encoders "
+                  "(prompt and negative prompt) and the VAE decoder (`cair_export.macs.count_pipeline_macs`); "
                   "efficiency = measured speed-up / MAC bound. Torch rows are relative to the diffusers plain row, "
                   "runtime rows to the runtime at n = T."]
     report = "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
 from cair_export.cli import main
-from cair_export.macs import count_graph_macs, generation_macs
+from cair_export.macs import GraphMacs, count_graph_macs, count_pipeline_macs, generation_macs
 from cair_export.models import load_model
 from cair_export.reference import CrossAttentionCache, cross_attention_sites
 
@@ -56,6 +56,31 @@ def test_generation_totals_follow_the_cost_model():
         assert f < p / 2  # half the batch and no cross-attention
     baseline = generation_macs(per_graph, steps=25, cache_step=25)
     assert baseline["conv_linear"]["cair_total"] == baseline["conv_linear"]["baseline_total"]
+    # End to end: what runs once per image (E) adds to both sides, so the bound shrinks towards 1.
+    once = GraphMacs(conv_linear=1000, attention=10)
+    end_to_end = generation_macs(per_graph, steps=25, cache_step=5, per_image=once)["conv_linear"]
+    p, f = table["conv_linear"]["planning"], table["conv_linear"]["fidelity"]
+    assert end_to_end["baseline_total"] == 25 * p + 1000 and end_to_end["cair_total"] == 5 * p + 20 * f + 1000
+    assert 1 < end_to_end["speedup_bound"] < table["conv_linear"]["speedup_bound"]
+
+
+def _ops_macs(counter: FlopCounterMode, names: set[str]) -> int:
+    return sum(count for op, count in counter.get_flop_counts()["Global"].items()
+               if op.__name__.split(".")[0] in names) // 2
+
+
+def test_pipeline_macs_match_flop_counter():
+    """Text encoder over prompt + negative (2 sequences) and VAE decoder: conv/linear against FlopCounterMode."""
+    model = load_model("tiny-sd21", with_pipeline=True)
+    counted = count_pipeline_macs(model, 64, 96)
+    model.vae.set_attn_processor(AttnProcessor())  # explicit bmm, so its score matmuls are counted
+    with torch.no_grad(), FlopCounterMode(display=False) as text:
+        model.text_encoders[0].model(torch.zeros(2, model.text_len, dtype=torch.long))
+    with torch.no_grad(), FlopCounterMode(display=False) as vae:
+        model.vae.decode(torch.zeros(1, 4, 8, 12))
+    linear_ops = {"convolution", "addmm", "mm"}
+    assert counted.conv_linear == _ops_macs(text, linear_ops) + _ops_macs(vae, linear_ops)
+    assert counted.attention == _ops_macs(vae, {"bmm", "baddbmm"}) > 0
 
 
 def test_macs_cli_json_for_sd21_at_768(capsys):
