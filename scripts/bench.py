@@ -49,6 +49,18 @@ class Config:
     error: str | None = None
     times: list[float] = field(default_factory=list)
     switch_fraction: list[float] = field(default_factory=list)  # runtime: switch time / one planning step
+    stages: list[dict[str, float]] = field(default_factory=list)  # runtime: seconds per stage, each run
+
+
+def _stages(result: Any, elapsed: float) -> dict[str, float] | None:
+    """Where a runtime generation's time went: its stage timings, and the rest (host work between them)."""
+    timings = getattr(result, "timings", None)
+    if timings is None:
+        return None
+    stages = {"text_encoder": getattr(result, "text_s", 0.0), "planning": timings.planning_s,
+              "switch": timings.switch_s, "fidelity": timings.fidelity_s, "vae_decoder": getattr(result, "vae_s", 0.0)}
+    stages["rest"] = elapsed - sum(stages.values())
+    return stages
 
 
 def _error_line(error: BaseException) -> str:
@@ -283,6 +295,9 @@ def measure(configs: list[Config], repeats: int, label: str) -> None:
             print(f"  [{label}] {config.name} {tag}: {elapsed:.3f} s", file=sys.stderr, flush=True)
             if round_index:
                 config.times.append(elapsed)
+                stages = _stages(result, elapsed)
+                if stages:
+                    config.stages.append(stages)
 
 
 def summarise(configs: list[Config], steps: int, bounds: dict[int, float],
@@ -308,7 +323,9 @@ def summarise(configs: list[Config], steps: int, bounds: dict[int, float],
             row.update(median_s=median, speedup=speedup, mac_bound=bound,
                        efficiency=speedup / bound if bound else None, mac_bound_end_to_end=whole,
                        efficiency_end_to_end=speedup / whole if whole else None,
-                       switch_fraction_of_step=statistics.median(config.switch_fraction) if config.switch_fraction else None)
+                       switch_fraction_of_step=statistics.median(config.switch_fraction) if config.switch_fraction else None,
+                       stages_s={name: statistics.median(run[name] for run in config.stages)
+                                 for name in config.stages[0]} if config.stages else None)
         rows.append(row)
     return rows
 
@@ -348,6 +365,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
                  if end_to_end else "")
         lines.append(f"| {row['name']} | {row['median_s']:.3f} | {row['speedup']:.2f}x ({base}) | "
                      f"{ratio(row['mac_bound'])} | {percent(row['efficiency'])} |{whole} {note} |")
+    staged = [row for row in rows if row.get("stages_s")]
+    if staged:
+        names = list(staged[0]["stages_s"])
+        lines += ["", "Where the runtime's time goes (median seconds per stage; `rest`: host work between stages, "
+                      "tokenising, Python):", "", "| configuration | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        lines += [f"| {row['name']} | " + " | ".join(f"{row['stages_s'][name]:.4f}" for name in names) + " |"
+                  for row in staged]
     medians = {row["name"]: row["median_s"] for row in rows if "median_s" in row}
     for n in sorted({row["cache_step"] for row in rows if row["cache_step"]}):
         cair = medians.get(f"runtime (onnxruntime) n={n}")
