@@ -14,7 +14,8 @@ def test_demo_exports_once_and_writes_grid(tmp_path):
     grid = Image.open(tmp_path / "grid.png")
     assert grid.width > 2 * 64 and grid.height > len(DEMO_PROMPTS) * 64
     assert len(figures["psnr_db"]) == len(DEMO_PROMPTS)
-    assert figures["mac_bound"] > 1 and figures["baseline_s"] > 0 and figures["cair_s"] > 0
+    assert figures["mac_bound"] > figures["mac_bound_end_to_end"] > 1  # once-per-image work dilutes the saving
+    assert figures["baseline_s"] > 0 and figures["cair_s"] > 0
     messages.clear()
     run_demo(config, progress=messages.append)
     assert any("reusing" in m for m in messages) and not any("exporting" in m for m in messages)
