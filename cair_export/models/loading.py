@@ -231,10 +231,21 @@ def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
 
 
 def _from_pretrained(cls: Any, folder: Path, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` from a local safetensors folder, without the libraries' loading chatter."""
+    from transformers.utils import logging as transformers_logging
+
+    if cls.__module__.startswith("diffusers"):
+        # Without accelerate diffusers falls back to this anyway, with a warning on every load.
+        kwargs.setdefault("low_cpu_mem_usage", False)
+    progress_bar = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars, one per text encoder
     try:
         return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs).eval()
     except (OSError, ValueError, RuntimeError, TypeError) as error:
         raise InvalidInputError(f"cannot load {cls.__name__} from {folder}: {_first_line(error)}") from None
+    finally:
+        if progress_bar:
+            transformers_logging.enable_progress_bar()
 
 
 def _load_pipeline_parts(model: LoadedModel, path: Path, index: dict[str, Any]) -> None:
