@@ -113,7 +113,8 @@ def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int 
     """MACs of what runs once per generation: every text encoder over the prompts and negative prompts
     (2B sequences) and the VAE decoder over B latents. Conv+linear as for the UNet; ``attention``
     holds the VAE's self-attention scores (the text encoders' CLIP attention is not hooked: its
-    scores are 2 * 77 * 77 * width per layer, under 1% of their linear layers)."""
+    scores are 2 * 77 * 77 * width MACs per layer and sequence, about 12.8 / width of the layer's
+    linear MACs with a 4x MLP: 1-2% at SD's widths 768-1280)."""
     if not model.has_pipeline:
         raise ValueError(f"{model.name} has no text encoders and VAE to count")
     device = next(model.unet.parameters()).device
