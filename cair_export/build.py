@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cair_runtime.errors import InvalidInputError, MissingDependencyError
+from cair_runtime.files import write_atomically
 from cair_runtime.manifest import (
     MANIFEST_NAME,
     Dim,
@@ -105,10 +106,8 @@ def tensor_profiles(graph: GraphSpec, dims: Mapping[str, Dim]) -> dict[str, tupl
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Replace ``manifest.json`` in one step: a temporary file beside it, then ``os.replace``."""
-    temporary = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    temporary.write_text(manifest.to_json())
-    os.replace(temporary, folder / MANIFEST_NAME)
+    """Replace ``manifest.json`` in one step (``write_atomically``: a temporary file beside it, then a rename)."""
+    write_atomically(folder / MANIFEST_NAME, lambda file: file.write(manifest.to_json().encode()))
 
 
 def install_engines(folder: Path, manifest: Manifest, staged: Mapping[str, Path],
@@ -250,7 +249,7 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
         build.add_argument(f"--{bound}-size", type=positive_int_arg,
                            help=f"profile {bound} square size in pixels (default: manifest)")
     build.add_argument("--timing-cache", help="TensorRT timing cache file: read if present, written back")
-    build.add_argument("--device", default="cpu", help="aoti: device to compile for, cpu or cuda (default cpu)")
+    build.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="aoti: device to compile for (default cpu)")
     build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="aoti: compute precision (IO stays float32); TensorRT takes the ONNX's precision")
     build.set_defaults(func=cmd_build)

@@ -69,7 +69,9 @@ def cmd_macs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cair_export.demo import DemoConfig, format_table, run_demo
+    from cair_runtime.files import check_writable
 
+    check_writable(args.output, make_parent=True)
     figures = run_demo(DemoConfig(model=args.model, engines_dir=Path(args.engines_dir), output=Path(args.output),
                                   steps=args.steps, cache_step=args.cache_step, guidance_scale=args.guidance_scale,
                                   seed=args.seed, repeats=args.repeats), progress=progress)
@@ -120,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="shapes", help="shipped model, preset or pipeline folder (default shapes)")
     demo.add_argument("--engines-dir", default="engines", help="where the export goes (default engines/)")
     demo.add_argument("--output", default="cair-demo.png", help="the side-by-side grid (default cair-demo.png)")
-    demo.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
-    demo.add_argument("--cache-step", type=int_arg, default=5, help="CAIR cache step n (default 5)")
+    demo.add_argument("--steps", type=positive_int_arg, default=25, help="denoising steps T (default 25)")
+    demo.add_argument("--cache-step", type=positive_int_arg, default=5, help="CAIR cache step n (default 5)")
     demo.add_argument("--guidance-scale", type=float, default=7.5)
     demo.add_argument("--seed", type=int_arg, default=0)
-    demo.add_argument("--repeats", type=int_arg, default=3, help="timed runs per prompt and configuration (default 3)")
+    demo.add_argument("--repeats", type=positive_int_arg, default=3, help="timed runs per prompt and configuration (default 3)")
     demo.set_defaults(func=cmd_demo)
 
     macs = sub.add_parser("macs", help="MACs per evaluation and per generation, baseline vs CAIR")

@@ -167,6 +167,9 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
 
     if config.num_images < 2:
         raise InvalidInputError(f"--num-images {config.num_images} must be at least 2 (FID needs a covariance)")
+    if config.max_batch < 1 or config.threads < 0:
+        raise InvalidInputError(f"--max-batch {config.max_batch} must be at least 1 and --threads {config.threads} "
+                                "at least 0 (0: the library's default)")
     for n in config.cache_steps:
         check_cache_step(n, config.steps)
     cache_steps = sorted({*config.cache_steps, config.steps}, reverse=True)  # n = T first: the reference
@@ -175,7 +178,8 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     started = time.perf_counter()
     classifier = shape_classifier.load_classifier(config.classifier or shape_classifier.DEFAULT_PATH)
     prompts, truth = held_out_prompts(config.num_images)
-    scenes = [data.held_out_scenes()[k % len(data.held_out_scenes())] for k in range(config.num_images)]
+    held_out = data.held_out_scenes()
+    scenes = [held_out[k % len(held_out)] for k in range(config.num_images)]
     real_predictions, real_features = classify_with_features(classifier, data.render_scenes(scenes, config.real_seed))
     _, floor_features = classify_with_features(classifier, data.render_scenes(scenes, config.real_seed + 1))
     real = {"accuracy": attribute_accuracy(real_predictions, truth, ATTRIBUTES),
@@ -320,7 +324,11 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cair_export.cli import progress
+    from cair_runtime.files import check_writable
 
+    for path in (args.json, args.markdown, args.plot):
+        if path:
+            check_writable(path, make_parent=True)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -336,7 +344,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = format_markdown(figures, command)
     for path, text in ((args.json, json.dumps({"command": command, **figures}, indent=2) + "\n"), (args.markdown, report)):
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
     if args.plot:
         plot_quality(figures, Path(args.plot))

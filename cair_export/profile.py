@@ -255,13 +255,16 @@ def format_profile(figures: dict[str, Any]) -> str:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from cair_export.cli import progress
+    from cair_runtime.files import check_writable
 
+    for path in (args.json, args.plot):
+        if path:
+            check_writable(path, make_parent=True)
     config = ProfileConfig(model=args.model, prompts=Path(args.prompts), steps=args.steps,
                            guidance_scale=args.guidance_scale, seed=args.seed, threshold=args.threshold, rule=args.rule,
                            batch=args.batch, max_prompts=args.max_prompts, height=args.height, width=args.width)
     figures = profile_model(config, progress=progress)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         import datetime
         import os
         import platform

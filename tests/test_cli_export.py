@@ -118,3 +118,31 @@ def test_exported_model_is_found_again_from_its_manifest(tmp_path):
     assert shipped.name == "shapes" and shipped.source == "shipped"
     folder = _tiny_unet_folder(tmp_path / "unet")
     assert load_exported_model({"name": "unet", "source": str(folder)}).source == str(folder)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["demo", "--repeats", "0"], "expected a positive number"),
+    (["build", "nowhere", "--backend", "aoti", "--device", "foo"], "invalid choice: 'foo'"),
+    (["evaluate", "--classifier", "/nonexistent", "--num-images", "4", "--tgate-images", "0"],
+     "cannot read the classifier's config in /nonexistent"),
+    (["evaluate", "--threads", "-1", "--num-images", "4"], "--threads -1 at least 0"),
+])
+def test_measuring_commands_refuse_bad_input_before_work(capsys, argv, needle, one_line_error):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse rejects a flag's value itself
+        code = exit_.code
+    one_line_error(code, capsys.readouterr().err, needle, prog="cair-export")
+
+
+def test_outputs_are_checked_before_the_work(tmp_path, capsys, one_line_error):
+    """An output that cannot be written is refused up front, not after a long profile or evaluation."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for argv in (["profile", "shapes", "--prompts", "cair_export/prompts/shapes.txt", "--steps", "3",
+                  "--json", str(blocker / "out.json")],
+                 ["evaluate", "--num-images", "4", "--plot", str(blocker / "out.png")],
+                 ["demo", "--output", str(tmp_path)]):
+        code, _, err = _run(capsys, *argv)
+        one_line_error(code, err, prog="cair-export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -106,8 +106,12 @@ def test_cli_bad_sizes_and_outputs(exported, tmp_path, capsys, one_line_error):
     folder = str(exported("tiny-sd21", with_pipeline=True))
     for argv, needle in (([folder, "x", "-o", str(tmp_path / "a.png"), "--height", "60"], "multiple of 8"),
                          ([folder, "x", "-o", str(tmp_path / "a.png"), "--width", "512"], "allowed 32..128 px"),
-                         ([folder, "x", "-o", str(tmp_path / "missing" / "a.png")], "does not exist")):
+                         ([folder, "x", "-o", str(tmp_path / "missing" / "a.png")], "does not exist"),
+                         ([folder, "x", "-o", str(tmp_path / "a.png"), "--seed", "-1"], "non-negative integer"),
+                         ([folder, "x", "-o", str(tmp_path / "b.png"), "--num-images", "2"], "b-1.png is a folder")):
+        (tmp_path / "b-1.png").mkdir(exist_ok=True)  # the second image's path is taken: refused before compute
         one_line_error(cair_run(argv), capsys.readouterr().err, needle)
+    (tmp_path / "b-1.png").rmdir()
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,8 +8,3 @@
 The trained StableDiffusionPipeline folder ships in `cair_export/assets/shapes/` and the classifier
 in `cair_export/assets/shapes_classifier/`; `scripts/train_shapes.py` rebuilds both.
 """
-
-from pathlib import Path
-
-PIPELINE_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes"
-CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes_classifier"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cair_export.shapes import data
+from cair_runtime.errors import InvalidInputError
 
 # The classes of each head, in logit order.
 HEADS: dict[str, tuple[str, ...]] = {
@@ -101,7 +102,10 @@ def save_classifier(model: ShapeClassifier, path: Path) -> None:
 def load_classifier(path: Path | str = DEFAULT_PATH) -> ShapeClassifier:
     """The classifier saved in folder `path` (default: the shipped one), in eval mode."""
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot read the classifier's config in {path}: {error}") from None
     heads = {name: tuple(classes) for name, classes in config["heads"].items()}
     model = ShapeClassifier(width=config["width"], heads=heads)
     model.load_state_dict(load_file(str(path / "model.safetensors")))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from cair_runtime.backends import BACKENDS
 from cair_runtime.errors import CairError, InvalidInputError
-from cair_runtime.files import write_atomically
+from cair_runtime.files import check_writable, write_atomically
 from cair_runtime.schedulers import SCHEDULER_NAMES
 
 
@@ -33,17 +32,6 @@ def _load_npy(path: str | None, label: str) -> np.ndarray | None:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"cannot read {label} from {path}: {error}") from None
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before any compute if the output cannot be written."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InvalidInputError(f"output {path} is a folder; give a file path")
-    if not parent.is_dir():
-        raise InvalidInputError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"output folder {parent} is not writable")
 
 
 class _Progress:
@@ -88,7 +76,8 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
     from cair_runtime.text2image import CairText2Image, save_png
 
     output = Path(args.output)
-    _check_writable(output)
+    for path in _image_paths(output, args.num_images):
+        check_writable(path)
     pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
                               **_backend_options(args))
     with warnings.catch_warnings(record=True) as caught:
@@ -123,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         return cmd_text_to_image(args)
     output = Path(args.output)
-    _check_writable(output)
+    check_writable(output)
     prompt_embeds = _load_npy(args.encoder_hidden_states, "--encoder-hidden-states")
     inputs = {
         "negative_prompt_embeds": _load_npy(args.negative_encoder_hidden_states, "--negative-encoder-hidden-states"),

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from cair_runtime.errors import InvalidInputError
+
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
@@ -20,3 +22,20 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | Path, make_parent: bool = False) -> None:
+    """Fail before any compute if ``path`` cannot be written (``make_parent``: create its folder first)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InvalidInputError(f"output {path} is a folder; give a file path")
+    if make_parent:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InvalidInputError(f"cannot create output folder {parent}: {error.strerror or error}") from None
+    if not parent.is_dir():
+        raise InvalidInputError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"output folder {parent} is not writable")

@@ -16,6 +16,12 @@ from cair_runtime.schedulers import make_scheduler
 from cair_runtime.stages import check_cache_step, planning_evaluations
 
 
+def check_seed(seed: Any) -> None:
+    """numpy's generators take non-negative integers only; say so before any work."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed {seed!r} must be a non-negative integer")
+
+
 @dataclass
 class StageTimings:
     """Wall time of each stage of one ``denoise`` call, in seconds."""
@@ -147,6 +153,7 @@ class CairEngine:
         if negative_prompt_embeds.shape != expected:
             raise ShapeError(f"negative prompt embeddings have shape {negative_prompt_embeds.shape}; expected {expected}")
 
+        check_seed(seed)
         rng = np.random.default_rng(seed)
         if latents is None:
             latent_height, latent_width = self.latent_size(height, width)
@@ -223,21 +230,17 @@ class CairEngine:
             step = i + 1
             started = time.perf_counter()
             timestep = np.array([t], dtype=np.float32)
-            if step <= planning_steps:
-                # Semantics planning: the full UNet with CFG at batch 2B; at step n its cache
-                # outputs, already merged, are left in the device buffers fidelity reads.
-                latent_input = scheduler.scale_model_input(np.concatenate([latents, latents]), t)
-                noise_uncond, noise_text = np.split(self.backend.run("planning", latent_input, timestep), 2)
-                noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
-            elif cfg_fidelity:
-                # Variant: fidelity keeps guidance, batch 2B, a cache per half.
-                latent_input = scheduler.scale_model_input(np.concatenate([latents, latents]), t)
-                noise_uncond, noise_text = np.split(self.backend.run("fidelity", latent_input, timestep), 2)
+            scaled = scheduler.scale_model_input(latents, t)
+            if step <= planning_steps or cfg_fidelity:
+                # Semantics planning: the full UNet with CFG at batch 2B; at step n its cache outputs,
+                # already merged, are left in the device buffers fidelity reads. (Variant: fidelity
+                # keeps guidance at batch 2B, a cache per half.)
+                kind = "planning" if step <= planning_steps else "fidelity"
+                noise_uncond, noise_text = np.split(self.backend.run(kind, np.concatenate([scaled, scaled]), timestep), 2)
                 noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
             else:
                 # Fidelity improving: batch B, no guidance, no text; cross-attention from the cache.
-                latent_input = scheduler.scale_model_input(latents, t)
-                noise_pred = self.backend.run("fidelity", latent_input, timestep)
+                noise_pred = self.backend.run("fidelity", scaled, timestep)
             latents = scheduler.step(noise_pred, t, latents, rng=rng).astype(np.float32, copy=False)
             elapsed = time.perf_counter() - started
             if step <= planning_steps:

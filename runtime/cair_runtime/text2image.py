@@ -19,7 +19,7 @@ import numpy as np
 
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.files import write_atomically
-from cair_runtime.pipeline import CairEngine, StageTimings
+from cair_runtime.pipeline import CairEngine, StageTimings, check_seed
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -165,6 +165,7 @@ class CairText2Image:
                 raise InvalidInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
         if num_images_per_prompt < 1:
             raise InvalidInputError(f"images per prompt {num_images_per_prompt} must be at least 1")
+        check_seed(seed)
         engine = self.engine
         cache_step = engine.resolve_cache_step(cache_step, num_inference_steps)
         latent_height, latent_width = engine.latent_size(height, width)

@@ -58,7 +58,6 @@ class AotiBackend:
 
     def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None):
         _import_torch()
-        self.manifest = manifest
         records = aoti_records(manifest)
         self.device = device or records["planning"].properties.get("device", "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -77,7 +76,6 @@ class AotiBackend:
         self.caches: dict[str, torch.Tensor] = {}  # fidelity's cache inputs: device tensors from planning
         self._planned: dict[str, torch.Tensor] = {}  # the latest planning evaluation's caches
         self._fixed: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in manifest.unet_graphs}
-        self._dims: dict[str, int] | None = None
 
     def prepare(self, dims: Mapping[str, int]) -> None:
         odd = [f"{name} {dims[name]}" for name in ("latent_height", "latent_width")
@@ -86,7 +84,6 @@ class AotiBackend:
             raise ShapeError(f"the AOTInductor packages take latent sizes that are multiples of {self.latent_multiple} "
                              f"(pixels: {self.vae_scale_factor * self.latent_multiple}); got {', '.join(odd)}; use another size or the "
                              "onnxruntime backend")
-        self._dims = dict(dims)
 
     def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
         for name, array in arrays.items():
@@ -103,5 +100,5 @@ class AotiBackend:
         outputs = self.models[kind](*(named[name] for name in self.inputs[kind]))
         if kind == "planning":
             self._planned = dict(zip(self.cache_names, outputs[1:]))
-        # noise_pred only; copy, since the scheduler keeps past outputs and the package may reuse buffers.
-        return outputs[0].detach().to("cpu", torch.float32).numpy().copy()
+        # noise_pred only; one fresh copy, since the scheduler keeps past outputs and the package may reuse buffers.
+        return outputs[0].detach().to("cpu", torch.float32, copy=True).numpy()

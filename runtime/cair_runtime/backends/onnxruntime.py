@@ -33,6 +33,9 @@ class OnnxRuntimeBackend:
     def __init__(self, folder: str | Path, manifest: Manifest,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                  graph_optimization: str = "all", device_id: int = 0):
+        if not providers:
+            raise InvalidInputError("no onnxruntime execution provider given; name at least one, e.g. "
+                                    "CPUExecutionProvider")
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
         if missing:

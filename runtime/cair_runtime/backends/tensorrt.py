@@ -163,6 +163,7 @@ class TensorRTBackend:
         self.caches: dict[str, DeviceBuffer] = {}  # shared by planning (outputs) and fidelity (inputs)
         self.buffers: dict[str, dict[str, DeviceBuffer]] = {kind: {} for kind in self.engines}
         self._graphs: dict[str, Any] = {}  # kind -> instantiated CUDA graph for the prepared shapes
+        self._noise_pred = {kind: graph.outputs[0].name for kind, graph in manifest.unet_graphs.items()}
         self._dims: dict[str, int] | None = None
 
     # -- buffers ------------------------------------------------------------------------------
@@ -178,6 +179,8 @@ class TensorRTBackend:
                 seen.add(buffer.pointer)
                 _call(self.cudart, self.cudart.cudaFree(buffer.pointer))
         self.caches, self.buffers = {}, {kind: {} for kind in self.engines}
+        for graph in self._graphs.values():  # captured for the old buffers' addresses
+            _call(self.cudart, self.cudart.cudaGraphExecDestroy(graph))
         self._graphs.clear()
 
     def prepare(self, dims: Mapping[str, int]) -> None:
@@ -197,7 +200,9 @@ class TensorRTBackend:
                                               f"declares {dtype}; {REBUILD}")
                 if spec.name in cache_names:
                     # Allocated once, bound as planning's output and (at the switch) fidelity's input.
-                    buffer = self.caches.setdefault(spec.name, self._allocate(shape, dtype))
+                    buffer = self.caches.get(spec.name)
+                    if buffer is None:
+                        buffer = self.caches[spec.name] = self._allocate(shape, dtype)
                 else:
                     buffer = self._allocate(shape, dtype)
                 self.buffers[kind][spec.name] = buffer
@@ -233,13 +238,17 @@ class TensorRTBackend:
                 raise RuntimeError(f"TensorRT failed to enqueue the {kind} engine")
             return
         if kind not in self._graphs:
-            # First run un-captured (lazy initialisation), then capture one launch for these shapes.
-            self.contexts[kind].execute_async_v3(self.stream_handle)
+            # First run un-captured (TensorRT's lazy initialisation; its result is this step's), then
+            # capture one launch for these shapes, replayed from the next step on.
+            if not self.contexts[kind].execute_async_v3(self.stream_handle):
+                raise RuntimeError(f"TensorRT failed to enqueue the {kind} engine")
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
             _call(cudart, cudart.cudaStreamBeginCapture(self.stream, mode))
             self.contexts[kind].execute_async_v3(self.stream_handle)
             graph = _call(cudart, cudart.cudaStreamEndCapture(self.stream))
             self._graphs[kind] = _call(cudart, cudart.cudaGraphInstantiate(graph, 0))
+            _call(cudart, cudart.cudaGraphDestroy(graph))  # the instantiated copy is what runs
+            return
         _call(cudart, cudart.cudaGraphLaunch(self._graphs[kind], self.stream))
 
     def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
@@ -247,7 +256,7 @@ class TensorRTBackend:
         self._upload(buffers["sample"], sample)
         self._upload(buffers["timestep"], timestep)
         self._execute(kind)
-        noise_pred = buffers[self.manifest.graphs[kind].outputs[0].name]
+        noise_pred = buffers[self._noise_pred[kind]]
         host = np.empty(noise_pred.shape, noise_pred.dtype)  # fresh: multistep schedulers keep past outputs
         kind_d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _call(self.cudart, self.cudart.cudaMemcpyAsync(host.ctypes.data, noise_pred.pointer, noise_pred.nbytes,
