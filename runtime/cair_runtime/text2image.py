@@ -8,6 +8,7 @@ UNet engine of ``CairEngine``. Needs only numpy, onnxruntime, tokenizers and Pil
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import warnings
@@ -63,8 +64,8 @@ class _Tokenizer:
         return ids
 
 
-def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) -> None:
-    """Save one (H, W, 3) uint8 image with the generation parameters as PNG text chunks."""
+def png_bytes(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
+    """One (H, W, 3) uint8 image as PNG bytes, with the generation parameters as text chunks."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -72,7 +73,15 @@ def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) ->
     for key, value in parameters.items():
         info.add_text(key, "" if value is None else str(value))
     info.add_text("parameters", json.dumps(parameters))
-    write_atomically(path, lambda file: Image.fromarray(image).save(file, format="PNG", pnginfo=info))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) -> None:
+    """Save one (H, W, 3) uint8 image with the generation parameters as PNG text chunks."""
+    data = png_bytes(image, parameters)
+    write_atomically(path, lambda file: file.write(data))
 
 
 class CairText2Image:
