@@ -93,7 +93,7 @@ class CairText2Image:
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime",
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, **backend_options: Any):
-        import onnxruntime as ort
+        from cair_runtime.backends.onnxruntime import make_session
 
         if backend == "onnxruntime":
             backend_options = {"providers": providers, "threads": threads, **backend_options}
@@ -104,13 +104,10 @@ class CairText2Image:
                                 "(a preset like tiny-sd21, or a diffusers pipeline folder) for text-to-image, "
                                 "or pass --encoder-hidden-states")
         self.pipeline = manifest.pipeline
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
 
-        def session(kind: str):
-            return ort.InferenceSession(str(Path(folder) / manifest.graphs[kind].file), options,
-                                        providers=list(providers))
+        def session(kind: str):  # run once per call: no idle spinning that would take the UNet's cores
+            return make_session(Path(folder) / manifest.graphs[kind].file, providers, threads=threads,
+                                device_id=backend_options.get("device_id", 0), spinning=False)
 
         self.text_encoders = [(spec, _Tokenizer(Path(folder) / spec["tokenizer"], spec), session(spec["graph"]))
                               for spec in self.pipeline["text_encoders"]]

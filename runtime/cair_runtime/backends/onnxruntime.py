@@ -27,34 +27,54 @@ GRAPH_OPTIMIZATION = {
 _DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
 
+def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int = 0,
+                 graph_optimization: str = "all", device_id: int = 0, spinning: bool = True) -> ort.InferenceSession:
+    """One onnxruntime session, set up the same way everywhere in the project.
+
+    ``threads`` is the intra-op pool (0: onnxruntime's default, the physical cores); ``device_id``
+    reaches the CUDA and TensorRT providers through their provider options; ``spinning=False``
+    stops idle pool threads from busy-waiting (for sessions that run once per generation).
+    """
+    providers = tuple(providers)
+    if not providers:
+        raise InvalidInputError("no onnxruntime execution provider given; name at least one, e.g. "
+                                "CPUExecutionProvider")
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise MissingDependencyError(
+            f"onnxruntime execution provider(s) {', '.join(missing)} not available in this onnxruntime build "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT providers"
+        )
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise InvalidInputError(f"graph optimisation {graph_optimization!r} is unknown; "
+                                f"expected one of {', '.join(GRAPH_OPTIMIZATION)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise InvalidInputError(f"threads {threads!r} must be a non-negative integer (0: onnxruntime's default)")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # sequential graphs: one inter-op thread
+    options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    provider_options = [{"device_id": str(device_id)} if p in _DEVICES and _DEVICES[p] == "cuda" else {}
+                        for p in providers]
+    return ort.InferenceSession(str(path), options, providers=list(providers), provider_options=provider_options)
+
+
 class OnnxRuntimeBackend:
     """Runs planning.onnx and fidelity.onnx with onnxruntime."""
 
     def __init__(self, folder: str | Path, manifest: Manifest,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                  graph_optimization: str = "all", device_id: int = 0):
-        if not providers:
-            raise InvalidInputError("no onnxruntime execution provider given; name at least one, e.g. "
-                                    "CPUExecutionProvider")
-        available = ort.get_available_providers()
-        missing = [p for p in providers if p not in available]
-        if missing:
-            raise MissingDependencyError(
-                f"onnxruntime execution provider(s) {', '.join(missing)} not available in this onnxruntime build "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT providers"
-            )
-        if graph_optimization not in GRAPH_OPTIMIZATION:
-            raise InvalidInputError(f"graph optimisation {graph_optimization!r} is unknown; "
-                                    f"expected one of {', '.join(GRAPH_OPTIMIZATION)}")
         self.manifest = manifest
-        self.device = _DEVICES.get(providers[0], "cpu")
+        self.device = _DEVICES.get(providers[0], "cpu") if providers else "cpu"
         self.device_id = device_id
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
-        options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
-        options.log_severity_level = 3
         self.sessions = {
-            kind: ort.InferenceSession(str(Path(folder) / graph.file), options, providers=list(providers))
+            kind: make_session(Path(folder) / graph.file, providers, threads=threads,
+                               graph_optimization=graph_optimization, device_id=device_id)
             for kind, graph in manifest.unet_graphs.items()
         }
         self.bindings = {kind: session.io_binding() for kind, session in self.sessions.items()}
