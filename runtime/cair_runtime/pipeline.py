@@ -5,21 +5,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from cair_runtime.backends import make_backend
 from cair_runtime.errors import InvalidInputError, ShapeError
 from cair_runtime.manifest import Manifest, load_manifest
+from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
 from cair_runtime.schedulers import make_scheduler
 from cair_runtime.stages import check_cache_step, planning_evaluations
 
 
-def check_seed(seed: Any) -> None:
-    """numpy's generators take non-negative integers only; say so before any work."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InvalidInputError(f"seed {seed!r} must be a non-negative integer")
+def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """One seed per image: ``seed + k`` for an int, or the list itself (one per image)."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [check_seed(seed) + k for k in range(count)]
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+        raise InvalidInputError(f"seed {seed!r} must be a non-negative integer or a list of them, one per image")
+    if len(seed) != count:
+        raise InvalidInputError(f"{len(seed)} seeds for {count} images; give one per image")
+    return [check_seed(s) for s in seed]
 
 
 @dataclass
@@ -74,6 +80,19 @@ class CairEngine:
         self.pooled_dim = planning["text_embeds"].shape[1] if "text_embeds" in planning else None
         self.vae_scale_factor = int(self.manifest.model.get("vae_scale_factor", 8))
 
+    def close(self) -> None:
+        """Release the backend (sessions, device buffers); calls after this raise an error."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+        self.backend = None
+
+    def __enter__(self) -> CairEngine:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     @property
     def added_conditions(self) -> bool:
         """True for SDXL-style UNets that take ``text_embeds`` and ``time_ids``."""
@@ -126,16 +145,18 @@ class CairEngine:
         cache_step: int | None = None,
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         text_embeds: np.ndarray | None = None,
         negative_text_embeds: np.ndarray | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> DenoiseResult:
         """Denoise from prompt embeddings (B, text_len, D); returns final latents and stage timings.
 
+        Image k draws everything random from its own ``np.random.default_rng(seed_k)``
+        (``seed_k = seed + k``, or ``seed[k]`` for a list): its initial noise (``standard_normal``,
+        float32) and then its ancestral noise, so no image depends on the others in the batch.
         ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling (as
-        diffusers' pipelines take it); without it, noise is drawn from ``np.random.default_rng(seed)``
-        (``standard_normal``, float32), which then also drives ancestral schedulers. Negative
+        diffusers' pipelines take it); with it, the seeds drive only ancestral noise. Negative
         embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
         plain baseline. Batches above the engine's max batch run in chunks.
         """
@@ -153,11 +174,10 @@ class CairEngine:
         if negative_prompt_embeds.shape != expected:
             raise ShapeError(f"negative prompt embeddings have shape {negative_prompt_embeds.shape}; expected {expected}")
 
-        check_seed(seed)
-        rng = np.random.default_rng(seed)
+        generators = image_generators(image_seeds(seed, batch))
         if latents is None:
             latent_height, latent_width = self.latent_size(height, width)
-            latents = rng.standard_normal((batch, self.in_channels, latent_height, latent_width), dtype=np.float32)
+            latents = standard_normal(generators, (batch, self.in_channels, latent_height, latent_width))
         latents = _float_array("latents", latents, 4)
         if latents.shape[0] != batch or latents.shape[1] != self.in_channels:
             raise ShapeError(f"latents have shape {latents.shape}; expected ({batch}, {self.in_channels}, "
@@ -193,13 +213,13 @@ class CairEngine:
             result = self._denoise_batch(
                 prompt_embeds[part], negative_prompt_embeds[part], latents[part],
                 None if added is None else tuple(a[part] for a in added),
-                num_inference_steps, cache_step, guidance_scale, scheduler, rng, callback)
+                num_inference_steps, cache_step, guidance_scale, scheduler, generators[part], callback)
             chunks.append(result.latents)
             timings.add(result.timings)
         return DenoiseResult(np.concatenate(chunks), timings)
 
     def _denoise_batch(self, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
-                       cache_step, guidance_scale, scheduler_name, rng, callback) -> DenoiseResult:
+                       cache_step, guidance_scale, scheduler_name, generators: Generators, callback) -> DenoiseResult:
         batch = latents.shape[0]
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
         scheduler = make_scheduler(scheduler_name, self.manifest.scheduler_config)
@@ -241,7 +261,7 @@ class CairEngine:
             else:
                 # Fidelity improving: batch B, no guidance, no text; cross-attention from the cache.
                 noise_pred = self.backend.run("fidelity", scaled, timestep)
-            latents = scheduler.step(noise_pred, t, latents, rng=rng).astype(np.float32, copy=False)
+            latents = scheduler.step(noise_pred, t, latents, rng=generators).astype(np.float32, copy=False)
             elapsed = time.perf_counter() - started
             if step <= planning_steps:
                 timings.planning_s += elapsed

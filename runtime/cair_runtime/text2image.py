@@ -20,7 +20,7 @@ import numpy as np
 
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.files import write_atomically
-from cair_runtime.pipeline import CairEngine, StageTimings, check_seed
+from cair_runtime.pipeline import CairEngine, StageTimings, image_seeds
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -113,6 +113,17 @@ class CairText2Image:
                               for spec in self.pipeline["text_encoders"]]
         self.vae = session(self.pipeline["vae_graph"])
 
+    def close(self) -> None:
+        """Release the sessions and the engine; calls after this raise an error. Closing twice is fine."""
+        self.engine.close()
+        self.text_encoders, self.vae = [], None
+
+    def __enter__(self) -> CairText2Image:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     @property
     def model_name(self) -> str:
         return str(self.engine.manifest.model.get("name"))
@@ -151,14 +162,17 @@ class CairText2Image:
         cache_step: int | None = None,
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         latents: np.ndarray | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> Text2ImageResult:
         """Generate ``num_images_per_prompt`` images per prompt.
 
-        Image k of the call starts from ``np.random.default_rng(seed + k).standard_normal`` latents
-        (float32), so each image is reproducible from its own seed, recorded in its parameters.
+        Image k (prompt-major) draws its initial noise and any ancestral noise from its own
+        ``np.random.default_rng(seed_k)``, with ``seed_k = seed + k`` or ``seed[k]`` for a list of
+        one seed per image: each image is reproducible from its own seed, recorded in its
+        parameters, whatever else is in the call. With ``latents`` the parameters say so instead
+        of naming a seed (the seeds then drive only ancestral noise).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -171,7 +185,8 @@ class CairText2Image:
                 raise InvalidInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
         if num_images_per_prompt < 1:
             raise InvalidInputError(f"images per prompt {num_images_per_prompt} must be at least 1")
-        check_seed(seed)
+        count = len(prompts) * num_images_per_prompt
+        seeds = image_seeds(seed, count)
         engine = self.engine
         cache_step = engine.resolve_cache_step(cache_step, num_inference_steps)
         latent_height, latent_width = engine.latent_size(height, width)
@@ -189,15 +204,10 @@ class CairText2Image:
         def per_image(array: np.ndarray | None) -> np.ndarray | None:  # prompt-major, as diffusers repeats
             return None if array is None else np.repeat(array, num_images_per_prompt, axis=0)
 
-        count = len(prompts) * num_images_per_prompt
-        if latents is None:
-            shape = (engine.in_channels, latent_height, latent_width)
-            latents = np.stack([np.random.default_rng(seed + k).standard_normal(shape, dtype=np.float32)
-                                for k in range(count)])
         result = engine.denoise(
-            per_image(prompt_embeds), per_image(negative_embeds), latents=latents,
+            per_image(prompt_embeds), per_image(negative_embeds), latents=latents, height=height, width=width,
             num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_scale=guidance_scale,
-            scheduler=scheduler, seed=seed, text_embeds=per_image(pooled), negative_text_embeds=per_image(negative_pooled),
+            scheduler=scheduler, seed=seeds, text_embeds=per_image(pooled), negative_text_embeds=per_image(negative_pooled),
             callback=callback)
 
         started = time.perf_counter()
@@ -207,7 +217,8 @@ class CairText2Image:
         parameters = [{
             "prompt": prompts[k // num_images_per_prompt],
             "negative_prompt": None if negatives is None else negatives[k // num_images_per_prompt],
-            "seed": seed + k, "steps": num_inference_steps, "cache_step": cache_step,
+            **({"seed": seeds[k]} if latents is None else {"seed": None, "latents": "supplied by the caller"}),
+            "steps": num_inference_steps, "cache_step": cache_step,
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
         } for k in range(count)]

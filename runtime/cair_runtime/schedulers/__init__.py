@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cair_runtime.errors import InvalidInputError
+from cair_runtime.noise import Generators
 from cair_runtime.schedulers.ddim import DDIMScheduler
 from cair_runtime.schedulers.dpmsolver_multistep import DPMSolverMultistepScheduler
 from cair_runtime.schedulers.euler import EulerDiscreteScheduler
@@ -38,7 +39,7 @@ class Scheduler(Protocol):
         model_output: np.ndarray,
         timestep: float,
         sample: np.ndarray,
-        rng: np.random.Generator | None = None,
+        rng: Generators | None = None,  # one generator, or one per batch row
     ) -> np.ndarray: ...
 
 

@@ -5,6 +5,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from cair_runtime.noise import Generators, standard_normal
 from cair_runtime.schedulers._common import check_choice, index_for_timestep
 from cair_runtime.schedulers.euler import EulerDiscreteScheduler
 
@@ -15,8 +16,9 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     Ancestral sampling with Euler steps (k-diffusion's ``sample_euler_ancestral``): each step goes
     down to ``sigma_down`` deterministically and adds fresh noise of standard deviation
     ``sigma_up``. The noise is ``rng.standard_normal(sample.shape, dtype=np.float32)``, one draw
-    per step, so a seeded ``rng`` makes the loop reproducible; with ``rng=None`` it comes from a
-    fresh, unseeded ``np.random.default_rng()`` and every run differs.
+    per step, so a seeded ``rng`` makes the loop reproducible; with a list of generators, row k
+    comes from generator k (``cair_runtime.noise``, diffusers' list-of-generators semantics); with
+    ``rng=None`` it comes from a fresh, unseeded ``np.random.default_rng()`` and every run differs.
 
     The schedule is the Euler scheduler's without Karras sigmas: diffusers' ancestral scheduler has
     no ``use_karras_sigmas`` option, so it takes none here and ignores one in a config.
@@ -54,7 +56,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         model_output: np.ndarray,
         timestep: float,
         sample: np.ndarray,
-        rng: np.random.Generator | None = None,
+        rng: Generators | None = None,
     ) -> np.ndarray:
         """One ancestral Euler step; draws the step's noise from ``rng``; returns ``prev_sample`` (float32)."""
         if self._step_index is None:
@@ -74,8 +76,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         dt = sigma_down - sigma
         prev_sample = sample + derivative * dt
 
-        rng = rng if rng is not None else np.random.default_rng()
-        noise = rng.standard_normal(model_output.shape, dtype=np.float32)
+        noise = standard_normal(rng if rng is not None else np.random.default_rng(), model_output.shape)
         prev_sample = prev_sample + noise * sigma_up
         self._step_index += 1
         return prev_sample.astype(np.float32, copy=False)
