@@ -81,8 +81,8 @@ def _safely(name: str, group: str, make: Callable[[], Callable[[], Any]], cache_
 def shapes_configs(model_name: str, steps: int, cache_steps: list[int], engines: Path, threads: int) -> list[Config]:
     import torch
 
-    from cair_export.models import load_model
-    from cair_export.reference import cair_text_to_image
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_text_to_image
 
     def pipe():
         return load_model(model_name, with_pipeline=True).diffusers_pipeline()
@@ -148,7 +148,7 @@ def shapes_configs(model_name: str, steps: int, cache_steps: list[int], engines:
 
     def runtime(n: int):
         def make():
-            from cair_export.demo import ensure_engine
+            from cair_export.lab.demo import ensure_engine
             from cair_runtime.text2image import CairText2Image
 
             folder = ensure_engine(model_name, engines, lambda m: print(f"  {m}", file=sys.stderr))
@@ -176,8 +176,8 @@ def sd21_configs(steps: int, cache_steps: list[int], size: int, engines: Path, t
                  only: set[str] | None) -> list[Config]:
     import torch
 
-    from cair_export.models import load_model
-    from cair_export.reference import cair_denoise
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_denoise
 
     from diffusers import DDIMScheduler
 
@@ -401,8 +401,8 @@ def _machine() -> str:
 def main() -> int:
     import torch
 
-    from cair_export.macs import count_graph_macs, count_pipeline_macs, generation_macs
-    from cair_export.models import load_model
+    from cair_export.core.macs import count_graph_macs, count_pipeline_macs, generation_macs
+    from cair_export.core.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("shapes", "sd21", "both"), default="shapes")
@@ -457,7 +457,7 @@ def main() -> int:
                       f"median of {result['repeats']} warm runs", "", *markdown_table(result["rows"])]
     lines += ["", "UNet MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet; "
                   "end-to-end MAC bound (text-to-image suites): the same plus E on both sides, the text encoders "
-                  "(prompt and negative prompt) and the VAE decoder (`cair_export.macs.count_pipeline_macs`); "
+                  "(prompt and negative prompt) and the VAE decoder (`cair_export.core.macs.count_pipeline_macs`); "
                   "efficiency = measured speed-up / MAC bound. Torch rows are relative to the diffusers plain row, "
                   "runtime rows to the runtime at n = T."]
     report = "\n".join(lines) + "\n"

@@ -38,8 +38,8 @@ def _machine() -> str:
 
 
 def _engine_dir(engines: Path, model: str, size: int) -> Path:
-    from cair_export.export import ExportConfig, export_model
-    from cair_export.models import load_model
+    from cair_export.core.export import ExportConfig, export_model
+    from cair_export.core.models import load_model
 
     folder = engines / f"{model}-{size}"
     if not (folder / "manifest.json").is_file():
@@ -51,8 +51,8 @@ def _engine_dir(engines: Path, model: str, size: int) -> Path:
 
 def bench_model(model: str, size: int, steps: int, cache_steps: list[int], repeats: int, engines: Path,
                 threads: int) -> dict:
-    from cair_export.macs import count_graph_macs, generation_macs
-    from cair_export.models import load_model
+    from cair_export.core.macs import count_graph_macs, generation_macs
+    from cair_export.core.models import load_model
     from cair_runtime.pipeline import CairEngine
 
     engine = CairEngine(_engine_dir(engines, model, size), threads=threads)

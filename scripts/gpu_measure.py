@@ -10,7 +10,7 @@ weights of the published architecture (preset ``sd21``) at 512x512, 25 DDIM step
 
 After one warm-up each, the configurations run alternately ``--repeats`` rounds, so drift hits
 them alike; the table gives median latency, speed-up over the same method's n = T and over (a),
-and the MAC bound of ``cair_export.macs`` (conv+linear convention). JSON goes to ``--json``,
+and the MAC bound of ``cair_export.core.macs`` (conv+linear convention). JSON goes to ``--json``,
 rewritten after every stage so an interrupted run keeps what it measured.
 
     python scripts/gpu_measure.py --json docs/gpu-measure.json                  # the GPU run (~5-8 min on an H100)
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import DDIMScheduler
 
-    from cair_export.aoti import QUICK_CPU_COMPILE, export_aoti_folder
-    from cair_export.macs import count_graph_macs, generation_macs
-    from cair_export.models import load_model
-    from cair_export.reference import cair_denoise
+    from cair_export.deploy.aoti import QUICK_CPU_COMPILE, export_aoti_folder
+    from cair_export.core.macs import count_graph_macs, generation_macs
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_denoise
     from cair_runtime.pipeline import CairEngine
 
     started_all = time.perf_counter()

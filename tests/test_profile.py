@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cair_export.profile import read_prompts
-from cair_export.quality_metrics import recommend_cache_step, relative_l2, summarise_series
+from cair_export.lab.profile import read_prompts
+from cair_export.lab.quality_metrics import recommend_cache_step, relative_l2, summarise_series
 from cair_runtime.errors import InvalidInputError
 
 

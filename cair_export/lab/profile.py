@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cair_export.quality_metrics import (DEFAULT_THRESHOLD, RULES, recommend_cache_step, relative_l2,
+from cair_export.lab.quality_metrics import (DEFAULT_THRESHOLD, RULES, recommend_cache_step, relative_l2,
                                          summarise_series)
 from cair_runtime.errors import InvalidInputError
 
@@ -125,8 +125,8 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
     """Run the profile; returns the JSON-ready figures (series per quantity and norm, recommendation)."""
     import torch
 
-    from cair_export.models import load_model
-    from cair_export.reference import cross_attention_sites
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cross_attention_sites
 
     if config.steps < 2:
         raise InvalidInputError(f"steps {config.steps} must be at least 2 to measure a change between steps")
@@ -251,55 +251,3 @@ def format_profile(figures: dict[str, Any]) -> str:
     lines.append(f"recommended cache step n = {figures['recommended_cache_step']} ({figures['rule']})")
     lines.append("by rule: " + ", ".join(f"{rule}: n = {n}" for rule, n in figures["recommendations_by_rule"].items()))
     return "\n".join(lines)
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    from cair_export.cli import progress
-    from cair_runtime.files import check_writable
-
-    for path in (args.json, args.plot):
-        if path:
-            check_writable(path, make_parent=True)
-    config = ProfileConfig(model=args.model, prompts=Path(args.prompts), steps=args.steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed, threshold=args.threshold, rule=args.rule,
-                           batch=args.batch, max_prompts=args.max_prompts, height=args.height, width=args.width)
-    figures = profile_model(config, progress=progress)
-    if args.json:
-        import datetime
-        import os
-        import platform
-
-        stamp = {"command": "cair-export profile " + " ".join(sys.argv[2:]),
-                 "date": datetime.datetime.now().isoformat(timespec="minutes"),
-                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
-        Path(args.json).write_text(json.dumps({**stamp, **figures}, indent=2) + "\n")
-    if args.plot:
-        plot_profile(figures, Path(args.plot))
-    print(format_profile(figures))
-    return 0
-
-
-def add_command(subparsers: Any) -> None:
-    """Register ``cair-export profile``."""
-    from cair_export.cli import int_arg
-
-    parser = subparsers.add_parser("profile", help="per-step convergence of cross-attention maps and outputs; "
-                                                   "recommends a cache step n")
-    parser.add_argument("model", help="shipped model (shapes), preset with a pipeline or local diffusers pipeline folder")
-    parser.add_argument("--prompts", required=True,
-                        help="prompt file, one a line (shipped: cair_export/prompts/shapes.txt, general.txt)")
-    parser.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int_arg, default=0)
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help="the rule's bound: relative output change (below-threshold, default 0.05) or "
-                             "fraction of the first change (fraction-of-first)")
-    parser.add_argument("--rule", choices=RULES, default="below-threshold",
-                        help="cache-step rule (default below-threshold)")
-    parser.add_argument("--batch", type=int_arg, default=8, help="prompts per UNet batch (default 8)")
-    parser.add_argument("--max-prompts", type=int_arg, help="use only the first N prompts (quick run)")
-    parser.add_argument("--height", type=int_arg, help="pixel height (default: native)")
-    parser.add_argument("--width", type=int_arg, help="pixel width (default: native)")
-    parser.add_argument("--json", help="write the figures as JSON here")
-    parser.add_argument("--plot", help="write the plot (PNG) here")
-    parser.set_defaults(func=cmd_profile)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cair_export.graphs import (
+from cair_export.core.graphs import (
     CairGraph,
     GraphIO,
     TextEncoderGraph,
@@ -30,8 +30,8 @@ from cair_export.graphs import (
     text_encoder_io,
     vae_decoder_io,
 )
-from cair_export.models import LoadedModel
-from cair_export.reference import FIDELITY_GUIDANCE, CrossAttentionCache
+from cair_export.core.models import LoadedModel
+from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
 from cair_runtime.errors import InvalidInputError, ValidationError
 from cair_runtime.manifest import (
     MANIFEST_NAME,
@@ -332,7 +332,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         if report is not None:
             validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress, report)
         if config.dtype != "fp32":
-            from cair_export.precision import lower_exported_graphs
+            from cair_export.core.precision import lower_exported_graphs
 
             lowered, lowering = lower_exported_graphs(graphs, work, config.dtype, _validation_dims(dims, up_factor),
                                                       progress)

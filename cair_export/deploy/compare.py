@@ -3,7 +3,7 @@
 The reference is the fp32 ONNX graphs run by onnxruntime's CPU provider. Candidates: the folder's
 own graphs when they are not fp32 (``--dtype fp16`` exports), every TensorRT engine (polygraphy's
 ``TrtRunner``; needs TensorRT and a GPU) and every AOTInductor package. All run on the same seeded
-inputs (``cair_export.graphs.make_inputs`` from the manifest's specs); each output is checked
+inputs (``cair_export.core.graphs.make_inputs`` from the manifest's specs); each output is checked
 against its tolerance (relative: max abs error over max abs reference value; fp32 1e-4, fp16
 2e-2, bf16 6e-2). Prints a table; any failure exits 2. Candidates that cannot run here are listed
 with the reason and do not fail the comparison.
@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cair_export.graphs import GraphIO, make_inputs
-from cair_export.precision import TOLERANCES
+from cair_export.core.graphs import GraphIO, make_inputs
+from cair_export.core.precision import TOLERANCES
 from cair_runtime.errors import CairError, InvalidInputError, ValidationError
 from cair_runtime.manifest import EngineRecord, Manifest, load_manifest
 
@@ -161,24 +161,3 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"| {row.candidate} | {row.graph} | {row.output} | {row.precision} | {row.max_abs:.2e} | "
                      f"{row.relative:.2e} | {row.tolerance:.0e} | {result} |")
     return "\n".join(lines)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from cair_export.cli import progress
-
-    rows = compare_engines(args.engine_dir, args.reference, args.batch, progress=progress)
-    print(format_table(rows))
-    failures = [f"{r.candidate} {r.graph}:{r.output} {r.relative:.1e} > {r.tolerance:.0e}" for r in rows if not r.ok]
-    if failures:
-        raise ValidationError(f"{len(failures)} output(s) outside tolerance: {'; '.join(failures)}")
-    return 0
-
-
-def add_command(subparsers: Any) -> argparse.ArgumentParser:
-    """``cair-export compare ENGINE_DIR``: register the subcommand on the CLI's subparsers."""
-    parser = subparsers.add_parser("compare", help="compare every built engine with the fp32 onnxruntime reference")
-    parser.add_argument("engine_dir", help="an engine folder with built engines or low-precision graphs")
-    parser.add_argument("--reference", help="fp32 engine folder of the same model (default: ENGINE_DIR itself)")
-    parser.add_argument("--batch", type=int, help="prompts per call to compare at (default: the manifest's opt)")
-    parser.set_defaults(func=cmd_compare)
-    return parser

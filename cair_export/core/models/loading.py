@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
-from cair_export.models.presets import (
+from cair_export.core.models.presets import (
     PRESETS,
     SCHEDULER_SD15,
     SHIPPED_MODELS,
     TINY_VAE,
+    TINY_WORDS,
     Preset,
     shipped_model_path,
 )
@@ -136,10 +137,10 @@ def _build_tiny_pipeline(model: LoadedModel, preset: Preset) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from cair_export.shapes.tokenizer import write_tokenizer
+    from cair_export.core.models.tokenizer import write_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
-        write_tokenizer(Path(folder), model_max_length=model.text_len)
+        write_tokenizer(Path(folder), list(TINY_WORDS), model_max_length=model.text_len)
         base_tokenizer = CLIPTokenizer.from_pretrained(folder)
         for index, spec in enumerate(preset.text_encoders):
             tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token=spec.pad_token)

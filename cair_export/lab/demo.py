@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from cair_export.quality_metrics import psnr
+from cair_export.lab.quality_metrics import psnr
 from cair_runtime.errors import CairError
 from cair_runtime.files import write_atomically
 from cair_runtime.manifest import load_manifest
@@ -45,8 +45,8 @@ class DemoConfig:
 
 def ensure_engine(model: str, engines_dir: Path, progress: Callable[[str], None]) -> Path:
     """The model's engine folder, exported on first use and reused afterwards."""
-    from cair_export.export import export_model
-    from cair_export.models import load_model
+    from cair_export.core.export import export_model
+    from cair_export.core.models import load_model
 
     folder = engines_dir / Path(model).name
     loaded = None
@@ -95,8 +95,8 @@ def make_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str,
 
 def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the table's figures."""
-    from cair_export.macs import count_graph_macs, count_pipeline_macs, generation_macs
-    from cair_export.models import load_model
+    from cair_export.core.macs import count_graph_macs, count_pipeline_macs, generation_macs
+    from cair_export.core.models import load_model
     from cair_runtime.stages import check_cache_step
     from cair_runtime.text2image import CairText2Image
 

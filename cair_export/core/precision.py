@@ -32,7 +32,7 @@ from cair_runtime.errors import InvalidInputError, ValidationError
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}  # max abs error / max abs reference value
-EXTERNAL_DATA_BYTES = 1 << 30  # as cair_export.export: above this, tensors go to one side file
+EXTERNAL_DATA_BYTES = 1 << 30  # as cair_export.core.export: above this, tensors go to one side file
 
 NORMALIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
                             "BatchNormalization"})
@@ -381,14 +381,14 @@ def run_onnx(path: str | Path, inputs: Mapping[str, np.ndarray], executor: str =
 def validate_graph_precision(graphs: Mapping[str, Any], folder: Path, shapes: list[dict[str, int]], dtype: str,
                              tolerance: float | None = None, files: Mapping[str, str] | None = None,
                              progress: Callable[[str], None] = print, executor: str = "auto") -> dict[str, Any]:
-    """Run each low-precision graph against its fp32 torch module (``cair_export.graphs.CairGraph``).
+    """Run each low-precision graph against its fp32 torch module (``cair_export.core.graphs.CairGraph``).
 
     Relative error is max abs error over max abs reference value per output; fails beyond
     ``tolerance`` (default ``TOLERANCES[dtype]``). Returns checks, executors used and failures.
     """
     import torch
 
-    from cair_export.graphs import make_inputs
+    from cair_export.core.graphs import make_inputs
 
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     report: dict[str, Any] = {"dtype": DTYPES[dtype], "tolerance": tolerance, "checks": [], "executors": {},
