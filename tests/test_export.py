@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cair_export.core import export as export_module
+from cair_export.core import onnx_io
 from cair_export.core.export import ExportConfig, export_model
 from cair_export.core.graphs import CairGraph, make_inputs
 from cair_export.core.models import load_model
@@ -145,7 +146,7 @@ def test_overwrite_replaces_folder_atomically(tmp_path):
 
 
 def test_large_graphs_use_one_external_data_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 1024)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1024)
     out = tmp_path / "engine"
     export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
     manifest = load_manifest(out)

@@ -14,8 +14,6 @@ packages are exported for the multiples only and the runtime refuses other sizes
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import shutil
 import tempfile
 import time

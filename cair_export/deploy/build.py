@@ -14,15 +14,15 @@ manifest rejects, never a manifest that points at a missing or different file si
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
+from cair_export.core.sizes import manifest_vae_scale_factor, size_problem
 from cair_export.deploy.folder import install_engines
 from cair_runtime.errors import InvalidInputError, MissingDependencyError
 from cair_runtime.manifest import (
@@ -61,7 +61,7 @@ class BuildConfig:
 
 def profile_dims(manifest: Manifest, config: BuildConfig) -> dict[str, Dim]:
     """The dims' min/opt/max for the build: the manifest's, narrowed by the flags; problems reported together."""
-    factor = int(manifest.model.get("vae_scale_factor", 8))
+    factor = manifest_vae_scale_factor(manifest.model)
     by_name = {dim.name: dim for dim in manifest.dims}
     wanted: dict[str, dict[str, int | None]] = {
         "batch": {"min": config.min_batch, "opt": config.opt_batch, "max": config.max_batch},
@@ -69,8 +69,9 @@ def profile_dims(manifest: Manifest, config: BuildConfig) -> dict[str, Dim]:
     problems = []
     for bound in ("min", "opt", "max"):
         size = getattr(config, f"{bound}_size")
-        if size is not None and (size <= 0 or size % factor):
-            problems.append(f"--{bound}-size {size} is not a positive multiple of {factor} (the VAE's factor)")
+        problem = None if size is None else size_problem(f"--{bound}-size", size, factor)
+        if problem:
+            problems.append(problem)
             size = None
         for name in ("latent_height", "latent_width"):
             wanted.setdefault(name, {})[bound] = None if size is None else size // factor

@@ -18,12 +18,6 @@ T-GATE (Liu et al. 2024, PyPI ``tgate``) runs at the same n through its own pipe
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +25,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cair_export.lab.harness import run_stamp
 from cair_export.lab.quality_metrics import attribute_accuracy, fid_from_features, psnr, ssim
-from cair_runtime.errors import CairError, InvalidInputError, MissingDependencyError
+from cair_runtime.errors import InvalidInputError
+from cair_runtime.noise import seeded_latents
 
 CACHE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 25)
 ATTRIBUTES = ("shape", "colour", "background", "size", "position")
@@ -85,31 +81,6 @@ def classify_with_features(classifier: Any, images: np.ndarray, batch: int = 256
     return predictions, np.concatenate(features)
 
 
-def ensure_engine(config: EvaluateConfig, progress: Callable[[str], None]) -> Path:
-    """The model's engine folder at ``--max-batch``, exported on first use and reused afterwards."""
-    from cair_export.core.export import ExportConfig, export_model
-    from cair_export.core.models import load_model
-    from cair_runtime.manifest import load_manifest
-
-    folder = config.engines_dir / f"{Path(config.model).name}-b{config.max_batch}"
-    try:
-        manifest = load_manifest(folder)
-        if manifest.pipeline is not None and manifest.dim("batch").max >= config.max_batch:
-            progress(f"reusing {folder}")
-            return folder
-    except CairError:
-        pass
-    progress(f"exporting {config.model} with max batch {config.max_batch} to {folder} (once)")
-    export_model(load_model(config.model, with_pipeline=True), folder, ExportConfig(max_batch=config.max_batch),
-                 overwrite=True, progress=progress)
-    return folder
-
-
-def _initial_noise(seed: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    """As ``CairText2Image``: image k starts from ``default_rng(seed + k).standard_normal`` (float32)."""
-    return np.stack([np.random.default_rng(seed + k).standard_normal(shape, dtype=np.float32) for k in range(count)])
-
-
 def generate_runtime(pipeline: Any, prompts: list[str], n: int, config: EvaluateConfig) -> tuple[np.ndarray, float]:
     """uint8 images (N, H, W, 3) at cache step n, and wall seconds for all of them."""
     images, seconds = [], 0.0
@@ -129,7 +100,7 @@ def generate_tgate(pipe: Any, prompts: list[str], n: int, config: EvaluateConfig
     images, seconds = [], 0.0
     for start in range(0, len(prompts), config.max_batch):
         chunk = prompts[start:start + config.max_batch]
-        latents = torch.from_numpy(_initial_noise(config.seed + start, len(chunk), shape))
+        latents = torch.from_numpy(seeded_latents(range(config.seed + start, config.seed + start + len(chunk)), shape))
         started = time.perf_counter()
         # sp_interval = fi_interval = 1: self-attention is recomputed every step; only attn2 is gated.
         out = pipe.tgate(chunk, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
@@ -158,7 +129,9 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     """Run the sweep; returns the JSON-ready figures."""
     import torch
 
+    from cair_export.core.export import ExportConfig
     from cair_export.core.macs import count_graph_macs, generation_macs
+    from cair_export.lab.engines import ensure_engine
     from cair_export.core.models import load_model
     from cair_export.lab.shapes import classifier as shape_classifier
     from cair_export.lab.shapes import data
@@ -187,7 +160,8 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     progress(f"real drawings: classifier accuracy (all five) {real['accuracy']['all']:.1%}, "
              f"real-vs-real FID floor {real['fid_real_vs_real']:.3f} ({config.num_images} per side)")
 
-    folder = ensure_engine(config, progress)
+    folder = ensure_engine(config.model, config.engines_dir / f"{Path(config.model).name}-b{config.max_batch}",
+                           ExportConfig(max_batch=config.max_batch), progress=progress)
     pipeline = CairText2Image(folder, threads=config.threads)
     pipeline(prompts[:1], num_inference_steps=2, cache_step=1)  # warm-up: session initialisation
     size = data.IMAGE_SIZE
@@ -207,10 +181,10 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     if config.tgate_images:
         tgate_status = _run_tgate(config, cache_steps, prompts, truth, reference, real_features, classifier, macs,
                                   rows, progress, started)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    stamp = run_stamp("")
     return {"config": {**asdict(config), "classifier": str(config.classifier or shape_classifier.DEFAULT_PATH),
                        "engines_dir": str(config.engines_dir)},
-            "engine": str(folder), "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine,
+            "engine": str(folder), "date": stamp["date"], "machine": stamp["machine"],
             "real": real, "rows": rows, "tgate": tgate_status, "seconds": time.perf_counter() - started}
 
 

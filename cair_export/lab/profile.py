@@ -21,9 +21,6 @@ itself (``--rule below-threshold``, default 5 %) or ``--threshold`` times the fi
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cair_export.lab.quality_metrics import (DEFAULT_THRESHOLD, RULES, recommend_cache_step, relative_l2,
-                                         summarise_series)
+from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD, recommend_cache_step, relative_l2, summarise_series
 from cair_runtime.errors import InvalidInputError
 
 QUANTITIES = ("maps", "outputs")
@@ -126,7 +122,8 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
     import torch
 
     from cair_export.core.models import load_model
-    from cair_export.core.reference import cross_attention_sites
+    from cair_export.core.reference import cair_denoise, cross_attention_sites, installed_processors
+    from cair_runtime.noise import seeded_latents
 
     if config.steps < 2:
         raise InvalidInputError(f"steps {config.steps} must be at least 2 to measure a change between steps")
@@ -146,37 +143,24 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
     evaluations = len(scheduler.timesteps)  # T, or T+1 for PNDM's warm-up
 
     all_changes: dict[tuple[str, str], list[np.ndarray]] = {}
-    modules = [unet.get_submodule(site.module) for site in sites]
-    originals = [module.processor for module in modules]
     started = time.perf_counter()
-    try:
-        for start in range(0, len(prompts), config.batch):
-            batch_prompts = prompts[start:start + config.batch]
-            recorder = _Recorder(len(sites), evaluations, len(batch_prompts))
-            for index, module in enumerate(modules):
-                module.set_processor(_RecordingProcessor(recorder, index))
+    for start in range(0, len(prompts), config.batch):
+        batch_prompts = prompts[start:start + config.batch]
+        recorder = _Recorder(len(sites), evaluations, len(batch_prompts))
+        with installed_processors(unet, sites, lambda index, _: _RecordingProcessor(recorder, index)):
             with torch.no_grad():
                 prompt_embeds, negative_embeds = pipe.encode_prompt(batch_prompts, "cpu", 1, True)
-                context = torch.cat([negative_embeds, prompt_embeds])  # (2B, L, D): uncond half first
-                noise = np.stack([np.random.default_rng(config.seed + start + k).standard_normal(shape, dtype=np.float32)
-                                  for k in range(len(batch_prompts))])
-                scheduler.set_timesteps(config.steps)
-                latents = torch.from_numpy(noise) * scheduler.init_noise_sigma
-                for i, t in enumerate(scheduler.timesteps):
-                    recorder.step = i
-                    latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                    noise_uncond, noise_text = unet(latent_input, t, context, return_dict=False)[0].chunk(2)
-                    noise_pred = noise_uncond + config.guidance_scale * (noise_text - noise_uncond)
-                    latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            for key, value in recorder.changes.items():
-                all_changes.setdefault(key, []).append(value)
-            done = start + len(batch_prompts)
-            elapsed = time.perf_counter() - started
-            progress(f"profiled {done}/{len(prompts)} prompts ({elapsed:.0f} s, "
-                     f"about {elapsed / done * (len(prompts) - done):.0f} s left)")
-    finally:
-        for module, processor in zip(modules, originals):
-            module.set_processor(processor)
+            noise = seeded_latents(range(config.seed + start, config.seed + start + len(batch_prompts)), shape)
+            # The plain guided loop (no caching): every step runs both halves through the recorders.
+            cair_denoise(unet, scheduler, torch.from_numpy(noise), prompt_embeds, negative_embeds,
+                         num_inference_steps=config.steps, cache_step=None, guidance_scale=config.guidance_scale,
+                         on_step=lambda i: setattr(recorder, "step", i))
+        for key, value in recorder.changes.items():
+            all_changes.setdefault(key, []).append(value)
+        done = start + len(batch_prompts)
+        elapsed = time.perf_counter() - started
+        progress(f"profiled {done}/{len(prompts)} prompts ({elapsed:.0f} s, "
+                 f"about {elapsed / done * (len(prompts) - done):.0f} s left)")
 
     series = {}
     for (quantity, norm), parts in all_changes.items():
