@@ -35,6 +35,7 @@ from cair_export.core.onnx_io import save_onnx
 from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
 from cair_export.core.sizes import size_problem
 from cair_export.core.verify import FP32_RELATIVE_TOLERANCE, OutputCheck, compare_outputs, run_module, run_session
+from cair_runtime.backends.onnxruntime import make_session
 from cair_runtime.errors import InvalidInputError, ValidationError
 from cair_runtime.manifest import (
     MANIFEST_NAME,
@@ -170,16 +171,10 @@ def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], f
     return files
 
 
-def _session(path: Path):
-    from cair_runtime.backends.onnxruntime import make_session
-
-    return make_session(path)
-
-
 def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dict[str, int]],
                     tolerance: float, progress: Callable[[str], None], report: ValidationReport) -> None:
     """Run each UNet graph in onnxruntime (CPU) against its torch module, then the chained handoff."""
-    sessions = {kind: _session(folder / f"{kind}.onnx") for kind in graphs}
+    sessions = {kind: make_session(folder / f"{kind}.onnx") for kind in graphs}
     for kind, graph in graphs.items():
         _compare(graph, sessions[kind], shapes, lambda io, dims, seed: make_inputs(io, dims, seed), report,
                  tolerance, progress)
@@ -241,7 +236,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
         progress(f"exporting {kind} graph")
         _export_onnx(graph, io, tokens(io, dict(opt, batch=1), 0), work, config.opset)
         if report is not None:
-            _compare(graph, _session(work / f"{kind}.onnx"), text_dims, tokens, report, config.tolerance, progress)
+            _compare(graph, make_session(work / f"{kind}.onnx"), text_dims, tokens, report, config.tolerance, progress)
         ios[kind] = io
 
     io = vae_decoder_io(model.vae, model.vae_scale_factor)
@@ -251,7 +246,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
                  config.opset)
     if report is not None:
         wide = dict(opt, batch=2, latent_width=opt["latent_width"] + 2)
-        _compare(graph, _session(work / "vae_decoder.onnx"), [dict(opt, batch=1), wide],
+        _compare(graph, make_session(work / "vae_decoder.onnx"), [dict(opt, batch=1), wide],
                  lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
     ios["vae_decoder"] = io
     return pipeline, ios
