@@ -1,5 +1,7 @@
 """``cair-export``: export, build, compare, measure and demo CAIR engines.
 
+The program's one command-line definition: every subcommand's parser and the few lines that turn
+its flags into the library's config dataclass and call it. Library modules never import this one.
 Project errors become one line on stderr and exit code 2; anything else is a bug and keeps its
 traceback.
 """
@@ -7,7 +9,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,19 +16,54 @@ from pathlib import Path
 from cair_runtime.cli import OneLineArgumentParser, run_command
 
 
-# Modules that add their own subcommand with `add_command(subparsers)`; imported when the parser is built,
-# so they import their heavy dependencies inside their functions.
-COMMAND_MODULES: tuple[str, ...] = ("cair_export.build", "cair_export.compare", "cair_export.profile",
-                                    "cair_export.evaluate")
-
-
 def progress(message: str) -> None:
     print(f"[cair-export] {message}", file=sys.stderr, flush=True)
 
 
+# --- argument types (also used by the scripts) ----------------------------------------------------
+
+
+def int_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def positive_int_arg(text: str) -> int:
+    value = int_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def _check_outputs(*paths: str | None) -> None:
+    """Fail before any work when an output file cannot be written."""
+    from cair_runtime.files import check_writable
+
+    for path in paths:
+        if path:
+            check_writable(path, make_parent=True)
+
+
+def _command_line() -> str:
+    return "cair-export " + " ".join(sys.argv[1:])
+
+
+# --- export core ----------------------------------------------------------------------------------
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from cair_export.export import ExportConfig, check_export_config, check_output_dir, export_model
-    from cair_export.models import load_model
+    from cair_export.core.export import ExportConfig, check_export_config, check_output_dir, export_model
+    from cair_export.core.models import load_model
 
     out_dir = Path(args.out_dir)
     check_output_dir(out_dir, args.overwrite)  # before loading anything: fail fast
@@ -41,9 +77,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_macs(args: argparse.Namespace) -> int:
-    from cair_export.export import ExportConfig, check_export_config
-    from cair_export.macs import CONVENTIONS, count_graph_macs, generation_macs
-    from cair_export.models import load_model
+    from cair_export.core.export import ExportConfig, check_export_config
+    from cair_export.core.macs import CONVENTIONS, count_graph_macs, generation_macs
+    from cair_export.core.models import load_model
     from cair_runtime.stages import check_cache_step
 
     check_cache_step(args.cache_step, args.steps)
@@ -67,11 +103,38 @@ def cmd_macs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cair_export.demo import DemoConfig, format_table, run_demo
-    from cair_runtime.files import check_writable
+# --- deploy ---------------------------------------------------------------------------------------
 
-    check_writable(args.output, make_parent=True)
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from cair_export.deploy.build import BuildConfig, build_engines
+
+    config = BuildConfig(backend=args.backend, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                         max_batch=args.max_batch, min_size=args.min_size, opt_size=args.opt_size,
+                         max_size=args.max_size, timing_cache=args.timing_cache, device=args.device, dtype=args.dtype)
+    build_engines(args.engine_dir, config, progress=progress)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cair_export.deploy.compare import compare_engines, format_table
+    from cair_runtime.errors import ValidationError
+
+    rows = compare_engines(args.engine_dir, args.reference, args.batch, progress=progress)
+    print(format_table(rows))
+    failures = [f"{r.candidate} {r.graph}:{r.output} {r.relative:.1e} > {r.tolerance:.0e}" for r in rows if not r.ok]
+    if failures:
+        raise ValidationError(f"{len(failures)} output(s) outside tolerance: {'; '.join(failures)}")
+    return 0
+
+
+# --- lab ------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cair_export.lab.demo import DemoConfig, format_table, run_demo
+
+    _check_outputs(args.output)
     figures = run_demo(DemoConfig(model=args.model, engines_dir=Path(args.engines_dir), output=Path(args.output),
                                   steps=args.steps, cache_step=args.cache_step, guidance_scale=args.guidance_scale,
                                   seed=args.seed, repeats=args.repeats), progress=progress)
@@ -79,28 +142,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def int_arg(text: str) -> int:
+def cmd_profile(args: argparse.Namespace) -> int:
+    from cair_export.lab.harness import run_stamp
+    from cair_export.lab.profile import ProfileConfig, format_profile, plot_profile, profile_model
+
+    _check_outputs(args.json, args.plot)
+    config = ProfileConfig(model=args.model, prompts=Path(args.prompts), steps=args.steps,
+                           guidance_scale=args.guidance_scale, seed=args.seed, threshold=args.threshold, rule=args.rule,
+                           batch=args.batch, max_prompts=args.max_prompts, height=args.height, width=args.width)
+    figures = profile_model(config, progress=progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**run_stamp(_command_line()), **figures}, indent=2) + "\n")
+    if args.plot:
+        plot_profile(figures, Path(args.plot))
+    print(format_profile(figures))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cair_export.lab.evaluate import EvaluateConfig, evaluate, format_markdown, plot_quality
+    from cair_runtime.errors import MissingDependencyError
+
+    _check_outputs(args.json, args.markdown, args.plot)
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    return value
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if args.plot:
+            raise MissingDependencyError("the plot needs matplotlib; pip install -e '.[lab]' (or pass --plot '')") from None
+    config = EvaluateConfig(
+        model=args.model, classifier=Path(args.classifier) if args.classifier else None,
+        engines_dir=Path(args.engines_dir), num_images=args.num_images, cache_steps=args.cache_steps,
+        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, max_batch=args.max_batch,
+        threads=args.threads, tgate_images=args.tgate_images, tgate_cache_steps=args.tgate_cache_steps)
+    figures = evaluate(config, progress=progress)
+    command = _command_line()
+    report = format_markdown(figures, command)
+    for path, text in ((args.json, json.dumps({"command": command, **figures}, indent=2) + "\n"), (args.markdown, report)):
+        if path:
+            Path(path).write_text(text)
+    if args.plot:
+        plot_quality(figures, Path(args.plot))
+    print(report)
+    return 0
 
 
-def positive_int_arg(text: str) -> int:
-    value = int_arg(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+# --- the parser -----------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from cair_export.models import PRESETS
-
-    parser = OneLineArgumentParser(prog="cair-export", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    presets = ", ".join(PRESETS)
-
+def _add_export(sub, presets: str) -> None:
     export = sub.add_parser("export", help="export a UNet as CAIR planning and fidelity ONNX graphs")
     export.add_argument("model", help=f"preset ({presets}) or local diffusers pipeline/UNet folder")
     export.add_argument("out_dir", help="engine folder to write (created atomically)")
@@ -118,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     export.set_defaults(func=cmd_export)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="export the shipped model and show baseline vs CAIR images and speed")
     demo.add_argument("--model", default="shapes", help="shipped model, preset or pipeline folder (default shapes)")
     demo.add_argument("--engines-dir", default="engines", help="where the export goes (default engines/)")
@@ -129,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=positive_int_arg, default=3, help="timed runs per prompt and configuration (default 3)")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_macs(sub, presets: str) -> None:
     macs = sub.add_parser("macs", help="MACs per evaluation and per generation, baseline vs CAIR")
     macs.add_argument("model", help=f"preset ({presets}) or local folder (only its config is read)")
     macs.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
@@ -140,8 +233,96 @@ def build_parser() -> argparse.ArgumentParser:
     macs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     macs.set_defaults(func=cmd_macs)
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_command(sub)
+
+def _add_build(sub) -> None:
+    from cair_export.deploy.build import BACKENDS
+
+    build = sub.add_parser("build", help="build TensorRT engines or AOTInductor packages for an engine folder")
+    build.add_argument("engine_dir", help="an exported engine folder (cair-export export)")
+    build.add_argument("--backend", choices=BACKENDS, default="tensorrt", help="what to build (default tensorrt)")
+    for bound in ("min", "opt", "max"):
+        build.add_argument(f"--{bound}-batch", type=positive_int_arg,
+                           help=f"profile {bound} prompts per call (default: manifest)")
+    for bound in ("min", "opt", "max"):
+        build.add_argument(f"--{bound}-size", type=positive_int_arg,
+                           help=f"profile {bound} square size in pixels (default: manifest)")
+    build.add_argument("--timing-cache", help="TensorRT timing cache file: read if present, written back")
+    build.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="aoti: device to compile for (default cpu)")
+    build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="aoti: compute precision (IO stays float32); TensorRT takes the ONNX's precision")
+    build.set_defaults(func=cmd_build)
+
+
+def _add_compare(sub) -> None:
+    compare = sub.add_parser("compare", help="compare every built engine with the fp32 onnxruntime reference")
+    compare.add_argument("engine_dir", help="an engine folder with built engines or low-precision graphs")
+    compare.add_argument("--reference", help="fp32 engine folder of the same model (default: ENGINE_DIR itself)")
+    compare.add_argument("--batch", type=int, help="prompts per call to compare at (default: the manifest's opt)")
+    compare.set_defaults(func=cmd_compare)
+
+
+def _add_profile(sub) -> None:
+    from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD, RULES
+
+    profile = sub.add_parser("profile", help="per-step convergence of cross-attention maps and outputs; "
+                                             "recommends a cache step n")
+    profile.add_argument("model", help="shipped model (shapes), preset with a pipeline or local diffusers pipeline folder")
+    profile.add_argument("--prompts", required=True,
+                         help="prompt file, one a line (shipped: cair_export/lab/prompts/shapes.txt, general.txt)")
+    profile.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
+    profile.add_argument("--guidance-scale", type=float, default=7.5)
+    profile.add_argument("--seed", type=int_arg, default=0)
+    profile.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                         help="the rule's bound: relative output change (below-threshold, default 0.05) or "
+                              "fraction of the first change (fraction-of-first)")
+    profile.add_argument("--rule", choices=RULES, default="below-threshold", help="cache-step rule (default below-threshold)")
+    profile.add_argument("--batch", type=int_arg, default=8, help="prompts per UNet batch (default 8)")
+    profile.add_argument("--max-prompts", type=int_arg, help="use only the first N prompts (quick run)")
+    profile.add_argument("--height", type=int_arg, help="pixel height (default: native)")
+    profile.add_argument("--width", type=int_arg, help="pixel width (default: native)")
+    profile.add_argument("--json", help="write the figures as JSON here")
+    profile.add_argument("--plot", help="write the plot (PNG) here")
+    profile.set_defaults(func=cmd_profile)
+
+
+def _add_evaluate(sub) -> None:
+    from cair_export.lab.evaluate import CACHE_STEPS
+
+    evaluate = sub.add_parser("evaluate", help="quality (attribute accuracy, FID, PSNR, SSIM) and cost against "
+                                               "cache step n on shapes, with T-GATE beside")
+    evaluate.add_argument("model", nargs="?", default="shapes", help="shipped model or shapes pipeline folder (default shapes)")
+    evaluate.add_argument("--classifier", help="attribute classifier folder (default: the shipped one)")
+    evaluate.add_argument("--engines-dir", default="engines", help="where the export goes (default engines/)")
+    evaluate.add_argument("--num-images", type=int_arg, default=1000,
+                          help="images per n, and real drawings per side (default 1000)")
+    evaluate.add_argument("--cache-steps", type=int_list, default=CACHE_STEPS,
+                          help="comma-separated n values (default 1,2,3,4,5,6,8,10,15,20,25); T is always added")
+    evaluate.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
+    evaluate.add_argument("--guidance-scale", type=float, default=7.5)
+    evaluate.add_argument("--seed", type=int_arg, default=0)
+    evaluate.add_argument("--max-batch", type=int_arg, default=32, help="engine batch, images per runtime call (default 32)")
+    evaluate.add_argument("--threads", type=int_arg, default=0, help="intra-op threads (0: library default)")
+    evaluate.add_argument("--tgate-images", type=int_arg, default=100, help="images per n for T-GATE (0: skip; default 100)")
+    evaluate.add_argument("--tgate-cache-steps", type=int_list, help="n values for T-GATE (default: the same as CAIR)")
+    evaluate.add_argument("--json", help="write the figures as JSON here")
+    evaluate.add_argument("--markdown", help="write the markdown report here")
+    evaluate.add_argument("--plot", help="write the plot (PNG) here")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cair_export.core.models import PRESETS
+
+    parser = OneLineArgumentParser(prog="cair-export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    presets = ", ".join(PRESETS)
+    _add_export(sub, presets)
+    _add_demo(sub)
+    _add_macs(sub, presets)
+    _add_build(sub)
+    _add_compare(sub)
+    _add_profile(sub)
+    _add_evaluate(sub)
     return parser
 
 

@@ -34,6 +34,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cair_export.cli import int_list
+from cair_export.lab.harness import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a large red circle on the left on a white background"
 
@@ -81,8 +84,8 @@ def _safely(name: str, group: str, make: Callable[[], Callable[[], Any]], cache_
 def shapes_configs(model_name: str, steps: int, cache_steps: list[int], engines: Path, threads: int) -> list[Config]:
     import torch
 
-    from cair_export.models import load_model
-    from cair_export.reference import cair_text_to_image
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_text_to_image
 
     def pipe():
         return load_model(model_name, with_pipeline=True).diffusers_pipeline()
@@ -148,10 +151,11 @@ def shapes_configs(model_name: str, steps: int, cache_steps: list[int], engines:
 
     def runtime(n: int):
         def make():
-            from cair_export.demo import ensure_engine
+            from cair_export.lab.engines import ensure_engine
             from cair_runtime.text2image import CairText2Image
 
-            folder = ensure_engine(model_name, engines, lambda m: print(f"  {m}", file=sys.stderr))
+            folder = ensure_engine(model_name, engines / Path(model_name).name,
+                                   progress=lambda m: print(f"  {m}", file=sys.stderr))
             pipeline = CairText2Image(folder, threads=threads)
             noise = latents.numpy()
             return lambda: pipeline(PROMPT, num_inference_steps=steps, cache_step=n, guidance_scale=7.5, latents=noise)
@@ -176,8 +180,8 @@ def sd21_configs(steps: int, cache_steps: list[int], size: int, engines: Path, t
                  only: set[str] | None) -> list[Config]:
     import torch
 
-    from cair_export.models import load_model
-    from cair_export.reference import cair_denoise
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_denoise
 
     from diffusers import DDIMScheduler
 
@@ -219,8 +223,11 @@ def sd21_configs(steps: int, cache_steps: list[int], size: int, engines: Path, t
         def make():
             from tgate.tgate_utils import register_forward, tgate_scheduler
 
+            # T-GATE's own SD pipeline loop (tgate/SD.py), UNet part only. It cannot be cair_denoise:
+            # tgate re-registers its Attention forwards before every step, and after the gate step
+            # it runs the UNet at batch B on the negative embeddings, its caching inside those forwards.
             @torch.no_grad()
-            def run():  # T-GATE's SD pipeline loop (tgate/SD.py), UNet part only
+            def run():
                 sampler = scheduler()
                 sampler.set_timesteps(steps)
                 x = latents.clone() * sampler.init_noise_sigma
@@ -389,26 +396,21 @@ def _machine() -> str:
     import onnxruntime as ort
     import torch
 
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return (f"{cpu}, {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__} "
+    return (f"{cpu_name()}, {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__} CPUExecutionProvider")
 
 
 def main() -> int:
     import torch
 
-    from cair_export.macs import count_graph_macs, count_pipeline_macs, generation_macs
-    from cair_export.models import load_model
+    from cair_export.core.macs import count_graph_macs, count_pipeline_macs, generation_macs
+    from cair_export.core.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("shapes", "sd21", "both"), default="shapes")
     parser.add_argument("--model", default="shapes", help="model of the shapes suite (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cache-steps", default="5,10", help="n values for CAIR and T-GATE (default 5,10)")
+    parser.add_argument("--cache-steps", type=int_list, default=(5, 10), help="n values for CAIR and T-GATE (default 5,10)")
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds after the warm-up (default 5)")
     parser.add_argument("--sd21-repeats", type=int, default=3, help="measured rounds for sd21 (default 3)")
     parser.add_argument("--sd21-only", help="comma-separated name fragments of sd21 configurations to run")
@@ -420,7 +422,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cache_steps = [int(n) for n in args.cache_steps.split(",") if n.strip()]
+    cache_steps = list(args.cache_steps)
     command = "python scripts/bench.py " + " ".join(sys.argv[1:])
     results = {"command": command, "date": datetime.datetime.now().isoformat(timespec="minutes"),
                "machine": _machine(), "suites": {}}
@@ -457,7 +459,7 @@ def main() -> int:
                       f"median of {result['repeats']} warm runs", "", *markdown_table(result["rows"])]
     lines += ["", "UNet MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet; "
                   "end-to-end MAC bound (text-to-image suites): the same plus E on both sides, the text encoders "
-                  "(prompt and negative prompt) and the VAE decoder (`cair_export.macs.count_pipeline_macs`); "
+                  "(prompt and negative prompt) and the VAE decoder (`cair_export.core.macs.count_pipeline_macs`); "
                   "efficiency = measured speed-up / MAC bound. Torch rows are relative to the diffusers plain row, "
                   "runtime rows to the runtime at n = T."]
     report = "\n".join(lines) + "\n"

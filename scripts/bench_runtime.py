@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import sys
 import time
@@ -20,39 +20,28 @@ from pathlib import Path
 
 import numpy as np
 
+from cair_export.cli import int_list
+from cair_export.lab.harness import cpu_name
+
 
 def _machine() -> str:
-    import os
-
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPUExecutionProvider"
+    return f"{cpu_name()}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPUExecutionProvider"
 
 
 def _engine_dir(engines: Path, model: str, size: int) -> Path:
-    from cair_export.export import ExportConfig, export_model
-    from cair_export.models import load_model
+    from cair_export.core.export import ExportConfig
+    from cair_export.lab.engines import ensure_engine
 
-    folder = engines / f"{model}-{size}"
-    if not (folder / "manifest.json").is_file():
-        print(f"exporting {model} at {size}x{size} to {folder} (once)", file=sys.stderr)
-        export_model(load_model(model), folder, ExportConfig(height=size, width=size, max_batch=1),
-                     progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
-    return folder
+    return ensure_engine(model, engines / f"{model}-{size}", ExportConfig(height=size, width=size, max_batch=1),
+                         with_pipeline=False, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
 
 
 def bench_model(model: str, size: int, steps: int, cache_steps: list[int], repeats: int, engines: Path,
                 threads: int) -> dict:
-    from cair_export.macs import count_graph_macs, generation_macs
-    from cair_export.models import load_model
+    from cair_export.core.macs import count_graph_macs, generation_macs
+    from cair_export.core.models import load_model
     from cair_runtime.pipeline import CairEngine
 
     engine = CairEngine(_engine_dir(engines, model, size), threads=threads)
@@ -108,14 +97,14 @@ def main() -> int:
     parser.add_argument("--models", default="tiny-sd21,sd21", help="comma-separated presets or folders")
     parser.add_argument("--size", type=int, default=256, help="pixel height and width (default 256)")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cache-steps", default="5,10", help="CAIR cache steps n besides the baseline n = T")
+    parser.add_argument("--cache-steps", type=int_list, default=(5, 10), help="CAIR cache steps n besides the baseline n = T")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
     parser.add_argument("--engines-dir", type=Path, default=Path("engines"))
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
 
-    cache_steps = [args.steps] + [int(n) for n in args.cache_steps.split(",") if int(n) != args.steps]
+    cache_steps = [args.steps] + [n for n in args.cache_steps if n != args.steps]
     results = [bench_model(model, args.size, args.steps, cache_steps, args.repeats, args.engines_dir, args.threads)
                for model in args.models.split(",")]
     machine = _machine()

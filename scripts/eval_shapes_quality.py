@@ -25,8 +25,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from cair_export.shapes import classifier as shape_classifier
-from cair_export.shapes import data
+from cair_export.lab.shapes import classifier as shape_classifier
+from cair_export.lab.shapes import data
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTRIBUTES = ("shape", "colour", "background", "size", "position")
@@ -34,7 +34,7 @@ ATTRIBUTES = ("shape", "colour", "background", "size", "position")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "cair_export" / "assets" / "shapes")
+    parser.add_argument("--model", type=Path, default=ROOT / "cair_export" / "lab" / "assets" / "shapes")
     parser.add_argument("--classifier", type=Path, default=shape_classifier.DEFAULT_PATH)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -148,7 +148,7 @@ def main() -> None:
         "",
         f"Plain diffusers `StableDiffusionPipeline` ({type(pipe.scheduler).__name__}), {args.steps} steps, "
         f"guidance {args.guidance}, seed {args.seed}; model `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}`. "
-        f"Attributes named by the shipped classifier (`cair_export/assets/shapes_classifier`). "
+        f"Attributes named by the shipped classifier (`cair_export/lab/assets/shapes_classifier`). "
         f"Run time {minutes:.1f} min on {torch.get_num_threads()} CPU threads.",
         "",
         f"## Held-out single-object prompts ({len(singles)} images, prompts never used verbatim in training)",

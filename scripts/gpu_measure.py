@@ -3,14 +3,15 @@
 For a lent GPU machine (PyTorch with CUDA; no TensorRT, no onnxruntime-gpu, no network). Random
 weights of the published architecture (preset ``sd21``) at 512x512, 25 DDIM steps, fp16:
 
-- (a) ``eager``: the plain diffusers loop (UNet with CFG at batch 2B every step), the baseline users run;
+- (a) ``eager``: the plain diffusers loop (UNet with CFG at batch 2B every step), the baseline users run
+  (``cair_denoise(cache_step=None)``);
 - (b) ``torch-cair``: the torch reference ``cair_denoise`` at n = T, 5, 10;
 - (c) ``aoti``: the runtime (``CairEngine(backend="aoti")``) over AOTInductor packages compiled here
   with static shapes (batch 1, 512x512), at n = T, 5, 10.
 
 After one warm-up each, the configurations run alternately ``--repeats`` rounds, so drift hits
 them alike; the table gives median latency, speed-up over the same method's n = T and over (a),
-and the MAC bound of ``cair_export.macs`` (conv+linear convention). JSON goes to ``--json``,
+and the MAC bound of ``cair_export.core.macs`` (conv+linear convention). JSON goes to ``--json``,
 rewritten after every stage so an interrupted run keeps what it measured.
 
     python scripts/gpu_measure.py --json docs/gpu-measure.json                  # the GPU run (~5-8 min on an H100)
@@ -31,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cair_export.cli import int_list
+
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -43,26 +46,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def eager_loop(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, steps, guidance_scale, added=None):
-    """The plain diffusers loop (``StableDiffusionPipeline.__call__``'s denoising part): CFG at 2B every step."""
-    scheduler.set_timesteps(steps)
-    latents = latents * scheduler.init_noise_sigma
-    context = torch.cat([negative_prompt_embeds, prompt_embeds])
-    for t in scheduler.timesteps:
-        latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise_uncond, noise_text = unet(latent_input, t, context, added_cond_kwargs=added, return_dict=False)[0].chunk(2)
-        latents = scheduler.step(noise_uncond + guidance_scale * (noise_text - noise_uncond), t, latents,
-                                 return_dict=False)[0]
-    return latents
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd21", help="preset (default sd21: the published architecture)")
     parser.add_argument("--size", type=int, default=512, help="square size in pixels (default 512)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps T (default 25)")
-    parser.add_argument("--cache-steps", default="5,10", help="CAIR cache steps n, comma-separated (default 5,10)")
+    parser.add_argument("--cache-steps", type=int_list, default=(5, 10), help="CAIR cache steps n, comma-separated (default 5,10)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="fp16", help="UNet precision (default fp16)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
@@ -74,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import DDIMScheduler
 
-    from cair_export.aoti import QUICK_CPU_COMPILE, export_aoti_folder
-    from cair_export.macs import count_graph_macs, generation_macs
-    from cair_export.models import load_model
-    from cair_export.reference import cair_denoise
+    from cair_export.deploy.aoti import QUICK_CPU_COMPILE, export_aoti_folder
+    from cair_export.core.macs import count_graph_macs, generation_macs
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_denoise
     from cair_runtime.pipeline import CairEngine
 
     started_all = time.perf_counter()
@@ -86,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_measure: error: --device cuda but torch sees no GPU; use --device cpu for a smoke test",
               file=sys.stderr)
         return 2
-    cache_steps = [int(n) for n in args.cache_steps.split(",")]
+    cache_steps = list(args.cache_steps)
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     results: dict = {"model": args.model, "size": args.size, "steps": args.steps, "cache_steps": cache_steps,
                      "device": device, "gpu": gpu, "dtype": args.dtype, "torch": torch.__version__,
@@ -125,12 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each configuration: (method, n) -> a callable running one whole generation.
     configs: dict[tuple[str, int], object] = {}
-    configs[("eager", args.steps)] = lambda: eager_loop(
-        unet, scheduler, on_device["latents"], on_device["prompt"], on_device["negative"], args.steps,
-        args.guidance_scale,
-        None if added is None else {k: torch.cat([negative_added[k], added[k]]) for k in added})
-    for n in [args.steps, *cache_steps]:
-        configs[("torch-cair", n)] = lambda n=n: cair_denoise(
+    # cache_step=None: the plain diffusers loop with the UNet's own processors, CFG at 2B every step.
+    for method, n in [("eager", None), *(("torch-cair", n) for n in [args.steps, *cache_steps])]:
+        configs[(method, n or args.steps)] = lambda n=n: cair_denoise(
             unet, scheduler, on_device["latents"], on_device["prompt"], on_device["negative"],
             num_inference_steps=args.steps, cache_step=n, guidance_scale=args.guidance_scale,
             added_cond=added, negative_added_cond=negative_added)

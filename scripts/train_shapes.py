@@ -2,7 +2,7 @@
 
 Stages (all by default, in this order; each writes its part so a later stage can run alone):
 
-1. data        seeded procedural images + captions (`cair_export.shapes.data`), made once
+1. data        seeded procedural images + captions (`cair_export.lab.shapes.data`), made once
 2. vae         AutoencoderKL, 64x64 RGB <-> 16x16x4 latents (trained on 32x32 crops, then full images)
 3. decoder     the VAE decoder fine-tuned on full images, encoder frozen (latents do not change)
 4. classifier  CNN naming shape, colour, background, size and position (quality evaluation)
@@ -14,8 +14,8 @@ same weights as one run of all stages. The UNet's learning rate is constant afte
 pipeline (EMA weights) is written every `--save-every` steps: a run stopped at a save equals a run
 with `--unet-steps` set to that step.
 
-Outputs: a StableDiffusionPipeline folder in cair_export/assets/shapes/ and the classifier in
-cair_export/assets/shapes_classifier/. Measured wall time of the shipped run (docs/shapes_quality.md):
+Outputs: a StableDiffusionPipeline folder in cair_export/lab/assets/shapes/ and the classifier in
+cair_export/lab/assets/shapes_classifier/. Measured wall time of the shipped run (docs/shapes_quality.md):
 about 100 min stage by stage on 2 shared CPU cores (VAE 41, decoder 12, classifier 3, UNet 46). On
 a CPU shared with other work, `--threads 1` can be many times faster than 2 (OpenMP threads waiting
 on each other). Examples:
@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from cair_export.shapes import classifier as shape_classifier
-from cair_export.shapes import data
-from cair_export.shapes.tokenizer import write_tokenizer
+from cair_export.lab.shapes import classifier as shape_classifier
+from cair_export.lab.shapes import data
+from cair_export.core.models.tokenizer import write_tokenizer
 
-ASSETS = Path(__file__).resolve().parent.parent / "cair_export" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "cair_export" / "lab" / "assets"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +407,7 @@ def save_pipeline(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out / "tokenizer", text_len)  # our files, not save_pretrained's re-export
+    write_tokenizer(out / "tokenizer", data.caption_vocabulary(), text_len)  # our files, not save_pretrained's re-export
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def main() -> None:
     start = time.time()
     print(f"config: {json.dumps(dataclasses.asdict(cfg), default=str)}", flush=True)
 
-    tokenizer = write_tokenizer(cfg.out / "tokenizer", cfg.text_len)
+    tokenizer = write_tokenizer(cfg.out / "tokenizer", data.caption_vocabulary(), cfg.text_len)
     if stages & {"vae", "decoder", "unet"}:
         raw, captions, _ = data.generate(cfg.num_images, cfg.seed, cfg.pair_fraction, cfg.caption_drop)
         images = torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, 64, 64)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cair_export.export import ExportConfig, export_model
-from cair_export.models import load_model
+from cair_export.core.export import ExportConfig, export_model
+from cair_export.core.models import load_model
 
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from cair_export.aoti import QUICK_CPU_COMPILE, PrecisionGraph, aoti_manifest, export_graph, upsample_factor
-from cair_export.build import BuildConfig, build_engines
-from cair_export.graphs import CairGraph, GraphIO
-from cair_export.models import load_model
-from cair_export.reference import CrossAttentionCache, cair_denoise
+from cair_export.deploy.aoti import QUICK_CPU_COMPILE, PrecisionGraph, aoti_manifest, export_graph, upsample_factor
+from cair_export.deploy.build import BuildConfig, build_engines
+from cair_export.core.graphs import CairGraph, GraphIO
+from cair_export.core.models import load_model
+from cair_export.core.reference import CrossAttentionCache, cair_denoise
 from cair_runtime.errors import ShapeError
 from cair_runtime.manifest import load_manifest
 from cair_runtime.pipeline import CairEngine

@@ -7,7 +7,8 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from cair_export.build import BuildConfig, build_engines, install_engines, profile_dims, tensor_profiles
+from cair_export.deploy.build import BuildConfig, build_engines, profile_dims, tensor_profiles
+from cair_export.deploy.folder import install_engines
 from cair_runtime.errors import InvalidInputError, MissingDependencyError
 from cair_runtime.manifest import MANIFEST_NAME, EngineRecord, load_manifest
 
@@ -79,7 +80,7 @@ def test_install_engines_updates_the_manifest_in_one_step(exported, tmp_path, mo
 
     # Interrupted while writing the new manifest: the old one is still whole and still loads.
     before = (folder / MANIFEST_NAME).read_text()
-    monkeypatch.setattr("cair_export.build.os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr("cair_export.deploy.folder.os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         install_engines(folder, again, {"planning": stage("planning.pt2", b"v3")}, records[:1])
     assert (folder / MANIFEST_NAME).read_text() == before

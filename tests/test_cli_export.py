@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from cair_export.cli import main
-from cair_export.models.presets import PRESETS
+from cair_export.core.models.presets import PRESETS
 
 
 def _run(capsys, *argv):
@@ -111,7 +111,7 @@ def test_export_cli_writes_engine_folder(tmp_path):
 
 def test_exported_model_is_found_again_from_its_manifest(tmp_path):
     """build --backend aoti reloads the source model: presets, the shipped model and folders."""
-    from cair_export.models.loading import load_exported_model
+    from cair_export.core.models.loading import load_exported_model
 
     assert load_exported_model({"name": "tiny-sd15", "source": "preset"}).name == "tiny-sd15"
     shipped = load_exported_model({"name": "shapes", "source": "shipped"})
@@ -139,7 +139,7 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys, one_line_error):
     """An output that cannot be written is refused up front, not after a long profile or evaluation."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    for argv in (["profile", "shapes", "--prompts", "cair_export/prompts/shapes.txt", "--steps", "3",
+    for argv in (["profile", "shapes", "--prompts", "cair_export/lab/prompts/shapes.txt", "--steps", "3",
                   "--json", str(blocker / "out.json")],
                  ["evaluate", "--num-images", "4", "--plot", str(blocker / "out.png")],
                  ["demo", "--output", str(tmp_path)]):

@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from cair_export.demo import DEMO_PROMPTS, DemoConfig, run_demo
+from cair_export.lab.demo import DEMO_PROMPTS, DemoConfig, run_demo
 
 
 def test_demo_exports_once_and_writes_grid(tmp_path):

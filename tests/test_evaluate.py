@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cair_export.quality_metrics import (
+from cair_export.lab.quality_metrics import (
     attribute_accuracy,
     feature_statistics,
     fid_from_features,
@@ -105,8 +105,8 @@ def test_attribute_accuracy_table():
 
 
 def test_held_out_prompts_cycle_and_carry_their_truth():
-    from cair_export.evaluate import held_out_prompts
-    from cair_export.shapes import data
+    from cair_export.lab.evaluate import held_out_prompts
+    from cair_export.lab.shapes import data
 
     count = len(data.held_out_scenes()) + 2
     prompts, truth = held_out_prompts(count)

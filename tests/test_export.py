@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cair_export import export as export_module
-from cair_export.export import ExportConfig, export_model
-from cair_export.graphs import CairGraph, make_inputs
-from cair_export.models import load_model
-from cair_export.reference import CrossAttentionCache, cross_attention_sites
+from cair_export.core import export as export_module
+from cair_export.core import onnx_io
+from cair_export.core.export import ExportConfig, export_model
+from cair_export.core.graphs import CairGraph, make_inputs
+from cair_export.core.models import load_model
+from cair_export.core.reference import CrossAttentionCache, cross_attention_sites
 from cair_runtime.errors import ValidationError
 from cair_runtime.manifest import load_manifest
 
@@ -88,7 +89,7 @@ def test_graphs_match_torch_at_shapes_unlike_the_trace(exported, preset):
     model = load_model(preset)
     manifest = load_manifest(folder)
     with CrossAttentionCache(model.unet) as cache:
-        from cair_export.graphs import cache_specs, graph_specs
+        from cair_export.core.graphs import cache_specs, graph_specs
         ios = graph_specs(model, cache_specs(cache.sites), "none")
         for kind, io in ios.items():
             session = ort.InferenceSession(str(folder / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
@@ -145,7 +146,7 @@ def test_overwrite_replaces_folder_atomically(tmp_path):
 
 
 def test_large_graphs_use_one_external_data_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 1024)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1024)
     out = tmp_path / "engine"
     export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
     manifest = load_manifest(out)

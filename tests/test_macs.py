@@ -8,9 +8,9 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
 from cair_export.cli import main
-from cair_export.macs import GraphMacs, count_graph_macs, count_pipeline_macs, generation_macs
-from cair_export.models import load_model
-from cair_export.reference import CrossAttentionCache, cross_attention_sites
+from cair_export.core.macs import GraphMacs, count_graph_macs, count_pipeline_macs, generation_macs
+from cair_export.core.models import load_model
+from cair_export.core.reference import CrossAttentionCache, cross_attention_sites
 
 
 def _flop_counter_macs(unet, sample, context, added=None, replay=None):

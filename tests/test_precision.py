@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from cair_export.graphs import CairGraph, cache_specs, graph_specs
-from cair_export.models import load_model
-from cair_export.precision import convert_graph_precision, lower_exported_graphs, precision_islands
-from cair_export.precision import validate_graph_precision
-from cair_export.reference import CrossAttentionCache
+from cair_export.core.graphs import CairGraph, cache_specs, graph_specs
+from cair_export.core.models import load_model
+from cair_export.core.precision import convert_graph_precision, lower_exported_graphs, precision_islands
+from cair_export.core.precision import validate_graph_precision
+from cair_export.core.reference import CrossAttentionCache
 
 SHAPES = [{"batch": 1, "latent_height": 8, "latent_width": 12, "text_len": 77}]
 
@@ -100,8 +100,8 @@ def test_compare_checks_fp16_graphs_against_the_fp32_reference(exported, tmp_pat
     """An fp16 folder (as `cair-export export --dtype fp16` writes it) compared with its fp32 export."""
     import dataclasses
 
-    from cair_export.build import write_manifest
-    from cair_export.compare import compare_engines, format_table
+    from cair_export.deploy.folder import write_manifest
+    from cair_export.deploy.compare import compare_engines, format_table
     from cair_runtime.errors import InvalidInputError
     from cair_runtime.manifest import load_manifest, record_file
 

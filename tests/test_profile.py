@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cair_export.profile import read_prompts
-from cair_export.quality_metrics import recommend_cache_step, relative_l2, summarise_series
+from cair_export.lab.profile import read_prompts
+from cair_export.lab.quality_metrics import recommend_cache_step, relative_l2, summarise_series
 from cair_runtime.errors import InvalidInputError
 
 
@@ -80,9 +80,9 @@ def test_prompt_files_skip_comments_and_blank_lines(tmp_path):
 def test_shipped_prompt_files_are_long_enough():
     from pathlib import Path
 
-    import cair_export
+    import cair_export.lab
 
-    folder = Path(cair_export.__file__).parent / "prompts"
+    folder = Path(cair_export.lab.__file__).parent / "prompts"
     assert len(read_prompts(folder / "shapes.txt")) >= 100
     assert 50 <= len(read_prompts(folder / "general.txt")) <= 100
 

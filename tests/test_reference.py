@@ -6,8 +6,8 @@ import torch
 from diffusers import (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 
-from cair_export.models import load_model
-from cair_export.reference import CrossAttentionCache, cair_denoise, cross_attention_sites
+from cair_export.core.models import load_model
+from cair_export.core.reference import CrossAttentionCache, cair_denoise, cross_attention_sites
 
 SCHEDULERS = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler,
               "EulerDiscreteScheduler": EulerDiscreteScheduler}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from cair_export.models import load_model
-from cair_export.reference import cair_denoise
+from cair_export.core.models import load_model
+from cair_export.core.reference import cair_denoise
 from cair_runtime.pipeline import CairEngine
 
 STEPS = 10

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cair_export.shapes import classifier as shape_classifier
-from cair_export.shapes import data
+from cair_export.lab.shapes import classifier as shape_classifier
+from cair_export.lab.shapes import data
 
-ASSETS = Path(__file__).resolve().parent.parent / "cair_export" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "cair_export" / "lab" / "assets"
 PIPELINE = ASSETS / "shapes"
 MAX_ASSET_BYTES = 20 * 1024 * 1024
 
@@ -142,3 +142,9 @@ def test_classifier_reads_each_object_of_a_pair(index):
     predicted = shape_classifier.classify(model, views)
     hits = [p["shape"] == s.objects[index].shape and p["colour"] == s.objects[index].colour for p, s in zip(predicted, scenes)]
     assert np.mean(hits) > 0.95
+
+
+def test_tiny_presets_tokenise_with_the_caption_words():
+    from cair_export.core.models.presets import TINY_WORDS
+
+    assert list(TINY_WORDS) == data.caption_vocabulary()

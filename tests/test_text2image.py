@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cair_export.export import export_model
-from cair_export.models import load_model
-from cair_export.reference import cair_text_to_image
+from cair_export.core.export import export_model
+from cair_export.core.models import load_model
+from cair_export.core.reference import cair_text_to_image
 from cair_runtime.cli import main as cair_run
 from cair_runtime.text2image import CairText2Image, PromptTruncatedWarning
 

@@ -11,12 +11,10 @@ Every scheduler has the interface the denoising loop calls::
 
 import inspect
 from collections.abc import Mapping
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.noise import Generators
+from cair_runtime.schedulers._common import DiscreteScheduler
 from cair_runtime.schedulers.ddim import DDIMScheduler
 from cair_runtime.schedulers.dpmsolver_multistep import DPMSolverMultistepScheduler
 from cair_runtime.schedulers.euler import EulerDiscreteScheduler
@@ -25,22 +23,9 @@ from cair_runtime.schedulers.pndm import PNDMScheduler
 from cair_runtime.schedulers.unipc import UniPCMultistepScheduler
 
 
-class Scheduler(Protocol):
-    order: int
-    init_noise_sigma: float  # latents are multiplied by this before the loop
-    timesteps: np.ndarray  # set by set_timesteps
-
-    def set_timesteps(self, num_inference_steps: int) -> None: ...
-
-    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray: ...
-
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: float,
-        sample: np.ndarray,
-        rng: Generators | None = None,  # one generator, or one per batch row
-    ) -> np.ndarray: ...
+# What the denoising loop calls (set_timesteps, init_noise_sigma, timesteps, scale_model_input, step):
+# every port is a DiscreteScheduler.
+Scheduler = DiscreteScheduler
 
 
 # user-facing name -> (port, options forced on top of the model's config)
@@ -89,7 +74,7 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
     options = {k: v for k, v in config.items() if k not in used_defaults and not k.startswith("_")}
     options.update(forced)
 
-    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    known = _option_names(cls)
     problems = [
         f"{key}={options[key]!r} (supported: {value!r})"
         for key, value in cls.unported_options.items()
@@ -101,3 +86,12 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
             "choose another scheduler by name or export with a supported scheduler config"
         )
     return cls(**{k: v for k, v in options.items() if k in known})
+
+
+def _option_names(cls: type) -> set[str]:
+    """The options a port takes: its own ``__init__``'s, and the shared ones it passes on to DiscreteScheduler."""
+    parameters = inspect.signature(cls.__init__).parameters
+    names = {name for name, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        names |= set(inspect.signature(DiscreteScheduler.__init__).parameters)
+    return names - {"self"}

@@ -11,8 +11,16 @@ from typing import ClassVar
 import numpy as np
 
 from cair_runtime.errors import InvalidInputError
+from cair_runtime.noise import Generators
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Sigma-schedule variants of diffusers' sigma-based schedulers that no port has: supported only off.
+UNPORTED_SIGMA_OPTIONS: dict[str, object] = {
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "final_sigmas_type": "zero",
+    "rescale_betas_zero_snr": False,
+}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -156,35 +164,68 @@ def index_for_timestep(timesteps: np.ndarray, timestep: float) -> int:
 
 
 class DiscreteScheduler:
-    """Base of the ports: diffusers' training noise schedule and the options that place timesteps on it.
+    """Base of the ports: diffusers' training noise schedule, the options that place timesteps on it, ``step``.
 
-    Each port names diffusers' options, with diffusers' defaults, in its own ``__init__`` (make_scheduler
-    passes it the options of a config that its signature names), builds the betas with ``make_betas``
-    and hands them and the shared options to this one. A port that supports fewer prediction types
-    checks ``prediction_type`` before that.
+    Each port names its own diffusers options, with diffusers' defaults, in its ``__init__`` and
+    passes the options every diffusers scheduler shares (training betas, prediction type, timestep
+    placement) on to this one as keywords; ``make_scheduler`` gives each the options of a config
+    that it names. A port implements ``_step``; ``step`` is the same for all.
     """
 
     order: ClassVar[int] = 1
     # diffusers options a port supports only at the value given (checked by make_scheduler)
     unported_options: ClassVar[dict[str, object]] = {}
+    prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES  # those the port supports
+    default_timestep_spacing: ClassVar[str] = "linspace"  # the diffusers class's default
     init_noise_sigma: float = 1.0  # latents are multiplied by this before the loop
+    _step_index: int | None = None  # this step's index in timesteps, for the ports that count steps
 
     def __init__(
         self,
-        num_train_timesteps: int,
-        betas: np.ndarray,
-        prediction_type: str,
-        timestep_spacing: str,
-        steps_offset: int,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
     ) -> None:
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        # diffusers raises NotImplementedError for the prediction types a class lacks
+        check_choice("prediction_type", prediction_type, self.prediction_types)
+        timestep_spacing = timestep_spacing or self.default_timestep_spacing
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
         self.prediction_type = prediction_type
         self.timestep_spacing = timestep_spacing
         self.steps_offset = steps_offset
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.alphas_cumprod = make_alphas_cumprod(betas)
         self.timesteps = np.empty(0, dtype=np.int64)  # set by set_timesteps
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: float,
+        sample: np.ndarray,
+        rng: Generators | None = None,  # one generator, or one per batch row (cair_runtime.noise)
+    ) -> np.ndarray:
+        """One step from ``timestep`` (the entries of ``timesteps``, in order); returns ``prev_sample`` (float32).
+
+        ``rng`` draws the noise of the ancestral sampler; the deterministic ports ignore it.
+        """
+        return self._step(model_output, timestep, sample, rng).astype(np.float32, copy=False)
+
+    def _step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+              rng: Generators | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _init_step_index(self, timestep: float) -> int:
+        """This step's index: found from ``timestep`` on the first step (diffusers' ``_init_step_index``), then counted."""
+        if self._step_index is None:
+            self._step_index = index_for_timestep(self.timesteps, timestep)
+        return self._step_index
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """The model's input: ``sample`` itself; only the Euler schedulers scale it."""
@@ -208,3 +249,20 @@ class DiscreteScheduler:
         if self.timestep_spacing == "trailing":
             return self._spaced_timesteps(num_inference_steps)
         return self._spaced_timesteps(num_inference_steps + 1)[:-1]
+
+    def _set_multistep_schedule(self, num_inference_steps: int, use_karras_sigmas: bool, sigma_min: float | None = None,
+                                sigma_max: float | None = None, round_karras_timesteps: bool = True) -> None:
+        # diffusers' DPM-Solver/UniPC set_timesteps: timesteps (int64, descending) and their sigmas
+        # (float32) with a final sigma 0; Karras sigmas move the timesteps to match them
+        timesteps = self._multistep_timesteps(num_inference_steps)
+        sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)
+        if use_karras_sigmas:
+            log_sigmas = np.log(sigmas)
+            sigmas = karras_sigmas(sigmas[::-1], num_inference_steps, sigma_min, sigma_max)
+            timesteps = sigma_to_t(sigmas, log_sigmas)
+            if round_karras_timesteps:
+                timesteps = timesteps.round()
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.timesteps = timesteps.astype(np.int64)

@@ -1,11 +1,10 @@
 """Port of diffusers `DDIMScheduler` (scheduling_ddim.py), deterministic (eta = 0)."""
 
-from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from cair_runtime.schedulers._common import DiscreteScheduler, make_betas, predict_epsilon, predict_x0
+from cair_runtime.schedulers._common import DiscreteScheduler, predict_epsilon, predict_x0
 
 
 class DDIMScheduler(DiscreteScheduler):
@@ -16,23 +15,12 @@ class DDIMScheduler(DiscreteScheduler):
     """
 
     unported_options: ClassVar[dict[str, object]] = {"thresholding": False, "rescale_betas_zero_snr": False}
+    default_timestep_spacing: ClassVar[str] = "leading"
 
     def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
-        clip_sample: bool = True,
-        set_alpha_to_one: bool = True,
-        steps_offset: int = 0,
-        prediction_type: str = "epsilon",
-        clip_sample_range: float = 1.0,
-        timestep_spacing: str = "leading",
+        self, clip_sample: bool = True, set_alpha_to_one: bool = True, clip_sample_range: float = 1.0, **schedule: Any
     ) -> None:
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
+        super().__init__(**schedule)
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
         # the alpha product "before" step 0, used by the last step
@@ -44,13 +32,8 @@ class DDIMScheduler(DiscreteScheduler):
         self.num_inference_steps = num_inference_steps
         self.timesteps = self._spaced_timesteps(num_inference_steps)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: float,
-        sample: np.ndarray,
-        rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+              rng: np.random.Generator | None) -> np.ndarray:
         """One DDIM step from ``timestep`` to the previous one; returns ``prev_sample`` (float32)."""
         timestep = int(timestep)
         prev_timestep = timestep - self.num_train_timesteps // self.num_inference_steps

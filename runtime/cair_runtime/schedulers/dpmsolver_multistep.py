@@ -1,21 +1,11 @@
 """Port of diffusers `DPMSolverMultistepScheduler` (scheduling_dpmsolver_multistep.py), DPM-Solver++ 1S/2M."""
 
-from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cair_runtime.schedulers._common import (
-    DiscreteScheduler,
-    alphas_cumprod_to_sigmas,
-    check_choice,
-    index_for_timestep,
-    karras_sigmas,
-    make_betas,
-    predict_x0,
-    sigma_to_alpha_sigma_t,
-    sigma_to_lambda,
-    sigma_to_t,
+    UNPORTED_SIGMA_OPTIONS, DiscreteScheduler, check_choice, predict_x0, sigma_to_alpha_sigma_t, sigma_to_lambda
 )
 
 
@@ -28,39 +18,22 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
     """
 
     unported_options: ClassVar[dict[str, object]] = {
+        **UNPORTED_SIGMA_OPTIONS,
         "thresholding": False,
         "algorithm_type": "dpmsolver++",
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
         "use_lu_lambdas": False,
         "use_flow_sigmas": False,
-        "final_sigmas_type": "zero",
         "lambda_min_clipped": -float("inf"),
         "variance_type": None,
-        "rescale_betas_zero_snr": False,
         "use_dynamic_shifting": False,
     }
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        solver_type: str = "midpoint",
-        use_karras_sigmas: bool = False,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ) -> None:
+    def __init__(self, solver_order: int = 2, solver_type: str = "midpoint", use_karras_sigmas: bool = False,
+                 **schedule: Any) -> None:
         check_choice("solver_order", solver_order, (1, 2))
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
+        super().__init__(**schedule)
         # diffusers maps the solver types of other multistep solvers onto "midpoint"
         check_choice("solver_type", solver_type, ("midpoint", "heun", "logrho", "bh1", "bh2"))
-        self.beta_schedule = beta_schedule
         self.solver_order = solver_order
         self.solver_type = "heun" if solver_type == "heun" else "midpoint"
         self.use_karras_sigmas = use_karras_sigmas
@@ -71,18 +44,9 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (int64, descending) and sigmas; clears the multistep history."""
-        timesteps = self._multistep_timesteps(num_inference_steps)
-        sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)
-        log_sigmas = np.log(sigmas)
-        if self.use_karras_sigmas:
-            sigmas = karras_sigmas(sigmas[::-1], num_inference_steps, None, None)
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-            if self.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        self.timesteps = timesteps.astype(np.int64)
+        # diffusers rounds the Karras timesteps except under the cosine schedule
+        self._set_multistep_schedule(num_inference_steps, self.use_karras_sigmas,
+                                     round_karras_timesteps=self.beta_schedule != "squaredcos_cap_v2")
         self.model_outputs = [None] * self.solver_order
         self.lower_order_nums = 0
         self._step_index = None
@@ -118,16 +82,10 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
             + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * D1
         )
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: float,
-        sample: np.ndarray,
-        rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+              rng: np.random.Generator | None) -> np.ndarray:
         """One multistep DPM-Solver++ step; returns ``prev_sample`` (float32)."""
-        if self._step_index is None:
-            self._step_index = index_for_timestep(self.timesteps, timestep)
+        self._init_step_index(timestep)
         # final_sigmas_type "zero": the step to sigma 0 is first order (diffusers' lower_order_final)
         lower_order_final = self._step_index == len(self.timesteps) - 1
 

@@ -1,17 +1,11 @@
 """Port of diffusers `EulerDiscreteScheduler` (scheduling_euler_discrete.py)."""
 
-from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cair_runtime.schedulers._common import (
-    DiscreteScheduler,
-    alphas_cumprod_to_sigmas,
-    index_for_timestep,
-    karras_sigmas,
-    make_betas,
-    sigma_to_t,
+    UNPORTED_SIGMA_OPTIONS, DiscreteScheduler, alphas_cumprod_to_sigmas, karras_sigmas, sigma_to_t
 )
 
 
@@ -25,37 +19,26 @@ class EulerDiscreteScheduler(DiscreteScheduler):
     """
 
     unported_options: ClassVar[dict[str, object]] = {
+        **UNPORTED_SIGMA_OPTIONS,
         "interpolation_type": "linear",
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
         "timestep_type": "discrete",
-        "rescale_betas_zero_snr": False,
-        "final_sigmas_type": "zero",
     }
 
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
-        prediction_type: str = "epsilon",
         use_karras_sigmas: bool = False,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
+        **schedule: Any,
     ) -> None:
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
+        super().__init__(**schedule)
         self.use_karras_sigmas = use_karras_sigmas
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         # before set_timesteps the schedule is every training step (init_noise_sigma reads it)
         train_sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)[::-1]
         self.sigmas = np.concatenate([train_sigmas, np.zeros(1, dtype=np.float32)])
-        self.timesteps = np.arange(num_train_timesteps - 1, -1, -1).astype(np.float32)
+        self.timesteps = np.arange(self.num_train_timesteps - 1, -1, -1).astype(np.float32)
         self._step_index: int | None = None
 
     @property
@@ -86,8 +69,7 @@ class EulerDiscreteScheduler(DiscreteScheduler):
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """Divide by ``sqrt(sigma**2 + 1)`` so that the model sees a unit-variance input."""
-        if self._step_index is None:
-            self._step_index = index_for_timestep(self.timesteps, timestep)
+        self._init_step_index(timestep)
         sigma = self.sigmas[self._step_index]
         return sample / np.sqrt(sigma**2 + 1)
 
@@ -100,16 +82,10 @@ class EulerDiscreteScheduler(DiscreteScheduler):
         # "v_prediction": x0 = c_skip * x + c_out * v with the sample scaled by 1/sqrt(sigma^2+1)
         return model_output * (-sigma / np.sqrt(sigma**2 + 1)) + (sample / (sigma**2 + 1))
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: float,
-        sample: np.ndarray,
-        rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+              rng: np.random.Generator | None) -> np.ndarray:
         """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``; returns ``prev_sample`` (float32)."""
-        if self._step_index is None:
-            self._step_index = index_for_timestep(self.timesteps, timestep)
+        self._init_step_index(timestep)
         sample = sample.astype(np.float32, copy=False)
         sigma = self.sigmas[self._step_index]
         sigma_hat = sigma  # s_churn = 0: gamma = 0, no noise is added back

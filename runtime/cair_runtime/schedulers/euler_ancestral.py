@@ -1,12 +1,10 @@
 """Port of diffusers `EulerAncestralDiscreteScheduler` (scheduling_euler_ancestral_discrete.py)."""
 
-from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cair_runtime.noise import Generators, standard_normal
-from cair_runtime.schedulers._common import check_choice, index_for_timestep
 from cair_runtime.schedulers.euler import EulerDiscreteScheduler
 
 
@@ -25,42 +23,16 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     """
 
     unported_options: ClassVar[dict[str, object]] = {"rescale_betas_zero_snr": False}
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ) -> None:
-        # diffusers raises NotImplementedError for "sample"
-        check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
-        super().__init__(
-            num_train_timesteps,
-            beta_start,
-            beta_end,
-            beta_schedule,
-            trained_betas,
-            prediction_type,
-            timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
-        )
+    def __init__(self, **schedule: Any) -> None:
+        super().__init__(**schedule)
         self.timesteps = self.timesteps.astype(np.float64)  # diffusers' dtype until set_timesteps
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: float,
-        sample: np.ndarray,
-        rng: Generators | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+              rng: Generators | None) -> np.ndarray:
         """One ancestral Euler step; draws the step's noise from ``rng``; returns ``prev_sample`` (float32)."""
-        if self._step_index is None:
-            self._step_index = index_for_timestep(self.timesteps, timestep)
+        self._init_step_index(timestep)
         sigma = self.sigmas[self._step_index]
         sample = sample.astype(np.float32, copy=False)
         pred_original_sample = self._pred_original_sample(model_output, sample, sigma)

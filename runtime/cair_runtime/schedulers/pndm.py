@@ -1,13 +1,11 @@
 """Port of diffusers `PNDMScheduler` (scheduling_pndm.py)."""
 
-from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cair_runtime.errors import InvalidInputError
-
-from cair_runtime.schedulers._common import DiscreteScheduler, check_choice, make_betas, predict_epsilon
+from cair_runtime.schedulers._common import DiscreteScheduler, predict_epsilon
 
 
 class PNDMScheduler(DiscreteScheduler):
@@ -19,23 +17,11 @@ class PNDMScheduler(DiscreteScheduler):
     """
 
     pndm_order: ClassVar[int] = 4
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+    default_timestep_spacing: ClassVar[str] = "leading"
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
-        skip_prk_steps: bool = False,
-        set_alpha_to_one: bool = False,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "leading",
-        steps_offset: int = 0,
-    ) -> None:
-        check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
+    def __init__(self, skip_prk_steps: bool = False, set_alpha_to_one: bool = False, **schedule: Any) -> None:
+        super().__init__(**schedule)
         self.skip_prk_steps = skip_prk_steps
         # the alpha product "before" step 0, used by the last step
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
@@ -73,13 +59,8 @@ class PNDMScheduler(DiscreteScheduler):
         self.timesteps = np.concatenate([self.prk_timesteps, plms_timesteps]).astype(np.int64)
         self._reset_state()
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: float,
-        sample: np.ndarray,
-        rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+              rng: np.random.Generator | None) -> np.ndarray:
         """One model evaluation's step (PRK during warm-up, else PLMS); returns ``prev_sample`` (float32)."""
         if self.counter < len(self.prk_timesteps) and not self.skip_prk_steps:
             prev_sample = self._step_prk(model_output, int(timestep), sample)

@@ -1,21 +1,12 @@
 """Port of diffusers `UniPCMultistepScheduler` (scheduling_unipc_multistep.py)."""
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cair_runtime.schedulers._common import (
-    DiscreteScheduler,
-    alphas_cumprod_to_sigmas,
-    check_choice,
-    index_for_timestep,
-    karras_sigmas,
-    make_betas,
-    predict_x0,
-    sigma_to_alpha_sigma_t,
-    sigma_to_lambda,
-    sigma_to_t,
+    UNPORTED_SIGMA_OPTIONS, DiscreteScheduler, check_choice, predict_x0, sigma_to_alpha_sigma_t, sigma_to_lambda
 )
 
 
@@ -28,39 +19,28 @@ class UniPCMultistepScheduler(DiscreteScheduler):
     """
 
     unported_options: ClassVar[dict[str, object]] = {
+        **UNPORTED_SIGMA_OPTIONS,
         "thresholding": False,
         "predict_x0": True,
         # False raises order 2+ on the step to sigma 0, where diffusers' coefficients are inf/singular
         "lower_order_final": True,
         "solver_p": None,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
         "use_flow_sigmas": False,
-        "final_sigmas_type": "zero",
-        "rescale_betas_zero_snr": False,
         "use_dynamic_shifting": False,
         "shift_terminal": None,
     }
 
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
         solver_order: int = 2,
-        prediction_type: str = "epsilon",
         solver_type: str = "bh2",
         disable_corrector: Sequence[int] = (),
         use_karras_sigmas: bool = False,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        **schedule: Any,
     ) -> None:
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        super().__init__(num_train_timesteps, betas, prediction_type, timestep_spacing, steps_offset)
+        super().__init__(**schedule)
         # diffusers maps the solver types of DPM-Solver onto "bh2"
         check_choice("solver_type", solver_type, ("bh1", "bh2", "midpoint", "heun", "logrho"))
         self.solver_order = solver_order
@@ -81,16 +61,7 @@ class UniPCMultistepScheduler(DiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (int64, descending) and sigmas; clears the multistep history."""
-        timesteps = self._multistep_timesteps(num_inference_steps)
-        sigmas = alphas_cumprod_to_sigmas(self.alphas_cumprod)
-        if self.use_karras_sigmas:
-            log_sigmas = np.log(sigmas)
-            sigmas = karras_sigmas(sigmas[::-1], num_inference_steps, self.sigma_min, self.sigma_max)
-            timesteps = sigma_to_t(sigmas, log_sigmas).round()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        self.timesteps = timesteps.astype(np.int64)
+        self._set_multistep_schedule(num_inference_steps, self.use_karras_sigmas, self.sigma_min, self.sigma_max)
         self._reset_state()
 
     def _coefficients(self, h: np.float32, rks: list[np.float32], order: int) -> tuple:
@@ -161,16 +132,10 @@ class UniPCMultistepScheduler(DiscreteScheduler):
         D1_t = this_model_output - m0
         return x_t_ - alpha_t * B_h * (corr_res + rhos_c[-1] * D1_t)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: float,
-        sample: np.ndarray,
-        rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+              rng: np.random.Generator | None) -> np.ndarray:
         """Correct ``sample`` with the new model output, then predict the next one; returns it (float32)."""
-        if self._step_index is None:
-            self._step_index = index_for_timestep(self.timesteps, timestep)
+        self._init_step_index(timestep)
         use_corrector = (
             self._step_index > 0
             and self._step_index - 1 not in self.disable_corrector

@@ -28,11 +28,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cair_export.core.onnx_io import save_onnx
+from cair_export.core.verify import TOLERANCES, compare_outputs, named_outputs, run_module, run_session
 from cair_runtime.errors import InvalidInputError, ValidationError
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}  # max abs error / max abs reference value
-EXTERNAL_DATA_BYTES = 1 << 30  # as cair_export.export: above this, tensors go to one side file
 
 NORMALIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
                             "BatchNormalization"})
@@ -291,14 +291,7 @@ def convert_graph_precision(src: str | Path, dst: str | Path, dtype: str) -> dic
     del graph.value_info[:]  # stale element types; inference recomputes them
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    files = [dst.name]
-    size = sum(init.ByteSize() for init in graph.initializer)
-    if size > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{dst.name}.data", size_threshold=1024)
-        files.append(f"{dst.name}.data")
-    else:
-        onnx.save_model(model, str(dst))
+    files = save_onnx(model, dst)
     # Strict type checking: every node's inputs agree on their type params after the rewrite.
     onnx.checker.check_model(str(dst), full_check=True)
     return {
@@ -350,8 +343,9 @@ def precision_islands(path: str | Path) -> dict[str, int]:
 # --- validation against the torch model ----------------------------------------------------------
 
 
-def run_onnx(path: str | Path, inputs: Mapping[str, np.ndarray], executor: str = "auto") -> tuple[list[np.ndarray], str]:
-    """Execute a graph on the CPU; return its outputs and which executor ran it.
+def run_onnx(path: str | Path, inputs: Mapping[str, np.ndarray], executor: str = "auto"
+             ) -> tuple[dict[str, np.ndarray], str]:
+    """Execute a graph on the CPU; return its outputs by name and which executor ran it.
 
     onnxruntime's CPU provider first. It runs fp16 nodes that lack a CPU fp16 kernel in fp32
     (its InsertCastTransformer), so it checks the graph, not fp16 rounding. Where onnxruntime
@@ -359,36 +353,35 @@ def run_onnx(path: str | Path, inputs: Mapping[str, np.ndarray], executor: str =
     numpy with the declared types: slow, for tiny models. ``executor="reference"`` uses it directly,
     for true fp16 rounding.
     """
-    import onnxruntime as ort
-    from onnx.reference import ReferenceEvaluator
+    from cair_runtime.backends.onnxruntime import make_session
 
     if executor == "reference":
-        outputs = ReferenceEvaluator(str(path)).run(None, dict(inputs))
-        return [np.asarray(o, dtype=np.float32) for o in outputs], "onnx.reference"
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+        return _run_reference_evaluator(path, inputs), "onnx.reference"
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = make_session(path)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors/Fail
         reason = str(error).splitlines()[0][:200]
-        evaluator = ReferenceEvaluator(str(path))
-        outputs = evaluator.run(None, dict(inputs))
-        return [np.asarray(o, dtype=np.float32) for o in outputs], f"onnx.reference (onnxruntime CPU refused: {reason})"
-    return session.run(None, dict(inputs)), "onnxruntime CPU"
+        return _run_reference_evaluator(path, inputs), f"onnx.reference (onnxruntime CPU refused: {reason})"
+    return run_session(session, inputs), "onnxruntime CPU"
+
+
+def _run_reference_evaluator(path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path))
+    outputs = [np.asarray(o, dtype=np.float32) for o in evaluator.run(None, dict(inputs))]
+    return named_outputs(evaluator.output_names, outputs, f"onnx.reference on {Path(path).name}")
 
 
 def validate_graph_precision(graphs: Mapping[str, Any], folder: Path, shapes: list[dict[str, int]], dtype: str,
                              tolerance: float | None = None, files: Mapping[str, str] | None = None,
                              progress: Callable[[str], None] = print, executor: str = "auto") -> dict[str, Any]:
-    """Run each low-precision graph against its fp32 torch module (``cair_export.graphs.CairGraph``).
+    """Run each low-precision graph against its fp32 torch module (``cair_export.core.graphs.CairGraph``).
 
     Relative error is max abs error over max abs reference value per output; fails beyond
     ``tolerance`` (default ``TOLERANCES[dtype]``). Returns checks, executors used and failures.
     """
-    import torch
-
-    from cair_export.graphs import make_inputs
+    from cair_export.core.graphs import make_inputs
 
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     report: dict[str, Any] = {"dtype": DTYPES[dtype], "tolerance": tolerance, "checks": [], "executors": {},
@@ -399,17 +392,13 @@ def validate_graph_precision(graphs: Mapping[str, Any], folder: Path, shapes: li
             progress(f"validating {DTYPES[dtype]} {kind} at batch={dims['batch']} "
                      f"latent={dims['latent_height']}x{dims['latent_width']}")
             inputs = make_inputs(graph.io, dims, seed=200 + seed)
-            with torch.no_grad():
-                expected = [t.numpy() for t in graph(*(torch.from_numpy(inputs[n]) for n in graph.input_names))]
             actual, used = run_onnx(path, inputs, executor)
             report["executors"][kind] = used
-            for spec, a, e in zip(graph.io.outputs, actual, expected):
-                max_abs = float(np.abs(a - e).max())
-                relative = max_abs / max(float(np.abs(e).max()), 1e-12)
-                report["checks"].append({"graph": kind, "dims": dims, "output": spec.name, "max_abs": max_abs,
-                                         "relative": relative})
-                if not relative <= tolerance:
-                    report["failures"].append(f"{kind}:{spec.name} at {dims} relative error {relative:.2e} > {tolerance:.0e}")
+            for check in compare_outputs(actual, run_module(graph, inputs), tolerance, f"{DTYPES[dtype]} {kind}"):
+                report["checks"].append({"graph": kind, "dims": dims, "output": check.output,
+                                         "max_abs": check.max_abs, "relative": check.relative})
+                if not check.ok:
+                    report["failures"].append(f"{check.problem(kind)} at {dims}")
     return report
 
 

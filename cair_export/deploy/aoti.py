@@ -14,8 +14,6 @@ packages are exported for the multiples only and the runtime refuses other sizes
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import shutil
 import tempfile
 import time
@@ -25,9 +23,9 @@ from typing import Any, Callable
 
 import torch
 
-from cair_export.graphs import CairGraph, GraphIO, make_inputs
-from cair_export.models import LoadedModel
-from cair_export.reference import CrossAttentionCache
+from cair_export.core.graphs import CairGraph, GraphIO, make_inputs
+from cair_export.core.models import LoadedModel
+from cair_export.core.reference import CrossAttentionCache
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.manifest import EngineRecord, Manifest
 
@@ -150,7 +148,7 @@ def compile_aoti_packages(model: LoadedModel, folder: Path, manifest: Manifest, 
     """Compile planning and fidelity into staged ``<kind>.pt2`` files in a temporary folder inside ``folder``.
 
     Returns the staged files (kind -> path; the caller moves them into place and updates the
-    manifest, see ``cair_export.build``) and one ``EngineRecord`` per graph. ``inductor_configs``
+    manifest, see ``cair_export.deploy.build``) and one ``EngineRecord`` per graph. ``inductor_configs``
     go to ``aoti_compile_and_package`` (``QUICK_CPU_COMPILE`` halves CPU compile time, for tests).
     """
     if dtype not in TORCH_DTYPES:
@@ -204,7 +202,7 @@ def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 
     """
     import json
 
-    from cair_export.graphs import cache_specs, graph_dims, graph_specs
+    from cair_export.core.graphs import cache_specs, graph_dims, graph_specs
     from cair_runtime.manifest import SCHEMA_VERSION, Dim, GraphSpec
 
     dims = graph_dims(model, height, width, max_batch)
@@ -228,17 +226,13 @@ def export_aoti_folder(model: LoadedModel, out_dir: str | Path, height: int, wid
                        progress: Callable[[str], None] = print,
                        inductor_configs: dict[str, Any] | None = None) -> Manifest:
     """Compile an AOTInductor-only engine folder (``planning.pt2``, ``fidelity.pt2``, ``manifest.json``)."""
-    from cair_export.build import write_manifest
-    from cair_runtime.manifest import record_file
+    from cair_export.deploy.folder import install_engines
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = aoti_manifest(model, height, width, max_batch, static)
     files, records = compile_aoti_packages(model, folder, manifest, device, dtype, progress, inductor_configs)
-    for path in files.values():
-        os.replace(path, folder / path.name)
-    shutil.rmtree(next(iter(files.values())).parent, ignore_errors=True)
-    manifest = dataclasses.replace(manifest, files=tuple(record_file(folder, p.name) for p in files.values()),
-                                   engines=tuple(records))
-    write_manifest(folder, manifest)
-    return manifest
+    try:
+        return install_engines(folder, manifest, files, records)
+    finally:
+        shutil.rmtree(next(iter(files.values())).parent, ignore_errors=True)

@@ -10,7 +10,7 @@ exported from the model, and scored by
   against generator drawings of the same held-out scenes, beside the real-vs-real floor (two
   drawings of the same scenes with other jitter seeds);
 - PSNR and SSIM (Wang et al. 2004) of each image against the n = T image of the same seed;
-- cost: MACs per image (``cair_export.macs``, conv+linear) and measured latency per image.
+- cost: MACs per image (``cair_export.core.macs``, conv+linear) and measured latency per image.
 
 T-GATE (Liu et al. 2024, PyPI ``tgate``) runs at the same n through its own pipeline
 (``TgateSDLoader(pipe).tgate``, cross-attention gating only) from the same noise, on fewer images.
@@ -18,12 +18,6 @@ T-GATE (Liu et al. 2024, PyPI ``tgate``) runs at the same n through its own pipe
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +25,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cair_export.quality_metrics import attribute_accuracy, fid_from_features, psnr, ssim
-from cair_runtime.errors import CairError, InvalidInputError, MissingDependencyError
+from cair_export.lab.harness import run_stamp
+from cair_export.lab.quality_metrics import attribute_accuracy, fid_from_features, psnr, ssim
+from cair_runtime.errors import InvalidInputError
+from cair_runtime.noise import seeded_latents
 
 CACHE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 25)
 ATTRIBUTES = ("shape", "colour", "background", "size", "position")
@@ -59,7 +55,7 @@ class EvaluateConfig:
 
 def held_out_prompts(count: int) -> tuple[list[str], list[dict[str, str]]]:
     """``count`` held-out single-object captions (cycled) and their true attributes."""
-    from cair_export.shapes import data
+    from cair_export.lab.shapes import data
 
     scenes = data.held_out_scenes()
     chosen = [scenes[k % len(scenes)] for k in range(count)]
@@ -72,7 +68,7 @@ def classify_with_features(classifier: Any, images: np.ndarray, batch: int = 256
     """Attribute names and penultimate features (N, 128) of uint8 images (N, 64, 64, 3)."""
     import torch
 
-    from cair_export.shapes.classifier import to_tensor
+    from cair_export.lab.shapes.classifier import to_tensor
 
     predictions, features = [], []
     with torch.no_grad():
@@ -83,31 +79,6 @@ def classify_with_features(classifier: Any, images: np.ndarray, batch: int = 256
                             for i in range(len(trunk))]
             features.append(trunk.double().numpy())
     return predictions, np.concatenate(features)
-
-
-def ensure_engine(config: EvaluateConfig, progress: Callable[[str], None]) -> Path:
-    """The model's engine folder at ``--max-batch``, exported on first use and reused afterwards."""
-    from cair_export.export import ExportConfig, export_model
-    from cair_export.models import load_model
-    from cair_runtime.manifest import load_manifest
-
-    folder = config.engines_dir / f"{Path(config.model).name}-b{config.max_batch}"
-    try:
-        manifest = load_manifest(folder)
-        if manifest.pipeline is not None and manifest.dim("batch").max >= config.max_batch:
-            progress(f"reusing {folder}")
-            return folder
-    except CairError:
-        pass
-    progress(f"exporting {config.model} with max batch {config.max_batch} to {folder} (once)")
-    export_model(load_model(config.model, with_pipeline=True), folder, ExportConfig(max_batch=config.max_batch),
-                 overwrite=True, progress=progress)
-    return folder
-
-
-def _initial_noise(seed: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    """As ``CairText2Image``: image k starts from ``default_rng(seed + k).standard_normal`` (float32)."""
-    return np.stack([np.random.default_rng(seed + k).standard_normal(shape, dtype=np.float32) for k in range(count)])
 
 
 def generate_runtime(pipeline: Any, prompts: list[str], n: int, config: EvaluateConfig) -> tuple[np.ndarray, float]:
@@ -129,7 +100,7 @@ def generate_tgate(pipe: Any, prompts: list[str], n: int, config: EvaluateConfig
     images, seconds = [], 0.0
     for start in range(0, len(prompts), config.max_batch):
         chunk = prompts[start:start + config.max_batch]
-        latents = torch.from_numpy(_initial_noise(config.seed + start, len(chunk), shape))
+        latents = torch.from_numpy(seeded_latents(range(config.seed + start, config.seed + start + len(chunk)), shape))
         started = time.perf_counter()
         # sp_interval = fi_interval = 1: self-attention is recomputed every step; only attn2 is gated.
         out = pipe.tgate(chunk, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
@@ -158,10 +129,12 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     """Run the sweep; returns the JSON-ready figures."""
     import torch
 
-    from cair_export.macs import count_graph_macs, generation_macs
-    from cair_export.models import load_model
-    from cair_export.shapes import classifier as shape_classifier
-    from cair_export.shapes import data
+    from cair_export.core.export import ExportConfig
+    from cair_export.core.macs import count_graph_macs, generation_macs
+    from cair_export.lab.engines import ensure_engine
+    from cair_export.core.models import load_model
+    from cair_export.lab.shapes import classifier as shape_classifier
+    from cair_export.lab.shapes import data
     from cair_runtime.stages import check_cache_step
     from cair_runtime.text2image import CairText2Image
 
@@ -187,7 +160,8 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     progress(f"real drawings: classifier accuracy (all five) {real['accuracy']['all']:.1%}, "
              f"real-vs-real FID floor {real['fid_real_vs_real']:.3f} ({config.num_images} per side)")
 
-    folder = ensure_engine(config, progress)
+    folder = ensure_engine(config.model, config.engines_dir / f"{Path(config.model).name}-b{config.max_batch}",
+                           ExportConfig(max_batch=config.max_batch), progress=progress)
     pipeline = CairText2Image(folder, threads=config.threads)
     pipeline(prompts[:1], num_inference_steps=2, cache_step=1)  # warm-up: session initialisation
     size = data.IMAGE_SIZE
@@ -207,17 +181,17 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     if config.tgate_images:
         tgate_status = _run_tgate(config, cache_steps, prompts, truth, reference, real_features, classifier, macs,
                                   rows, progress, started)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    stamp = run_stamp("")
     return {"config": {**asdict(config), "classifier": str(config.classifier or shape_classifier.DEFAULT_PATH),
                        "engines_dir": str(config.engines_dir)},
-            "engine": str(folder), "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine,
+            "engine": str(folder), "date": stamp["date"], "machine": stamp["machine"],
             "real": real, "rows": rows, "tgate": tgate_status, "seconds": time.perf_counter() - started}
 
 
 def _run_tgate(config, cache_steps, prompts, truth, reference, real_features, classifier, macs, rows, progress,
                started) -> str:
     """T-GATE rows appended to ``rows``; returns what happened, for the report (a failure is a result)."""
-    from cair_export.models import load_model
+    from cair_export.core.models import load_model
 
     try:
         from tgate import TgateSDLoader
@@ -250,7 +224,7 @@ def format_markdown(figures: dict[str, Any], command: str) -> str:
         f"(onnxruntime CPU, batch {cfg['max_batch']}). Images: held-out single-object prompts, cycled; image k from "
         f"seed {cfg['seed']} + k, the same for every n. FID in the attribute classifier's 128-wide penultimate "
         f"features against {figures['real']['images']} generator drawings of the same scenes. PSNR/SSIM against "
-        "the CAIR-runtime n = T image of the same seed. MACs: UNet conv+linear per image (`cair_export.macs`). "
+        "the CAIR-runtime n = T image of the same seed. MACs: UNet conv+linear per image (`cair_export.core.macs`). "
         f"T-GATE: {figures['tgate']}.", "",
         f"Real drawings: classifier accuracy (all five) {figures['real']['accuracy']['all']:.1%}; "
         f"**real-vs-real FID floor {figures['real']['fid_real_vs_real']:.3f}** ({figures['real']['images']} per side).", "",
@@ -313,64 +287,3 @@ def plot_quality(figures: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cair_export.cli import progress
-    from cair_runtime.files import check_writable
-
-    for path in (args.json, args.markdown, args.plot):
-        if path:
-            check_writable(path, make_parent=True)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        if args.plot:
-            raise MissingDependencyError("the plot needs matplotlib; pip install matplotlib (or pass --plot '')") from None
-    config = EvaluateConfig(
-        model=args.model, classifier=Path(args.classifier) if args.classifier else None,
-        engines_dir=Path(args.engines_dir), num_images=args.num_images, cache_steps=args.cache_steps,
-        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, max_batch=args.max_batch,
-        threads=args.threads, tgate_images=args.tgate_images, tgate_cache_steps=args.tgate_cache_steps)
-    figures = evaluate(config, progress=progress)
-    command = "cair-export evaluate " + " ".join(sys.argv[2:])
-    report = format_markdown(figures, command)
-    for path, text in ((args.json, json.dumps({"command": command, **figures}, indent=2) + "\n"), (args.markdown, report)):
-        if path:
-            Path(path).write_text(text)
-    if args.plot:
-        plot_quality(figures, Path(args.plot))
-    print(report)
-    return 0
-
-
-def add_command(subparsers: Any) -> None:
-    """Register ``cair-export evaluate``."""
-    from cair_export.cli import int_arg
-
-    parser = subparsers.add_parser("evaluate", help="quality (attribute accuracy, FID, PSNR, SSIM) and cost against "
-                                                    "cache step n on shapes, with T-GATE beside")
-    parser.add_argument("model", nargs="?", default="shapes", help="shipped model or shapes pipeline folder (default shapes)")
-    parser.add_argument("--classifier", help="attribute classifier folder (default: the shipped one)")
-    parser.add_argument("--engines-dir", default="engines", help="where the export goes (default engines/)")
-    parser.add_argument("--num-images", type=int_arg, default=1000, help="images per n, and real drawings per side (default 1000)")
-    parser.add_argument("--cache-steps", type=_int_list, default=CACHE_STEPS,
-                        help="comma-separated n values (default 1,2,3,4,5,6,8,10,15,20,25); T is always added")
-    parser.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int_arg, default=0)
-    parser.add_argument("--max-batch", type=int_arg, default=32, help="engine batch, images per runtime call (default 32)")
-    parser.add_argument("--threads", type=int_arg, default=0, help="intra-op threads (0: library default)")
-    parser.add_argument("--tgate-images", type=int_arg, default=100, help="images per n for T-GATE (0: skip; default 100)")
-    parser.add_argument("--tgate-cache-steps", type=_int_list, help="n values for T-GATE (default: the same as CAIR)")
-    parser.add_argument("--json", help="write the figures as JSON here")
-    parser.add_argument("--markdown", help="write the markdown report here")
-    parser.add_argument("--plot", help="write the plot (PNG) here")
-    parser.set_defaults(func=cmd_evaluate)

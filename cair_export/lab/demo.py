@@ -16,10 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from cair_export.quality_metrics import psnr
-from cair_runtime.errors import CairError
+from cair_export.lab.engines import ensure_engine
+from cair_export.lab.quality_metrics import psnr
 from cair_runtime.files import write_atomically
-from cair_runtime.manifest import load_manifest
 
 DEMO_PROMPTS = (
     "a large red circle on a white background",
@@ -41,28 +40,6 @@ class DemoConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     repeats: int = 3  # timed runs per prompt and configuration; the median is reported
-
-
-def ensure_engine(model: str, engines_dir: Path, progress: Callable[[str], None]) -> Path:
-    """The model's engine folder, exported on first use and reused afterwards."""
-    from cair_export.export import export_model
-    from cair_export.models import load_model
-
-    folder = engines_dir / Path(model).name
-    loaded = None
-    try:
-        manifest = load_manifest(folder)
-        if manifest.pipeline is not None:
-            loaded = load_model(model, with_pipeline=True)
-            if manifest.model.get("source_sha256") == loaded.source_sha256:
-                progress(f"reusing {folder}")
-                return folder
-            progress(f"{model} changed since {folder} was exported")
-    except CairError:
-        pass
-    progress(f"exporting {model} to {folder} (once; later runs reuse it)")
-    export_model(loaded or load_model(model, with_pipeline=True), folder, overwrite=True, progress=progress)
-    return folder
 
 
 def make_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str, str], scale: int = 3):
@@ -95,13 +72,13 @@ def make_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str,
 
 def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the table's figures."""
-    from cair_export.macs import count_graph_macs, count_pipeline_macs, generation_macs
-    from cair_export.models import load_model
+    from cair_export.core.macs import count_graph_macs, count_pipeline_macs, generation_macs
+    from cair_export.core.models import load_model
     from cair_runtime.stages import check_cache_step
     from cair_runtime.text2image import CairText2Image
 
     check_cache_step(config.cache_step, config.steps)
-    folder = ensure_engine(config.model, config.engines_dir, progress)
+    folder = ensure_engine(config.model, config.engines_dir / Path(config.model).name, progress=progress)
     pipeline = CairText2Image(folder)
     settings = {"num_inference_steps": config.steps, "guidance_scale": config.guidance_scale}
     pipeline(DEMO_PROMPTS[0], cache_step=1, num_inference_steps=2)  # warm-up: session initialisation

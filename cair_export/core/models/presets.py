@@ -68,9 +68,15 @@ class Preset:
     vae_scaling_factor: float = 0.18215  # SD-1.x/2.x; SDXL's VAE uses 0.13025
 
 
+# The tiny presets' tokenizer vocabulary: the `shapes` captions' words (cair_export.lab.shapes.data's
+# caption_vocabulary, checked equal by a test), so tiny and shipped models tokenise alike.
+TINY_WORDS = ("a", "above", "at", "background", "below", "black", "blue", "bottom", "center", "circle", "cross",
+              "gray", "green", "in", "large", "left", "of", "on", "orange", "purple", "red", "right", "small",
+              "square", "star", "the", "top", "triangle", "white", "yellow")
+
 # Trained models shipped inside the package (diffusers pipeline folders, safetensors).
 SHIPPED_MODELS = {
-    "shapes": "assets/shapes",  # the project's own text-to-image model: scripts/train_shapes.py
+    "shapes": "lab/assets/shapes",  # the project's own text-to-image model: scripts/train_shapes.py
 }
 
 
@@ -80,7 +86,7 @@ def shipped_model_path(name: str):
 
 
 def _arch(name: str) -> dict[str, Any]:
-    text = resources.files("cair_export.models.arch").joinpath(f"{name}-unet.json").read_text()
+    text = resources.files("cair_export.core.models.arch").joinpath(f"{name}-unet.json").read_text()
     config = json.loads(text)
     config.pop("_class_name", None)
     return config

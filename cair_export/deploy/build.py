@@ -3,7 +3,7 @@
 TensorRT: polygraphy parses each ONNX graph into a strongly typed network (the precision is the
 ONNX's own: export with ``--dtype fp16`` for fp16 engines), builds it with one optimisation
 profile per engine derived from the manifest's dims, reuses a timing cache, and saves
-``<kind>.plan``. AOTInductor: ``cair_export.aoti`` compiles ``<kind>.pt2``. Either way the
+``<kind>.plan``. AOTInductor: ``cair_export.deploy.aoti`` compiles ``<kind>.pt2``. Either way the
 provenance goes into the manifest's ``engines`` list and the new files into ``files`` (sha256).
 
 The folder is updated in one step as far as a reader can tell: files are built in a hidden
@@ -14,17 +14,17 @@ manifest rejects, never a manifest that points at a missing or different file si
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
+from cair_export.core.sizes import manifest_vae_scale_factor, size_problem
+from cair_export.deploy.folder import install_engines
 from cair_runtime.errors import InvalidInputError, MissingDependencyError
-from cair_runtime.files import write_atomically
 from cair_runtime.manifest import (
     MANIFEST_NAME,
     Dim,
@@ -61,7 +61,7 @@ class BuildConfig:
 
 def profile_dims(manifest: Manifest, config: BuildConfig) -> dict[str, Dim]:
     """The dims' min/opt/max for the build: the manifest's, narrowed by the flags; problems reported together."""
-    factor = int(manifest.model.get("vae_scale_factor", 8))
+    factor = manifest_vae_scale_factor(manifest.model)
     by_name = {dim.name: dim for dim in manifest.dims}
     wanted: dict[str, dict[str, int | None]] = {
         "batch": {"min": config.min_batch, "opt": config.opt_batch, "max": config.max_batch},
@@ -69,8 +69,9 @@ def profile_dims(manifest: Manifest, config: BuildConfig) -> dict[str, Dim]:
     problems = []
     for bound in ("min", "opt", "max"):
         size = getattr(config, f"{bound}_size")
-        if size is not None and (size <= 0 or size % factor):
-            problems.append(f"--{bound}-size {size} is not a positive multiple of {factor} (the VAE's factor)")
+        problem = None if size is None else size_problem(f"--{bound}-size", size, factor)
+        if problem:
+            problems.append(problem)
             size = None
         for name in ("latent_height", "latent_width"):
             wanted.setdefault(name, {})[bound] = None if size is None else size // factor
@@ -100,36 +101,6 @@ def tensor_profiles(graph: GraphSpec, dims: Mapping[str, Dim]) -> dict[str, tupl
     at = {bound: {name: getattr(dim, bound) for name, dim in dims.items()} for bound in ("min", "opt", "max")}
     return {spec.name: tuple(tuple(eval_dim(entry, at[bound]) for entry in spec.shape) for bound in ("min", "opt", "max"))
             for spec in graph.inputs}
-
-
-# --- the folder update ------------------------------------------------------------------------------
-
-
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Replace ``manifest.json`` in one step (``write_atomically``: a temporary file beside it, then a rename)."""
-    write_atomically(folder / MANIFEST_NAME, lambda file: file.write(manifest.to_json().encode()))
-
-
-def install_engines(folder: Path, manifest: Manifest, staged: Mapping[str, Path],
-                    records: list[EngineRecord]) -> Manifest:
-    """Move staged engine files into ``folder`` and record them; the manifest is replaced last.
-
-    Records of the same backend are replaced (one build per backend), others kept; files are
-    listed with sha256 like the graphs.
-    """
-    backend = records[0].backend
-    names = [path.name for path in staged.values()]
-    for path in staged.values():
-        os.replace(path, folder / path.name)
-    old = {record.file for record in manifest.engines if record.backend == backend}
-    files = [f for f in manifest.files if f.path not in names and f.path not in old]
-    engines = [record for record in manifest.engines if record.backend != backend]
-    updated = dataclasses.replace(manifest, files=tuple(files) + tuple(record_file(folder, name) for name in names),
-                                  engines=tuple(engines) + tuple(records))
-    write_manifest(folder, updated)
-    for stale in old - set(names):
-        (folder / stale).unlink(missing_ok=True)
-    return updated
 
 
 # --- TensorRT -------------------------------------------------------------------------------------
@@ -189,8 +160,8 @@ def build_tensorrt_engines(folder: Path, manifest: Manifest, config: BuildConfig
 def build_aoti_packages(folder: Path, manifest: Manifest, config: BuildConfig,
                         progress: Callable[[str], None]) -> tuple[dict[str, Path], list[EngineRecord]]:
     """Compile ``<kind>.pt2`` per graph (the model reloaded from the manifest's identity)."""
-    from cair_export.aoti import compile_aoti_packages
-    from cair_export.models.loading import load_exported_model
+    from cair_export.deploy.aoti import compile_aoti_packages
+    from cair_export.core.models.loading import load_exported_model
 
     profile = profile_dims(manifest, config)
     if profile != {dim.name: dim for dim in manifest.dims}:
@@ -220,37 +191,3 @@ def build_engines(engine_dir: str | Path, config: BuildConfig, progress: Callabl
             shutil.rmtree(parent, ignore_errors=True)
     progress(f"recorded {len(records)} {config.backend} engine(s) in {folder / MANIFEST_NAME}")
     return updated
-
-
-# --- CLI --------------------------------------------------------------------------------------------
-
-
-def cmd_build(args: argparse.Namespace) -> int:
-    config = BuildConfig(backend=args.backend, min_batch=args.min_batch, opt_batch=args.opt_batch,
-                         max_batch=args.max_batch, min_size=args.min_size, opt_size=args.opt_size,
-                         max_size=args.max_size, timing_cache=args.timing_cache, device=args.device, dtype=args.dtype)
-    from cair_export.cli import progress
-
-    build_engines(args.engine_dir, config, progress=progress)
-    return 0
-
-
-def add_command(subparsers: Any) -> argparse.ArgumentParser:
-    """``cair-export build ENGINE_DIR``: register the subcommand on the CLI's subparsers."""
-    from cair_export.cli import positive_int_arg
-
-    build = subparsers.add_parser("build", help="build TensorRT engines or AOTInductor packages for an engine folder")
-    build.add_argument("engine_dir", help="an exported engine folder (cair-export export)")
-    build.add_argument("--backend", choices=BACKENDS, default="tensorrt", help="what to build (default tensorrt)")
-    for bound in ("min", "opt", "max"):
-        build.add_argument(f"--{bound}-batch", type=positive_int_arg,
-                           help=f"profile {bound} prompts per call (default: manifest)")
-    for bound in ("min", "opt", "max"):
-        build.add_argument(f"--{bound}-size", type=positive_int_arg,
-                           help=f"profile {bound} square size in pixels (default: manifest)")
-    build.add_argument("--timing-cache", help="TensorRT timing cache file: read if present, written back")
-    build.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="aoti: device to compile for (default cpu)")
-    build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                       help="aoti: compute precision (IO stays float32); TensorRT takes the ONNX's precision")
-    build.set_defaults(func=cmd_build)
-    return build

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cair_export.models import LoadedModel
-from cair_export.reference import CrossAttentionCache, CrossAttentionSite
+from cair_export.core.models import LoadedModel
+from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
 
 TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)

@@ -1,8 +1,8 @@
-"""The `shapes` model's CLIP tokenizer: a small byte-level BPE learnt from the caption words.
+"""A small CLIP tokenizer: a byte-level BPE learnt from a word list (the tiny presets', the `shapes` model's).
 
 The vocabulary is laid out like OpenAI CLIP's: the 256 byte symbols, the same with the end-of-word
 marker `</w>`, one entry per merge, then `<|startoftext|>` and `<|endoftext|>`. Since every single
-byte is a token, words outside the captions still tokenise (into pieces). Every caption word is one
+byte is a token, words outside the captions still tokenise (into pieces). Every listed word is one
 token. The folder holds vocab.json + merges.txt (transformers `CLIPTokenizer`) and the equivalent
 `tokenizer.json` (`tokenizers` library format).
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-
-from cair_export.shapes import data
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -65,12 +63,12 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def write_tokenizer(path: Path, model_max_length: int) -> "CLIPTokenizer":  # noqa: F821
-    """Write vocab.json, merges.txt, tokenizer.json and configs for the caption words into `path`."""
+def write_tokenizer(path: Path, words: list[str], model_max_length: int) -> "CLIPTokenizer":  # noqa: F821
+    """Write vocab.json, merges.txt, tokenizer.json and configs for `words` into `path`."""
     from transformers import CLIPTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_vocab(data.caption_vocabulary())
+    vocab, merges = build_vocab(words)
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
     # merges.txt: a version header line, then one "left right" pair per line (CLIP's format).
     (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))

@@ -2,7 +2,7 @@
 
 One convolutional trunk, one linear head per attribute (shape, colour, background, size,
 position). It is trained on generator images (`scripts/train_shapes.py`) and shipped as
-`cair_export/assets/shapes_classifier/` (model.safetensors + config.json).
+`cair_export/lab/assets/shapes_classifier/` (model.safetensors + config.json).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cair_export.shapes import data
+from cair_export.lab.shapes import data
 from cair_runtime.errors import InvalidInputError
 
 # The classes of each head, in logit order.

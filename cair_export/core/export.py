@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cair_export.graphs import (
+from cair_export.core.graphs import (
     CairGraph,
     GraphIO,
     TextEncoderGraph,
@@ -30,8 +30,12 @@ from cair_export.graphs import (
     text_encoder_io,
     vae_decoder_io,
 )
-from cair_export.models import LoadedModel
-from cair_export.reference import FIDELITY_GUIDANCE, CrossAttentionCache
+from cair_export.core.models import LoadedModel
+from cair_export.core.onnx_io import save_onnx
+from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
+from cair_export.core.sizes import size_problem
+from cair_export.core.verify import FP32_RELATIVE_TOLERANCE, OutputCheck, compare_outputs, run_module, run_session
+from cair_runtime.backends.onnxruntime import make_session
 from cair_runtime.errors import InvalidInputError, ValidationError
 from cair_runtime.manifest import (
     MANIFEST_NAME,
@@ -43,8 +47,6 @@ from cair_runtime.manifest import (
 )
 
 MIN_OPSET = 17  # LayerNormalization stays one op
-EXTERNAL_DATA_BYTES = 1 << 30  # above this, tensors go to one side file (protobuf caps at 2 GB)
-FP32_RELATIVE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,12 @@ class ValidationReport:
     checks: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
-    def add(self, graph: str, dims: dict[str, int], name: str, actual: np.ndarray, expected: np.ndarray,
-            tolerance: float) -> None:
-        max_abs = float(np.abs(actual - expected).max())
-        relative = max_abs / max(float(np.abs(expected).max()), 1e-12)
-        self.checks.append({"graph": graph, "dims": dims, "output": name, "max_abs": max_abs, "relative": relative})
-        if not relative <= tolerance:  # also catches NaN
-            self.failures.append(f"{graph}:{name} at {_dims_str(dims)} relative error {relative:.2e} > {tolerance:.0e}")
+    def add(self, graph: str, dims: dict[str, int], checks: list[OutputCheck]) -> None:
+        for check in checks:
+            self.checks.append({"graph": graph, "dims": dims, "output": check.output, "max_abs": check.max_abs,
+                                "relative": check.relative})
+            if not check.ok:
+                self.failures.append(f"{check.problem(graph)} at {_dims_str(dims)}")
 
     def worst(self, graph: str) -> tuple[float, float]:
         rows = [c for c in self.checks if c["graph"] == graph]
@@ -93,9 +94,9 @@ def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, 
     height = native if config.height is None else config.height
     width = native if config.width is None else config.width
     for label, value in (("height", height), ("width", width)):
-        if value <= 0 or value % factor:
-            raise InvalidInputError(f"{label} {value} is not a positive multiple of {factor} (the VAE's factor); "
-                                    f"try {max(factor, round(value / factor) * factor)}")
+        problem = size_problem(label, value, factor)
+        if problem:
+            raise InvalidInputError(f"{problem}; try {max(factor, round(value / factor) * factor)}")
     if config.opset < MIN_OPSET:
         raise InvalidInputError(f"opset {config.opset} is too old; use --opset {MIN_OPSET} or newer")
     if config.fidelity_guidance not in FIDELITY_GUIDANCE:
@@ -164,39 +165,16 @@ def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], f
             input_names=[spec.name for spec in io.inputs], output_names=[spec.name for spec in io.outputs],
             dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
         )
-    proto = onnx.load(str(raw), load_external_data=True)
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    name = f"{io.kind}.onnx"
-    files = [name]
-    if size > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{name}.data", size_threshold=1024)
-        files.append(f"{name}.data")
-    else:
-        onnx.save_model(proto, str(folder / name))
+    files = save_onnx(onnx.load(str(raw), load_external_data=True), folder / f"{io.kind}.onnx")
     shutil.rmtree(raw_dir)
-    onnx.checker.check_model(str(folder / name))
+    onnx.checker.check_model(str(folder / files[0]))
     return files
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _run_torch(graph: CairGraph, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    with torch.no_grad():
-        outputs = graph(*(torch.from_numpy(inputs[name]) for name in graph.input_names))
-    return [output.numpy() for output in outputs]
 
 
 def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dict[str, int]],
                     tolerance: float, progress: Callable[[str], None], report: ValidationReport) -> None:
     """Run each UNet graph in onnxruntime (CPU) against its torch module, then the chained handoff."""
-    sessions = {kind: _session(folder / f"{kind}.onnx") for kind in graphs}
+    sessions = {kind: make_session(folder / f"{kind}.onnx") for kind in graphs}
     for kind, graph in graphs.items():
         _compare(graph, sessions[kind], shapes, lambda io, dims, seed: make_inputs(io, dims, seed), report,
                  tolerance, progress)
@@ -207,11 +185,12 @@ def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dic
     planning, fidelity = graphs["planning"], graphs["fidelity"]
     plan_inputs = make_inputs(planning.io, dims, seed=7)
     fid_inputs = make_inputs(fidelity.io, dims, seed=8)
-    torch_caches = _run_torch(planning, plan_inputs)[1:]
-    expected = _run_torch(fidelity, {**fid_inputs, **{s.name: c for s, c in zip(planning.io.outputs[1:], torch_caches)}})
-    ort_caches = sessions["planning"].run(None, plan_inputs)[1:]
-    actual = sessions["fidelity"].run(None, {**fid_inputs, **{s.name: c for s, c in zip(planning.io.outputs[1:], ort_caches)}})
-    report.add("chained", dims, "noise_pred", actual[0], expected[0], tolerance)
+    cache_names = [spec.name for spec in planning.io.outputs if spec.name != "noise_pred"]
+    torch_caches = run_module(planning, plan_inputs)
+    expected = run_module(fidelity, {**fid_inputs, **{name: torch_caches[name] for name in cache_names}})
+    ort_caches = run_session(sessions["planning"], plan_inputs)
+    actual = run_session(sessions["fidelity"], {**fid_inputs, **{name: ort_caches[name] for name in cache_names}})
+    report.add("chained", dims, compare_outputs(actual, expected, tolerance, "chained fidelity"))
 
 
 def _compare(graph: torch.nn.Module, session, shapes: list[dict[str, int]], make: Callable,
@@ -221,10 +200,8 @@ def _compare(graph: torch.nn.Module, session, shapes: list[dict[str, int]], make
     for seed, dims in enumerate(shapes):
         progress(f"validating {kind} at {_dims_str(dims)}")
         inputs = make(graph.io, dims, 100 + seed)
-        expected = _run_torch(graph, inputs)
-        actual = session.run(None, inputs)
-        for spec, a, e in zip(graph.io.outputs, actual, expected):
-            report.add(kind, dims, spec.name, a, e, tolerance)
+        checks = compare_outputs(run_session(session, inputs), run_module(graph, inputs), tolerance, kind)
+        report.add(kind, dims, checks)
 
 
 def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...], config: ExportConfig,
@@ -259,7 +236,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
         progress(f"exporting {kind} graph")
         _export_onnx(graph, io, tokens(io, dict(opt, batch=1), 0), work, config.opset)
         if report is not None:
-            _compare(graph, _session(work / f"{kind}.onnx"), text_dims, tokens, report, config.tolerance, progress)
+            _compare(graph, make_session(work / f"{kind}.onnx"), text_dims, tokens, report, config.tolerance, progress)
         ios[kind] = io
 
     io = vae_decoder_io(model.vae, model.vae_scale_factor)
@@ -269,7 +246,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
                  config.opset)
     if report is not None:
         wide = dict(opt, batch=2, latent_width=opt["latent_width"] + 2)
-        _compare(graph, _session(work / "vae_decoder.onnx"), [dict(opt, batch=1), wide],
+        _compare(graph, make_session(work / "vae_decoder.onnx"), [dict(opt, batch=1), wide],
                  lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
     ios["vae_decoder"] = io
     return pipeline, ios
@@ -332,7 +309,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         if report is not None:
             validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress, report)
         if config.dtype != "fp32":
-            from cair_export.precision import lower_exported_graphs
+            from cair_export.core.precision import lower_exported_graphs
 
             lowered, lowering = lower_exported_graphs(graphs, work, config.dtype, _validation_dims(dims, up_factor),
                                                       progress)

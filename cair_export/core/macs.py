@@ -15,9 +15,9 @@ from typing import Iterator
 
 import torch
 
-from cair_export.graphs import graph_specs, cache_specs
-from cair_export.models import LoadedModel
-from cair_export.reference import CrossAttentionCache
+from cair_export.core.graphs import graph_specs, cache_specs
+from cair_export.core.models import LoadedModel
+from cair_export.core.reference import CrossAttentionCache
 from cair_runtime.stages import check_cache_step
 
 CONVENTIONS = ("conv_linear", "with_attention")

@@ -1,10 +1,10 @@
 """`shapes`: the project's embedded text-to-image model, trained here from scratch.
 
 - `data`: seeded procedural images of coloured shapes with captions (training and held-out sets).
-- `tokenizer`: the small CLIP byte-level BPE tokenizer built from the caption words.
+- the tokenizer: `cair_export.core.models.tokenizer` learnt from `data.caption_vocabulary()`.
 - `classifier`: the CNN that names shape, colour, background, size and position of an image,
   used to measure prompt following (`scripts/eval_shapes_quality.py`).
 
-The trained StableDiffusionPipeline folder ships in `cair_export/assets/shapes/` and the classifier
-in `cair_export/assets/shapes_classifier/`; `scripts/train_shapes.py` rebuilds both.
+The trained StableDiffusionPipeline folder ships in `cair_export/lab/assets/shapes/` and the classifier
+in `cair_export/lab/assets/shapes_classifier/`; `scripts/train_shapes.py` rebuilds both.
 """

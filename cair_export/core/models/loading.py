@@ -11,14 +11,16 @@ from typing import Any
 
 import torch
 
-from cair_export.models.presets import (
+from cair_export.core.models.presets import (
     PRESETS,
     SCHEDULER_SD15,
     SHIPPED_MODELS,
     TINY_VAE,
+    TINY_WORDS,
     Preset,
     shipped_model_path,
 )
+from cair_export.core.sizes import DEFAULT_VAE_SCALE_FACTOR, vae_scale_factor
 from cair_runtime.errors import InvalidInputError
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -44,7 +46,7 @@ class LoadedModel:
     family: str  # "sd15" | "sd21" | "sdxl": conventions the model follows
     unet: Any  # diffusers UNet2DConditionModel, eval mode, fp32
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
-    vae_scale_factor: int = 8  # pixels per latent pixel
+    vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR  # pixels per latent pixel
     text_len: int = 77  # tokens the text encoder takes
     # Whole pipelines (tiny presets, pipeline folders) also have these; UNet-only models do not.
     text_encoders: list[TextEncoder] = field(default_factory=list)
@@ -136,10 +138,10 @@ def _build_tiny_pipeline(model: LoadedModel, preset: Preset) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from cair_export.shapes.tokenizer import write_tokenizer
+    from cair_export.core.models.tokenizer import write_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
-        write_tokenizer(Path(folder), model_max_length=model.text_len)
+        write_tokenizer(Path(folder), list(TINY_WORDS), model_max_length=model.text_len)
         base_tokenizer = CLIPTokenizer.from_pretrained(folder)
         for index, spec in enumerate(preset.text_encoders):
             tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token=spec.pad_token)
@@ -282,8 +284,8 @@ def folder_digest(path: Path) -> str:
 def _vae_scale_factor(path: Path) -> int:
     config = path / "vae" / "config.json"
     if not config.is_file():
-        return 8  # a UNet folder alone: Stable Diffusion's VAE
-    return 2 ** (len(_read_json(config).get("block_out_channels", [0, 0, 0, 0])) - 1)
+        return DEFAULT_VAE_SCALE_FACTOR  # a UNet folder alone: Stable Diffusion's VAE
+    return vae_scale_factor(_read_json(config).get("block_out_channels", [0, 0, 0, 0]))
 
 
 def _text_len(path: Path) -> int:

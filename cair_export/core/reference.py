@@ -14,10 +14,11 @@ batch 2B after step n, with separate caches for the two halves.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -55,6 +56,21 @@ def cross_attention_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
                                _level(path, deepest)) for i, path in enumerate(paths)]
 
 
+@contextlib.contextmanager
+def installed_processors(unet: torch.nn.Module, sites: Sequence[CrossAttentionSite],
+                         make: Callable[[int, Any], Any]) -> Iterator[None]:
+    """Give each site's module the processor ``make(index, its own processor)``; restore the originals on exit."""
+    modules = [unet.get_submodule(site.module) for site in sites]
+    originals = [module.processor for module in modules]
+    try:
+        for index, (module, original) in enumerate(zip(modules, originals)):
+            module.set_processor(make(index, original))
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.set_processor(original)
+
+
 class _CachingProcessor:
     """Wraps a module's own attention processor; records or replays its output."""
 
@@ -90,7 +106,7 @@ class CrossAttentionCache:
             raise InvalidInputError("the UNet has no cross-attention (attn2) modules; CAIR has nothing to cache")
         self.values: list[torch.Tensor | None] = [None] * len(self.sites)
         self.mode = "compute"
-        self._originals: list[Any] | None = None
+        self._installed: contextlib.AbstractContextManager | None = None
 
     def merge(self, output: torch.Tensor) -> torch.Tensor:
         """(2B, tokens, C) -> (B, tokens, C): mean of the unconditional and conditional halves."""
@@ -100,16 +116,15 @@ class CrossAttentionCache:
         return (uncond + cond) / 2
 
     def __enter__(self) -> CrossAttentionCache:
-        modules = [self.unet.get_submodule(site.module) for site in self.sites]
-        self._originals = [module.processor for module in modules]
-        for index, module in enumerate(modules):
-            module.set_processor(_CachingProcessor(module.processor, self, index))
+        self._installed = installed_processors(self.unet, self.sites,
+                                               lambda index, inner: _CachingProcessor(inner, self, index))
+        self._installed.__enter__()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for site, processor in zip(self.sites, self._originals or []):
-            self.unet.get_submodule(site.module).set_processor(processor)
-        self._originals = None
+        if self._installed is not None:
+            self._installed.__exit__(*exc_info)
+        self._installed = None
         self.values = [None] * len(self.sites)
         self.mode = "compute"
 
@@ -123,21 +138,29 @@ def cair_denoise(
     negative_prompt_embeds: torch.Tensor,
     *,
     num_inference_steps: int,
-    cache_step: int,
+    cache_step: int | None,
     guidance_scale: float,
     added_cond: dict[str, torch.Tensor] | None = None,
     negative_added_cond: dict[str, torch.Tensor] | None = None,
     fidelity_guidance: str = "none",
     generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Sample with CAIR over a diffusers scheduler; returns the final latents.
 
     ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling, as diffusers'
     pipelines take it. Embeddings are (B, L, D); ``added_cond`` holds SDXL's ``text_embeds`` and
-    ``time_ids`` (B, ...). ``cache_step == num_inference_steps`` is the plain diffusers loop.
+    ``time_ids`` (B, ...). ``cache_step == num_inference_steps`` computes the plain diffusers loop;
+    ``cache_step=None`` is that loop itself, with the UNet's own processors (no caching installed).
+    ``on_step(i)`` is called before the i-th UNet evaluation (0-based), e.g. to label recordings.
     """
     scheduler.set_timesteps(num_inference_steps)
-    planning = planning_evaluations(cache_step, num_inference_steps, len(scheduler.timesteps))
+    if cache_step is None:
+        planning = len(scheduler.timesteps)
+        caching: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        planning = planning_evaluations(cache_step, num_inference_steps, len(scheduler.timesteps))
+        caching = CrossAttentionCache(unet, fidelity_guidance)
     # As diffusers' prepare_extra_step_kwargs: only stochastic schedulers take a generator.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     latents = latents * scheduler.init_noise_sigma
@@ -146,14 +169,17 @@ def cair_denoise(
     if added_cond is not None:
         guided_cond = {key: torch.cat([negative_added_cond[key], added_cond[key]]) for key in added_cond}
 
-    with CrossAttentionCache(unet, fidelity_guidance) as cache:
+    with caching as cache:
         for i, t in enumerate(scheduler.timesteps):
+            if on_step is not None:
+                on_step(i)
             step = i + 1
             if step <= planning or fidelity_guidance == "cfg":
                 # Planning stage (and the CFG fidelity variant): batch 2B, guided.
                 if step <= planning:
-                    cache.mode = "record" if step == planning else "compute"
                     context = encoder_hidden_states
+                    if cache is not None:
+                        cache.mode = "record" if step == planning else "compute"
                 else:
                     cache.mode, context = "replay", None
                 latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)

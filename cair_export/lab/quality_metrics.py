@@ -1,8 +1,8 @@
 """The arithmetic of the measurement suite: convergence series, the cache-step rule, FID, PSNR, SSIM.
 
 numpy (and scipy for the matrix square root) only, so every figure here is checked by tests against
-hand-computed values. The profiler (``cair_export.profile``) and the quality evaluation
-(``cair_export.evaluate``) feed it arrays; nothing here touches a model.
+hand-computed values. The profiler (``cair_export.lab.profile``) and the quality evaluation
+(``cair_export.lab.evaluate``) feed it arrays; nothing here touches a model.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The reference is the fp32 ONNX graphs run by onnxruntime's CPU provider. Candidates: the folder's
 own graphs when they are not fp32 (``--dtype fp16`` exports), every TensorRT engine (polygraphy's
 ``TrtRunner``; needs TensorRT and a GPU) and every AOTInductor package. All run on the same seeded
-inputs (``cair_export.graphs.make_inputs`` from the manifest's specs); each output is checked
+inputs (``cair_export.core.graphs.make_inputs`` from the manifest's specs); each output is checked
 against its tolerance (relative: max abs error over max abs reference value; fp32 1e-4, fp16
 2e-2, bf16 6e-2). Prints a table; any failure exits 2. Candidates that cannot run here are listed
 with the reason and do not fail the comparison.
@@ -11,21 +11,20 @@ with the reason and do not fail the comparison.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-from cair_export.graphs import GraphIO, make_inputs
-from cair_export.precision import TOLERANCES
-from cair_runtime.errors import CairError, InvalidInputError, ValidationError
+from cair_export.core.graphs import GraphIO, make_inputs
+from cair_export.core.verify import TOLERANCES, compare_outputs, named_outputs, run_session, within_tolerance
+from cair_runtime.errors import CairError, InvalidInputError
 from cair_runtime.manifest import EngineRecord, Manifest, load_manifest
 
 _BY_NAME = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
-Runner = Callable[[str, Mapping[str, np.ndarray]], list[np.ndarray]]  # (kind, inputs) -> outputs in IO order
+Runner = Callable[[str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # (kind, inputs) -> outputs by name
 
 
 @dataclass
@@ -41,17 +40,14 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return bool(self.note) or self.relative <= self.tolerance  # False for NaN
+        return bool(self.note) or within_tolerance(self.relative, self.tolerance)
 
 
 def _onnxruntime_runner(folder: Path, manifest: Manifest) -> Runner:
-    import onnxruntime as ort
+    from cair_runtime.backends.onnxruntime import make_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = {kind: ort.InferenceSession(str(folder / graph.file), options, providers=["CPUExecutionProvider"])
-                for kind, graph in manifest.unet_graphs.items()}
-    return lambda kind, inputs: sessions[kind].run(None, dict(inputs))
+    sessions = {kind: make_session(folder / graph.file) for kind, graph in manifest.unet_graphs.items()}
+    return lambda kind, inputs: run_session(sessions[kind], inputs)
 
 
 def _tensorrt_runner(folder: Path, records: Mapping[str, EngineRecord]) -> Runner:
@@ -66,24 +62,26 @@ def _tensorrt_runner(folder: Path, records: Mapping[str, EngineRecord]) -> Runne
     for runner in runners.values():
         runner.activate()
 
-    def run(kind: str, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = runners[kind].infer(dict(inputs), copy_outputs_to_host=True)
-        return list(outputs.values())
+    def run(kind: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(runners[kind].infer(dict(inputs), copy_outputs_to_host=True))  # polygraphy names them
 
     return run
 
 
-def _aoti_runner(folder: Path, records: Mapping[str, EngineRecord]) -> Runner:
+def _aoti_runner(folder: Path, manifest: Manifest, records: Mapping[str, EngineRecord]) -> Runner:
     import torch
 
     device = records["planning"].properties.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("the AOTInductor packages were compiled for CUDA and this machine has no GPU")
     models = {kind: torch._inductor.aoti_load_package(str(folder / record.file)) for kind, record in records.items()}
+    graphs = manifest.unet_graphs
 
-    def run(kind: str, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = models[kind](*(torch.from_numpy(array).to(device) for array in inputs.values()))
-        return [output.detach().to("cpu", torch.float32).numpy() for output in outputs]
+    def run(kind: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # A package takes and returns tensors in the order of the manifest's IO spec, its only names.
+        outputs = models[kind](*(torch.from_numpy(inputs[spec.name]).to(device) for spec in graphs[kind].inputs))
+        return named_outputs([spec.name for spec in graphs[kind].outputs],
+                             [output.detach().to("cpu", torch.float32).numpy() for output in outputs], f"aoti {kind}")
 
     return run
 
@@ -122,7 +120,7 @@ def compare_engines(engine_dir: str | Path, reference_dir: str | Path | None = N
         precision = _BY_NAME.get(str(records["planning"].properties.get("precision", "float32")), "fp32")
         multiple = int(records["planning"].properties.get("latent_multiple", 1))
         factory = {"tensorrt": lambda r=records: _tensorrt_runner(folder, r),
-                   "aoti": lambda r=records: _aoti_runner(folder, r)}.get(backend)
+                   "aoti": lambda r=records: _aoti_runner(folder, manifest, r)}.get(backend)
         if factory is None:
             continue
         candidates.append((backend, precision, factory, multiple))
@@ -142,13 +140,9 @@ def compare_engines(engine_dir: str | Path, reference_dir: str | Path | None = N
         for seed, (kind, graph) in enumerate(manifest.unet_graphs.items()):
             progress(f"comparing {name} {kind} at {dims}")
             inputs = make_inputs(GraphIO(kind, graph.inputs, graph.outputs), dims, seed=300 + seed)
-            expected = reference(kind, inputs)
-            actual = runner(kind, inputs)
-            for spec, a, e in zip(graph.outputs, actual, expected):
-                a = np.asarray(a, dtype=np.float32)
-                max_abs = float(np.abs(a - e).max())
-                rows.append(Row(name, kind, spec.name, precision, max_abs,
-                                max_abs / max(float(np.abs(e).max()), 1e-12), tolerance))
+            checks = compare_outputs(runner(kind, inputs), reference(kind, inputs), tolerance, f"{name} {kind}")
+            rows += [Row(name, kind, check.output, precision, check.max_abs, check.relative, tolerance)
+                     for check in checks]
     return rows
 
 
@@ -161,24 +155,3 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"| {row.candidate} | {row.graph} | {row.output} | {row.precision} | {row.max_abs:.2e} | "
                      f"{row.relative:.2e} | {row.tolerance:.0e} | {result} |")
     return "\n".join(lines)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from cair_export.cli import progress
-
-    rows = compare_engines(args.engine_dir, args.reference, args.batch, progress=progress)
-    print(format_table(rows))
-    failures = [f"{r.candidate} {r.graph}:{r.output} {r.relative:.1e} > {r.tolerance:.0e}" for r in rows if not r.ok]
-    if failures:
-        raise ValidationError(f"{len(failures)} output(s) outside tolerance: {'; '.join(failures)}")
-    return 0
-
-
-def add_command(subparsers: Any) -> argparse.ArgumentParser:
-    """``cair-export compare ENGINE_DIR``: register the subcommand on the CLI's subparsers."""
-    parser = subparsers.add_parser("compare", help="compare every built engine with the fp32 onnxruntime reference")
-    parser.add_argument("engine_dir", help="an engine folder with built engines or low-precision graphs")
-    parser.add_argument("--reference", help="fp32 engine folder of the same model (default: ENGINE_DIR itself)")
-    parser.add_argument("--batch", type=int, help="prompts per call to compare at (default: the manifest's opt)")
-    parser.set_defaults(func=cmd_compare)
-    return parser

@@ -21,9 +21,6 @@ itself (``--rule below-threshold``, default 5 %) or ``--threshold`` times the fi
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cair_export.quality_metrics import (DEFAULT_THRESHOLD, RULES, recommend_cache_step, relative_l2,
-                                         summarise_series)
+from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD, recommend_cache_step, relative_l2, summarise_series
 from cair_runtime.errors import InvalidInputError
 
 QUANTITIES = ("maps", "outputs")
@@ -125,8 +121,9 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
     """Run the profile; returns the JSON-ready figures (series per quantity and norm, recommendation)."""
     import torch
 
-    from cair_export.models import load_model
-    from cair_export.reference import cross_attention_sites
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_denoise, cross_attention_sites, installed_processors
+    from cair_runtime.noise import seeded_latents
 
     if config.steps < 2:
         raise InvalidInputError(f"steps {config.steps} must be at least 2 to measure a change between steps")
@@ -146,37 +143,24 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
     evaluations = len(scheduler.timesteps)  # T, or T+1 for PNDM's warm-up
 
     all_changes: dict[tuple[str, str], list[np.ndarray]] = {}
-    modules = [unet.get_submodule(site.module) for site in sites]
-    originals = [module.processor for module in modules]
     started = time.perf_counter()
-    try:
-        for start in range(0, len(prompts), config.batch):
-            batch_prompts = prompts[start:start + config.batch]
-            recorder = _Recorder(len(sites), evaluations, len(batch_prompts))
-            for index, module in enumerate(modules):
-                module.set_processor(_RecordingProcessor(recorder, index))
+    for start in range(0, len(prompts), config.batch):
+        batch_prompts = prompts[start:start + config.batch]
+        recorder = _Recorder(len(sites), evaluations, len(batch_prompts))
+        with installed_processors(unet, sites, lambda index, _: _RecordingProcessor(recorder, index)):
             with torch.no_grad():
                 prompt_embeds, negative_embeds = pipe.encode_prompt(batch_prompts, "cpu", 1, True)
-                context = torch.cat([negative_embeds, prompt_embeds])  # (2B, L, D): uncond half first
-                noise = np.stack([np.random.default_rng(config.seed + start + k).standard_normal(shape, dtype=np.float32)
-                                  for k in range(len(batch_prompts))])
-                scheduler.set_timesteps(config.steps)
-                latents = torch.from_numpy(noise) * scheduler.init_noise_sigma
-                for i, t in enumerate(scheduler.timesteps):
-                    recorder.step = i
-                    latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                    noise_uncond, noise_text = unet(latent_input, t, context, return_dict=False)[0].chunk(2)
-                    noise_pred = noise_uncond + config.guidance_scale * (noise_text - noise_uncond)
-                    latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            for key, value in recorder.changes.items():
-                all_changes.setdefault(key, []).append(value)
-            done = start + len(batch_prompts)
-            elapsed = time.perf_counter() - started
-            progress(f"profiled {done}/{len(prompts)} prompts ({elapsed:.0f} s, "
-                     f"about {elapsed / done * (len(prompts) - done):.0f} s left)")
-    finally:
-        for module, processor in zip(modules, originals):
-            module.set_processor(processor)
+            noise = seeded_latents(range(config.seed + start, config.seed + start + len(batch_prompts)), shape)
+            # The plain guided loop (no caching): every step runs both halves through the recorders.
+            cair_denoise(unet, scheduler, torch.from_numpy(noise), prompt_embeds, negative_embeds,
+                         num_inference_steps=config.steps, cache_step=None, guidance_scale=config.guidance_scale,
+                         on_step=lambda i: setattr(recorder, "step", i))
+        for key, value in recorder.changes.items():
+            all_changes.setdefault(key, []).append(value)
+        done = start + len(batch_prompts)
+        elapsed = time.perf_counter() - started
+        progress(f"profiled {done}/{len(prompts)} prompts ({elapsed:.0f} s, "
+                 f"about {elapsed / done * (len(prompts) - done):.0f} s left)")
 
     series = {}
     for (quantity, norm), parts in all_changes.items():
@@ -251,55 +235,3 @@ def format_profile(figures: dict[str, Any]) -> str:
     lines.append(f"recommended cache step n = {figures['recommended_cache_step']} ({figures['rule']})")
     lines.append("by rule: " + ", ".join(f"{rule}: n = {n}" for rule, n in figures["recommendations_by_rule"].items()))
     return "\n".join(lines)
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    from cair_export.cli import progress
-    from cair_runtime.files import check_writable
-
-    for path in (args.json, args.plot):
-        if path:
-            check_writable(path, make_parent=True)
-    config = ProfileConfig(model=args.model, prompts=Path(args.prompts), steps=args.steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed, threshold=args.threshold, rule=args.rule,
-                           batch=args.batch, max_prompts=args.max_prompts, height=args.height, width=args.width)
-    figures = profile_model(config, progress=progress)
-    if args.json:
-        import datetime
-        import os
-        import platform
-
-        stamp = {"command": "cair-export profile " + " ".join(sys.argv[2:]),
-                 "date": datetime.datetime.now().isoformat(timespec="minutes"),
-                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
-        Path(args.json).write_text(json.dumps({**stamp, **figures}, indent=2) + "\n")
-    if args.plot:
-        plot_profile(figures, Path(args.plot))
-    print(format_profile(figures))
-    return 0
-
-
-def add_command(subparsers: Any) -> None:
-    """Register ``cair-export profile``."""
-    from cair_export.cli import int_arg
-
-    parser = subparsers.add_parser("profile", help="per-step convergence of cross-attention maps and outputs; "
-                                                   "recommends a cache step n")
-    parser.add_argument("model", help="shipped model (shapes), preset with a pipeline or local diffusers pipeline folder")
-    parser.add_argument("--prompts", required=True,
-                        help="prompt file, one a line (shipped: cair_export/prompts/shapes.txt, general.txt)")
-    parser.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int_arg, default=0)
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help="the rule's bound: relative output change (below-threshold, default 0.05) or "
-                             "fraction of the first change (fraction-of-first)")
-    parser.add_argument("--rule", choices=RULES, default="below-threshold",
-                        help="cache-step rule (default below-threshold)")
-    parser.add_argument("--batch", type=int_arg, default=8, help="prompts per UNet batch (default 8)")
-    parser.add_argument("--max-prompts", type=int_arg, help="use only the first N prompts (quick run)")
-    parser.add_argument("--height", type=int_arg, help="pixel height (default: native)")
-    parser.add_argument("--width", type=int_arg, help="pixel width (default: native)")
-    parser.add_argument("--json", help="write the figures as JSON here")
-    parser.add_argument("--plot", help="write the plot (PNG) here")
-    parser.set_defaults(func=cmd_profile)

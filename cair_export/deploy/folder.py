@@ -1,0 +1,42 @@
+"""Updates of an engine folder's files and manifest, in one step as far as a reader can tell.
+
+Shared by the TensorRT and AOTInductor builds (``build.py``, ``aoti.py``): new files are staged,
+moved into place, and ``manifest.json`` is replaced last with an atomic rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+from cair_runtime.files import write_atomically
+from cair_runtime.manifest import MANIFEST_NAME, EngineRecord, Manifest, record_file
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Replace ``manifest.json`` in one step (``write_atomically``: a temporary file beside it, then a rename)."""
+    write_atomically(folder / MANIFEST_NAME, lambda file: file.write(manifest.to_json().encode()))
+
+
+def install_engines(folder: Path, manifest: Manifest, staged: Mapping[str, Path],
+                    records: list[EngineRecord]) -> Manifest:
+    """Move staged engine files into ``folder`` and record them; the manifest is replaced last.
+
+    Records of the same backend are replaced (one build per backend), others kept; files are
+    listed with sha256 like the graphs.
+    """
+    backend = records[0].backend
+    names = [path.name for path in staged.values()]
+    for path in staged.values():
+        os.replace(path, folder / path.name)
+    old = {record.file for record in manifest.engines if record.backend == backend}
+    files = [f for f in manifest.files if f.path not in names and f.path not in old]
+    engines = [record for record in manifest.engines if record.backend != backend]
+    updated = dataclasses.replace(manifest, files=tuple(files) + tuple(record_file(folder, name) for name in names),
+                                  engines=tuple(engines) + tuple(records))
+    write_manifest(folder, updated)
+    for stale in old - set(names):
+        (folder / stale).unlink(missing_ok=True)
+    return updated
