@@ -17,25 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cair_export.lab.engines import ensure_engine
+from cair_export.lab.harness import run_stamp
+
 PROMPTS = ["a small red circle on a white background", "a large blue square left of a green triangle",
            "a yellow star in the middle on a black background", "a small purple triangle on a grey background"]
-
-
-def _shapes_engine(folder: Path) -> Path:
-    from cair_export.export import ExportConfig, export_model
-    from cair_export.models import load_model
-
-    if not (folder / "manifest.json").is_file():
-        print(f"exporting shapes to {folder} (once)", file=sys.stderr)
-        export_model(load_model("shapes", with_pipeline=True), folder, ExportConfig(), progress=lambda m: None)
-    return folder
 
 
 def bench_throughput(folder: Path, levels: list[int], images: int, steps: int, repeats: int, threads: int) -> dict:
@@ -98,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     levels = [int(level) for level in args.levels.split(",")]
-    results = {"machine": f"{os.cpu_count()} cores", "steps": args.steps, "images": args.images}
+    results = {**run_stamp("python " + " ".join(sys.argv)), "steps": args.steps, "images": args.images}
     print(f"throughput: {args.images} images of shapes, {args.steps} steps, callers {levels}", file=sys.stderr)
-    results["throughput"] = bench_throughput(_shapes_engine(args.engine), levels, args.images, args.steps,
-                                             args.repeats, args.threads)
+    engine = ensure_engine("shapes", args.engine, progress=lambda m: print(m, file=sys.stderr))
+    results["throughput"] = bench_throughput(engine, levels, args.images, args.steps, args.repeats, args.threads)
     print("\ncallers  images/s  vs 1 caller")
     for level, row in results["throughput"].items():
         print(f"{level:>7}  {row['images_per_s']:8.2f}  {row['ratio']:10.2f}x")
