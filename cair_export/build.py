@@ -214,7 +214,7 @@ def build_engines(engine_dir: str | Path, config: BuildConfig, progress: Callabl
     staged: dict[str, Path] = {}
     try:
         staged, records = build(folder, manifest, config, progress)
-        updated = install_engines(folder, load_manifest(folder, verify_checksums=False), staged, records)
+        updated = install_engines(folder, load_manifest(folder, verify="size"), staged, records)
     finally:
         for parent in {path.parent for path in staged.values()}:
             shutil.rmtree(parent, ignore_errors=True)

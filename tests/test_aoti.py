@@ -123,7 +123,24 @@ def test_caches_are_handed_over_as_device_tensors(aoti_folder):
     for args, _ in seen["fidelity"]:
         fed = [args[names.index(cache.name)] for cache in engine.manifest.caches]
         assert all(a is b for a, b in zip(fed, step_n_caches)) and first >= 2
-    assert all(isinstance(value, torch.Tensor) for value in backend.caches.values())
+    (context,) = engine.pool.contexts
+    assert all(isinstance(value, torch.Tensor) for value in context.caches.values())
+
+
+def test_shared_aoti_engine_under_8_threads_equals_serial_calls(aoti_folder):
+    """8 threads x 4 generations on one engine (one AOTInductor runner per context) == the same calls in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with CairEngine(aoti_folder("tiny-sd21"), backend="aoti", max_concurrency=4) as engine:
+        calls = [dict(_inputs(engine, batch=1 + i % 3, seed=i, size=[(8, 12), (16, 8), (12, 12)][i % 3]),
+                      num_inference_steps=3 + i % 3, cache_step=1 + i % 3, seed=i,
+                      scheduler=["ddim", "euler-ancestral", "dpm++2m", "unipc"][i % 4]) for i in range(32)]
+        serial = [engine.denoise(**call).latents for call in calls]
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(lambda call: engine.denoise(**call).latents, calls))
+        assert 1 < len(engine.pool.contexts) <= 4
+    for one, other in zip(serial, concurrent):
+        np.testing.assert_array_equal(one, other)
 
 
 def test_latent_sizes_off_the_multiple_are_refused(aoti_folder):
@@ -191,7 +208,7 @@ def test_aoti_cuda_matches_reference(aoti_cuda_folder, dtype):  # pragma: no cov
     assert max(errors.values()) <= CUDA_BOUNDS[dtype], errors
     # The bound is far tighter than what caching changes: n = 1 and n = T really differ.
     assert _relative(outputs[1], outputs[STEPS]) > 10 * CUDA_BOUNDS[dtype]
-    assert all(value.device.type == "cuda" for value in engine.backend.caches.values())
+    assert all(value.device.type == "cuda" for value in engine.pool.contexts[0].caches.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)

@@ -137,7 +137,7 @@ def test_onnxruntime_gpu_keeps_caches_on_cuda(exported, provider):  # pragma: no
          "latents": rng.standard_normal((1, 4, 8, 12), dtype=np.float32)}
     engine = CairEngine(folder, providers=[provider, "CPUExecutionProvider"])
     latents = engine.denoise(**x, num_inference_steps=6, cache_step=3, guidance_scale=2.0).latents
-    assert {value.device_name() for value in engine.backend.caches.values()} == {"cuda"}
+    assert {value.device_name() for value in engine.pool.contexts[0].caches.values()} == {"cuda"}
     reference = CairEngine(folder).denoise(**x, num_inference_steps=6, cache_step=3, guidance_scale=2.0).latents
     assert np.abs(latents - reference).max() / np.abs(reference).max() < 1e-3
 

@@ -47,3 +47,98 @@ def test_caller_latents_are_recorded_instead_of_a_seed(shapes):
         result = pipeline(PROMPTS[0], num_inference_steps=3, cache_step=1, latents=noise)
         assert result.parameters[0]["seed"] is None
         assert result.parameters[0]["latents"] == "supplied by the caller"
+
+
+# -- shared instances under threads -----------------------------------------------------------------
+
+def _calls(count: int) -> list[dict]:
+    """Mixed calls: prompts, seeds, sizes, n, schedulers (euler-ancestral included), 1-3 images."""
+    rng = np.random.default_rng(42)
+    schedulers = ["euler-ancestral", "ddim", "dpm++2m", "euler", "unipc", "pndm"]
+    calls = []
+    for i in range(count):
+        steps = int(rng.integers(4, 7))
+        calls.append(dict(
+            prompt=[PROMPTS[i % 2]] if i % 3 else PROMPTS, num_images_per_prompt=int(rng.integers(1, 4)) if i % 3 else 1,
+            height=[64, 48, 80][i % 3], width=[64, 80, 48][i % 4 % 3], num_inference_steps=steps,
+            cache_step=int(rng.integers(1, steps + 1)), scheduler=schedulers[i % len(schedulers)], seed=int(rng.integers(0, 1000))))
+    return calls
+
+
+def _run_threads(function, arguments: list, threads: int) -> list:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, arguments))
+
+
+def test_shared_pipeline_under_8_threads_equals_serial_calls(shapes):
+    calls = _calls(32)  # 8 threads x 4 generations
+    with CairText2Image(shapes, max_concurrency=4) as pipeline:
+        serial = [pipeline(**call).images for call in calls]
+        concurrent = _run_threads(lambda call: pipeline(**call).images, calls, threads=8)
+        assert 1 < len(pipeline.engine.pool.contexts) <= 4  # contexts were made lazily, never more than the bound
+    for call, one, other in zip(calls, serial, concurrent):
+        np.testing.assert_array_equal(one, other, err_msg=str(call))
+
+
+def test_calls_wait_for_a_free_context(shapes):
+    import threading
+
+    with CairText2Image(shapes, max_concurrency=1) as pipeline:
+        inside, peak, lock = [0], [0], threading.Lock()
+
+        def callback(step, total):
+            with lock:
+                peak[0] = max(peak[0], inside[0])
+
+        original = pipeline.engine._denoise_batch
+
+        def counted(*args, **kwargs):
+            with lock:
+                inside[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        pipeline.engine._denoise_batch = counted
+        _run_threads(lambda seed: pipeline(PROMPTS[0], num_inference_steps=3, cache_step=1, seed=seed,
+                                           callback=callback), range(4), threads=4)
+        assert peak[0] == 1 and len(pipeline.engine.pool.contexts) == 1
+
+
+def test_close_releases_sessions_and_buffers_and_refuses_later_calls(shapes):
+    import gc
+    import weakref
+
+    from cair_runtime.errors import EngineClosedError
+
+    pipeline = CairText2Image(shapes, max_concurrency=2)
+    _run_threads(lambda seed: pipeline(PROMPTS[0], num_inference_steps=3, cache_step=1, seed=seed), range(2), threads=2)
+    contexts = list(pipeline.engine.pool.contexts)
+    assert contexts
+    live = [weakref.ref(session) for session in pipeline.engine.backend.sessions.values()]
+    live += [weakref.ref(session) for _, _, session in pipeline.text_encoders] + [weakref.ref(pipeline.vae)]
+    live += [weakref.ref(value) for context in contexts for value in (*context.caches.values(), *context._outputs.values())]
+    live += [weakref.ref(binding) for context in contexts for binding in context.bindings.values()]
+    del contexts
+    pipeline.close()
+    pipeline.close()  # twice is fine
+    gc.collect()
+    assert [ref for ref in live if ref() is not None] == []
+    with pytest.raises(EngineClosedError, match="closed"):
+        pipeline(PROMPTS[0], num_inference_steps=2, cache_step=1)
+
+
+def test_context_memory_is_stated(shapes):
+    from cair_runtime.manifest import eval_dim
+
+    with CairText2Image(shapes) as pipeline:
+        engine = pipeline.engine
+        dims = {"batch": 2, "latent_height": 8, "latent_width": 8}
+        caches = sum(2 * eval_dim(cache.tokens, dims) * cache.channels * 4 for cache in engine.manifest.caches)
+        noise_pred = (2 * 2 + 2) * engine.in_channels * 8 * 8 * 4  # planning at 2B, fidelity at B
+        text = 2 * 2 * engine.manifest.dim("text_len").opt * engine.context_dim * 4  # (2B, L, D)
+        assert engine.context_nbytes(**dims) == caches + noise_pred + text

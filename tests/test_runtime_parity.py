@@ -115,18 +115,19 @@ def test_caches_stay_device_values_between_the_sessions(exported, monkeypatch):
                         lambda self: copies.append(1) or pytest.fail("outputs copied to the host"))
 
     engine.denoise(**x, num_inference_steps=6, cache_step=3, scheduler="ddim")
-    backend = engine.backend
-    pointers = {name: value.data_ptr() for name, value in backend.caches.items()}
+    (context,) = engine.pool.contexts  # one call, one context (created lazily)
+    pointers = {name: value.data_ptr() for name, value in context.caches.items()}
     assert len(pointers) == len(engine.manifest.caches)
     # Only noise_pred left the device: one host copy per step, each of the latent's shape.
     assert len(to_numpy) == 6 and copies == []
     assert {tuple(shape[1:]) for shape in to_numpy} == {(4, 8, 12)}
     # Planning's bound outputs are the very buffers fidelity reads.
-    planning_outputs = {v.data_ptr() for v in backend.bindings["planning"].get_outputs()}
+    planning_outputs = {v.data_ptr() for v in context.bindings["planning"].get_outputs()}
     assert planning_outputs >= set(pointers.values())
-    # Another generation at the same shape reuses the same device buffers.
+    # Another generation at the same shape reuses the same context and device buffers.
     engine.denoise(**x, num_inference_steps=6, cache_step=3, scheduler="ddim")
-    assert {name: value.data_ptr() for name, value in backend.caches.items()} == pointers
+    assert engine.pool.contexts == [context]
+    assert {name: value.data_ptr() for name, value in context.caches.items()} == pointers
 
 
 def test_device_caches_hold_the_step_n_planning_outputs(exported):
@@ -135,7 +136,8 @@ def test_device_caches_hold_the_step_n_planning_outputs(exported):
     engine = CairEngine(folder)
     x = _inputs(engine)
     engine.denoise(**x, num_inference_steps=4, cache_step=4, scheduler="ddim")
-    cached = {name: value.numpy() for name, value in engine.backend.caches.items()}
+    (context,) = engine.pool.contexts
+    cached = {name: value.numpy() for name, value in context.caches.items()}
     session = ort.InferenceSession(str(folder / "planning.onnx"), providers=["CPUExecutionProvider"])
     # Re-run the last planning evaluation by hand: the buffers must hold exactly its cache outputs.
     from cair_runtime.schedulers import make_scheduler

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,24 @@ def _load_npy(path: str | None, label: str) -> np.ndarray | None:
 
 
 class _Progress:
-    """A one-line progress bar on stderr when it is a terminal, silent otherwise."""
+    """A one-line progress bar with seconds per step and time left, on stderr when it is a terminal."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
+        self.started: float | None = None
 
     def __call__(self, step: int, total: int) -> None:
         if not self.enabled:
             return
+        now = time.perf_counter()
+        if self.started is None or step == 1:
+            self.started, self.first = now, step  # the first step's own time is unknown: count from its end
+        done = step - self.first
+        rate = f"{(now - self.started) / done:.2f} s/step, {(now - self.started) / done * (total - step):.0f} s left" \
+            if done else "..."
         filled = round(30 * step / total)
-        print(f"\r  denoising [{'#' * filled}{'.' * (30 - filled)}] {step}/{total}", end="", file=sys.stderr)
+        print(f"\r  denoising [{'#' * filled}{'.' * (30 - filled)}] {step}/{total} {rate}\033[K", end="",
+              file=sys.stderr, flush=True)
         if step == total:
             print(file=sys.stderr)
 
@@ -188,6 +197,31 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), argv)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cair_runtime.manifest import load_manifest
+
+    started = time.perf_counter()
+    manifest = load_manifest(args.engine_dir, verify="full")
+    size = sum(record.size for record in manifest.files)
+    print(f"{args.engine_dir}: {len(manifest.files)} files, {size / 1e9:.2f} GB, every sha256 matches "
+          f"({time.perf_counter() - started:.1f} s); later loads skip hashing while the files stay as they are")
+    return 0
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="cair-verify", description="Check every byte of an engine folder against its manifest (sha256) and "
+                                        "record it, so that loading it later needs no hashing while it is unchanged.")
+    parser.add_argument("engine_dir", help="folder written by `cair-export export`")
+    parser.set_defaults(func=cmd_verify)
+    return parser
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    """``cair-verify ENGINE_DIR``: full verification on demand."""
+    return run_command(build_verify_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,7 @@ class MissingDependencyError(CairError):
 
 class ValidationError(CairError):
     """An exported graph does not compute what the source model computes, within tolerance."""
+
+
+class EngineClosedError(CairError):
+    """An engine or pipeline was used after ``close()``."""

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cair_runtime.errors import ManifestError, ShapeError
+from cair_runtime.errors import InvalidInputError, ManifestError, ShapeError
+from cair_runtime.files import write_atomically
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -209,8 +210,54 @@ def _inside(folder: Path, relative: str) -> Path | None:
     return path if path.is_relative_to(folder.resolve()) else None
 
 
-def load_manifest(folder: str | Path, verify_checksums: bool = True) -> Manifest:
-    """Read and check an engine folder's manifest; report every problem at once."""
+VERIFIED_NAME = ".cair-verified.json"  # what the last full verification saw: stat of every file
+VERIFY_MODES = ("full", "fast", "size")
+
+
+def _stat_key(path: Path) -> list[int]:
+    """What changes when a file is rewritten, truncated or replaced: size, inode, mtime and ctime
+    (ctime cannot be set back by a user, unlike mtime)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def stamp_verified(folder: str | Path, manifest: Manifest) -> bool:
+    """Record that every file of ``folder`` matches ``manifest`` as it is now on disk.
+
+    Call it only right after the hashes were computed (export, build, ``cair-verify``). Later
+    loads then skip re-hashing while no file's size, inode, mtime or ctime changed. Best effort:
+    returns False where the folder is read-only (loads then hash every time, which is safe).
+    """
+    folder = Path(folder)
+    record = {"manifest_sha256": sha256_file(folder / MANIFEST_NAME),
+              "files": {r.path: _stat_key(folder / r.path) for r in manifest.files}}
+    try:
+        write_atomically(folder / VERIFIED_NAME, lambda file: file.write(json.dumps(record).encode()))
+    except OSError:
+        return False
+    return True
+
+
+def _stamp_matches(folder: Path, manifest: Manifest) -> bool:
+    try:
+        record = json.loads((folder / VERIFIED_NAME).read_text())
+        return (record["manifest_sha256"] == sha256_file(folder / MANIFEST_NAME)
+                and record["files"] == {r.path: _stat_key(folder / r.path) for r in manifest.files})
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def load_manifest(folder: str | Path, verify: str = "fast") -> Manifest:
+    """Read and check an engine folder's manifest; report every problem at once.
+
+    ``verify`` says how the files are checked against the manifest: ``"full"`` hashes every byte
+    (sha256) and records what it saw (``stamp_verified``); ``"fast"`` (the default) does the
+    same unless the files are exactly as the last full verification saw them (same size, inode,
+    mtime and ctime), which skips gigabytes of hashing on every start yet catches truncation,
+    rewriting and replacement; ``"size"`` checks presence and sizes only.
+    """
+    if verify not in VERIFY_MODES:
+        raise InvalidInputError(f"verify mode {verify!r} is unknown; expected one of {', '.join(VERIFY_MODES)}")
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
@@ -243,14 +290,24 @@ def load_manifest(folder: str | Path, verify_checksums: bool = True) -> Manifest
         for tensor in graph.inputs + graph.outputs:
             if tensor.dtype not in DTYPES:
                 problems.append(f"{graph.kind} tensor {tensor.name} has unknown dtype {tensor.dtype!r}")
+    present = []
     for record in manifest.files:
         target = _inside(folder, record.path)
         if target is None:
             problems.append(f"file {record.path!r} lies outside the engine folder")
         elif not target.is_file():
             problems.append(f"file {record.path} is missing")
-        elif verify_checksums and sha256_file(target) != record.sha256:
-            problems.append(f"file {record.path} does not match its sha256 (modified or corrupted)")
+        elif target.stat().st_size != record.size:
+            problems.append(f"file {record.path} has {target.stat().st_size} bytes, the manifest lists {record.size} "
+                            "(truncated or replaced)")
+        else:
+            present.append((record, target))
+    hashing = verify == "full" or (verify == "fast" and not _stamp_matches(folder, manifest))
+    if hashing:
+        problems += [f"file {record.path} does not match its sha256 (modified or corrupted)"
+                     for record, target in present if sha256_file(target) != record.sha256]
     if problems:
         raise ManifestError(f"engine folder {folder} is not usable: " + "; ".join(problems) + "; re-export it")
+    if hashing:
+        stamp_verified(folder, manifest)
     return manifest

@@ -9,8 +9,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cair_runtime.backends import make_backend
-from cair_runtime.errors import InvalidInputError, ShapeError
+from cair_runtime.backends import BackendContext, make_backend
+from cair_runtime.backends.pool import ContextPool, check_concurrency
+from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.manifest import Manifest, load_manifest
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
 from cair_runtime.schedulers import make_scheduler
@@ -68,12 +69,24 @@ def _float_array(name: str, value: Any, ndim: int) -> np.ndarray:
 
 
 class CairEngine:
-    """An engine folder ready to run: manifest, backend, and the CAIR denoising loop."""
+    """An engine folder ready to run: manifest, backend, and the CAIR denoising loop.
 
-    def __init__(self, folder: str | Path, backend: str = "onnxruntime", **backend_options: Any):
+    Thread-safe: any number of threads may call ``denoise`` on one engine. The backend's sessions
+    and weights are shared; each call runs in a context of its own (bindings, caches, output
+    buffers) from a pool of at most ``max_concurrency`` (default: the backend's, sized for its
+    device), created lazily and reused; a call waits while all are busy. ``close()`` (or ``with``)
+    waits for running calls, then releases everything.
+    """
+
+    def __init__(self, folder: str | Path, backend: str = "onnxruntime", *, max_concurrency: int | None = None,
+                 verify: str = "fast", **backend_options: Any):
         self.folder = Path(folder)
-        self.manifest: Manifest = load_manifest(self.folder)
-        self.backend = make_backend(backend, self.folder, self.manifest, **backend_options)
+        self.manifest: Manifest = load_manifest(self.folder, verify)  # "fast": no hashing while files are unchanged
+        if max_concurrency is not None:
+            check_concurrency(max_concurrency)
+        self.backend = make_backend(backend, self.folder, self.manifest, max_concurrency=max_concurrency,
+                                    **backend_options)
+        self.pool = ContextPool(self.backend.new_context, self.backend.max_concurrency)
         planning = {spec.name: spec for spec in self.manifest.graphs["planning"].inputs}
         self.in_channels = planning["sample"].shape[1]
         self.context_dim = planning["encoder_hidden_states"].shape[2]
@@ -81,11 +94,24 @@ class CairEngine:
         self.vae_scale_factor = int(self.manifest.model.get("vae_scale_factor", 8))
 
     def close(self) -> None:
-        """Release the backend (sessions, device buffers); calls after this raise an error."""
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
-        self.backend = None
+        """Wait for running calls, then release the contexts and the backend; later calls raise
+        ``EngineClosedError``. Closing twice is fine."""
+        self.pool.close()
+        self.backend.close()
+
+    def check_open(self) -> None:
+        if self.pool.closed:
+            raise EngineClosedError(f"the engine of {self.folder} was closed; create a new one to run it again")
+
+    def context_nbytes(self, batch: int, latent_height: int, latent_width: int) -> int:
+        """Bytes one context holds for a call of this size: caches, noise_pred and per-call inputs."""
+        dims = {"batch": batch, "latent_height": latent_height, "latent_width": latent_width,
+                "text_len": self.manifest.dim("text_len").opt}
+        caches = {cache.name for cache in self.manifest.caches}  # one buffer for both graphs
+        specs = {spec.name if spec.name in caches else (kind, spec.name): spec
+                 for kind, graph in self.manifest.unet_graphs.items()
+                 for spec in (*graph.inputs, *graph.outputs) if spec.name not in ("sample", "timestep")}
+        return sum(int(np.prod(spec.resolve(dims))) * np.dtype(spec.dtype).itemsize for spec in specs.values())
 
     def __enter__(self) -> CairEngine:
         return self
@@ -160,6 +186,7 @@ class CairEngine:
         embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
         plain baseline. Batches above the engine's max batch run in chunks.
         """
+        self.check_open()
         cache_step = self.resolve_cache_step(cache_step, num_inference_steps)
         make_scheduler(scheduler, self.manifest.scheduler_config)  # unknown names fail before any work
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
@@ -208,17 +235,18 @@ class CairEngine:
         max_batch = self.manifest.dim("batch").max
         timings = StageTimings()
         chunks = []
-        for start in range(0, batch, max_batch):
-            part = slice(start, start + max_batch)
-            result = self._denoise_batch(
-                prompt_embeds[part], negative_prompt_embeds[part], latents[part],
-                None if added is None else tuple(a[part] for a in added),
-                num_inference_steps, cache_step, guidance_scale, scheduler, generators[part], callback)
-            chunks.append(result.latents)
-            timings.add(result.timings)
+        with self.pool.acquire() as context:  # this call's bindings and buffers; waits if all are busy
+            for start in range(0, batch, max_batch):
+                part = slice(start, start + max_batch)
+                result = self._denoise_batch(
+                    context, prompt_embeds[part], negative_prompt_embeds[part], latents[part],
+                    None if added is None else tuple(a[part] for a in added),
+                    num_inference_steps, cache_step, guidance_scale, scheduler, generators[part], callback)
+                chunks.append(result.latents)
+                timings.add(result.timings)
         return DenoiseResult(np.concatenate(chunks), timings)
 
-    def _denoise_batch(self, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
+    def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
                        cache_step, guidance_scale, scheduler_name, generators: Generators, callback) -> DenoiseResult:
         batch = latents.shape[0]
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
@@ -228,7 +256,7 @@ class CairEngine:
 
         dims = {"batch": batch, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
         self.check_dims({"batch": batch})
-        self.backend.prepare({**dims, "text_len": self.manifest.dim("text_len").opt})
+        context.prepare({**dims, "text_len": self.manifest.dim("text_len").opt})
         # Uploaded once per generation: (2B, L, D), unconditional half first.
         planning_inputs = {"encoder_hidden_states": np.concatenate([negative_prompt_embeds, prompt_embeds])}
         fidelity_inputs = {}
@@ -239,9 +267,9 @@ class CairEngine:
             # Fidelity runs unconditionally: the negative (unconditional) added conditions.
             fidelity_inputs = ({"text_embeds": planning_inputs["text_embeds"], "time_ids": planning_inputs["time_ids"]}
                                if cfg_fidelity else {"text_embeds": negative_text_embeds, "time_ids": time_ids})
-        self.backend.set_inputs("planning", planning_inputs)
+        context.set_inputs("planning", planning_inputs)
         if fidelity_inputs:
-            self.backend.set_inputs("fidelity", fidelity_inputs)
+            context.set_inputs("fidelity", fidelity_inputs)
 
         timings = StageTimings()
         latents = latents * np.float32(scheduler.init_noise_sigma)
@@ -256,11 +284,11 @@ class CairEngine:
                 # already merged, are left in the device buffers fidelity reads. (Variant: fidelity
                 # keeps guidance at batch 2B, a cache per half.)
                 kind = "planning" if step <= planning_steps else "fidelity"
-                noise_uncond, noise_text = np.split(self.backend.run(kind, np.concatenate([scaled, scaled]), timestep), 2)
+                noise_uncond, noise_text = np.split(context.run(kind, np.concatenate([scaled, scaled]), timestep), 2)
                 noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
             else:
                 # Fidelity improving: batch B, no guidance, no text; cross-attention from the cache.
-                noise_pred = self.backend.run("fidelity", scaled, timestep)
+                noise_pred = context.run("fidelity", scaled, timestep)
             latents = scheduler.step(noise_pred, t, latents, rng=generators).astype(np.float32, copy=False)
             elapsed = time.perf_counter() - started
             if step <= planning_steps:
@@ -272,7 +300,7 @@ class CairEngine:
             if step == planning_steps and step < total:
                 # The switch: the cache buffers planning just wrote become fidelity's inputs.
                 started = time.perf_counter()
-                self.backend.switch_to_fidelity()
+                context.switch_to_fidelity()
                 timings.switch_s += time.perf_counter() - started
             if callback is not None:
                 callback(step, total)

@@ -88,7 +88,11 @@ class CairText2Image:
     """An exported pipeline folder ready to turn prompts into images.
 
     The UNet graphs run on ``backend``; the text encoder(s) and the VAE decoder (once per call)
-    run in onnxruntime with ``providers`` and ``threads``.
+    run in onnxruntime with ``providers`` and ``threads`` (one budget: every session's intra-op
+    pool). Thread-safe: share one instance between request threads. The text encoders and the
+    VAE are plain ``InferenceSession.run`` calls (thread-safe in onnxruntime); the UNet loop runs
+    in a per-call context from the engine's pool (``max_concurrency``, see ``CairEngine``).
+    Keywords beyond these go to ``CairEngine`` (``max_concurrency``, ``verify``) and the backend.
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime",
@@ -174,6 +178,7 @@ class CairText2Image:
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
         of naming a seed (the seeds then drive only ancestral noise).
         """
+        self.engine.check_open()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InvalidInputError("no prompt given; pass at least one (an empty string is allowed)")

@@ -1,6 +1,8 @@
 """Manifest reading: versions, paths, checksums, every problem at once; shape expressions."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,72 @@ def test_malformed_manifest(tmp_path):
     (folder / "manifest.json").write_text("{")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(folder)
+
+
+def _count_hashes(monkeypatch) -> list[str]:
+    import cair_runtime.manifest as manifest_module
+
+    hashed, original = [], manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(Path(path).name) or original(path))
+    return hashed
+
+
+def test_fast_load_hashes_once_then_trusts_unchanged_files(tmp_path, monkeypatch):
+    folder = tmp_path / "e"
+    _write_folder(folder)
+    hashed = _count_hashes(monkeypatch)
+    load_manifest(folder)  # no record of a verification yet: every file hashed, then recorded
+    assert sorted(set(hashed) - {"manifest.json"}) == ["fidelity.onnx", "planning.onnx"]
+    hashed.clear()
+    load_manifest(folder)  # unchanged since: only the small manifest is hashed
+    assert hashed == ["manifest.json"]
+    hashed.clear()
+    load_manifest(folder, verify="full")  # on demand: every byte again
+    assert {"fidelity.onnx", "planning.onnx"} <= set(hashed)
+
+
+@pytest.mark.parametrize("change", ["replace", "rewrite_in_place", "truncate"])
+def test_fast_load_catches_replaced_rewritten_and_truncated_files(tmp_path, change):
+    folder = tmp_path / "e"
+    _write_folder(folder)
+    load_manifest(folder)
+    target = folder / "planning.onnx"
+    stat = target.stat()
+    if change == "replace":  # same size, other bytes, moved over the original
+        (folder / "other").write_bytes(b"X" * stat.st_size)
+        os.replace(folder / "other", target)
+    elif change == "rewrite_in_place":  # same size and inode, mtime set back: ctime still moves
+        with open(target, "r+b") as handle:
+            handle.write(b"X")
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    else:
+        target.write_bytes(target.read_bytes()[:-1])
+    with pytest.raises(ManifestError, match="planning.onnx (does not match its sha256|has .* bytes)"):
+        load_manifest(folder)
+
+
+def test_read_only_folder_still_loads(tmp_path, monkeypatch):
+    folder = tmp_path / "e"
+    _write_folder(folder)
+    import cair_runtime.manifest as manifest_module
+
+    def refuse(path, write):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(manifest_module, "write_atomically", refuse)
+    assert load_manifest(folder) == load_manifest(folder, verify="full")
+    assert not (folder / manifest_module.VERIFIED_NAME).exists()
+
+
+def test_cair_verify_checks_every_byte_and_records_it(tmp_path, capsys):
+    from cair_runtime.cli import verify_main
+    from cair_runtime.manifest import VERIFIED_NAME
+
+    folder = tmp_path / "e"
+    _write_folder(folder)
+    assert verify_main([str(folder)]) == 0
+    assert "every sha256 matches" in capsys.readouterr().out and (folder / VERIFIED_NAME).is_file()
+    (folder / "fidelity.onnx").write_bytes(b"fidelity.onnY")  # same size, other bytes
+    assert verify_main([str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fidelity.onnx does not match its sha256" in err

@@ -1,7 +1,8 @@
 """Execution backends: each runs an engine folder's planning and fidelity graphs.
 
-A backend keeps the cross-attention caches on its device: planning writes them into buffers the
-backend allocated, fidelity reads the same buffers. Per step only the latents (in) and
+A backend holds what every generation shares (sessions, engines, weights); a context holds what one
+generation writes, and keeps the cross-attention caches on the device: planning writes them into
+buffers the context allocated, fidelity reads the same buffers. Per step only the latents (in) and
 ``noise_pred`` (out) cross between host and device. Optional backends (TensorRT, AOTInductor)
 are imported only when asked for, so their packages (tensorrt, torch) are never loaded otherwise.
 """
@@ -19,7 +20,9 @@ from cair_runtime.manifest import Manifest
 BACKENDS = ("onnxruntime", "tensorrt", "aoti")
 
 
-class Backend(Protocol):
+class BackendContext(Protocol):
+    """Everything one generation writes: bindings, cache and output buffers, streams, graphs."""
+
     def prepare(self, dims: Mapping[str, int]) -> None:
         """Allocate the device buffers (caches, outputs) for these concrete dims; a no-op if unchanged."""
 
@@ -31,6 +34,21 @@ class Backend(Protocol):
 
     def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         """One evaluation of the ``kind`` graph; returns ``noise_pred`` on the host."""
+
+    def close(self) -> None:
+        """Release the buffers, bindings, streams and graphs."""
+
+
+class Backend(Protocol):
+    """The shared, read-only part: sessions or engines and their weights, loaded once."""
+
+    max_concurrency: int  # contexts the engine's pool may hold (the caller's choice, or sized for the device)
+
+    def new_context(self) -> BackendContext:
+        """A fresh per-call context (the pool calls this lazily)."""
+
+    def close(self) -> None:
+        """Release the sessions/engines; every context must be closed first."""
 
 
 def make_backend(name: str, folder: str | Path, manifest: Manifest, **options: Any) -> Backend:

@@ -2,9 +2,9 @@
 
 Needs torch (not diffusers), imported when the backend is built (``make_backend`` also imports this
 module only when the backend is asked for), so the rest of the runtime stays torch-free. Packages load with
-``torch._inductor.aoti_load_package`` (PyTorch's AOTInductor tutorial). The caches are device
-tensors: planning returns them, the backend keeps the references from the step-n evaluation and
-passes the very same tensors to fidelity; they never pass through numpy. Per step only the
+``torch._inductor.package.load_package`` (``aoti_load_package`` plus ``num_runners``: one runner
+per concurrent call). The caches are device tensors: planning returns them, each call's context
+keeps the references from the step-n evaluation and passes the very same tensors to fidelity; they never pass through numpy. Per step only the
 latents go up and ``noise_pred`` comes down.
 """
 
@@ -17,6 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
+from cair_runtime.backends.pool import default_concurrency
 from cair_runtime.errors import EngineMismatchError, MissingDependencyError, ShapeError
 from cair_runtime.manifest import EngineRecord, Manifest
 
@@ -54,9 +55,14 @@ def check_aoti_record(record: EngineRecord, device: str, torch_version: str) -> 
 
 
 class AotiBackend:
-    """Runs planning.pt2 and fidelity.pt2 on ``device`` ("cpu" or "cuda[:N]")."""
+    """planning.pt2 and fidelity.pt2 on ``device`` ("cpu" or "cuda[:N]"), shared by every context.
 
-    def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None):
+    Each package is loaded with one AOTInductor runner per context (``num_runners``): the model
+    container lends a runner to each concurrent call, so calls never share activation buffers.
+    """
+
+    def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None,
+                 max_concurrency: int | None = None):
         _import_torch()
         records = aoti_records(manifest)
         self.device = device or records["planning"].properties.get("device", "cpu")
@@ -65,40 +71,62 @@ class AotiBackend:
                                          "use a CUDA build of torch on a GPU machine, or --device cpu packages")
         for record in records.values():
             check_aoti_record(record, self.device, torch.__version__)
+        self.manifest = manifest
         self.latent_multiple = int(records["planning"].properties.get("latent_multiple", 1))
         self.vae_scale_factor = int(manifest.model.get("vae_scale_factor", 8))
+        self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
         index = torch.device(self.device).index
-        self.models = {kind: torch._inductor.aoti_load_package(str(Path(folder) / record.file),
-                                                               device_index=-1 if index is None else index)
+        from torch._inductor.package import load_package
+
+        self.models = {kind: load_package(str(Path(folder) / record.file), num_runners=self.max_concurrency,
+                                          device_index=-1 if index is None else index)
                        for kind, record in records.items()}
         self.inputs = {kind: [spec.name for spec in graph.inputs] for kind, graph in manifest.unet_graphs.items()}
         self.cache_names = [cache.name for cache in manifest.caches]
+
+    def new_context(self) -> AotiContext:
+        return AotiContext(self)
+
+    def close(self) -> None:
+        self.models = {}
+
+
+class AotiContext:
+    """One generation's device tensors: fixed inputs and the caches handed from planning to fidelity."""
+
+    def __init__(self, backend: AotiBackend):
+        self.backend = backend
         self.caches: dict[str, torch.Tensor] = {}  # fidelity's cache inputs: device tensors from planning
         self._planned: dict[str, torch.Tensor] = {}  # the latest planning evaluation's caches
-        self._fixed: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in manifest.unet_graphs}
+        self._fixed: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in backend.inputs}
 
     def prepare(self, dims: Mapping[str, int]) -> None:
-        odd = [f"{name} {dims[name]}" for name in ("latent_height", "latent_width")
-               if dims[name] % self.latent_multiple]
+        multiple = self.backend.latent_multiple
+        odd = [f"{name} {dims[name]}" for name in ("latent_height", "latent_width") if dims[name] % multiple]
         if odd:
-            raise ShapeError(f"the AOTInductor packages take latent sizes that are multiples of {self.latent_multiple} "
-                             f"(pixels: {self.vae_scale_factor * self.latent_multiple}); got {', '.join(odd)}; use another size or the "
-                             "onnxruntime backend")
+            raise ShapeError(f"the AOTInductor packages take latent sizes that are multiples of {multiple} "
+                             f"(pixels: {self.backend.vae_scale_factor * multiple}); got {', '.join(odd)}; use "
+                             "another size or the onnxruntime backend")
 
     def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
         for name, array in arrays.items():
-            self._fixed[kind][name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+            self._fixed[kind][name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.backend.device)
 
     def switch_to_fidelity(self) -> None:
         # The tensors planning returned at step n become fidelity's inputs: references, no copy.
         self.caches = dict(self._planned)
 
     def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        step = {"sample": torch.from_numpy(np.ascontiguousarray(sample)).to(self.device),
-                "timestep": torch.from_numpy(np.ascontiguousarray(timestep)).to(self.device)}
+        backend = self.backend
+        step = {"sample": torch.from_numpy(np.ascontiguousarray(sample)).to(backend.device),
+                "timestep": torch.from_numpy(np.ascontiguousarray(timestep)).to(backend.device)}
         named = {**self._fixed[kind], **self.caches, **step} if kind == "fidelity" else {**self._fixed[kind], **step}
-        outputs = self.models[kind](*(named[name] for name in self.inputs[kind]))
+        outputs = backend.models[kind](*(named[name] for name in backend.inputs[kind]))
         if kind == "planning":
-            self._planned = dict(zip(self.cache_names, outputs[1:]))
+            self._planned = dict(zip(backend.cache_names, outputs[1:]))
         # noise_pred only; one fresh copy, since the scheduler keeps past outputs and the package may reuse buffers.
         return outputs[0].detach().to("cpu", torch.float32, copy=True).numpy()
+
+    def close(self) -> None:
+        self.caches, self._planned = {}, {}
+        self._fixed = {kind: {} for kind in self._fixed}

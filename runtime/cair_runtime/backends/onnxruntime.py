@@ -1,9 +1,10 @@
 """ONNX Runtime backend: one session per graph, caches chained through IOBinding.
 
-The cache ``OrtValue``s are allocated once per shape on the execution device, bound as the
-planning session's outputs (``bind_ortvalue_output``) and as the fidelity session's inputs
-(``bind_ortvalue_input``): planning writes them in place, fidelity reads them in place, and
-they never pass through numpy.
+The sessions are shared by every concurrent generation; each generation's context owns its
+IOBindings and buffers. The cache ``OrtValue``s are allocated once per shape on the execution
+device, bound as the planning session's outputs (``bind_ortvalue_output``) and as the fidelity
+session's inputs (``bind_ortvalue_input``): planning writes them in place, fidelity reads them in
+place, and they never pass through numpy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from cair_runtime.backends.pool import default_concurrency
 from cair_runtime.errors import InvalidInputError, MissingDependencyError
 from cair_runtime.manifest import Manifest
 
@@ -64,11 +66,15 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
 
 
 class OnnxRuntimeBackend:
-    """Runs planning.onnx and fidelity.onnx with onnxruntime."""
+    """planning.onnx and fidelity.onnx in onnxruntime: the sessions, shared by every context.
+
+    ``InferenceSession.run_with_iobinding`` is thread-safe; ``IOBinding`` objects are not, so
+    everything a generation binds lives in an ``OnnxRuntimeContext`` of its own.
+    """
 
     def __init__(self, folder: str | Path, manifest: Manifest,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
-                 graph_optimization: str = "all", device_id: int = 0):
+                 graph_optimization: str = "all", device_id: int = 0, max_concurrency: int | None = None):
         self.manifest = manifest
         self.device = _DEVICES.get(providers[0], "cpu") if providers else "cpu"
         self.device_id = device_id
@@ -77,6 +83,21 @@ class OnnxRuntimeBackend:
                                graph_optimization=graph_optimization, device_id=device_id)
             for kind, graph in manifest.unet_graphs.items()
         }
+        self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
+
+    def new_context(self) -> OnnxRuntimeContext:
+        return OnnxRuntimeContext(self)
+
+    def close(self) -> None:
+        self.sessions = {}  # the last references: onnxruntime frees a session with its Python object
+
+
+class OnnxRuntimeContext:
+    """One generation's bindings and device buffers; the caches are chained through IOBinding."""
+
+    def __init__(self, backend: OnnxRuntimeBackend):
+        self.backend = backend
+        self.sessions = backend.sessions
         self.bindings = {kind: session.io_binding() for kind, session in self.sessions.items()}
         self.caches: dict[str, ort.OrtValue] = {}  # cache name -> device buffer shared by both graphs
         self._outputs: dict[str, ort.OrtValue] = {}  # kind -> noise_pred buffer
@@ -84,14 +105,16 @@ class OnnxRuntimeBackend:
         self._dims: dict[str, int] | None = None
 
     def _buffer(self, shape: tuple[int, ...], dtype: str) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype).type, self.device, self.device_id)
+        backend = self.backend
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype).type, backend.device, backend.device_id)
 
     def prepare(self, dims: Mapping[str, int]) -> None:
         dims = dict(dims)
         if dims == self._dims:
             return
-        planning, fidelity = self.manifest.graphs["planning"], self.manifest.graphs["fidelity"]
-        cache_names = {cache.name for cache in self.manifest.caches}
+        manifest = self.backend.manifest
+        planning, fidelity = manifest.graphs["planning"], manifest.graphs["fidelity"]
+        cache_names = {cache.name for cache in manifest.caches}
         for spec in planning.outputs:
             if spec.name in cache_names:
                 self.caches[spec.name] = self._buffer(spec.resolve(dims), spec.dtype)
@@ -108,8 +131,9 @@ class OnnxRuntimeBackend:
             self.bindings["fidelity"].bind_ortvalue_input(name, value)
 
     def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+        backend = self.backend
         for name, array in arrays.items():
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), backend.device, backend.device_id)
             self._fixed[f"{kind}/{name}"] = value
             self.bindings[kind].bind_ortvalue_input(name, value)
 
@@ -122,3 +146,10 @@ class OnnxRuntimeBackend:
         # noise_pred only (the caches stay where they are). On CPU numpy() is a view of the buffer
         # the next run overwrites, and multistep schedulers keep past outputs: copy.
         return self._outputs[kind].numpy().copy()
+
+    def close(self) -> None:
+        for binding in self.bindings.values():
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+        self.bindings, self.sessions, self.caches, self._outputs, self._fixed = {}, {}, {}, {}, {}
+        self._dims = None

@@ -1,14 +1,17 @@
-"""TensorRT backend: two engines, one stream, one activation block, caches bound by address.
+"""TensorRT backend: two engines shared by every call; per call one stream, one activation block, caches bound by address.
 
 - Engines are deserialised once, after their provenance in the manifest (TensorRT version,
   compute capability) was checked against this machine: a mismatch is refused with the reason
   (``EngineMismatchError``) instead of failing deep inside ``deserialize_cuda_engine``.
-- One device buffer per IO tensor, wired with ``set_tensor_address``; ``execute_async_v3`` on one
-  stream (as the TensorRT demo's ``Engine.allocate_buffers``/``Engine.infer``).
+- The engines are shared; each concurrent call has a context of its own (TensorRT needs one
+  execution context per concurrent call): two execution contexts, a stream, an activation block,
+  one device buffer per IO tensor wired with ``set_tensor_address``, CUDA graphs;
+  ``execute_async_v3`` on the call's stream (as the TensorRT demo's ``Engine.allocate_buffers``/
+  ``Engine.infer``). CUDA's current device is per thread: every entry point sets it.
 - Planning's cache output buffers ARE fidelity's cache input buffers: the same device addresses
   are bound on both contexts; nothing is copied at the switch.
-- The two engines never run at once, so both contexts are created with
-  ``ExecutionContextAllocationStrategy.USER_MANAGED`` and share one activation block of
+- Within one call the two engines never run at once, so both execution contexts are created
+  with ``ExecutionContextAllocationStrategy.USER_MANAGED`` and share one activation block of
   ``max(device_memory_size_v2)`` bytes (``set_device_memory``).
 - Optional CUDA-graph capture per engine for static shapes: the step inputs are copied into the
   fixed buffers before each launch, and ``noise_pred`` is copied out before the next launch
@@ -26,6 +29,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from cair_runtime.backends.pool import default_concurrency
 from cair_runtime.errors import EngineMismatchError, MissingDependencyError, ShapeError
 from cair_runtime.manifest import EngineRecord, Manifest
 
@@ -128,12 +132,13 @@ class DeviceBuffer:
 
 
 class TensorRTBackend:
-    """Runs planning.plan and fidelity.plan with TensorRT on CUDA device ``device_id``."""
+    """planning.plan and fidelity.plan on CUDA device ``device_id``: the engines, shared by every context."""
 
-    def __init__(self, folder: str | Path, manifest: Manifest, device_id: int = 0, cuda_graphs: bool = False):
+    def __init__(self, folder: str | Path, manifest: Manifest, device_id: int = 0, cuda_graphs: bool = False,
+                 max_concurrency: int | None = None):
         trt = import_tensorrt()
         cudart = import_cudart()
-        self.trt, self.cudart, self.manifest = trt, cudart, manifest
+        self.trt, self.cudart, self.manifest, self.device_id = trt, cudart, manifest, device_id
         records = tensorrt_records(manifest)
         device = device_info(device_id)  # no GPU: MissingDependencyError
         _call(cudart, cudart.cudaSetDevice(device_id))
@@ -147,23 +152,47 @@ class TensorRTBackend:
             if engine is None:
                 raise EngineMismatchError(f"TensorRT {trt.__version__} could not deserialise {record.file}; {REBUILD}")
             self.engines[kind] = engine
-        # One activation block for both contexts: they run one after the other on one stream.
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        self.contexts = {kind: engine.create_execution_context(strategy) for kind, engine in self.engines.items()}
         self.activation_bytes = max(_activation_bytes(engine) for engine in self.engines.values())
-        self.activation = _call(cudart, cudart.cudaMalloc(max(self.activation_bytes, 1)))
+        self.use_cuda_graphs = cuda_graphs
+        self.cache_names = {cache.name for cache in manifest.caches}
+        self.noise_pred = {kind: graph.outputs[0].name for kind, graph in manifest.unet_graphs.items()}
+        self.max_concurrency = default_concurrency("cuda") if max_concurrency is None else max_concurrency
+
+    def set_device(self) -> None:
+        """CUDA's current device is per thread: set it on every thread that touches this backend."""
+        _call(self.cudart, self.cudart.cudaSetDevice(self.device_id))
+
+    def new_context(self) -> TensorRTContext:
+        return TensorRTContext(self)
+
+    def close(self) -> None:
+        self.engines = {}  # the engines and runtime go with their last references
+
+
+class TensorRTContext:
+    """One generation's execution contexts, stream, activation block, IO buffers and CUDA graphs.
+
+    The planning and fidelity execution contexts of one generation never run at once, so they
+    share one activation block (``ExecutionContextAllocationStrategy.USER_MANAGED``); concurrent
+    generations each have their own.
+    """
+
+    def __init__(self, backend: TensorRTBackend):
+        self.backend, self.cudart = backend, backend.cudart
+        backend.set_device()
+        strategy = backend.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = {kind: engine.create_execution_context(strategy) for kind, engine in backend.engines.items()}
+        self.activation = _call(self.cudart, self.cudart.cudaMalloc(max(backend.activation_bytes, 1)))
         for context in self.contexts.values():
             if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
-                context.set_device_memory(self.activation, self.activation_bytes)
+                context.set_device_memory(self.activation, backend.activation_bytes)
             else:
                 context.device_memory = self.activation
-        self.stream = _call(cudart, cudart.cudaStreamCreate())
+        self.stream = _call(self.cudart, self.cudart.cudaStreamCreate())
         self.stream_handle = int(self.stream)
-        self.use_cuda_graphs = cuda_graphs
         self.caches: dict[str, DeviceBuffer] = {}  # shared by planning (outputs) and fidelity (inputs)
-        self.buffers: dict[str, dict[str, DeviceBuffer]] = {kind: {} for kind in self.engines}
+        self.buffers: dict[str, dict[str, DeviceBuffer]] = {kind: {} for kind in self.contexts}
         self._graphs: dict[str, Any] = {}  # kind -> instantiated CUDA graph for the prepared shapes
-        self._noise_pred = {kind: graph.outputs[0].name for kind, graph in manifest.unet_graphs.items()}
         self._dims: dict[str, int] | None = None
 
     # -- buffers ------------------------------------------------------------------------------
@@ -178,27 +207,28 @@ class TensorRTBackend:
             if buffer.pointer not in seen:
                 seen.add(buffer.pointer)
                 _call(self.cudart, self.cudart.cudaFree(buffer.pointer))
-        self.caches, self.buffers = {}, {kind: {} for kind in self.engines}
+        self.caches, self.buffers = {}, {kind: {} for kind in self.contexts}
         for graph in self._graphs.values():  # captured for the old buffers' addresses
             _call(self.cudart, self.cudart.cudaGraphExecDestroy(graph))
         self._graphs.clear()
 
     def prepare(self, dims: Mapping[str, int]) -> None:
+        self.backend.set_device()  # this call's thread may not be the one that made the context
         dims = dict(dims)
         if dims == self._dims:
             return
         self._free_buffers()
-        cache_names = {cache.name for cache in self.manifest.caches}
-        for kind, graph in self.manifest.unet_graphs.items():
-            engine, context = self.engines[kind], self.contexts[kind]
+        backend = self.backend
+        for kind, graph in backend.manifest.unet_graphs.items():
+            engine, context = backend.engines[kind], self.contexts[kind]
             for spec in (*graph.inputs, *graph.outputs):
                 shape = spec.resolve(dims)
                 dtype = np.dtype(spec.dtype)
-                built = self.trt.nptype(engine.get_tensor_dtype(spec.name))
+                built = backend.trt.nptype(engine.get_tensor_dtype(spec.name))
                 if np.dtype(built) != dtype:
                     raise EngineMismatchError(f"{kind} engine tensor {spec.name} is {np.dtype(built)}, the manifest "
                                               f"declares {dtype}; {REBUILD}")
-                if spec.name in cache_names:
+                if spec.name in backend.cache_names:
                     # Allocated once, bound as planning's output and (at the switch) fidelity's input.
                     buffer = self.caches.get(spec.name)
                     if buffer is None:
@@ -206,7 +236,7 @@ class TensorRTBackend:
                 else:
                     buffer = self._allocate(shape, dtype)
                 self.buffers[kind][spec.name] = buffer
-                if engine.get_tensor_mode(spec.name) == self.trt.TensorIOMode.INPUT:
+                if engine.get_tensor_mode(spec.name) == backend.trt.TensorIOMode.INPUT:
                     if not context.set_input_shape(spec.name, shape):
                         raise ShapeError(f"{kind} engine does not accept {spec.name} of shape {shape} (outside its "
                                          "optimisation profile); rebuild with wider --min/--max sizes")
@@ -233,16 +263,17 @@ class TensorRTBackend:
 
     def _execute(self, kind: str) -> None:
         cudart = self.cudart
-        if not self.use_cuda_graphs:
+        if not self.backend.use_cuda_graphs:
             if not self.contexts[kind].execute_async_v3(self.stream_handle):
                 raise RuntimeError(f"TensorRT failed to enqueue the {kind} engine")
             return
         if kind not in self._graphs:
             # First run un-captured (TensorRT's lazy initialisation; its result is this step's), then
-            # capture one launch for these shapes, replayed from the next step on.
+            # capture one launch for these shapes, replayed from the next step on. Thread-local
+            # capture: other threads' CUDA calls during the capture are theirs, not an error here.
             if not self.contexts[kind].execute_async_v3(self.stream_handle):
                 raise RuntimeError(f"TensorRT failed to enqueue the {kind} engine")
-            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             _call(cudart, cudart.cudaStreamBeginCapture(self.stream, mode))
             self.contexts[kind].execute_async_v3(self.stream_handle)
             graph = _call(cudart, cudart.cudaStreamEndCapture(self.stream))
@@ -256,7 +287,7 @@ class TensorRTBackend:
         self._upload(buffers["sample"], sample)
         self._upload(buffers["timestep"], timestep)
         self._execute(kind)
-        noise_pred = buffers[self._noise_pred[kind]]
+        noise_pred = buffers[self.backend.noise_pred[kind]]
         host = np.empty(noise_pred.shape, noise_pred.dtype)  # fresh: multistep schedulers keep past outputs
         kind_d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _call(self.cudart, self.cudart.cudaMemcpyAsync(host.ctypes.data, noise_pred.pointer, noise_pred.nbytes,
@@ -265,10 +296,13 @@ class TensorRTBackend:
         return host
 
     def close(self) -> None:
-        """Free device memory (also on garbage collection)."""
+        """Free the buffers, graphs, stream and activation block (also on garbage collection)."""
         if getattr(self, "activation", None) is None:
             return
+        self.backend.set_device()
         self._free_buffers()
+        self.contexts = {}  # execution contexts before the memory they use
+        _call(self.cudart, self.cudart.cudaStreamDestroy(self.stream))
         _call(self.cudart, self.cudart.cudaFree(self.activation))
         self.activation = None
 
