@@ -57,7 +57,8 @@ class CairImageService:
             options = {"providers": config.providers, "threads": config.threads,
                        "graph_optimization": config.graph_optimization}
         self.config = config
-        self.pipeline = CairText2Image(config.engine_dir, config.backend, **options)
+        self.pipeline = CairText2Image(config.engine_dir, config.backend, max_concurrency=config.max_concurrency,
+                                       **options)
         self.model = self.pipeline.model_name
         self.created = int(time.time())
         engine_max = self.pipeline.engine.manifest.dim("batch").max
@@ -67,11 +68,13 @@ class CairImageService:
         self.served = {"requests": 0, "images": 0, "engine_batches": 0}  # /health reports this replica's counts
         self.validator = RequestValidator(self.pipeline, max_images=config.max_images or engine_max,
                                           max_steps=config.max_steps)
-        # One batch at a time per replica: the engine runs one call at a time (its own concurrency
-        # model decides what overlaps inside); requests queue here while it runs.
+        # As many batches at once as the engine has contexts (max_concurrency, default 1): on a GPU a
+        # second context overlaps one batch's host work (text encoder, scheduler, PNG) with another's
+        # UNet; on a CPU the cores are already busy. Requests wait here while the batches run.
         self._batched = serve.batch(max_batch_size=self.max_batch_size,
                                     batch_wait_timeout_s=config.batch_wait_ms / 1000,
-                                    max_concurrent_batches=1, batch_size_fn=self._batch_images)(self._run_batch)
+                                    max_concurrent_batches=config.max_concurrency,
+                                    batch_size_fn=self._batch_images)(self._run_batch)
 
     @http.post("/v1/images/generations")
     async def generate(self, request: Request) -> JSONResponse:
@@ -94,10 +97,11 @@ class CairImageService:
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": self.model, "this_replica": self.served})
 
-    def check_health(self) -> None:
-        """Serve's replica health check: a closed or broken engine takes the replica out."""
-        if self.pipeline.engine.backend is None:
-            raise RuntimeError("the engine is closed")
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica (after draining): release the engine."""
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            pipeline.close()
 
     async def _generate(self, request: ImageRequest) -> list[bytes]:
         ticket = _Ticket(request)

@@ -9,6 +9,7 @@ one line and exit code 2, before Ray starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -20,9 +21,7 @@ from cair_runtime.serve.config import ScalingConfig, ServiceConfig, parse_config
 
 
 def _configs(args: argparse.Namespace) -> tuple[ServiceConfig, ScalingConfig]:
-    names = ("engine_dir", "backend", "providers", "threads", "graph_optimization", "max_batch_size", "batch_wait_ms",
-             "max_images", "max_steps", "request_timeout_s", "replicas", "autoscale", "max_ongoing_requests",
-             "max_queued_requests", "retry_after_s", "replica_cpus", "replica_gpus")
+    names = [field.name for config in (ServiceConfig, ScalingConfig) for field in dataclasses.fields(config)]
     return parse_config({name: getattr(args, name) for name in names if getattr(args, name) is not None})
 
 
@@ -115,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--providers", help="onnxruntime execution providers, comma separated (default CPUExecutionProvider)")
     runtime.add_argument("--threads", type=int, help="intra-op threads, 0 = onnxruntime's default")
     runtime.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"))
+    runtime.add_argument("--max-concurrency", type=int,
+                         help="engine batches a replica runs at once, one engine context each "
+                              f"(default {service.max_concurrency})")
     parser.add_argument("--verbose", action="store_true", help="show the replicas' logs")
     parser.set_defaults(func=cmd_serve)
     return parser

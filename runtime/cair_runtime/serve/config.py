@@ -23,6 +23,7 @@ class ServiceConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers
     threads: int = 0  # onnxruntime intra-op threads per session, 0 = its default
     graph_optimization: str = "all"  # onnxruntime graph optimisation level for the UNet graphs
+    max_concurrency: int = 1  # engine batches a replica runs at once, each in its own engine context
     max_batch_size: int | None = None  # images per engine batch; None = the engine's max; 1 = no batching
     batch_wait_ms: float = 10.0  # how long the first request of a batch waits for compatible ones
     max_images: int | None = None  # limit on a request's n; None = the engine's max batch
@@ -43,8 +44,8 @@ class ScalingConfig:
     replica_gpus: float = 0.0  # Ray GPUs each replica reserves (1 on a GPU cluster)
 
 
-_INTEGERS = {"threads", "max_batch_size", "max_images", "max_steps", "replicas", "max_ongoing_requests",
-             "max_queued_requests"}
+_INTEGERS = {"threads", "max_concurrency", "max_batch_size", "max_images", "max_steps", "replicas",
+             "max_ongoing_requests", "max_queued_requests"}
 _OPTIONAL = {"max_batch_size", "max_images", "autoscale"}  # None = derived from the engine / fixed replicas
 _NUMBERS = {"batch_wait_ms", "request_timeout_s", "retry_after_s", "replica_cpus", "replica_gpus"}
 
@@ -106,7 +107,8 @@ def check_config(service: ServiceConfig, scaling: ScalingConfig) -> None:
     """Every out-of-range setting, reported together."""
     problems = []
     for name, value, low in (("max_batch_size", service.max_batch_size, 1), ("max_images", service.max_images, 1),
-                             ("max_steps", service.max_steps, 1), ("replicas", scaling.replicas, 1),
+                             ("max_steps", service.max_steps, 1),
+                             ("max_concurrency", service.max_concurrency, 1), ("replicas", scaling.replicas, 1),
                              ("max_ongoing_requests", scaling.max_ongoing_requests, 1),
                              ("max_queued_requests", scaling.max_queued_requests, 1)):
         if value is not None and value < low:
