@@ -77,7 +77,8 @@ def _convert(name: str, value: Any) -> Any:
             pass
         raise InvalidInputError(f"{name} {value!r} is not a number")
     if name in ("providers", "autoscale"):
-        items = [item.strip() for item in (value.split(",") if isinstance(value, str) else value)]
+        items = [item.strip() if isinstance(item, str) else item
+                 for item in (value.split(",") if isinstance(value, str) else value)]
         if name == "providers":
             return tuple(item for item in items if item)
         if len(items) != 2:
