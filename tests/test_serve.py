@@ -243,6 +243,8 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_replica_keeps_serving(ser
         assert param is None or param in error["message"], (what, error)
     status, _, payload = _generate(server, {"prompt": "n and size and seed", "n": 9, "size": "1x1", "seed": -3})
     assert status == 400 and [p["param"] for p in payload["error"]["problems"]] == ["n", "size", "seed"]
+    status, _, payload = _generate(server, {"prompt": "red " * 40_000})
+    assert status == 413 and "limited" in payload["error"]["message"]
     assert _generate(server, {"prompt": PROMPTS[2], "steps": 2, "seed": 1})[0] == 200
 
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from cair_runtime.errors import CairError
 from cair_runtime.schedulers import SCHEDULER_NAMES
 
+MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers; anything larger is refused unread
 MAX_SEED = 2**63 - 1  # seeds stay within a signed 64-bit integer, whatever language the client speaks
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
@@ -107,6 +108,8 @@ class RequestValidator:
 
     def parse(self, body: bytes) -> ImageRequest:
         """A request body -> ``ImageRequest``; an ``ApiError`` (400) naming every bad field otherwise."""
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body has {len(body)} bytes; requests are limited to {MAX_BODY_BYTES}")
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
