@@ -275,8 +275,8 @@ def test_overload_is_503_with_retry_after_and_timeouts_cancel(server):
     assert time.monotonic() - started < 10
 
 
-def test_bad_flags_are_one_line_before_ray_starts(shapes, one_line_error):
-    for argv, needle in (([str(shapes / "missing")], "does not exist"),
+def test_bad_flags_are_one_line_before_ray_starts(shapes, server, one_line_error):
+    for argv, needle in (([str(shapes), "--port", str(server.port)], "cannot listen on 127.0.0.1"),([str(shapes / "missing")], "does not exist"),
                          ([str(shapes), "--autoscale", "3,1"], "autoscale"),
                          ([str(shapes), "--max-batch-size", "9"], "max batch 4"),
                          ([str(shapes), "--replicas", "2", "--autoscale", "1,2"], "not allowed with")):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import signal
+import socket
 import sys
 import threading
 
 from cair_runtime.backends import BACKENDS
 from cair_runtime.cli import OneLineArgumentParser, run_command
-from cair_runtime.errors import InvalidInputError, ManifestError, MissingDependencyError
+from cair_runtime.errors import CairError, InvalidInputError, ManifestError, MissingDependencyError
 from cair_runtime.serve.config import ScalingConfig, ServiceConfig, parse_config
 
 
@@ -40,9 +41,20 @@ def _check_engine(service: ServiceConfig) -> str:
     return str(manifest.model.get("name"))
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port that is taken or an address that is not this machine's: say so before Ray starts."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise InvalidInputError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port "
+                                    "or stop what uses it") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     service, scaling = _configs(args)  # checked: every bad setting in one line
     model = _check_engine(service)
+    _check_port(args.host, args.port)
     try:
         import ray
         from ray import serve
@@ -56,8 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()  # handlers set after ray.init, which installs its own
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(make_app(service, scaling), name="cair", route_prefix="/", blocking=False)
+        try:
+            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.run(make_app(service, scaling), name="cair", route_prefix="/", blocking=False)
+        except Exception as error:  # a replica that cannot load the engine, a proxy that cannot bind...
+            summary = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise CairError(f"Ray Serve could not start the application: {summary}; the replicas' logs are in "
+                            "/tmp/ray/session_latest/logs/serve") from None
         replicas = (f"{scaling.autoscale[0]}..{scaling.autoscale[1]} replicas (autoscaling)" if scaling.autoscale
                     else f"{scaling.replicas} replica{'s' * (scaling.replicas > 1)}")
         print(f"cair-serve: serving {model} on http://{args.host}:{args.port}/v1/images/generations with {replicas}; "
