@@ -117,7 +117,7 @@ class CairImageService:
         except asyncio.CancelledError:  # the client went away: its images are no longer worth computing
             ticket.abandoned.set()
             raise
-        if isinstance(result, Exception):
+        if not isinstance(result, list):  # an exception, or None: skipped as abandoned (cannot happen here)
             logger.error("cair-serve: generation failed: %r", result)
             raise ApiError(500, f"generation failed: {result}", kind="server_error")
         return result
@@ -169,8 +169,9 @@ class CairImageService:
             if all(owner.abandoned.is_set() for owner in owners):
                 raise _Abandoned
 
+        negatives = None if first.negative_prompt is None else [r.negative_prompt for r in requests]
         result = self.pipeline(
-            [r.prompt for r in requests], None if first.negative_prompt is None else [r.negative_prompt for r in requests],
+            [r.prompt for r in requests], negatives,
             height=first.height, width=first.width, num_inference_steps=first.steps, cache_step=first.cache_step,
             guidance_scale=first.guidance_scale, scheduler=first.scheduler,
             seed=[r.seed + k for r, (_, k) in zip(requests, chunk)], callback=stop_when_abandoned)
