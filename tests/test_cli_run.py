@@ -89,10 +89,20 @@ def test_unsupported_schema_version(engine, embeddings, tmp_path, capsys, one_li
 
 
 def test_tampered_graph_fails_checksum(engine, embeddings, tmp_path, capsys, one_line_error):
+    with open(engine / "planning.onnx", "r+b") as handle:  # same size, one byte changed
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy")
+    one_line_error(code, err, "planning.onnx does not match its sha256")
+
+
+def test_grown_graph_fails_size_check(engine, embeddings, tmp_path, capsys, one_line_error):
     with open(engine / "planning.onnx", "ab") as handle:
         handle.write(b"\0")
     code, _, err = _run(capsys, engine, "--encoder-hidden-states", embeddings, "-o", tmp_path / "o.npy")
-    one_line_error(code, err, "planning.onnx does not match its sha256")
+    one_line_error(code, err, "planning.onnx has", "(truncated or replaced)")
 
 
 @pytest.mark.parametrize("shape,dtype,needle", [

@@ -142,3 +142,25 @@ def test_context_memory_is_stated(shapes):
         noise_pred = (2 * 2 + 2) * engine.in_channels * 8 * 8 * 4  # planning at 2B, fidelity at B
         text = 2 * 2 * engine.manifest.dim("text_len").opt * engine.context_dim * 4  # (2B, L, D)
         assert engine.context_nbytes(**dims) == caches + noise_pred + text
+
+
+def test_device_id_and_thread_budget_reach_every_session(shapes, monkeypatch):
+    # No GPU here: record what each session is asked for, then make it on the CPU (and run nothing).
+    import onnxruntime as ort
+
+    import cair_runtime.backends.onnxruntime as backend_module
+
+    made, real = [], ort.InferenceSession
+
+    def recording(path, options, providers, provider_options):
+        made.append((path.rsplit("/", 1)[-1], options.intra_op_num_threads, providers, provider_options))
+        return real(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(backend_module.ort, "InferenceSession", recording)
+    monkeypatch.setattr(backend_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    CairText2Image(shapes, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], threads=1, device_id=1).close()
+    assert sorted(name for name, *_ in made) == ["fidelity.onnx", "planning.onnx", "text_encoder.onnx", "vae_decoder.onnx"]
+    for name, threads, providers, options in made:
+        assert threads == 1 and providers == ["CUDAExecutionProvider", "CPUExecutionProvider"], name
+        assert options == [{"device_id": "1"}, {}], name

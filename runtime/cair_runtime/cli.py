@@ -30,9 +30,12 @@ def _load_npy(path: str | None, label: str) -> np.ndarray | None:
     if path is None:
         return None
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot read {label} from {path}: {error}") from None
+        # Memory-mapped first: a header claiming more data than the file holds fails here, not in
+        # an allocation of petabytes.
+        return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (OSError, ValueError, EOFError, MemoryError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InvalidInputError(f"cannot read {label} from {path}: {reason}") from None
 
 
 class _Progress:
@@ -76,7 +79,7 @@ def _image_paths(output: Path, count: int) -> list[Path]:
     """out.png for one image; out-0.png, out-1.png, ... for several."""
     if count == 1:
         return [output]
-    return [output.with_name(f"{output.stem}-{k}{output.suffix or '.png'}") for k in range(count)]
+    return [output.with_name(f"{output.stem}-{k}{output.suffix}") for k in range(count)]
 
 
 def cmd_text_to_image(args: argparse.Namespace) -> int:
@@ -85,6 +88,9 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
     from cair_runtime.text2image import CairText2Image, save_png
 
     output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise InvalidInputError(f"output {output} must end in .png: images are written as PNG, with their "
+                                "generation parameters in its text chunks")
     for path in _image_paths(output, args.num_images):
         check_writable(path)
     pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
@@ -121,6 +127,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         return cmd_text_to_image(args)
     output = Path(args.output)
+    if output.suffix.lower() != ".npy":
+        raise InvalidInputError(f"output {output} must end in .npy: the UNet alone writes the final latents as a "
+                                "numpy array")
     check_writable(output)
     prompt_embeds = _load_npy(args.encoder_hidden_states, "--encoder-hidden-states")
     inputs = {

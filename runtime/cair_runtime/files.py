@@ -30,6 +30,9 @@ def check_writable(path: str | Path, make_parent: bool = False) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise InvalidInputError(f"output {path} is a folder; give a file path")
+    if path.exists() and not path.is_file():
+        raise InvalidInputError(f"output {path} exists and is not a regular file (a device, pipe or socket); "
+                                "give a file path")
     if make_parent:
         try:
             parent.mkdir(parents=True, exist_ok=True)

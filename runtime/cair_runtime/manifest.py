@@ -24,6 +24,11 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and vae_decoder come with a pipeline
+PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder")
+FIDELITY_GUIDANCE = ("none", "cfg")
+PROMPT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state")
+MAX_DIM_VALUE = 2**31 - 1  # any tensor dimension the manifest can describe
+MAX_EXPRESSION_LENGTH = 120
 
 
 # --- shape expressions ---------------------------------------------------------------------
@@ -188,6 +193,94 @@ class Manifest:
 # --- reading and checking ------------------------------------------------------------------
 
 
+def _shape_problems(manifest: Manifest) -> list[str]:
+    """Every dim sane and every shape expression parsable, over known dims, and bounded at the dims' extremes."""
+    problems = []
+    for dim in manifest.dims:
+        values = (dim.min, dim.opt, dim.max)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) \
+                or not 1 <= dim.min <= dim.opt <= dim.max <= MAX_DIM_VALUE:
+            problems.append(f"dim {dim.name} has min/opt/max {values}; expected integers 1 <= min <= opt <= max")
+    if problems:
+        return problems
+    extremes = [{dim.name: getattr(dim, end) for dim in manifest.dims} for end in ("min", "max")]
+    entries = [(f"{graph.kind} tensor {tensor.name}", entry) for graph in manifest.graphs.values()
+               for tensor in graph.inputs + graph.outputs for entry in tensor.shape]
+    entries += [(f"cache {cache.name} tokens", cache.tokens) for cache in manifest.caches]
+    for where, entry in entries:
+        if isinstance(entry, str) and len(entry) > MAX_EXPRESSION_LENGTH:
+            problems.append(f"{where} has a shape expression of {len(entry)} characters (at most {MAX_EXPRESSION_LENGTH})")
+            continue
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            problems.append(f"{where} has shape entry {entry!r}; expected an integer or a dim expression")
+            continue
+        try:
+            values = [eval_dim(entry, dims) for dims in extremes]
+        except (ManifestError, ShapeError, ZeroDivisionError) as error:
+            problems.append(f"{where}: {error}" if not isinstance(error, ZeroDivisionError)
+                            else f"{where} shape entry {entry!r} divides by zero")
+            continue
+        if not all(0 <= value <= MAX_DIM_VALUE for value in values):
+            problems.append(f"{where} shape entry {entry!r} gives {values} at the dims' min/max; "
+                            f"expected 0..{MAX_DIM_VALUE}")
+    return problems
+
+
+def _pipeline_problems(manifest: Manifest) -> list[str]:
+    """The text-to-image section: every field present, of its type, pointing at listed graphs and files."""
+    pipeline = manifest.pipeline
+    if pipeline is None:
+        return []
+    if not isinstance(pipeline, dict):
+        return [f"the pipeline section is a {type(pipeline).__name__}, expected an object"]
+    problems = []
+    listed = {record.path for record in manifest.files}
+
+    def graph(where: str, name: Any) -> None:
+        if name not in manifest.graphs or name not in PIPELINE_GRAPH_KINDS:
+            problems.append(f"pipeline {where} {name!r} is not one of the folder's pipeline graphs")
+
+    def integer(where: str, value: Any, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"pipeline {where} {value!r} must be an integer >= {low}")
+
+    encoders = pipeline.get("text_encoders")
+    if not isinstance(encoders, list) or not encoders or not all(isinstance(e, dict) for e in encoders):
+        problems.append("pipeline text_encoders must be a non-empty list of objects")
+        encoders = []
+    for index, encoder in enumerate(encoders):
+        where = f"text_encoders[{index}]"
+        graph(f"{where}.graph", encoder.get("graph"))
+        if encoder.get("tokenizer") not in listed:  # listed files are confined to the folder and checksummed
+            problems.append(f"pipeline {where}.tokenizer {encoder.get('tokenizer')!r} is not among the listed files")
+        integer(f"{where}.max_length", encoder.get("max_length"), 2)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            integer(f"{where}.{key}", encoder.get(key), 0)
+        if encoder.get("prompt_output") not in PROMPT_OUTPUTS:
+            problems.append(f"pipeline {where}.prompt_output {encoder.get('prompt_output')!r} is not one of "
+                            f"{', '.join(PROMPT_OUTPUTS)}")
+    graph("vae_graph", pipeline.get("vae_graph"))
+    factor = pipeline.get("vae_scaling_factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        problems.append(f"pipeline vae_scaling_factor {factor!r} must be a positive finite number")
+    if not isinstance(pipeline.get("force_zeros_for_empty_prompt"), bool):
+        problems.append("pipeline force_zeros_for_empty_prompt must be true or false")
+    pooled = pipeline.get("pooled_from")
+    if pooled is not None and pooled not in [e.get("graph") for e in encoders]:
+        problems.append(f"pipeline pooled_from {pooled!r} is not one of its text encoders")
+    return problems
+
+
+def _schema_problems(manifest: Manifest) -> list[str]:
+    """What the dataclasses cannot say: required and known graphs, enumerations, shapes, the pipeline."""
+    problems = [f"no {kind} graph" for kind in GRAPH_KINDS if kind not in manifest.graphs]
+    problems += [f"unknown graph {kind!r} (this cair-runtime knows {', '.join(GRAPH_KINDS + PIPELINE_GRAPH_KINDS)})"
+                 for kind in manifest.graphs if kind not in GRAPH_KINDS + PIPELINE_GRAPH_KINDS]
+    if manifest.fidelity_guidance not in FIDELITY_GUIDANCE:
+        problems.append(f"fidelity_guidance {manifest.fidelity_guidance!r} is not one of {', '.join(FIDELITY_GUIDANCE)}")
+    return problems + _shape_problems(manifest) + _pipeline_problems(manifest)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -276,13 +369,10 @@ def load_manifest(folder: str | Path, verify: str = "fast") -> Manifest:
         )
     try:
         manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ManifestError(f"{path} is malformed ({type(error).__name__}: {error}); re-export the folder") from None
 
-    problems = []
-    for kind in GRAPH_KINDS:
-        if kind not in manifest.graphs:
-            problems.append(f"no {kind} graph")
+    problems = _schema_problems(manifest)
     listed = {record.path for record in manifest.files}
     for graph in manifest.graphs.values():
         if graph.file not in listed:
@@ -307,7 +397,7 @@ def load_manifest(folder: str | Path, verify: str = "fast") -> Manifest:
         problems += [f"file {record.path} does not match its sha256 (modified or corrupted)"
                      for record, target in present if sha256_file(target) != record.sha256]
     if problems:
-        raise ManifestError(f"engine folder {folder} is not usable: " + "; ".join(problems) + "; re-export it")
+        raise ManifestError(f"engine folder {folder} is not usable: " + "; ".join(dict.fromkeys(problems)) + "; re-export it")
     if hashing:
         stamp_verified(folder, manifest)
     return manifest

@@ -18,6 +18,14 @@ from cair_runtime.schedulers import make_scheduler
 from cair_runtime.stages import check_cache_step, planning_evaluations
 
 
+MAX_IMAGES_PER_CALL = 64  # a cap, so a typo cannot queue hours of work; make several calls for more
+
+
+def check_image_count(count: int) -> None:
+    if not 1 <= count <= MAX_IMAGES_PER_CALL:
+        raise InvalidInputError(f"{count} images in one call; the limit is 1..{MAX_IMAGES_PER_CALL} (make several calls)")
+
+
 def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
     """One seed per image: ``seed + k`` for an int, or the list itself (one per image)."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
@@ -59,13 +67,21 @@ class DenoiseResult:
     timings: StageTimings
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _float_array(name: str, value: Any, ndim: int) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind != "f":
         raise ShapeError(f"{name} has dtype {array.dtype}; the graphs take floating point (float32)")
     if array.ndim != ndim:
         raise ShapeError(f"{name} has shape {array.shape}; expected {ndim} dimensions")
-    return array.astype(np.float32, copy=False)
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise InvalidInputError(f"{name} contain NaN or infinity ({int((~np.isfinite(array)).sum())} values); "
+                                "the result would be NaN or black")
+    return array
 
 
 class CairEngine:
@@ -137,14 +153,29 @@ class CairEngine:
             raise ShapeError(f"the engine in {self.folder} does not accept this input: {'; '.join(problems)}; "
                              "re-export with a matching --height/--width/--max-batch")
 
-    def resolve_cache_step(self, cache_step: int | None, num_inference_steps: int) -> int:
-        """The given n, checked against T, or the manifest's hint (capped at T)."""
-        if num_inference_steps < 1:
-            raise InvalidInputError(f"steps {num_inference_steps} must be at least 1")
+    def check_parameters(self, num_inference_steps: Any, cache_step: Any, guidance_scale: Any,
+                         scheduler: str | None) -> int:
+        """Refuse, before any work, what would fail late or give a silently wrong image; returns n.
+
+        Steps are integers in 1..the model's training timesteps (more collapse the schedule, as
+        diffusers refuses too); n is an integer in 1..T or None for the manifest's hint (capped at
+        T); guidance is a finite number; the scheduler is built and its timesteps set once, so an
+        unknown name or too few steps for it (PNDM) fail here.
+        """
+        train_steps = int(self.manifest.scheduler_config.get("num_train_timesteps", 1000))
+        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
+            raise InvalidInputError(f"steps {num_inference_steps!r} must be an integer in 1..{train_steps} "
+                                    "(the model's training timesteps)")
         if cache_step is None:
             cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
-        check_cache_step(cache_step, num_inference_steps)
-        return cache_step
+        if not _is_int(cache_step):
+            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{num_inference_steps}")
+        check_cache_step(int(cache_step), int(num_inference_steps))
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(guidance_scale):
+            raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number")
+        make_scheduler(scheduler, self.manifest.scheduler_config).set_timesteps(int(num_inference_steps))
+        return int(cache_step)
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Pixel size -> latent size, defaulting to the size the engine was tuned for."""
@@ -187,10 +218,10 @@ class CairEngine:
         plain baseline. Batches above the engine's max batch run in chunks.
         """
         self.check_open()
-        cache_step = self.resolve_cache_step(cache_step, num_inference_steps)
-        make_scheduler(scheduler, self.manifest.scheduler_config)  # unknown names fail before any work
+        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
+        check_image_count(batch)
         expected = (batch, self.manifest.dim("text_len").opt, self.context_dim)
         if prompt_embeds.shape != expected:
             raise ShapeError(f"prompt embeddings have shape {prompt_embeds.shape}; the engine takes {expected} "

@@ -20,7 +20,7 @@ import numpy as np
 
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.files import write_atomically
-from cair_runtime.pipeline import CairEngine, StageTimings, image_seeds
+from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count, image_seeds
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -188,12 +188,17 @@ class CairText2Image:
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise InvalidInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
-        if num_images_per_prompt < 1:
-            raise InvalidInputError(f"images per prompt {num_images_per_prompt} must be at least 1")
+        bad = [p for p in prompts + (negatives or []) if not isinstance(p, str)]
+        if bad:
+            raise InvalidInputError(f"prompts must be strings, got {bad[0]!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) \
+                or num_images_per_prompt < 1:
+            raise InvalidInputError(f"images per prompt {num_images_per_prompt!r} must be a positive integer")
         count = len(prompts) * num_images_per_prompt
+        check_image_count(count)
         seeds = image_seeds(seed, count)
         engine = self.engine
-        cache_step = engine.resolve_cache_step(cache_step, num_inference_steps)
+        cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
         latent_height, latent_width = engine.latent_size(height, width)
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
 

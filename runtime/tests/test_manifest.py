@@ -36,7 +36,7 @@ def _write_folder(folder, files=("planning.onnx", "fidelity.onnx"), version=1, t
     spec = TensorSpec("sample", "float32", ("batch", 4, "latent_height", "latent_width"))
     manifest = Manifest(
         schema_version=version, producer={"test": "1"}, model={"name": "m"}, scheduler_config={},
-        fidelity_guidance="none", dims=(Dim("batch", 1, 1, 4),),
+        fidelity_guidance="none", dims=(Dim("batch", 1, 1, 4), Dim("latent_height", 4, 8, 16), Dim("latent_width", 4, 8, 16)),
         graphs={kind: GraphSpec(kind, f"{kind}.onnx", (spec,), (spec,)) for kind in ("planning", "fidelity")},
         caches=(), files=tuple(records))
     (folder / "manifest.json").write_text(manifest.to_json())
@@ -152,3 +152,61 @@ def test_cair_verify_checks_every_byte_and_records_it(tmp_path, capsys):
     assert verify_main([str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fidelity.onnx does not match its sha256" in err
+
+
+def _mutated(data: dict, change: str) -> dict:
+    graphs = data["graphs"]
+    sample = graphs["planning"]["inputs"][0]
+    if change == "graphs as a list":
+        data["graphs"] = list(graphs.values())
+    elif change == "unknown graph":
+        graphs["shallow"] = dict(graphs["fidelity"], kind="shallow")
+    elif change == "code in a shape":
+        sample["shape"][0] = "__import__('os').getpid()"
+    elif change == "absurd shape":
+        sample["shape"][0] = "*".join(["latent_height"] * 8)  # 16**8 at the max
+    elif change == "long shape":
+        sample["shape"][0] = "+".join(["batch"] * 40)
+    elif change == "division by zero":
+        sample["shape"][0] = "batch//0"
+    elif change == "float in a shape":
+        sample["shape"][1] = 4.5
+    elif change == "dims out of order":
+        data["dims"][0].update(min=5, opt=2, max=1)
+    elif change == "unknown fidelity guidance":
+        data["fidelity_guidance"] = "maybe"
+    elif change == "pipeline as a list":
+        data["pipeline"] = []
+    elif change == "tokenizer outside the folder":
+        data["pipeline"] = {"type": "stable-diffusion", "vae_graph": "vae_decoder", "vae_scaling_factor": 0.18,
+                            "force_zeros_for_empty_prompt": False, "pooled_from": None,
+                            "text_encoders": [{"graph": "text_encoder", "tokenizer": "../../tokenizer.json",
+                                               "max_length": 77, "bos_token_id": 0, "eos_token_id": 1,
+                                               "pad_token_id": 1, "prompt_output": "last_hidden_state"}]}
+    elif change == "file without sha256":
+        del data["files"][0]["sha256"]
+    return data
+
+
+@pytest.mark.parametrize("change, message", [
+    ("graphs as a list", "malformed"),
+    ("unknown graph", "unknown graph 'shallow'"),
+    ("code in a shape", "not an expression the manifest allows"),
+    ("absurd shape", "expected 0..2147483647"),
+    ("long shape", "at most 120"),
+    ("division by zero", "divides by zero"),
+    ("float in a shape", "expected an integer or a dim expression"),
+    ("dims out of order", "expected integers 1 <= min <= opt <= max"),
+    ("unknown fidelity guidance", "fidelity_guidance 'maybe' is not one of none, cfg"),
+    ("pipeline as a list", "the pipeline section is a list"),
+    ("tokenizer outside the folder", "tokenizer '../../tokenizer.json' is not among the listed files"),
+    ("file without sha256", "malformed"),
+])
+def test_malformed_manifest_corpus_is_refused_in_one_line(tmp_path, change, message):
+    folder = tmp_path / "e"
+    _write_folder(folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(_mutated(data, change)))
+    with pytest.raises(ManifestError) as error:
+        load_manifest(folder)
+    assert message in str(error.value) and "\n" not in str(error.value)

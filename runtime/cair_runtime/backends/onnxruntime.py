@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cair_runtime.backends.pool import default_concurrency
-from cair_runtime.errors import InvalidInputError, MissingDependencyError
+from cair_runtime.errors import EngineMismatchError, InvalidInputError, MissingDependencyError
 from cair_runtime.manifest import Manifest
 
 GRAPH_OPTIMIZATION = {
@@ -62,7 +62,13 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider_options = [{"device_id": str(device_id)} if p in _DEVICES and _DEVICES[p] == "cuda" else {}
                         for p in providers]
-    return ort.InferenceSession(str(path), options, providers=list(providers), provider_options=provider_options)
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers), provider_options=provider_options)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises bare Fail/InvalidGraph/RuntimeException
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise EngineMismatchError(f"onnxruntime {ort.__version__} cannot load {Path(path).name} with "
+                                  f"{', '.join(providers)}: {reason}; re-export the folder, or use a provider or "
+                                  "backend that supports the graph's precision") from None
 
 
 class OnnxRuntimeBackend:

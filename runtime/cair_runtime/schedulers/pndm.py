@@ -5,6 +5,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from cair_runtime.errors import InvalidInputError
+
 from cair_runtime.schedulers._common import DiscreteScheduler, check_choice, make_betas, predict_epsilon
 
 
@@ -49,6 +51,11 @@ class PNDMScheduler(DiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (int64, one per model evaluation); clears the multistep history."""
+        if not self.skip_prk_steps and num_inference_steps < self.pndm_order:
+            # The Runge-Kutta warm-up takes the last pndm_order timesteps (diffusers fails with a
+            # broadcasting error below 4).
+            raise InvalidInputError(f"PNDM without skip_prk_steps needs at least {self.pndm_order} steps, got "
+                                    f"{num_inference_steps}; use more steps or another scheduler")
         self.num_inference_steps = num_inference_steps
         _timesteps = self._spaced_timesteps(num_inference_steps)[::-1]  # ascending; reversed again below
 
