@@ -227,6 +227,7 @@ BAD_REQUESTS = [  # (what, body, the field the error names)
     ("boolean seed", {"prompt": "a", "seed": True}, "seed"),
     ("url response format", {"prompt": "a", "response_format": "url"}, "response_format"),
     ("unknown scheduler", {"prompt": "a", "scheduler": "lms"}, "scheduler"),
+    ("too few steps for the scheduler", {"prompt": "a", "scheduler": "pndm", "steps": 2}, "scheduler"),
     ("zero steps", {"prompt": "a", "steps": 0}, "steps"),
     ("steps above the limit", {"prompt": "a", "steps": 5000}, "steps"),
     ("cache step above steps", {"prompt": "a", "steps": 4, "cache_step": 9}, "cache_step"),
@@ -276,7 +277,8 @@ def test_overload_is_503_with_retry_after_and_timeouts_cancel(server):
 
 
 def test_bad_flags_are_one_line_before_ray_starts(shapes, server, one_line_error):
-    for argv, needle in (([str(shapes), "--port", str(server.port)], "cannot listen on 127.0.0.1"),([str(shapes / "missing")], "does not exist"),
+    for argv, needle in (([str(shapes), "--port", str(server.port)], "cannot listen on 127.0.0.1"),
+                         ([str(shapes / "missing")], "does not exist"),
                          ([str(shapes), "--autoscale", "3,1"], "autoscale"),
                          ([str(shapes), "--max-batch-size", "9"], "max batch 4"),
                          ([str(shapes), "--replicas", "2", "--autoscale", "1,2"], "not allowed with")):

@@ -72,6 +72,14 @@ class ImageRequest:
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed}
 
 
+def _engine_param(message: str) -> str:
+    """The request field a refusal of ``CairEngine.check_parameters`` is about, from its wording."""
+    for start, param in (("steps", "steps"), ("cache step", "cache_step"), ("guidance", "guidance_scale")):
+        if message.startswith(start):
+            return param
+    return "scheduler"  # the scheduler refused the steps (PNDM needs at least 4)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -151,11 +159,12 @@ class RequestValidator:
                      else f"must be an integer from 0 to {MAX_SEED - self.max_images}, or null for a random one", None)
         scheduler = field("scheduler", lambda v: None if v is None or v in SCHEDULER_NAMES
                           else f"must be one of {', '.join(SCHEDULER_NAMES)} (or null for the model's own)", None)
-        if not any(param == "steps" for param, _ in problems):
+        if not problems:  # the engine's own checks, on values of the right types
             try:
-                cache_step = self.engine.resolve_cache_step(cache_step, steps)
+                cache_step = self.engine.check_parameters(steps, cache_step, guidance, scheduler)
             except CairError as error:
-                problems.append(("cache_step", f"cache_step {cache_step!r}: {error}"))
+                param = _engine_param(str(error))
+                problems.append((param, f"{param}: {error}"))
         if problems:
             message = "; ".join(message for _, message in problems)
             raise ApiError(400, message, param=problems[0][0], problems=problems)
