@@ -148,7 +148,8 @@ class RequestValidator:
         field("response_format", lambda v: None if v == "b64_json" else
               "only 'b64_json' is served: the images come back in the response; this server stores no "
               "files, so there is no 'url' to give", "b64_json")
-        field("model", lambda v: None if v is None or v == self.model else f"this server serves the model {self.model!r}", None)
+        field("model", lambda v: None if v is None or v == self.model
+              else f"this server serves the model {self.model!r}", None)
         steps = field("steps", lambda v: None if _is_int(v) and 1 <= v <= self.max_steps
                       else f"must be an integer from 1 to {self.max_steps}", 25)
         cache_step = field("cache_step", lambda v: None if v is None or _is_int(v) else
@@ -218,4 +219,5 @@ def generation_response(request: ImageRequest, model: str, pngs: Sequence[bytes]
 def models_response(model: str, description: dict[str, Any], created: int) -> dict[str, Any]:
     """``GET /v1/models``: the OpenAI list of one model, with what the engine takes under ``cair``."""
     return {"object": "list",
-            "data": [{"id": model, "object": "model", "created": created, "owned_by": "cair-serve", "cair": description}]}
+            "data": [{"id": model, "object": "model", "created": created, "owned_by": "cair-serve",
+                      "cair": description}]}

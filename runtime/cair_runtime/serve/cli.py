@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from cair_runtime.serve.app import make_app
     except ImportError as error:
-        raise MissingDependencyError(f"cair-serve needs Ray Serve ({error}); pip install 'cair-runtime[serve]'") from None
+        raise MissingDependencyError(f"cair-serve needs Ray Serve ({error}); "
+                                     "pip install 'cair-runtime[serve]'") from None
 
     ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
              include_dashboard=False, log_to_driver=args.verbose)
@@ -119,16 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"Ray GPUs per replica (default {scaling.replica_gpus:g}; 1 with a GPU backend)")
     requests = parser.add_argument_group("requests")
     requests.add_argument("--batch-wait-ms", type=float,
-                          help=f"how long a request waits for compatible ones to batch with (default {service.batch_wait_ms:g})")
+                          help="how long a request waits for compatible ones to batch with "
+                               f"(default {service.batch_wait_ms:g})")
     requests.add_argument("--max-batch-size", type=int,
                           help="images per engine batch (default: the engine's max batch; 1 = no batching)")
-    requests.add_argument("--max-images", type=int, help="largest n a request may ask for (default: the engine's max batch)")
-    requests.add_argument("--max-steps", type=int, help=f"most steps a request may ask for (default {service.max_steps})")
+    requests.add_argument("--max-images", type=int,
+                          help="largest n a request may ask for (default: the engine's max batch)")
+    requests.add_argument("--max-steps", type=int,
+                          help=f"most steps a request may ask for (default {service.max_steps})")
     requests.add_argument("--request-timeout-s", type=float,
                           help=f"cancel a request after this long, 504 (default {service.request_timeout_s:g})")
     runtime = parser.add_argument_group("runtime (as cair-run)")
     runtime.add_argument("--backend", choices=BACKENDS, help="what runs the UNet graphs (default onnxruntime)")
-    runtime.add_argument("--providers", help="onnxruntime execution providers, comma separated (default CPUExecutionProvider)")
+    runtime.add_argument("--providers",
+                         help="onnxruntime execution providers, comma separated (default CPUExecutionProvider)")
     runtime.add_argument("--threads", type=int, help="intra-op threads, 0 = onnxruntime's default")
     runtime.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"))
     runtime.add_argument("--max-concurrency", type=int,
