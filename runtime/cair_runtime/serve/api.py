@@ -1,0 +1,223 @@
+"""The HTTP API's shapes: an OpenAI Images request checked field by field, the responses, the errors.
+
+``POST /v1/images/generations`` takes the OpenAI Images API's body (``prompt``, ``n``, ``size``,
+``response_format``, ``model``) plus this project's parameters (``negative_prompt``, ``steps``,
+``cache_step``, ``guidance_scale``, ``seed``, ``scheduler``). Nothing is coerced: a wrong type, an
+unknown field or a value the engine cannot take is a 400 whose ``error.param`` names the field.
+No web framework here (plain data in, plain data out), so it is tested without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from cair_runtime.errors import CairError
+from cair_runtime.schedulers import SCHEDULER_NAMES
+
+MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers; anything larger is refused unread
+MAX_SEED = 2**63 - 1  # seeds stay within a signed 64-bit integer, whatever language the client speaks
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+
+
+class ApiError(Exception):
+    """A request the API refuses or cannot finish: an HTTP status and an OpenAI-shaped JSON error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 problems: Sequence[tuple[str | None, str]] = (), headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.problems = list(problems) or [(param, message)]
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None,
+                          "problems": [{"param": param, "message": message} for param, message in self.problems]}}
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A checked generation request; image k of it uses seed ``seed + k``."""
+
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    height: int
+    width: int
+    steps: int
+    cache_step: int  # resolved: the request's, or the engine's hint capped at steps
+    guidance_scale: float
+    scheduler: str | None  # None: the model's own
+    seed: int
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one engine batch (everything but prompt, negative and seed)."""
+        return (self.height, self.width, self.steps, self.cache_step, self.guidance_scale, self.scheduler,
+                self.negative_prompt is None)  # SDXL: no negative prompt (zeros) differs from ""
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.n)]
+
+    def parameters(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
+                "size": f"{self.width}x{self.height}", "steps": self.steps, "cache_step": self.cache_step,
+                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed}
+
+
+def _engine_param(message: str) -> str:
+    """The request field a refusal of ``CairEngine.check_parameters`` is about, from its wording."""
+    for start, param in (("steps", "steps"), ("cache step", "cache_step"), ("guidance", "guidance_scale")):
+        if message.startswith(start):
+            return param
+    return "scheduler"  # the scheduler refused the steps (PNDM needs at least 4)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class RequestValidator:
+    """Checks request bodies against one engine (a ``CairText2Image``) and the service's limits."""
+
+    FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_prompt", "steps", "cache_step",
+              "guidance_scale", "seed", "scheduler")
+
+    def __init__(self, pipeline: Any, max_images: int, max_steps: int):
+        self.pipeline, self.engine = pipeline, pipeline.engine
+        self.max_images, self.max_steps = max_images, max_steps
+        self.model = pipeline.model_name
+        factor = self.engine.vae_scale_factor
+        height, width = (self.engine.manifest.dim(name) for name in ("latent_height", "latent_width"))
+        self.default_size = (height.opt * factor, width.opt * factor)
+        self.size_range = ((height.min * factor, height.max * factor), (width.min * factor, width.max * factor))
+        self.max_tokens = min(spec["max_length"] for spec, _, _ in pipeline.text_encoders)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` says about the engine, beside the OpenAI model fields."""
+        manifest = self.engine.manifest
+        (min_h, max_h), (min_w, max_w) = self.size_range
+        default_h, default_w = self.default_size
+        return {
+            "sizes": {"default": f"{default_w}x{default_h}", "min": f"{min_w}x{min_h}", "max": f"{max_w}x{max_h}",
+                      "multiple_of": self.engine.vae_scale_factor},
+            "max_batch": manifest.dim("batch").max, "max_images": self.max_images, "max_steps": self.max_steps,
+            "cache_step_hint": manifest.model.get("cache_step_hint"), "max_prompt_tokens": self.max_tokens,
+            "schedulers": list(SCHEDULER_NAMES), "default_scheduler": manifest.scheduler_config.get("_class_name"),
+            "family": manifest.model.get("family"), "fidelity_guidance": manifest.fidelity_guidance,
+        }
+
+    def parse(self, body: bytes) -> ImageRequest:
+        """A request body -> ``ImageRequest``; an ``ApiError`` (400) naming every bad field otherwise."""
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body has {len(body)} bytes; requests are limited to {MAX_BODY_BYTES}")
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ApiError(400, f"the body is not valid JSON ({error}); send a JSON object") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, f"the body is a JSON {type(payload).__name__}; send a JSON object with a prompt")
+        problems: list[tuple[str | None, str]] = []
+        for name in payload:
+            if name not in self.FIELDS:
+                problems.append((name, f"unknown field {name!r}; known fields: {', '.join(self.FIELDS)}"))
+
+        def field(name: str, check, default: Any, required: bool = False) -> Any:
+            if name not in payload:
+                if required:
+                    problems.append((name, f"{name} is required"))
+                return default
+            message = check(payload[name])
+            if message:
+                problems.append((name, f"{name} {payload[name]!r}: {message}"))
+                return default
+            return payload[name]
+
+        prompt = field("prompt", self._check_prompt, None, required=True)
+        negative = field("negative_prompt", lambda v: None if v is None else self._check_prompt(v), None)
+        n = field("n", lambda v: None if _is_int(v) and 1 <= v <= self.max_images
+                  else f"must be an integer from 1 to {self.max_images}", 1)
+        size = field("size", self._check_size, None)
+        field("response_format", lambda v: None if v == "b64_json" else
+              "only 'b64_json' is served: the images come back in the response; this server stores no "
+              "files, so there is no 'url' to give", "b64_json")
+        field("model", lambda v: None if v is None or v == self.model
+              else f"this server serves the model {self.model!r}", None)
+        steps = field("steps", lambda v: None if _is_int(v) and 1 <= v <= self.max_steps
+                      else f"must be an integer from 1 to {self.max_steps}", 25)
+        cache_step = field("cache_step", lambda v: None if v is None or _is_int(v) else
+                           "must be an integer (1..steps; steps = no CAIR) or null for the engine's hint", None)
+        guidance = field("guidance_scale", lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and math.isfinite(v) else "must be a finite number", 7.5)
+        seed = field("seed", lambda v: None if v is None or (_is_int(v) and 0 <= v <= MAX_SEED - self.max_images)
+                     else f"must be an integer from 0 to {MAX_SEED - self.max_images}, or null for a random one", None)
+        scheduler = field("scheduler", lambda v: None if v is None or v in SCHEDULER_NAMES
+                          else f"must be one of {', '.join(SCHEDULER_NAMES)} (or null for the model's own)", None)
+        if not problems:  # the engine's own checks, on values of the right types
+            try:
+                cache_step = self.engine.check_parameters(steps, cache_step, guidance, scheduler)
+            except CairError as error:
+                param = _engine_param(str(error))
+                problems.append((param, f"{param}: {error}"))
+        if problems:
+            message = "; ".join(message for _, message in problems)
+            raise ApiError(400, message, param=problems[0][0], problems=problems)
+        if size is None:
+            height, width = self.default_size
+        else:
+            match = _SIZE.fullmatch(size)
+            width, height = int(match[1]), int(match[2])
+        return ImageRequest(prompt=prompt, negative_prompt=negative, n=n, height=height, width=width, steps=steps,
+                            cache_step=cache_step, guidance_scale=float(guidance), scheduler=scheduler,
+                            seed=secrets.randbelow(2**31) if seed is None else seed)
+
+    def _check_prompt(self, value: Any) -> str | None:
+        if not isinstance(value, str):
+            return "must be a string"
+        for spec, tokenizer, _ in self.pipeline.text_encoders:
+            # The tokenizer itself would truncate with a warning; an API refuses instead.
+            count = len(tokenizer.tokenizer.encode(value).ids)  # with the start and end tokens
+            if count > spec["max_length"]:
+                return (f"has {count} tokens with the start and end tokens; the text encoder takes at most "
+                        f"{spec['max_length']}: shorten it")
+        return None
+
+    def _check_size(self, value: Any) -> str | None:
+        match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+        (min_h, max_h), (min_w, max_w) = self.size_range
+        allowed = (f"this engine serves WIDTHxHEIGHT with width {min_w}..{max_w} and height {min_h}..{max_h} px, "
+                   f"multiples of {self.engine.vae_scale_factor}")
+        if match is None:
+            return f"must be a string 'WIDTHxHEIGHT'; {allowed}"
+        width, height = int(match[1]), int(match[2])
+        try:
+            latent_height, latent_width = self.engine.latent_size(height, width)
+            self.engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
+        except CairError:
+            return allowed
+        return None
+
+
+def generation_response(request: ImageRequest, model: str, pngs: Sequence[bytes]) -> dict[str, Any]:
+    """The OpenAI Images response: ``created`` and one ``b64_json`` per image, with the seed each used."""
+    return {
+        "created": int(time.time()),
+        "model": model,
+        "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed, "revised_prompt": None}
+                 for png, seed in zip(pngs, request.seeds, strict=True)],
+        "parameters": request.parameters(),
+    }
+
+
+def models_response(model: str, description: dict[str, Any], created: int) -> dict[str, Any]:
+    """``GET /v1/models``: the OpenAI list of one model, with what the engine takes under ``cair``."""
+    return {"object": "list",
+            "data": [{"id": model, "object": "model", "created": created, "owned_by": "cair-serve",
+                      "cair": description}]}

@@ -1,0 +1,45 @@
+"""cair-serve's settings: builder arguments as `serve run key=value` strings or YAML scalars (no Ray needed)."""
+
+from pathlib import Path
+
+import pytest
+
+from cair_runtime.errors import InvalidInputError
+from cair_runtime.serve.config import ScalingConfig, ServiceConfig, as_args, parse_config
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_strings_and_yaml_scalars_give_the_same_configs():
+    from_strings = parse_config({"engine_dir": "e", "max_batch_size": "2", "batch_wait_ms": "5", "providers": "A,B",
+                                 "autoscale": "1,4", "replica_gpus": "1", "max_images": "none"})
+    from_yaml = parse_config({"engine_dir": "e", "max_batch_size": 2, "batch_wait_ms": 5, "providers": ["A", "B"],
+                              "autoscale": [1, 4], "replica_gpus": 1, "max_images": None})
+    assert from_strings == from_yaml
+    service, scaling = from_strings
+    assert service.max_batch_size == 2 and service.providers == ("A", "B") and scaling.autoscale == (1, 4)
+    assert parse_config(as_args(service, scaling)) == (service, scaling)
+
+
+def test_defaults_and_refusals():
+    assert parse_config({"engine_dir": "e"}) == (ServiceConfig("e"), ScalingConfig())
+    for args, needle in (({"engine_dir": "e", "max_batch": 2}, "unknown argument(s) max_batch"),
+                         ({}, "engine_dir is required"),
+                         ({"engine_dir": "e", "replicas": "two"}, "replicas 'two' is not an integer"),
+                         ({"engine_dir": "e", "replicas": 1.5}, "not an integer"),
+                         ({"engine_dir": "e", "threads": None}, "threads needs a value"),
+                         ({"engine_dir": "e", "autoscale": "3,1"}, "autoscale 3,1"),
+                         ({"engine_dir": "e", "request_timeout_s": "nan"}, "request_timeout_s nan"),
+                         ({"engine_dir": "e", "max_steps": 0, "max_ongoing_requests": 0}, "max_ongoing_requests 0")):
+        with pytest.raises(InvalidInputError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            parse_config(args)
+
+
+def test_the_shipped_serve_config_parses():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
+    service, _ = parse_config(config["applications"][0]["args"])
+    assert service.backend == "onnxruntime"
+    rayservice = yaml.safe_load((DEPLOY / "rayservice_gpu.yaml").read_text())
+    service, _ = parse_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert service.backend == "tensorrt"

@@ -1,0 +1,300 @@
+"""``cair-serve`` end to end on the shipped ``shapes`` engine: one server process on 127.0.0.1 for the module.
+
+Bounded: every request has a client timeout, the server a request timeout, the whole module
+sends fewer than 150 requests, and the server is stopped with SIGTERM (and killed if it hangs).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from email.message import Message
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install './runtime[serve]'")
+
+from cair_runtime.text2image import CairText2Image, png_bytes  # noqa: E402
+
+REQUEST_TIMEOUT_S = 6  # the server's; the heavy request below would take about 20 s
+CLIENT_TIMEOUT_S = 60
+RETRY_AFTER_S = 2
+MAX_ONGOING, MAX_QUEUED = 4, 16  # the 16 concurrent requests fit; a burst of 48 behind a busy replica does not
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _call(url: str, body: bytes | dict | None = None) -> tuple[int, Message, object]:
+    """POST (with a body) or GET on loopback: (status, headers (case-insensitive), JSON or text)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=CLIENT_TIMEOUT_S) as response:
+            status, headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, headers, raw = error.code, error.headers, error.read()
+    try:
+        return status, headers, json.loads(raw)
+    except ValueError:
+        return status, headers, raw.decode(errors="replace")
+
+
+class Server:
+    def __init__(self, engine: Path):
+        self.engine, self.port = engine, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(engine.parent / f"cair-serve-{self.port}.log", "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cair_runtime.serve.cli", str(engine), "--host", "127.0.0.1", "--port", str(self.port),
+             "--num-cpus", "2", "--max-ongoing-requests", str(MAX_ONGOING), "--max-queued-requests", str(MAX_QUEUED),
+             "--retry-after-s", str(RETRY_AFTER_S), "--request-timeout-s", str(REQUEST_TIMEOUT_S),
+             "--batch-wait-ms", "50", "--max-steps", "1000", "--threads", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait_ready(self, limit_s: float = 120) -> None:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"cair-serve exited {self.process.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if _call(self.url + "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"cair-serve not ready after {limit_s} s:\n{self.output()[-3000:]}")
+
+    def stop(self, limit_s: float = 90) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(limit_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()  # a hang is a failure, but never a leftover process
+                self.process.wait(30)
+                raise AssertionError(f"cair-serve did not stop within {limit_s} s of SIGTERM")
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def shapes(exported):
+    return exported("shapes", with_pipeline=True)
+
+
+@pytest.fixture(scope="module")
+def server(shapes):
+    server = Server(shapes)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        server.log.close()
+
+
+@pytest.fixture(scope="module")
+def direct(shapes):
+    with CairText2Image(shapes, threads=1) as pipeline:
+        yield pipeline
+
+
+def _generate(server: Server, body: dict | bytes) -> tuple[int, Message, dict]:
+    return _call(server.url + "/v1/images/generations", body)
+
+
+def _pngs(payload: dict) -> list[bytes]:
+    return [base64.b64decode(item["b64_json"]) for item in payload["data"]]
+
+
+def _direct_pngs(pipeline: CairText2Image, body: dict) -> list[bytes]:
+    width, height = map(int, body.get("size", "64x64").split("x"))
+    result = pipeline(body["prompt"], body.get("negative_prompt"), num_images_per_prompt=body.get("n", 1),
+                      height=height, width=width, num_inference_steps=body["steps"], cache_step=body.get("cache_step"),
+                      guidance_scale=float(body.get("guidance_scale", 7.5)), scheduler=body.get("scheduler"),
+                      seed=body["seed"])
+    return [png_bytes(image, parameters) for image, parameters in zip(result.images, result.parameters)]
+
+
+PROMPTS = ["a small red circle on a white background", "a large blue square left of a green triangle",
+           "a purple hexagon", "a yellow star on a black background"]
+
+
+def _concurrent_bodies() -> list[dict]:
+    """16 requests: two sizes, two schedulers, n of 1 and 2, negative prompts, and each of the first four twice."""
+    bodies = []
+    for i in range(12):
+        body = {"prompt": PROMPTS[i % 4], "steps": 4, "seed": 100 + i, "n": 1 + (i % 3 == 0),
+                "size": "64x64" if i % 2 else "48x64"}
+        if i % 4 == 1:
+            body["negative_prompt"] = "blurry"
+        if i % 5 == 2:
+            body.update(scheduler="euler-ancestral", cache_step=2)
+        bodies.append(body)
+    return bodies + [dict(body) for body in bodies[:4]]
+
+
+def test_concurrent_requests_are_batched_and_equal_direct_calls(server, direct):
+    bodies = _concurrent_bodies()
+    before = _call(server.url + "/health")[2]["this_replica"]
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body):
+        barrier.wait(10)  # all 16 leave together
+        return _generate(server, body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(send, bodies))
+    for body, (status, _, payload) in zip(bodies, answers):
+        assert status == 200, payload
+        assert [item["seed"] for item in payload["data"]] == [body["seed"] + k for k in range(body.get("n", 1))]
+        assert payload["parameters"]["size"] == body["size"] and isinstance(payload["created"], int)
+        width, height = map(int, body["size"].split("x"))
+        for png, item in zip(_pngs(payload), payload["data"]):
+            image = Image.open(io.BytesIO(png))
+            assert image.format == "PNG" and image.mode == "RGB" and image.size == (width, height)
+            assert json.loads(image.text["parameters"])["seed"] == item["seed"]
+            assert image.text["prompt"] == body["prompt"]
+    for k in range(4):  # identical requests, identical bytes
+        assert _pngs(answers[12 + k][2]) == _pngs(answers[k][2])
+    for body, (_, _, payload) in zip(bodies[:12], answers):  # whatever shared their batch
+        assert _pngs(payload) == _direct_pngs(direct, body), body
+    after = _call(server.url + "/health")[2]["this_replica"]
+    images = after["images"] - before["images"]
+    assert images == sum(body["n"] for body in bodies)
+    assert after["engine_batches"] - before["engine_batches"] < images  # compatible requests ran together
+
+
+def test_a_b_a_gives_the_first_a_again(server):
+    a = {"prompt": PROMPTS[0], "steps": 4, "seed": 7, "n": 2}
+    b = {"prompt": PROMPTS[1], "steps": 5, "seed": 8, "size": "96x64", "scheduler": "dpm++2m"}
+    first, middle, again = (_generate(server, body) for body in (a, b, a))
+    assert first[0] == middle[0] == again[0] == 200
+    assert _pngs(again[2]) == _pngs(first[2]) != _pngs(middle[2])
+
+
+def test_models_and_health(server):
+    status, _, payload = _call(server.url + "/v1/models")
+    assert status == 200 and payload["object"] == "list"
+    model = payload["data"][0]
+    assert model["id"] == "shapes" and model["object"] == "model"
+    assert model["cair"]["sizes"] == {"default": "64x64", "min": "32x32", "max": "128x128", "multiple_of": 4}
+    assert model["cair"]["max_batch"] == 4 and model["cair"]["cache_step_hint"] == 5
+    status, _, health = _call(server.url + "/health")
+    assert status == 200 and health["status"] == "ok"
+
+
+LONG_PROMPT = " ".join(["red"] * 40)  # the shapes text encoder takes 32 tokens
+BAD_REQUESTS = [  # (what, body, the field the error names)
+    ("malformed JSON", b'{"prompt": "a red circle",', None),
+    ("not an object", b'["a red circle"]', None),
+    ("unknown field", {"prompt": "a", "quality": "hd"}, "quality"),
+    ("missing prompt", {"n": 1}, "prompt"),
+    ("prompt not a string", {"prompt": ["a", "b"]}, "prompt"),
+    ("over-long prompt", {"prompt": LONG_PROMPT}, "prompt"),
+    ("over-long negative prompt", {"prompt": "a", "negative_prompt": LONG_PROMPT}, "negative_prompt"),
+    ("n zero", {"prompt": "a", "n": 0}, "n"),
+    ("n above the limit", {"prompt": "a", "n": 5}, "n"),
+    ("n as a string", {"prompt": "a", "n": "2"}, "n"),
+    ("n fractional", {"prompt": "a", "n": 1.5}, "n"),
+    ("size too large", {"prompt": "a", "size": "1024x1024"}, "size"),
+    ("size not a multiple of the VAE factor", {"prompt": "a", "size": "66x64"}, "size"),
+    ("size malformed", {"prompt": "a", "size": "64"}, "size"),
+    ("NaN guidance", b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale"),
+    ("guidance as a string", {"prompt": "a", "guidance_scale": "7.5"}, "guidance_scale"),
+    ("negative seed", {"prompt": "a", "seed": -1}, "seed"),
+    ("boolean seed", {"prompt": "a", "seed": True}, "seed"),
+    ("url response format", {"prompt": "a", "response_format": "url"}, "response_format"),
+    ("unknown scheduler", {"prompt": "a", "scheduler": "lms"}, "scheduler"),
+    ("too few steps for the scheduler", {"prompt": "a", "scheduler": "pndm", "steps": 2}, "scheduler"),
+    ("zero steps", {"prompt": "a", "steps": 0}, "steps"),
+    ("steps above the limit", {"prompt": "a", "steps": 5000}, "steps"),
+    ("cache step above steps", {"prompt": "a", "steps": 4, "cache_step": 9}, "cache_step"),
+    ("another model", {"prompt": "a", "model": "dall-e-3"}, "model"),
+]
+
+
+def test_bad_requests_are_4xx_naming_the_field_and_the_replica_keeps_serving(server):
+    for what, body, param in BAD_REQUESTS:
+        status, _, payload = _generate(server, body)
+        assert status == 400, (what, status, payload)
+        error = payload["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (what, error)
+        assert param is None or param in error["message"], (what, error)
+    status, _, payload = _generate(server, {"prompt": "n and size and seed", "n": 9, "size": "1x1", "seed": -3})
+    assert status == 400 and [p["param"] for p in payload["error"]["problems"]] == ["n", "size", "seed"]
+    status, _, payload = _generate(server, {"prompt": "red " * 40_000})
+    assert status == 413 and "limited" in payload["error"]["message"]
+    assert _generate(server, {"prompt": PROMPTS[2], "steps": 2, "seed": 1})[0] == 200
+
+
+def test_overload_is_503_with_retry_after_and_timeouts_cancel(server):
+    # A heavy request (about 20 s of work) holds the replica until the server's timeout cancels it;
+    # meanwhile a burst larger than the replica's slots plus the proxy's queue arrives.
+    heavy = {"prompt": PROMPTS[3], "n": 4, "size": "128x128", "steps": 500, "seed": 5}
+    burst = [{"prompt": PROMPTS[k % 4], "steps": 2, "seed": k} for k in range(48)]  # 28 past the limits
+    with ThreadPoolExecutor(len(burst) + 1) as pool:
+        started = time.monotonic()
+        heavy_answer = pool.submit(_generate, server, heavy)
+        time.sleep(1.0)  # the heavy request is running
+        answers = list(pool.map(lambda body: _generate(server, body), burst))
+        status, _, payload = heavy_answer.result()
+        heavy_s = time.monotonic() - started
+    assert status == 504 and payload["error"]["type"] == "timeout" and "cancelled" in payload["error"]["message"]
+    assert REQUEST_TIMEOUT_S <= heavy_s < REQUEST_TIMEOUT_S + 10
+    statuses = [answer[0] for answer in answers]
+    assert set(statuses) <= {200, 503, 504}, statuses
+    rejected = [answer for answer in answers if answer[0] == 503]
+    # Past the replica's slots (one taken by the heavy request) and the proxy's queue: 503. How many
+    # varies from run to run (the proxy counts its queue as requests race in), so: some, not all.
+    assert 0 < len(rejected) < len(burst), statuses
+    assert all(answer[1].get("Retry-After") == str(RETRY_AFTER_S) for answer in rejected)
+    # The cancelled work stopped: a new request is answered in seconds, not after the heavy one's 20 s.
+    started = time.monotonic()
+    assert _generate(server, {"prompt": PROMPTS[0], "steps": 2, "seed": 3})[0] == 200
+    assert time.monotonic() - started < 10
+
+
+def test_bad_flags_are_one_line_before_ray_starts(shapes, server, one_line_error):
+    for argv, needle in (([str(shapes), "--port", str(server.port)], "cannot listen on 127.0.0.1"),
+                         ([str(shapes / "missing")], "does not exist"),
+                         ([str(shapes), "--autoscale", "3,1"], "autoscale"),
+                         ([str(shapes), "--max-batch-size", "9"], "max batch 4"),
+                         ([str(shapes), "--replicas", "2", "--autoscale", "1,2"], "not allowed with")):
+        result = subprocess.run([sys.executable, "-m", "cair_runtime.serve.cli", *argv], capture_output=True,
+                                text=True, timeout=60)
+        one_line_error(result.returncode, result.stderr, needle, prog="cair-serve")
+
+
+def test_sigterm_drains_the_request_in_flight_then_stops(server):
+    """Last in the module: stops the server."""
+    body = {"prompt": PROMPTS[1], "n": 4, "size": "128x128", "steps": 100, "seed": 11}  # a few seconds of work
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_generate, server, body)
+        time.sleep(1.5)
+        assert answer.running()
+        assert server.stop() == 0
+        status, _, payload = answer.result()
+    assert status == 200 and len(payload["data"]) == 4
+    assert "cair-serve: stopped" in server.output()
