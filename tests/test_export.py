@@ -17,7 +17,8 @@ from cair_export.core.graphs import CairGraph, make_inputs
 from cair_export.core.models import load_model
 from cair_export.core.reference import CrossAttentionCache, cross_attention_sites
 from cair_runtime.errors import ValidationError
-from cair_runtime.manifest import load_manifest
+from cair_runtime.manifest import VERIFIED_NAME, load_manifest
+from cair_runtime.pipeline import CairEngine
 
 TINY_PRESETS = ("tiny-sd15", "tiny-sd21", "tiny-sdxl")
 
@@ -151,7 +152,18 @@ def test_large_graphs_use_one_external_data_file(tmp_path, monkeypatch):
     export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
     manifest = load_manifest(out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["fidelity.onnx", "fidelity.onnx.data", "manifest.json", "planning.onnx",
+    assert names == [VERIFIED_NAME, "fidelity.onnx", "fidelity.onnx.data", "manifest.json", "planning.onnx",
                      "planning.onnx.data", "validation.json"]
-    assert {r.path for r in manifest.files} == set(names) - {"manifest.json"}
+    assert {r.path for r in manifest.files} == set(names) - {"manifest.json", VERIFIED_NAME}
     assert (out / "planning.onnx").stat().st_size < 1 << 20  # the weights are in the side file
+
+
+def test_export_records_its_verification_so_the_first_load_hashes_nothing(tmp_path, monkeypatch):
+    import cair_runtime.manifest as manifest_module
+
+    out = tmp_path / "engine"
+    export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
+    hashed, original = [], manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path.name) or original(path))
+    CairEngine(out).close()
+    assert hashed == ["manifest.json"]  # the graphs were hashed once, by the export

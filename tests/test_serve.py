@@ -227,7 +227,7 @@ BAD_REQUESTS = [  # (what, body, the field the error names)
     ("boolean seed", {"prompt": "a", "seed": True}, "seed"),
     ("url response format", {"prompt": "a", "response_format": "url"}, "response_format"),
     ("unknown scheduler", {"prompt": "a", "scheduler": "lms"}, "scheduler"),
-    ("too few steps for the scheduler", {"prompt": "a", "scheduler": "pndm", "steps": 2}, "scheduler"),
+    ("too few steps for the scheduler", {"prompt": "a", "scheduler": "pndm", "steps": 2}, "steps"),
     ("zero steps", {"prompt": "a", "steps": 0}, "steps"),
     ("steps above the limit", {"prompt": "a", "steps": 5000}, "steps"),
     ("cache step above steps", {"prompt": "a", "steps": 4, "cache_step": 9}, "cache_step"),

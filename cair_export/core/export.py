@@ -44,6 +44,7 @@ from cair_runtime.manifest import (
     GraphSpec,
     Manifest,
     record_file,
+    stamp_verified,
 )
 
 MIN_OPSET = 17  # LayerNormalization stays one op
@@ -351,4 +352,5 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     (work / MANIFEST_NAME).write_text(manifest.to_json())
     for path in work.rglob("*"):  # some writers create files private (0600); engine files are ordinary
         path.chmod(0o755 if path.is_dir() else 0o644)
+    stamp_verified(work, manifest)  # just hashed: the runtime's first load need not hash again
     return manifest

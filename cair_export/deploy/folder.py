@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cair_runtime.files import write_atomically
-from cair_runtime.manifest import MANIFEST_NAME, EngineRecord, Manifest, record_file
+from cair_runtime.manifest import MANIFEST_NAME, EngineRecord, Manifest, record_file, stamp_verified
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
@@ -39,4 +39,5 @@ def install_engines(folder: Path, manifest: Manifest, staged: Mapping[str, Path]
     write_manifest(folder, updated)
     for stale in old - set(names):
         (folder / stale).unlink(missing_ok=True)
+    stamp_verified(folder, updated)  # the new files were just hashed, the others verified when the build began
     return updated

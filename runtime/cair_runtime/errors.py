@@ -10,7 +10,15 @@ class CairError(Exception):
 
 
 class InvalidInputError(CairError):
-    """An argument or input file the caller gave is out of range, malformed or unknown."""
+    """An argument or input file the caller gave is out of range, malformed or unknown.
+
+    ``field`` names the parameter at fault where there is one (``"steps"``, ``"prompt"``...), so
+    that a service can point its client at it without parsing the message.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ManifestError(CairError):

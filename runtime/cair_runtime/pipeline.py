@@ -165,16 +165,28 @@ class CairEngine:
         train_steps = int(self.manifest.scheduler_config.get("num_train_timesteps", 1000))
         if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
             raise InvalidInputError(f"steps {num_inference_steps!r} must be an integer in 1..{train_steps} "
-                                    "(the model's training timesteps)")
+                                    "(the model's training timesteps)", field="steps")
         if cache_step is None:
             cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
         if not _is_int(cache_step):
-            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{num_inference_steps}")
+            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{num_inference_steps}",
+                                    field="cache_step")
         check_cache_step(int(cache_step), int(num_inference_steps))
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(guidance_scale):
-            raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number")
-        make_scheduler(scheduler, self.manifest.scheduler_config).set_timesteps(int(num_inference_steps))
+            raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
+        try:
+            schedule = make_scheduler(scheduler, self.manifest.scheduler_config)
+        except InvalidInputError as error:
+            raise InvalidInputError(str(error), field="scheduler") from None
+        try:
+            schedule.set_timesteps(int(num_inference_steps))
+        except InvalidInputError as error:
+            raise InvalidInputError(str(error), field="steps") from None
+        if np.max(schedule.timesteps) >= train_steps:  # e.g. DDIM's "leading" spacing with steps_offset 1 at T = 1000
+            raise InvalidInputError(f"{num_inference_steps} steps put a timestep at {int(np.max(schedule.timesteps))}, "
+                                    f"beyond the model's {train_steps} training timesteps; use fewer steps",
+                                    field="steps")
         return int(cache_step)
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:

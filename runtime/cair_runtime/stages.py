@@ -10,7 +10,7 @@ def check_cache_step(cache_step: int, num_inference_steps: int) -> None:
     if not 1 <= cache_step <= num_inference_steps:
         raise InvalidInputError(
             f"cache step {cache_step} is outside 1..{num_inference_steps} (the number of steps); "
-            f"use 1 <= n <= T, with n = T for the plain baseline"
+            f"use 1 <= n <= T, with n = T for the plain baseline", field="cache_step"
         )
 
 

@@ -50,6 +50,10 @@ class _Tokenizer:
         self.max_length = int(spec["max_length"])
         self.eos, self.pad = int(spec["eos_token_id"]), int(spec["pad_token_id"])
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` with the start and end tokens, before truncation."""
+        return len(self.tokenizer.encode(prompt).ids)
+
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         ids = np.full((len(prompts), self.max_length), self.pad, dtype=np.int64)
         for row, prompt in enumerate(prompts):
@@ -127,6 +131,14 @@ class CairText2Image:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+    def check_prompt_length(self, prompt: str) -> None:
+        """Refuse (instead of truncating with a warning) a prompt longer than a text encoder takes."""
+        for spec, tokenizer, _ in self.text_encoders:
+            count = tokenizer.token_count(prompt)
+            if count > tokenizer.max_length:
+                raise InvalidInputError(f"prompt has {count} tokens with the start and end tokens; the text encoder "
+                                        f"takes at most {tokenizer.max_length}: shorten it", field="prompt")
 
     @property
     def model_name(self) -> str:

@@ -72,14 +72,6 @@ class ImageRequest:
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed}
 
 
-def _engine_param(message: str) -> str:
-    """The request field a refusal of ``CairEngine.check_parameters`` is about, from its wording."""
-    for start, param in (("steps", "steps"), ("cache step", "cache_step"), ("guidance", "guidance_scale")):
-        if message.startswith(start):
-            return param
-    return "scheduler"  # the scheduler refused the steps (PNDM needs at least 4)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -164,7 +156,7 @@ class RequestValidator:
             try:
                 cache_step = self.engine.check_parameters(steps, cache_step, guidance, scheduler)
             except CairError as error:
-                param = _engine_param(str(error))
+                param = getattr(error, "field", None) or "scheduler"
                 problems.append((param, f"{param}: {error}"))
         if problems:
             message = "; ".join(message for _, message in problems)
@@ -181,12 +173,10 @@ class RequestValidator:
     def _check_prompt(self, value: Any) -> str | None:
         if not isinstance(value, str):
             return "must be a string"
-        for spec, tokenizer, _ in self.pipeline.text_encoders:
-            # The tokenizer itself would truncate with a warning; an API refuses instead.
-            count = len(tokenizer.tokenizer.encode(value).ids)  # with the start and end tokens
-            if count > spec["max_length"]:
-                return (f"has {count} tokens with the start and end tokens; the text encoder takes at most "
-                        f"{spec['max_length']}: shorten it")
+        try:
+            self.pipeline.check_prompt_length(value)  # the pipeline would truncate with a warning; an API refuses
+        except CairError as error:
+            return str(error).removeprefix("prompt ")
         return None
 
     def _check_size(self, value: Any) -> str | None:
