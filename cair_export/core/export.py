@@ -33,7 +33,6 @@ from cair_export.core.graphs import (
 from cair_export.core.models import LoadedModel
 from cair_export.core.onnx_io import save_onnx
 from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
-from cair_export.core.sizes import size_problem
 from cair_export.core.verify import FP32_RELATIVE_TOLERANCE, OutputCheck, compare_outputs, run_module, run_session
 from cair_runtime.backends.onnxruntime import make_session
 from cair_runtime.errors import InvalidInputError, ValidationError
@@ -44,6 +43,7 @@ from cair_runtime.manifest import (
     GraphSpec,
     Manifest,
     record_file,
+    size_problem,
     stamp_verified,
 )
 

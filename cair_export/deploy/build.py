@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from cair_export.core.sizes import manifest_vae_scale_factor, size_problem
 from cair_export.deploy.folder import install_engines
 from cair_runtime.errors import InvalidInputError, MissingDependencyError
 from cair_runtime.manifest import (
@@ -34,6 +33,7 @@ from cair_runtime.manifest import (
     eval_dim,
     load_manifest,
     record_file,
+    size_problem,
 )
 
 BACKENDS = ("tensorrt", "aoti")
@@ -61,7 +61,7 @@ class BuildConfig:
 
 def profile_dims(manifest: Manifest, config: BuildConfig) -> dict[str, Dim]:
     """The dims' min/opt/max for the build: the manifest's, narrowed by the flags; problems reported together."""
-    factor = manifest_vae_scale_factor(manifest.model)
+    factor = manifest.vae_scale_factor
     by_name = {dim.name: dim for dim in manifest.dims}
     wanted: dict[str, dict[str, int | None]] = {
         "batch": {"min": config.min_batch, "opt": config.opt_batch, "max": config.max_batch},

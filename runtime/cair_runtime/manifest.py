@@ -29,6 +29,14 @@ FIDELITY_GUIDANCE = ("none", "cfg")
 PROMPT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state")
 MAX_DIM_VALUE = 2**31 - 1  # any tensor dimension the manifest can describe
 MAX_EXPRESSION_LENGTH = 120
+DEFAULT_VAE_SCALE_FACTOR = 8  # Stable Diffusion's VAE (three 2x downsamplings), when a manifest does not say
+
+
+def size_problem(label: str, pixels: int, factor: int) -> str | None:
+    """Why ``pixels`` cannot be an image side (not a positive multiple of the VAE's factor), or None."""
+    if pixels <= 0 or pixels % factor:
+        return f"{label} {pixels} is not a positive multiple of {factor} (the VAE's factor)"
+    return None
 
 
 # --- shape expressions ---------------------------------------------------------------------
@@ -143,6 +151,11 @@ class Manifest:
     files: tuple[FileRecord, ...]
     engines: tuple[EngineRecord, ...] = ()
     pipeline: dict[str, Any] | None = None  # text-to-image parts; None for a UNet-only export
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (``model.vae_scale_factor``; older manifests: Stable Diffusion's 8)."""
+        return int(self.model.get("vae_scale_factor", DEFAULT_VAE_SCALE_FACTOR))
 
     @property
     def unet_graphs(self) -> dict[str, GraphSpec]:

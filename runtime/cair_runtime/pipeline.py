@@ -12,7 +12,7 @@ import numpy as np
 from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
-from cair_runtime.manifest import Manifest, load_manifest
+from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
 from cair_runtime.schedulers import make_scheduler
 from cair_runtime.stages import check_cache_step, planning_evaluations
@@ -107,7 +107,7 @@ class CairEngine:
         self.in_channels = planning["sample"].shape[1]
         self.context_dim = planning["encoder_hidden_states"].shape[2]
         self.pooled_dim = planning["text_embeds"].shape[1] if "text_embeds" in planning else None
-        self.vae_scale_factor = int(self.manifest.model.get("vae_scale_factor", 8))
+        self.vae_scale_factor = self.manifest.vae_scale_factor
 
     def close(self) -> None:
         """Wait for running calls, then release the contexts and the backend; later calls raise
@@ -197,8 +197,9 @@ class CairEngine:
             if value is None:
                 sizes.append(self.manifest.dim(dim).opt)
                 continue
-            if value <= 0 or value % factor:
-                raise InvalidInputError(f"{label} {value} is not a positive multiple of {factor} (the VAE's factor)")
+            problem = size_problem(label, value, factor)
+            if problem:
+                raise InvalidInputError(problem, field=label)
             sizes.append(value // factor)
         return sizes[0], sizes[1]
 

@@ -20,8 +20,9 @@ from cair_export.core.models.presets import (
     Preset,
     shipped_model_path,
 )
-from cair_export.core.sizes import DEFAULT_VAE_SCALE_FACTOR, vae_scale_factor
+from cair_export.core.sizes import vae_scale_factor
 from cair_runtime.errors import InvalidInputError
+from cair_runtime.manifest import DEFAULT_VAE_SCALE_FACTOR
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _SHARDED_INDEX = "diffusion_pytorch_model.safetensors.index.json"

@@ -73,7 +73,7 @@ class AotiBackend:
             check_aoti_record(record, self.device, torch.__version__)
         self.manifest = manifest
         self.latent_multiple = int(records["planning"].properties.get("latent_multiple", 1))
-        self.vae_scale_factor = int(manifest.model.get("vae_scale_factor", 8))
+        self.vae_scale_factor = manifest.vae_scale_factor
         self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
         index = torch.device(self.device).index
         from torch._inductor.package import load_package
