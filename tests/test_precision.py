@@ -109,7 +109,7 @@ def test_compare_checks_fp16_graphs_against_the_fp32_reference(exported, tmp_pat
     folder = tmp_path / "fp16"
     shutil.copytree(reference, folder)
     files, _ = lower_exported_graphs(_graphs("tiny-sd21"), folder, "fp16", SHAPES, progress=lambda m: None)
-    manifest = load_manifest(folder, verify="size")
+    manifest = load_manifest(folder, verify="none")  # the graphs were just rewritten
     others = [f for f in manifest.files if f.path not in files]
     write_manifest(folder, dataclasses.replace(manifest, model={**manifest.model, "dtype": "float16"},
                                                files=tuple(others) + tuple(record_file(folder, f) for f in files)))

@@ -317,7 +317,7 @@ def _inside(folder: Path, relative: str) -> Path | None:
 
 
 VERIFIED_NAME = ".cair-verified.json"  # what the last full verification saw: stat of every file
-VERIFY_MODES = ("full", "fast", "size")
+VERIFY_MODES = ("full", "fast", "size", "none")
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -360,7 +360,8 @@ def load_manifest(folder: str | Path, verify: str = "fast") -> Manifest:
     (sha256) and records what it saw (``stamp_verified``); ``"fast"`` (the default) does the
     same unless the files are exactly as the last full verification saw them (same size, inode,
     mtime and ctime), which skips gigabytes of hashing on every start yet catches truncation,
-    rewriting and replacement; ``"size"`` checks presence and sizes only.
+    rewriting and replacement; ``"size"`` checks presence and sizes only; ``"none"`` presence
+    only (for tools about to rewrite the file list).
     """
     if verify not in VERIFY_MODES:
         raise InvalidInputError(f"verify mode {verify!r} is unknown; expected one of {', '.join(VERIFY_MODES)}")
@@ -400,7 +401,7 @@ def load_manifest(folder: str | Path, verify: str = "fast") -> Manifest:
             problems.append(f"file {record.path!r} lies outside the engine folder")
         elif not target.is_file():
             problems.append(f"file {record.path} is missing")
-        elif target.stat().st_size != record.size:
+        elif verify != "none" and target.stat().st_size != record.size:
             problems.append(f"file {record.path} has {target.stat().st_size} bytes, the manifest lists {record.size} "
                             "(truncated or replaced)")
         else:
