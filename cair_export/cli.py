@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cair_runtime.cli import OneLineArgumentParser, run_command
@@ -62,17 +64,21 @@ def _command_line() -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cair_export.core.export import ExportConfig, check_export_config, check_output_dir, export_model
+    from cair_export.core.export import (ExportConfig, check_export_options, check_output_dir, export_lock,
+                                         export_model)
     from cair_export.core.models import load_model
+    from cair_export.core.models.loading import model_folder
 
     out_dir = Path(args.out_dir)
-    check_output_dir(out_dir, args.overwrite)  # before loading anything: fail fast
-    model = load_model(args.model, with_pipeline=True)
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch, dtype=args.dtype)
-    check_export_config(model, config)
-    export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress)
+    # Before loading anything: fail fast, and a second export to the same folder fails at once.
+    check_export_options(config)
+    check_output_dir(out_dir, args.overwrite, model_folder(args.model))
+    with export_lock(out_dir):
+        model = load_model(args.model, with_pipeline=True)
+        export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress)
     return 0
 
 
@@ -195,16 +201,18 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("out_dir", help="engine folder to write (created atomically)")
     export.add_argument("--height", type=int_arg, help="pixel height the graphs are tuned for (default: native)")
     export.add_argument("--width", type=int_arg, help="pixel width the graphs are tuned for (default: native)")
-    export.add_argument("--opset", type=int_arg, default=17, help="ONNX opset, 17 or newer (default 17)")
+    export.add_argument("--opset", type=int_arg, default=17,
+                        help="ONNX opset, from 17 to the newest torch's exporter supports (default 17)")
     export.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none",
                         help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps guidance")
-    export.add_argument("--cache-step-hint", type=int_arg, default=5,
+    export.add_argument("--cache-step-hint", type=positive_int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
-    export.add_argument("--max-batch", type=int_arg, default=4, help="largest prompt batch (default 4)")
+    export.add_argument("--max-batch", type=positive_int_arg, default=4, help="largest prompt batch (default 4)")
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="compute precision in the UNet graphs (attention scores, softmax, norms stay fp32; "
                              "IO float32)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing engine folder (only a complete one: other files are never deleted)")
     export.set_defaults(func=cmd_export)
 
 
@@ -224,11 +232,11 @@ def _add_demo(sub) -> None:
 def _add_macs(sub, presets: str) -> None:
     macs = sub.add_parser("macs", help="MACs per evaluation and per generation, baseline vs CAIR")
     macs.add_argument("model", help=f"preset ({presets}) or local folder (only its config is read)")
-    macs.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
+    macs.add_argument("--steps", type=positive_int_arg, default=25, help="denoising steps T (default 25)")
     macs.add_argument("--cache-step", type=int_arg, default=5, help="cache step n (default 5)")
     macs.add_argument("--height", type=int_arg, help="pixel height (default: native)")
     macs.add_argument("--width", type=int_arg, help="pixel width (default: native)")
-    macs.add_argument("--batch", type=int_arg, default=1, help="prompts per generation (default 1)")
+    macs.add_argument("--batch", type=positive_int_arg, default=1, help="prompts per generation (default 1)")
     macs.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none")
     macs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     macs.set_defaults(func=cmd_macs)
@@ -276,8 +284,8 @@ def _add_profile(sub) -> None:
                          help="the rule's bound: relative output change (below-threshold, default 0.05) or "
                               "fraction of the first change (fraction-of-first)")
     profile.add_argument("--rule", choices=RULES, default="below-threshold", help="cache-step rule (default below-threshold)")
-    profile.add_argument("--batch", type=int_arg, default=8, help="prompts per UNet batch (default 8)")
-    profile.add_argument("--max-prompts", type=int_arg, help="use only the first N prompts (quick run)")
+    profile.add_argument("--batch", type=positive_int_arg, default=8, help="prompts per UNet batch (default 8)")
+    profile.add_argument("--max-prompts", type=positive_int_arg, help="use only the first N prompts (quick run)")
     profile.add_argument("--height", type=int_arg, help="pixel height (default: native)")
     profile.add_argument("--width", type=int_arg, help="pixel width (default: native)")
     profile.add_argument("--json", help="write the figures as JSON here")
@@ -326,8 +334,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so that every ``finally`` cleans up."""
+
+
+def _stop_on_signals():
+    """SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` (once); returns what restores the handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # only the main thread may set handlers
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def stop(signum, frame):
+        for number in signals:  # a second signal must not interrupt the cleanup
+            signal.signal(number, signal.SIG_IGN)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    previous = {number: signal.getsignal(number) for number in signals}
+    for number in signals:
+        if previous[number] is not signal.SIG_IGN:  # a shell's background job ignores SIGINT: keep that
+            signal.signal(number, stop)
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(number, handler)
+
+    return restore
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv)
+    restore = _stop_on_signals()
+    try:
+        return run_command(build_parser(), argv)  # SIGINT: one line and 130 there
+    except Terminated:
+        print("cair-export: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

@@ -135,15 +135,23 @@ def test_failed_validation_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_overwrite_replaces_folder_atomically(tmp_path):
+def test_overwrite_replaces_an_engine_folder_atomically(tmp_path, monkeypatch):
+    """The old export goes only once the new one is in place; a failed export leaves it untouched."""
     out = tmp_path / "engine"
-    out.mkdir()
+    export_model(load_model("tiny-sd15"), out, ExportConfig(validate=False), progress=lambda message: None)
     (out / "stale.txt").write_text("old")
     export_model(load_model("tiny-sd15"), out, ExportConfig(validate=False), overwrite=True,
                  progress=lambda message: None)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
     load_manifest(out)
+
+    before = {p.name: p.stat().st_ino for p in out.iterdir()}
+    monkeypatch.setattr(export_module, "_export_into", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        export_model(load_model("tiny-sd15"), out, overwrite=True, progress=lambda message: None)
+    assert {p.name: p.stat().st_ino for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 
 def test_large_graphs_use_one_external_data_file(tmp_path, monkeypatch):

@@ -199,6 +199,29 @@ def cair_denoise(
 
 
 @torch.no_grad()
+def encode_prompts(pipe: Any, prompts: list[str], negative_prompts: list[str] | None, latents: torch.Tensor,
+                   num_images_per_prompt: int = 1):
+    """Guided conditions as the diffusers SD or SDXL pipeline computes them, for ``latents`` (N, C, h, w).
+
+    Returns ``(prompt_embeds, negative_embeds, added_cond, negative_added_cond)``; the added
+    conditions (SDXL's pooled ``text_embeds`` and ``time_ids``, from ``_get_add_time_ids`` with no
+    crop) are None for SD-1.x/2.x.
+    """
+    sdxl = hasattr(pipe, "text_encoder_2")
+    encoded = pipe.encode_prompt(prompts, negative_prompt=negative_prompts, num_images_per_prompt=num_images_per_prompt,
+                                 do_classifier_free_guidance=True, **({} if sdxl else {"device": latents.device}))
+    if not sdxl:
+        return (*encoded, None, None)
+    prompt_embeds, negative_embeds, pooled, negative_pooled = encoded
+    height, width = latents.shape[2] * pipe.vae_scale_factor, latents.shape[3] * pipe.vae_scale_factor
+    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    time_ids = time_ids.repeat(len(prompt_embeds), 1)  # (N, 6): original size, crop, target size
+    return (prompt_embeds, negative_embeds, {"text_embeds": pooled, "time_ids": time_ids},
+            {"text_embeds": negative_pooled, "time_ids": time_ids})
+
+
+@torch.no_grad()
 def cair_text_to_image(
     pipe: Any,
     prompts: list[str],
@@ -216,20 +239,8 @@ def cair_text_to_image(
     Prompt encoding, SDXL time ids and VAE post-processing are the pipeline's own
     (``encode_prompt``, ``_get_add_time_ids``, ``vae.decode``); the loop is ``cair_denoise``.
     """
-    sdxl = hasattr(pipe, "text_encoder_2")
-    encoded = pipe.encode_prompt(prompts, negative_prompt=negative_prompts, num_images_per_prompt=num_images_per_prompt,
-                                 do_classifier_free_guidance=True, **({} if sdxl else {"device": latents.device}))
-    added = negative_added = None
-    if sdxl:
-        prompt_embeds, negative_embeds, pooled, negative_pooled = encoded
-        height, width = latents.shape[2] * pipe.vae_scale_factor, latents.shape[3] * pipe.vae_scale_factor
-        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-        time_ids = time_ids.repeat(len(latents), 1)
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-        negative_added = {"text_embeds": negative_pooled, "time_ids": time_ids}
-    else:
-        prompt_embeds, negative_embeds = encoded
+    prompt_embeds, negative_embeds, added, negative_added = encode_prompts(
+        pipe, prompts, negative_prompts, latents, num_images_per_prompt=num_images_per_prompt)
     latents = cair_denoise(pipe.unet, scheduler or pipe.scheduler, latents, prompt_embeds, negative_embeds,
                            num_inference_steps=num_inference_steps, cache_step=cache_step,
                            guidance_scale=guidance_scale, added_cond=added, negative_added_cond=negative_added)

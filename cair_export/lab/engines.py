@@ -37,7 +37,7 @@ def ensure_engine(model: str, folder: Path, config: ExportConfig = ExportConfig(
     loaded = load_model(model, with_pipeline=with_pipeline)
     try:
         reason = stale_reason(load_manifest(folder), loaded, config, with_pipeline)
-    except CairError:  # nothing there yet, or a broken folder: export afresh
+    except CairError:  # nothing there yet: export; export_model refuses to replace a broken folder
         reason = ""
     if reason is None:
         progress(f"reusing {folder}")

@@ -122,7 +122,7 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
     import torch
 
     from cair_export.core.models import load_model
-    from cair_export.core.reference import cair_denoise, cross_attention_sites, installed_processors
+    from cair_export.core.reference import cair_denoise, cross_attention_sites, encode_prompts, installed_processors
     from cair_runtime.noise import seeded_latents
 
     if config.steps < 2:
@@ -148,12 +148,14 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
         batch_prompts = prompts[start:start + config.batch]
         recorder = _Recorder(len(sites), evaluations, len(batch_prompts))
         with installed_processors(unet, sites, lambda index, _: _RecordingProcessor(recorder, index)):
-            with torch.no_grad():
-                prompt_embeds, negative_embeds = pipe.encode_prompt(batch_prompts, "cpu", 1, True)
-            noise = seeded_latents(range(config.seed + start, config.seed + start + len(batch_prompts)), shape)
+            noise = torch.from_numpy(
+                seeded_latents(range(config.seed + start, config.seed + start + len(batch_prompts)), shape))
+            # SDXL also takes pooled text embeddings and size ids (added conditions), as its pipeline makes them.
+            prompt_embeds, negative_embeds, added, negative_added = encode_prompts(pipe, batch_prompts, None, noise)
             # The plain guided loop (no caching): every step runs both halves through the recorders.
-            cair_denoise(unet, scheduler, torch.from_numpy(noise), prompt_embeds, negative_embeds,
+            cair_denoise(unet, scheduler, noise, prompt_embeds, negative_embeds,
                          num_inference_steps=config.steps, cache_step=None, guidance_scale=config.guidance_scale,
+                         added_cond=added, negative_added_cond=negative_added,
                          on_step=lambda i: setattr(recorder, "step", i))
         for key, value in recorder.changes.items():
             all_changes.setdefault(key, []).append(value)

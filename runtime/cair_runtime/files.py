@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +44,53 @@ def check_writable(path: str | Path, make_parent: bool = False) -> None:
         raise InvalidInputError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise InvalidInputError(f"output folder {parent} is not writable")
+
+
+def check_folder_writable(folder: str | Path) -> None:
+    """Fail before any compute if files cannot be created in ``folder`` (created when missing).
+
+    Tries a real file rather than ``os.access``: that catches read-only mounts, ``/proc`` and the
+    like, where the permission bits say yes.
+    """
+    folder = Path(folder)
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise InvalidInputError(f"cannot create folder {folder}: {ancestor} is a file, not a folder; "
+                                        "choose another path")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidInputError(f"cannot create folder {folder}: {error.strerror or error}; "
+                                "choose a path under a writable folder") from None
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".cair-write-test-", dir=folder)
+    except OSError as error:
+        raise InvalidInputError(f"cannot write in folder {folder}: {error.strerror or error}; "
+                                "choose a writable folder") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def rename_noreplace(source: str | Path, target: str | Path) -> None:
+    """Rename ``source`` to ``target``; ``FileExistsError`` when ``target`` exists, even an empty folder.
+
+    Plain ``os.rename`` silently replaces an empty folder. Linux's ``renameat2(RENAME_NOREPLACE)``
+    checks and renames in one step; elsewhere the check precedes the rename (a small window).
+    """
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        result = renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE)
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):  # the file system or kernel lacks the flag: fall back
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)

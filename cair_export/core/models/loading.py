@@ -61,6 +61,11 @@ class LoadedModel:
         return self.unet.config.addition_embed_type == "text_time"
 
     @property
+    def folder(self) -> Path | None:
+        """The local folder the model was read from; None for a preset (built in memory)."""
+        return model_folder(self.name if self.source in ("preset", "shipped") else self.source)
+
+    @property
     def has_pipeline(self) -> bool:
         return bool(self.text_encoders) and self.vae is not None
 
@@ -111,6 +116,15 @@ def load_model(name_or_path: str, device: str = "cpu", with_pipeline: bool = Fal
             "pass a preset name or a local diffusers pipeline or UNet folder"
         )
     return _load_folder(path, device, with_pipeline)
+
+
+def model_folder(name_or_path: str) -> Path | None:
+    """The local folder ``load_model(name_or_path)`` reads; None for a preset (built in memory)."""
+    if name_or_path in PRESETS:
+        return None
+    if name_or_path in SHIPPED_MODELS:
+        return Path(str(shipped_model_path(name_or_path)))
+    return Path(name_or_path)
 
 
 def load_exported_model(model_info: dict[str, Any], device: str = "cpu") -> LoadedModel:
@@ -217,10 +231,8 @@ def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
             "CAIR needs a text-conditioned UNet2DConditionModel"
         )
     _check_safetensors(unet_dir)
-    if device == "meta":  # counting only: the architecture, no weights read
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
-    else:
+    unet = _unet_from_config(config, unet_dir / "config.json")
+    if device != "meta":  # meta: counting only, the architecture without weights
         unet = _from_pretrained(UNet2DConditionModel, unet_dir)
     sdxl = unet.config.addition_embed_type == "text_time" or (index or {}).get("_class_name") in _SDXL_PIPELINES
     family = "sdxl" if sdxl else ("sd21" if scheduler_config.get("prediction_type") == "v_prediction" else "sd15")
@@ -231,6 +243,22 @@ def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
     if with_pipeline and index is not None and device != "meta":
         _load_pipeline_parts(model, path, index)
     return model
+
+
+def _unet_from_config(config: dict[str, Any], path: Path) -> Any:
+    """The UNet a config describes, on the meta device (no weights): a nonsense field fails here, naming the file."""
+    from diffusers import UNet2DConditionModel
+
+    sample_size = config.get("sample_size")
+    if not (isinstance(sample_size, int) and sample_size > 0):
+        raise InvalidInputError(f"{path}: sample_size {sample_size!r} is not a positive whole number (latent pixels); "
+                                "fix the file or re-download the model")
+    try:
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    except Exception as error:  # diffusers raises whatever a bad field trips over (TypeError, ZeroDivisionError...)
+        raise InvalidInputError(f"{path} does not describe a UNet2DConditionModel ({_first_line(error)}); "
+                                "fix the file or re-download the model") from None
 
 
 def _from_pretrained(cls: Any, folder: Path, **kwargs: Any) -> Any:
