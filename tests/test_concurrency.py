@@ -164,3 +164,30 @@ def test_device_id_and_thread_budget_reach_every_session(shapes, monkeypatch):
     for name, threads, providers, options in made:
         assert threads == 1 and providers == ["CUDAExecutionProvider", "CPUExecutionProvider"], name
         assert options == [{"device_id": "1"}, {}], name
+
+
+def test_close_waits_for_a_call_in_flight(shapes):
+    import threading
+
+    pipeline = CairText2Image(shapes)
+    decoding, release = threading.Event(), threading.Event()
+    original = pipeline.decode
+
+    def slow_decode(latents):
+        decoding.set()
+        release.wait(30)
+        return original(latents)
+
+    pipeline.decode = slow_decode
+    results = []
+    worker = threading.Thread(target=lambda: results.append(pipeline(PROMPTS[0], num_inference_steps=3, cache_step=1)))
+    worker.start()
+    assert decoding.wait(30)  # the call has given its UNet context back and is decoding
+    closer = threading.Thread(target=pipeline.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # close() waits for the call in flight...
+    release.set()
+    worker.join(30)
+    closer.join(30)
+    assert not closer.is_alive() and results and results[0].images.shape == (1, 64, 64, 3)  # ...which completes

@@ -8,6 +8,7 @@ UNet engine of ``CairEngine``. Needs only numpy, onnxruntime, tokenizers and Pil
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -18,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cair_runtime.backends.pool import CallGate
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.files import write_atomically
 from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count, image_seeds
@@ -88,6 +90,15 @@ def save_png(image: np.ndarray, path: str | Path, parameters: dict[str, Any]) ->
     write_atomically(path, lambda file: file.write(data))
 
 
+def _in_flight(method: Callable) -> Callable:
+    """Run ``method`` as a call in flight: ``close()`` waits for it, and refuses it once closed."""
+    @functools.wraps(method)
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        with self._calls.enter():
+            return method(self, *args, **kwargs)
+    return call
+
+
 class CairText2Image:
     """An exported pipeline folder ready to turn prompts into images.
 
@@ -106,6 +117,7 @@ class CairText2Image:
         if backend == "onnxruntime":
             backend_options = {"providers": providers, "threads": threads, **backend_options}
         self.engine = CairEngine(folder, backend, **backend_options)
+        self._calls = CallGate(f"the pipeline of {folder}")  # close() waits for calls in flight
         manifest = self.engine.manifest
         if manifest.pipeline is None:
             raise ManifestError(f"{folder} is a UNet-only export (no text encoder or VAE); export a pipeline "
@@ -122,7 +134,9 @@ class CairText2Image:
         self.vae = session(self.pipeline["vae_graph"])
 
     def close(self) -> None:
-        """Release the sessions and the engine; calls after this raise an error. Closing twice is fine."""
+        """Wait for running calls, then release the sessions and the engine; calls after this raise
+        ``EngineClosedError``. Closing twice is fine."""
+        self._calls.close()
         self.engine.close()
         self.text_encoders, self.vae = [], None
 
@@ -166,6 +180,7 @@ class CairText2Image:
                                  for i in range(0, len(scaled), max_batch)])
         return np.clip(images / 2 + 0.5, 0.0, 1.0)
 
+    @_in_flight
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -190,7 +205,6 @@ class CairText2Image:
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
         of naming a seed (the seeds then drive only ancestral noise).
         """
-        self.engine.check_open()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InvalidInputError("no prompt given; pass at least one (an empty string is allowed)")

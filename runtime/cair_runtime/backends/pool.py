@@ -106,3 +106,36 @@ class ContextPool(Generic[C]):
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+class CallGate:
+    """Calls in flight on an object shared by threads: ``close()`` refuses new calls and waits for running ones.
+
+    For work outside a pooled context (a pipeline's text encoding and decoding), so that closing
+    never pulls a session from under a running call.
+    """
+
+    def __init__(self, what: str):
+        self._what = what
+        self._condition = threading.Condition()
+        self._running = 0
+        self._closed = False
+
+    @contextmanager
+    def enter(self) -> Iterator[None]:
+        with self._condition:
+            if self._closed:
+                raise EngineClosedError(f"{self._what} was closed; create a new one to run it again")
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._running -= 1
+                self._condition.notify_all()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            while self._running:
+                self._condition.wait()
