@@ -51,6 +51,8 @@ TEXT = [
     (["--height", "100000"], "(100000 px; allowed 32..128 px)"),
     (["--height", "62"], "not a positive multiple of 4"),
     (["--seed", "-1"], "non-negative integer"),
+    (["--backend", "tensorrt", "--graph-optimization", "basic"], "--graph-optimization configure onnxruntime"),
+    (["--device-id", "-1"], "--device-id -1 must be a GPU index"),
 ]
 
 
@@ -85,6 +87,7 @@ UNET = [
     (["--encoder-hidden-states", "empty.npy"], "cannot read --encoder-hidden-states"),
     (["--encoder-hidden-states", "absurd.npy"], "cannot read --encoder-hidden-states"),
     (["--encoder-hidden-states", "good.npy", "-o", "latents.png"], "must end in .npy"),
+    (["--encoder-hidden-states", "good.npy", "--backend", "aoti", "--threads", "2"], "--threads configure onnxruntime"),
 ]
 
 

@@ -61,15 +61,33 @@ class _Progress:
             print(file=sys.stderr)
 
 
+DEFAULT_PROVIDERS = "CPUExecutionProvider"
+
+
 def _providers(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(p.strip() for p in args.providers.split(",") if p.strip())
 
 
 def _backend_options(args: argparse.Namespace, with_providers: bool = False) -> dict:
-    """The UNet backend's keywords from the flags (onnxruntime's only apply to it)."""
-    if args.backend != "onnxruntime":
-        return {}
-    options = {"graph_optimization": args.graph_optimization}
+    """The UNet backend's keywords from the flags; a flag that would be ignored is refused.
+
+    ``with_providers``: the onnxruntime flags are the UNet's alone (without a prompt there are no
+    text encoder or VAE sessions that would take them).
+    """
+    ignored = [flag for flag, given in (("--graph-optimization", args.graph_optimization != "all"),
+                                        ("--providers", with_providers and args.providers != DEFAULT_PROVIDERS),
+                                        ("--threads", with_providers and args.threads != 0)) if given]
+    if args.backend != "onnxruntime" and ignored:
+        raise InvalidInputError(f"{', '.join(ignored)} configure onnxruntime, not the {args.backend} backend; "
+                                "drop them or use --backend onnxruntime")
+    if args.device_id is not None and args.device_id < 0:
+        raise InvalidInputError(f"--device-id {args.device_id} must be a GPU index (0, 1, ...)")
+    if args.backend == "aoti":
+        return {} if args.device_id is None else {"device": f"cuda:{args.device_id}"}
+    device = {} if args.device_id is None else {"device_id": args.device_id}
+    if args.backend == "tensorrt":
+        return device
+    options = {"graph_optimization": args.graph_optimization, **device}
     if with_providers:
         options.update(providers=_providers(args), threads=args.threads)
     return options
@@ -182,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy noise (default 0)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="what runs the UNet graphs: onnxruntime (default), tensorrt or aoti (after cair-export build)")
-    parser.add_argument("--providers", default="CPUExecutionProvider",
+    parser.add_argument("--device-id", type=int, metavar="N",
+                        help="GPU to run on: onnxruntime's CUDA/TensorRT providers (every session), the TensorRT "
+                             "backend, or cuda:N for AOTInductor packages compiled for CUDA")
+    parser.add_argument("--providers", default=DEFAULT_PROVIDERS,
                         help="onnxruntime execution providers, comma separated (default CPUExecutionProvider)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = onnxruntime's default")
     parser.add_argument("--graph-optimization", default="all", choices=("disable", "basic", "extended", "all"))
