@@ -51,8 +51,8 @@ def test_export_writes_manifest_and_both_graphs(exported, preset):
     assert manifest.dim("latent_height").opt == 8
 
 
-def _initializer_digests(model):
-    return {hashlib.sha256(onnx.numpy_helper.to_array(t).astype(np.float32).tobytes()).hexdigest()
+def _initializer_digests(model, folder):
+    return {hashlib.sha256(onnx.numpy_helper.to_array(t, base_dir=str(folder)).astype(np.float32).tobytes()).hexdigest()
             for t in model.graph.initializer}
 
 
@@ -74,7 +74,7 @@ def test_fidelity_graph_has_no_cross_attention_weights_and_no_text_input(exporte
     assert any(context in t.dims for t in planning.graph.initializer)
     assert not any(context in t.dims for t in fidelity.graph.initializer)
     # Every attn2 projection weight (Q, K, V, out) is in planning and none is in fidelity.
-    in_planning, in_fidelity = _initializer_digests(planning), _initializer_digests(fidelity)
+    in_planning, in_fidelity = _initializer_digests(planning, folder), _initializer_digests(fidelity, folder)
     weights = [p for name, p in unet.named_parameters() if ".attn2." in name and name.endswith("weight")]
     assert len(weights) == 4 * len(cross_attention_sites(unet))
     for weight in weights:
@@ -154,16 +154,29 @@ def test_overwrite_replaces_an_engine_folder_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 
-def test_large_graphs_use_one_external_data_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1024)
+def test_unet_graphs_store_their_weights_once(tmp_path, monkeypatch):
+    """Both graphs point into one weights file, about the UNet's size; per-graph side files are gone."""
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1024)  # as for a large model: side files first
     out = tmp_path / "engine"
-    export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
+    model = load_model("tiny-sd15")
+    export_model(model, out, progress=lambda message: None)
     manifest = load_manifest(out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [VERIFIED_NAME, "fidelity.onnx", "fidelity.onnx.data", "manifest.json", "planning.onnx",
-                     "planning.onnx.data", "validation.json"]
+    assert names == [VERIFIED_NAME, "fidelity.onnx", "manifest.json", "planning.onnx", "unet_weights.bin",
+                     "validation.json"]
     assert {r.path for r in manifest.files} == set(names) - {"manifest.json", VERIFIED_NAME}
-    assert (out / "planning.onnx").stat().st_size < 1 << 20  # the weights are in the side file
+    unet_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
+    assert (out / "unet_weights.bin").stat().st_size <= 1.1 * unet_bytes
+    # Fidelity's weights are planning's bytes (names differ where the exporter renamed MatMul weights).
+    planning, fidelity = (manifest.weights["graphs"][kind] for kind in ("planning", "fidelity"))
+    assert {entry[0] for entry in fidelity.values()} <= {entry[0] for entry in planning.values()}
+    assert set(fidelity) - set(planning)  # renamed ones exist, and were matched by content
+    for kind in ("planning", "fidelity"):
+        proto = onnx.load(str(out / f"{kind}.onnx"), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"unet_weights.bin"}
+        assert (out / f"{kind}.onnx").stat().st_size < 1 << 20  # the weights are in the shared file
+
 
 
 def test_export_records_its_verification_so_the_first_load_hashes_nothing(tmp_path, monkeypatch):

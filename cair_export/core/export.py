@@ -41,7 +41,7 @@ from cair_export.core.graphs import (
     vae_decoder_io,
 )
 from cair_export.core.models import LoadedModel
-from cair_export.core.onnx_io import save_onnx
+from cair_export.core.onnx_io import save_onnx, share_weights
 from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
 from cair_export.core.verify import FP32_RELATIVE_TOLERANCE, OutputCheck, compare_outputs, run_module, run_session
 from cair_runtime.backends.onnxruntime import make_session
@@ -471,6 +471,10 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
             progress(f"  {config.dtype} UNet graphs: worst relative error {max(c['relative'] for c in checks):.2e} "
                      f"(tolerance {lowering['validation']['tolerance']:.0e}, {lowering['validation']['executors']})")
             files = [f for f in files if not f.startswith(("planning.onnx", "fidelity.onnx"))] + lowered
+    # One copy of the UNet's weights on disk: both graphs point into one file (docs/weights_once.md).
+    unet_files = {kind: sorted(f for f in files if f.startswith(f"{kind}.onnx")) for kind in ("planning", "fidelity")}
+    shared, weights = share_weights(work, unet_files)
+    files = [f for f in files if not f.startswith(("planning.onnx", "fidelity.onnx"))] + shared
     pipeline = None
     if model.has_pipeline:
         pipeline, pipeline_ios = _export_pipeline_parts(model, work, dims, config, report, progress)
@@ -501,6 +505,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         caches=caches,
         files=tuple(record_file(work, name) for name in files),
         pipeline=pipeline,
+        weights=weights,
     )
     (work / MANIFEST_NAME).write_text(manifest.to_json())
     for path in work.rglob("*"):  # some writers create files private (0600); engine files are ordinary

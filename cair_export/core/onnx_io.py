@@ -1,9 +1,14 @@
-"""Saving ONNX models: one file, or the graph plus one side file for its tensors when large."""
+"""Saving ONNX models: one file, or the graph plus one side file for its tensors when large; and
+one weights file shared by the UNet graphs."""
 
 from __future__ import annotations
 
+import hashlib
+import mmap
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 EXTERNAL_DATA_BYTES = 1 << 30  # above this, tensors go to one side file (protobuf caps a file at 2 GB)
 
@@ -24,3 +29,84 @@ def save_onnx(model: Any, path: str | Path) -> list[str]:
         return [path.name, f"{path.name}.data"]
     onnx.save_model(model, str(path))
     return [path.name]
+
+
+SHARED_WEIGHTS = "unet_weights.bin"
+SHARED_WEIGHTS_ALIGNMENT = 64  # bytes; every tensor starts on such a boundary (numpy views, SIMD loads)
+SHARED_WEIGHTS_MIN_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside their graph
+
+
+def _tensor_bytes(folder: Path, tensor: Any, maps: dict[str, mmap.mmap]) -> bytes | memoryview:
+    """A TensorProto's little-endian bytes, from its raw data or a slice of its external file."""
+    from onnx import external_data_helper, numpy_helper
+
+    if not external_data_helper.uses_external_data(tensor):
+        return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+    info = external_data_helper.ExternalDataInfo(tensor)
+    if info.location not in maps:
+        with open(folder / info.location, "rb") as handle:
+            maps[info.location] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    offset = info.offset or 0
+    return memoryview(maps[info.location])[offset:offset + info.length]
+
+
+def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: str = SHARED_WEIGHTS
+                  ) -> tuple[list[str], dict[str, Any]]:
+    """Rewrite graphs so that equal weights are stored once, in ``data_name``, which every graph points into.
+
+    ``graph_files`` maps a graph kind to the files it was saved as (``x.onnx[, x.onnx.data]``).
+    Tensors are matched by content (dtype, shape and bytes: the TorchScript exporter renames
+    transposed MatMul weights per graph, so names alone do not tell). Each graph keeps its own
+    initializer names, as ONNX external data entries (location, offset, length) into the one file.
+    Returns the files the graphs now consist of and the manifest's ``weights`` record: per graph,
+    initializer name -> ``[offset, length, dtype, shape]``, which lets a runtime load each tensor
+    once without parsing ONNX.
+    """
+    import onnx
+    from onnx import helper
+
+    protos = {kind: onnx.load(str(folder / files[0]), load_external_data=False) for kind, files in graph_files.items()}
+    maps: dict[str, mmap.mmap] = {}
+    stored: dict[tuple, tuple[int, int]] = {}  # (dtype, dims, sha256) -> (offset, length)
+    record: dict[str, dict[str, list]] = {}
+    partial = folder / f".{data_name}.partial"
+    with open(partial, "wb") as out:
+        for kind, proto in protos.items():
+            entries = record[kind] = {}
+            for tensor in proto.graph.initializer:
+                data = _tensor_bytes(folder, tensor, maps)
+                if len(data) < SHARED_WEIGHTS_MIN_BYTES:
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:  # small but external: back inline
+                        tensor.raw_data = bytes(data)
+                        del tensor.external_data[:]
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                    if isinstance(data, memoryview):
+                        data.release()
+                    continue
+                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).name
+                key = (dtype, tuple(tensor.dims), hashlib.sha256(data).digest())
+                if key not in stored:
+                    out.write(b"\0" * (-out.tell() % SHARED_WEIGHTS_ALIGNMENT))
+                    stored[key] = (out.tell(), len(data))
+                    out.write(data)
+                offset, length = stored[key]
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    tensor.ClearField(field)
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for field, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = field, value
+                entries[tensor.name] = [offset, length, dtype, list(tensor.dims)]
+                if isinstance(data, memoryview):
+                    data.release()  # the mapped file closes below only once no view is left
+    for view in maps.values():
+        view.close()
+    for kind, proto in protos.items():
+        for stale in graph_files[kind][1:]:  # the graph's own side file, now copied into the shared one
+            (folder / stale).unlink()
+        onnx.save_model(proto, str(folder / graph_files[kind][0]))
+    partial.rename(folder / data_name)
+    for kind in protos:
+        onnx.checker.check_model(str(folder / graph_files[kind][0]))
+    return [files[0] for files in graph_files.values()] + [data_name], {"file": data_name, "graphs": record}

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from cair_runtime.errors import InvalidInputError, ManifestError, ShapeError
 from cair_runtime.files import write_atomically
 
@@ -151,6 +153,9 @@ class Manifest:
     files: tuple[FileRecord, ...]
     engines: tuple[EngineRecord, ...] = ()
     pipeline: dict[str, Any] | None = None  # text-to-image parts; None for a UNet-only export
+    # The UNet graphs' weights stored once: {"file": ..., "graphs": {kind: {initializer: [offset,
+    # length, dtype, shape]}}}; the graphs' ONNX external data points at the same bytes.
+    weights: dict[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -200,6 +205,7 @@ class Manifest:
             files=tuple(FileRecord(**f) for f in data["files"]),
             engines=tuple(EngineRecord(**e) for e in data.get("engines", ())),
             pipeline=data.get("pipeline"),
+            weights=data.get("weights"),
         )
 
 
@@ -284,6 +290,35 @@ def _pipeline_problems(manifest: Manifest) -> list[str]:
     return problems
 
 
+def _weights_problems(manifest: Manifest) -> list[str]:
+    """The shared weights record: a listed file, known graphs, and every tensor inside the file."""
+    weights = manifest.weights
+    if weights is None:
+        return []
+    sizes = {record.path: record.size for record in manifest.files}
+    if not isinstance(weights, dict) or weights.get("file") not in sizes or not isinstance(weights.get("graphs"), dict):
+        return ["the weights section must name a listed file and map graphs to their tensors"]
+    size, problems = sizes[weights["file"]], []
+    for kind, tensors in weights["graphs"].items():
+        if kind not in GRAPH_KINDS or not isinstance(tensors, dict):
+            problems.append(f"weights for {kind!r}, which is not a UNet graph")
+            continue
+        for name, entry in tensors.items():
+            try:
+                offset, length, dtype, shape = entry
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                ok = (dtype in DTYPES and 0 <= int(offset) and int(offset) + int(length) <= size
+                      and count * (2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize) == int(length))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                problems.append(f"{kind} weight {name!r}: {entry!r} does not describe a tensor inside {weights['file']}")
+                break
+    return problems
+
+
 def _schema_problems(manifest: Manifest) -> list[str]:
     """What the dataclasses cannot say: required and known graphs, enumerations, shapes, the pipeline."""
     problems = [f"no {kind} graph" for kind in GRAPH_KINDS if kind not in manifest.graphs]
@@ -291,7 +326,7 @@ def _schema_problems(manifest: Manifest) -> list[str]:
                  for kind in manifest.graphs if kind not in GRAPH_KINDS + PIPELINE_GRAPH_KINDS]
     if manifest.fidelity_guidance not in FIDELITY_GUIDANCE:
         problems.append(f"fidelity_guidance {manifest.fidelity_guidance!r} is not one of {', '.join(FIDELITY_GUIDANCE)}")
-    return problems + _shape_problems(manifest) + _pipeline_problems(manifest)
+    return problems + _shape_problems(manifest) + _pipeline_problems(manifest) + _weights_problems(manifest)
 
 
 def sha256_file(path: Path) -> str:

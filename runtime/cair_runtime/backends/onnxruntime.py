@@ -30,12 +30,16 @@ _DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "Ten
 
 
 def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int = 0,
-                 graph_optimization: str = "all", device_id: int = 0, spinning: bool = True) -> ort.InferenceSession:
+                 graph_optimization: str = "all", device_id: int = 0, spinning: bool = True,
+                 initializers: Mapping[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
     """One onnxruntime session, set up the same way everywhere in the project.
 
     ``threads`` is the intra-op pool (0: onnxruntime's default, the physical cores); ``device_id``
     reaches the CUDA and TensorRT providers through their provider options; ``spinning=False``
     stops idle pool threads from busy-waiting (for sessions that run once per generation).
+    ``initializers`` are caller-owned weight buffers the session uses instead of reading its own
+    copies (``SessionOptions.add_initializer``); they must outlive the session. Prepacking, which
+    would make private copies of them, is then off.
     """
     providers = tuple(providers)
     if not providers:
@@ -60,6 +64,10 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if initializers:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in initializers.items():
+            options.add_initializer(name, value)
     provider_options = [{"device_id": str(device_id)} if p in _DEVICES and _DEVICES[p] == "cuda" else {}
                         for p in providers]
     try:
@@ -71,6 +79,30 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
                                   "backend that supports the graph's precision") from None
 
 
+def shared_weights(folder: str | Path, manifest: Manifest) -> dict[str, dict[str, ort.OrtValue]]:
+    """Per UNet graph, initializer name -> an ``OrtValue`` over the shared weights file (memory-mapped).
+
+    Tensors the graphs have in common (the same bytes in the file) get the same ``OrtValue``: the
+    process holds each weight once, whatever the number of sessions. Empty without a weights record.
+    """
+    record = manifest.weights
+    if record is None:
+        return {}
+    data = np.memmap(Path(folder) / record["file"], dtype=np.uint8, mode="r")
+    values: dict[int, ort.OrtValue] = {}  # offset -> the one buffer of those bytes
+    graphs: dict[str, dict[str, ort.OrtValue]] = {}
+    for kind, tensors in record["graphs"].items():
+        graphs[kind] = {}
+        for name, (offset, length, dtype, shape) in tensors.items():
+            if dtype == "bfloat16":  # numpy has no bfloat16: such a graph reads its own copy
+                continue
+            if offset not in values:
+                array = data[offset:offset + length].view(np.dtype(dtype)).reshape(shape)
+                values[offset] = ort.OrtValue.ortvalue_from_numpy(array)  # wraps the mapped bytes, no copy
+            graphs[kind][name] = values[offset]
+    return graphs
+
+
 class OnnxRuntimeBackend:
     """planning.onnx and fidelity.onnx in onnxruntime: the sessions, shared by every context.
 
@@ -80,13 +112,23 @@ class OnnxRuntimeBackend:
 
     def __init__(self, folder: str | Path, manifest: Manifest,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
-                 graph_optimization: str = "all", device_id: int = 0, max_concurrency: int | None = None):
+                 graph_optimization: str | None = None, device_id: int = 0, max_concurrency: int | None = None,
+                 share_weights: bool = False):
         self.manifest = manifest
         self.device = _DEVICES.get(providers[0], "cpu") if providers else "cpu"
         self.device_id = device_id
+        # share_weights: one buffer per weight for both sessions, memory-mapped from the shared file
+        # (exports with a weights record). It turns prepacking off and, by default, stops at the
+        # "extended" optimisation level: "all" re-lays convolution weights out in private copies.
+        # On the CPU that costs loop time and changes rounding (docs/weights_once.md), so each
+        # session reading its own copy stays the default.
+        self.weights = shared_weights(folder, manifest) if share_weights else {}
+        if graph_optimization is None:
+            graph_optimization = "extended" if self.weights else "all"
         self.sessions = {
             kind: make_session(Path(folder) / graph.file, providers, threads=threads,
-                               graph_optimization=graph_optimization, device_id=device_id)
+                               graph_optimization=graph_optimization, device_id=device_id,
+                               initializers=self.weights.get(kind))
             for kind, graph in manifest.unet_graphs.items()
         }
         self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
@@ -96,6 +138,7 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.sessions = {}  # the last references: onnxruntime frees a session with its Python object
+        self.weights = {}  # after the sessions that use them
 
 
 class OnnxRuntimeContext:

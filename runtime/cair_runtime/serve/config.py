@@ -22,7 +22,7 @@ class ServiceConfig:
     backend: str = "onnxruntime"  # what runs the UNet graphs: onnxruntime, tensorrt, aoti
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers
     threads: int = 0  # onnxruntime intra-op threads per session, 0 = its default
-    graph_optimization: str = "all"  # onnxruntime graph optimisation level for the UNet graphs
+    graph_optimization: str | None = None  # onnxruntime level for the UNet graphs (None: the backend's default)
     max_concurrency: int = 1  # engine batches a replica runs at once, each in its own engine context
     max_batch_size: int | None = None  # images per engine batch; None = the engine's max; 1 = no batching
     batch_wait_ms: float = 10.0  # how long the first request of a batch waits for compatible ones
@@ -46,7 +46,7 @@ class ScalingConfig:
 
 _INTEGERS = {"threads", "max_concurrency", "max_batch_size", "max_images", "max_steps", "replicas",
              "max_ongoing_requests", "max_queued_requests"}
-_OPTIONAL = {"max_batch_size", "max_images", "autoscale"}  # None = derived from the engine / fixed replicas
+_OPTIONAL = {"graph_optimization", "max_batch_size", "max_images", "autoscale"}  # None: the backend's or engine's default
 _NUMBERS = {"batch_wait_ms", "request_timeout_s", "retry_after_s", "replica_cpus", "replica_gpus"}
 
 
