@@ -14,7 +14,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from cair_export.deploy.aoti import QUICK_CPU_COMPILE, PrecisionGraph, aoti_manifest, export_graph, upsample_factor
+from cair_export.deploy.aoti import (QUICK_CPU_COMPILE, WEIGHTS_FILE, PrecisionGraph, aoti_manifest, export_graph,
+                                     upsample_factor)
 from cair_export.deploy.build import BuildConfig, build_engines
 from cair_export.core.graphs import CairGraph, GraphIO
 from cair_export.core.models import load_model
@@ -99,6 +100,46 @@ def test_aoti_packages_are_recorded_with_provenance(aoti_folder):
     assert records["planning"].properties["device"] == "cpu"
     assert records["planning"].properties["latent_multiple"] == 4  # three UNet levels: 2**2
     assert {"planning.pt2", "fidelity.pt2"} <= {f.path for f in manifest.files}
+
+
+def test_packages_run_on_one_set_of_weights(aoti_folder):
+    """Weights once: the packages hold no weights; both run on the backend's tensors from one file, not copies."""
+    folder = aoti_folder("tiny-sd21")
+    manifest = load_manifest(folder)
+    assert {r.properties["weights"] for r in manifest.engines if r.backend == "aoti"} == {WEIGHTS_FILE}
+    assert WEIGHTS_FILE in {f.path for f in manifest.files}  # sha256-checked like the packages
+    weights_size = (folder / WEIGHTS_FILE).stat().st_size
+    # Embedded, tiny-sd21's planning.pt2 was 12.0 MB and fidelity.pt2 8.8 MB beside 8.7 MB of weights.
+    assert all((folder / f"{kind}.pt2").stat().st_size < weights_size / 2 for kind in ("planning", "fidelity"))
+
+    engine = CairEngine(folder, backend="aoti", max_concurrency=2)
+    backend = engine.backend
+    models = dict(backend.models)
+    fqns = {kind: set(model.get_constant_fqns()) for kind, model in models.items()}
+    assert fqns["fidelity"] < fqns["planning"] <= set(backend.weights)  # fidelity lacks the cross-attention K/V
+    unet = {f"cair.unet.{name}": value for name, value in load_model("tiny-sd21").unet.state_dict().items()}
+    assert all(torch.equal(backend.weights[fqn], unet[fqn]) for fqn in fqns["planning"])
+
+    seen = {}  # one call's inputs per package, replayed below
+
+    def record(*args, kind, model):
+        seen.setdefault(kind, tuple(arg.clone() for arg in args))
+        return model(*args)
+
+    for kind, model in models.items():
+        backend.models[kind] = lambda *args, kind=kind, model=model: record(*args, kind=kind, model=model)
+    engine.denoise(**_inputs(engine), num_inference_steps=2, cache_step=1, scheduler="ddim")  # planning, fidelity
+    before = {kind: models[kind](*seen[kind])[0].clone() for kind in models}
+    shared = "cair.unet.conv_out.weight"
+    assert shared in fqns["fidelity"]
+    pointer = backend.weights[shared].data_ptr()
+    backend.weights[shared].mul_(2)  # in place: a package holding its own copy would not see this
+    try:
+        assert all(not torch.equal(models[kind](*seen[kind])[0], before[kind]) for kind in models)
+    finally:
+        backend.weights[shared].div_(2)  # exact in binary floating point
+    assert all(torch.equal(models[kind](*seen[kind])[0], before[kind]) for kind in models)
+    assert backend.weights[shared].data_ptr() == pointer
 
 
 def test_caches_are_handed_over_as_device_tensors(aoti_folder):

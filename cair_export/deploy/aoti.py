@@ -10,6 +10,12 @@ whatever the compute dtype; the caches, which never leave the device, are in the
 Latent sizes must be multiples of the UNet's upsampling factor: diffusers branches in Python on
 ``size % factor`` (``forward_upsample_size``), which ``torch.export`` cannot keep symbolic, so the
 packages are exported for the multiples only and the runtime refuses other sizes with a message.
+
+Weights once (DESIGN.md section 11): the packages are compiled without their weights
+(``aot_inductor.package_constants_in_so=False``); the UNet's weights are written once beside them,
+``aoti_weights.safetensors`` keyed by the constants' FQNs (fidelity's are a subset of planning's),
+and the runtime gives the same device tensors to both packages (``load_constants(...,
+user_managed=True)``). See docs/weights_once.md.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 QUICK_CPU_COMPILE = {"aot_inductor.compile_wrapper_opt_level": "O0", "cpp.vec_isa_ok": False,
                      "aot_inductor.enable_line_tables": False}
 _CONDITIONS = ("sample", "encoder_hidden_states", "text_embeds", "time_ids")  # float IO cast to the compute dtype
+# The UNet's weights, once for both packages; each EngineRecord names it under "weights".
+WEIGHTS_FILE = "aoti_weights.safetensors"
+# No weights inside the .so: the packages take WEIGHTS_FILE's tensors when loaded ("Experimental" in torch 2.13).
+NO_EMBEDDED_WEIGHTS = {"aot_inductor.package_constants_in_so": False}
 
 
 class PrecisionGraph(torch.nn.Module):
@@ -120,13 +130,28 @@ def export_graph(graph: torch.nn.Module, io: GraphIO, manifest: Manifest, factor
 
 
 def compile_graph(graph: torch.nn.Module, io: GraphIO, manifest: Manifest, factor: int, device: str,
-                  package: Path, inductor_configs: dict[str, Any] | None = None) -> dict[str, int]:
-    """Export one graph (``export_graph``) and AOT-compile it to ``package`` (a ``.pt2`` file)."""
+                  package: Path, inductor_configs: dict[str, Any] | None = None
+                  ) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """Export one graph (``export_graph``) and AOT-compile it to ``package`` (a ``.pt2`` file) without its weights.
+
+    Returns the example dims traced at and the program's weights by FQN, the names the package's
+    ``get_constant_fqns`` reports and takes in ``load_constants`` (``NO_EMBEDDED_WEIGHTS``).
+    """
     program, example = export_graph(graph, io, manifest, factor, device)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=inductor_configs)
-    return example
+        torch._inductor.aoti_compile_and_package(program, package_path=str(package),
+                                                 inductor_configs={**(inductor_configs or {}), **NO_EMBEDDED_WEIGHTS})
+    weights = {name: value for name, value in {**program.state_dict, **program.constants}.items()
+               if isinstance(value, torch.Tensor)}
+    return example, weights
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the packages' weights once, as safetensors (host copies, contiguous; the dtype they compute in)."""
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in weights.items()}, str(path))
 
 
 def _name(dtype: str) -> str:
@@ -147,8 +172,9 @@ def compile_aoti_packages(model: LoadedModel, folder: Path, manifest: Manifest, 
                           inductor_configs: dict[str, Any] | None = None) -> tuple[dict[str, Path], list[EngineRecord]]:
     """Compile planning and fidelity into staged ``<kind>.pt2`` files in a temporary folder inside ``folder``.
 
-    Returns the staged files (kind -> path; the caller moves them into place and updates the
-    manifest, see ``cair_export.deploy.build``) and one ``EngineRecord`` per graph. ``inductor_configs``
+    Returns the staged files (kind -> path, and ``"weights"`` -> ``WEIGHTS_FILE``, the weights both
+    packages take at load time; the caller moves them into place and updates the manifest, see
+    ``cair_export.deploy.build``) and one ``EngineRecord`` per graph. ``inductor_configs``
     go to ``aoti_compile_and_package`` (``QUICK_CPU_COMPILE`` halves CPU compile time, for tests).
     """
     if dtype not in TORCH_DTYPES:
@@ -170,6 +196,7 @@ def _compile_into(unet: torch.nn.Module, staging: Path, manifest: Manifest, fact
                   ) -> tuple[dict[str, Path], list[EngineRecord]]:
     files: dict[str, Path] = {}
     records = []
+    weights: dict[str, torch.Tensor] = {}  # FQN -> tensor, the union of both programs' (fidelity's: a subset)
     with CrossAttentionCache(unet, manifest.fidelity_guidance) as cache:
         names = [site.name for site in cache.sites]
         if names != [spec.name for spec in manifest.caches]:
@@ -181,16 +208,29 @@ def _compile_into(unet: torch.nn.Module, staging: Path, manifest: Manifest, fact
             progress(f"compiling {kind} with AOTInductor on {device} ({dtype}); minutes on a CPU")
             started = time.perf_counter()
             package = staging / f"{kind}.pt2"
-            example = compile_graph(graph, io, manifest, factor, device, package, inductor_configs)
+            example, graph_weights = compile_graph(graph, io, manifest, factor, device, package, inductor_configs)
+            _merge_weights(weights, graph_weights, kind)
             files[kind] = package
             progress(f"  {kind}.pt2 in {time.perf_counter() - started:.0f} s")
             records.append(EngineRecord(kind, "aoti", f"{kind}.pt2", {
                 "torch": torch.__version__, **_device_properties(device), "precision": _name(dtype),
-                "cache_dtype": _name(dtype), "latent_multiple": factor,
+                "cache_dtype": _name(dtype), "latent_multiple": factor, "weights": WEIGHTS_FILE,
                 "profile": {dim.name: [dim.min, dim.opt, dim.max] for dim in manifest.dims},
                 "example": example,
             }))
+    files["weights"] = staging / WEIGHTS_FILE
+    save_weights(weights, files["weights"])
+    progress(f"  {WEIGHTS_FILE}: {files['weights'].stat().st_size / 1e6:.1f} MB, once for both packages")
     return files, records
+
+
+def _merge_weights(weights: dict[str, torch.Tensor], graph_weights: dict[str, torch.Tensor], kind: str) -> None:
+    """Add one program's weights to the shared set; a name both graphs use must hold the same values."""
+    for name, tensor in graph_weights.items():
+        known = weights.setdefault(name, tensor)
+        if known is not tensor and not (known.shape == tensor.shape and torch.equal(known, tensor)):
+            raise ManifestError(f"{kind}'s weight {name!r} differs from the other graph's under the same name; "
+                                "the packages cannot share one weights file (a bug: please report it)")
 
 
 def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 1, static: bool = False,
@@ -225,7 +265,7 @@ def export_aoti_folder(model: LoadedModel, out_dir: str | Path, height: int, wid
                        dtype: str = "fp32", max_batch: int = 1, static: bool = False,
                        progress: Callable[[str], None] = print,
                        inductor_configs: dict[str, Any] | None = None) -> Manifest:
-    """Compile an AOTInductor-only engine folder (``planning.pt2``, ``fidelity.pt2``, ``manifest.json``)."""
+    """Compile an AOTInductor-only engine folder: ``planning.pt2``, ``fidelity.pt2``, their weights once, manifest."""
     from cair_export.deploy.folder import install_engines
 
     folder = Path(out_dir)

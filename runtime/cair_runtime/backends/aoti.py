@@ -6,6 +6,11 @@ module only when the backend is asked for), so the rest of the runtime stays tor
 per concurrent call). The caches are device tensors: planning returns them, each call's context
 keeps the references from the step-n evaluation and passes the very same tensors to fidelity; they never pass through numpy. Per step only the
 latents go up and ``noise_pred`` comes down.
+
+Weights once: packages built without their weights (records naming a ``weights`` file) take the
+tensors of that one safetensors file, loaded onto the device once and given to both packages with
+``load_constants(..., user_managed=True)``: no copy, every runner of both packages reads the same
+memory (see docs/weights_once.md). Older packages carry their own weights and get nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from cair_runtime.backends.pool import default_concurrency
-from cair_runtime.errors import EngineMismatchError, MissingDependencyError, ShapeError
+from cair_runtime.errors import EngineMismatchError, ManifestError, MissingDependencyError, ShapeError
 from cair_runtime.manifest import EngineRecord, Manifest
 
 torch = None  # imported when an AotiBackend is built, so that importing this module stays light
@@ -54,11 +59,43 @@ def check_aoti_record(record: EngineRecord, device: str, torch_version: str) -> 
                                   "rebuild with `cair-export build ENGINE_DIR --backend aoti`")
 
 
+def feed_weights(models: Mapping[str, object], folder: Path, records: Mapping[str, EngineRecord], device: str
+                 ) -> dict[str, torch.Tensor]:
+    """Load the folder's one weights file onto ``device`` and give the very same tensors to every package.
+
+    ``user_managed=True``: the packages keep pointers to these tensors instead of copying them (the
+    caller keeps them alive); the runners of one package share its container's constants. Returns
+    the tensors by FQN; empty for packages that embed their weights (no ``weights`` in the records).
+    """
+    names = {record.properties.get("weights") for record in records.values()}
+    if len(names) > 1:
+        raise ManifestError(f"the AOTInductor records name different weights files ({sorted(map(str, names))}); "
+                            "rebuild with `cair-export build ENGINE_DIR --backend aoti`")
+    (name,) = names
+    if name is None:
+        return {}
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise MissingDependencyError("the AOTInductor backend reads its weights with safetensors; "
+                                     "install it with `pip install safetensors`") from None
+    weights = load_file(str(Path(folder) / name), device=device)
+    for kind, model in models.items():
+        fqns = model.get_constant_fqns()
+        missing = [fqn for fqn in fqns if fqn not in weights]
+        if missing:
+            raise ManifestError(f"{name} lacks {len(missing)} weight(s) that {records[kind].file} needs "
+                                f"(first: {missing[0]}); rebuild with `cair-export build ENGINE_DIR --backend aoti`")
+        model.load_constants({fqn: weights[fqn] for fqn in fqns}, check_full_update=True, user_managed=True)
+    return weights
+
+
 class AotiBackend:
     """planning.pt2 and fidelity.pt2 on ``device`` ("cpu" or "cuda[:N]"), shared by every context.
 
     Each package is loaded with one AOTInductor runner per context (``num_runners``): the model
     container lends a runner to each concurrent call, so calls never share activation buffers.
+    ``weights``: the one set of weight tensors both packages run on (``feed_weights``).
     """
 
     def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None,
@@ -81,6 +118,8 @@ class AotiBackend:
         self.models = {kind: load_package(str(Path(folder) / record.file), num_runners=self.max_concurrency,
                                           device_index=-1 if index is None else index)
                        for kind, record in records.items()}
+        # One copy of the weights on the device, shared by both packages (the packages point at these tensors).
+        self.weights = feed_weights(self.models, Path(folder), records, self.device)
         self.inputs = {kind: [spec.name for spec in graph.inputs] for kind, graph in manifest.unet_graphs.items()}
         self.cache_names = [cache.name for cache in manifest.caches]
 
@@ -89,6 +128,7 @@ class AotiBackend:
 
     def close(self) -> None:
         self.models = {}
+        self.weights = {}  # after the packages: they point into these tensors
 
 
 class AotiContext:
