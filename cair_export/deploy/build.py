@@ -159,7 +159,8 @@ def build_tensorrt_engines(folder: Path, manifest: Manifest, config: BuildConfig
 
 def build_aoti_packages(folder: Path, manifest: Manifest, config: BuildConfig,
                         progress: Callable[[str], None]) -> tuple[dict[str, Path], list[EngineRecord]]:
-    """Compile ``<kind>.pt2`` per graph (the model reloaded from the manifest's identity)."""
+    """Compile ``<kind>.pt2`` per graph without embedded weights, plus the one weights file (staged
+    under ``"weights"``); the model is reloaded from the manifest's identity."""
     from cair_export.deploy.aoti import compile_aoti_packages
     from cair_export.core.models.loading import load_exported_model
 
