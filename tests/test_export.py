@@ -188,3 +188,14 @@ def test_export_records_its_verification_so_the_first_load_hashes_nothing(tmp_pa
     monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path.name) or original(path))
     CairEngine(out).close()
     assert hashed == ["manifest.json"]  # the graphs were hashed once, by the export
+
+
+def test_every_file_an_export_writes_is_listed_with_its_sha256(tmp_path, monkeypatch):
+    """Pipeline graphs' external data (SDXL's second text encoder is 2.8 GB) and tokenizers included."""
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1024)  # every graph with a side file, as large ones
+    out = tmp_path / "engine"
+    export_model(load_model("tiny-sd15", with_pipeline=True), out, progress=lambda message: None)
+    manifest = load_manifest(out, verify="full")
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json", VERIFIED_NAME}
+    assert {"text_encoder.onnx.data", "vae_decoder.onnx.data", "tokenizer/tokenizer.json"} <= written
+    assert {record.path for record in manifest.files} == written

@@ -327,7 +327,8 @@ def _compare(graph: torch.nn.Module, session, shapes: list[dict[str, int]], make
 
 def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...], config: ExportConfig,
                            report: ValidationReport | None, progress: Callable[[str], None]):
-    """Text encoder(s), VAE decoder and tokenizer(s) beside the UNet graphs, validated like them."""
+    """Text encoder(s), VAE decoder and tokenizer(s) beside the UNet graphs, validated like them;
+    returns the pipeline section, the graphs' IO and every file written (external data included)."""
     opt = {dim.name: dim.opt for dim in dims}
     text_dims = [dict(opt, batch=1), dict(opt, batch=2)]
     pipeline = {"type": "stable-diffusion-xl" if model.family == "sdxl" else "stable-diffusion",
@@ -335,7 +336,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
                 "vae_scaling_factor": float(model.vae.config.scaling_factor),
                 "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
                 "pooled_from": "text_encoder_2" if model.family == "sdxl" else None}
-    ios = {}
+    ios, files = {}, []
     for index, encoder in enumerate(model.text_encoders):
         kind = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
         tokenizer_file = f"{'tokenizer' if index == 0 else f'tokenizer_{index + 1}'}/tokenizer.json"
@@ -355,7 +356,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
             return make_token_inputs(io, dims, seed, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
 
         progress(f"exporting {kind} graph")
-        _export_onnx(graph, io, tokens(io, dict(opt, batch=1), 0), work, config.opset)
+        files += _export_onnx(graph, io, tokens(io, dict(opt, batch=1), 0), work, config.opset)
         if report is not None:
             _compare(graph, make_session(work / f"{kind}.onnx"), text_dims, tokens, report, config.tolerance, progress)
         ios[kind] = io
@@ -363,14 +364,15 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
     io = vae_decoder_io(model.vae, model.vae_scale_factor)
     graph = VaeDecoderGraph(model.vae, io)
     progress("exporting vae_decoder graph")
-    _export_onnx(graph, io, make_inputs(io, dict(opt, batch=1, latent_height=opt["latent_height"] + 1), 0), work,
-                 config.opset)
+    trace = dict(opt, batch=1, latent_height=opt["latent_height"] + 1)
+    files += _export_onnx(graph, io, make_inputs(io, trace, 0), work, config.opset)
     if report is not None:
         wide = dict(opt, batch=2, latent_width=opt["latent_width"] + 2)
         _compare(graph, make_session(work / "vae_decoder.onnx"), [dict(opt, batch=1), wide],
                  lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
     ios["vae_decoder"] = io
-    return pipeline, ios
+    files += [encoder["tokenizer"] for encoder in pipeline["text_encoders"]]
+    return pipeline, ios, files
 
 
 def _producer() -> dict[str, str]:
@@ -477,9 +479,9 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     files = [f for f in files if not f.startswith(("planning.onnx", "fidelity.onnx"))] + shared
     pipeline = None
     if model.has_pipeline:
-        pipeline, pipeline_ios = _export_pipeline_parts(model, work, dims, config, report, progress)
+        pipeline, pipeline_ios, pipeline_files = _export_pipeline_parts(model, work, dims, config, report, progress)
         ios.update(pipeline_ios)
-        files += [f"{kind}.onnx" for kind in pipeline_ios] + [e["tokenizer"] for e in pipeline["text_encoders"]]
+        files += pipeline_files  # graphs with their external data, if any, and the tokenizers
     if report is not None:
         if report.failures:
             raise ValidationError(f"exported graphs differ from the torch model: {'; '.join(report.failures)}")
