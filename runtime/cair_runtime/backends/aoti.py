@@ -113,7 +113,7 @@ class AotiBackend:
         self.vae_scale_factor = manifest.vae_scale_factor
         self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
         index = torch.device(self.device).index
-        from torch._inductor.package import load_package
+        load_package = importlib.import_module("torch._inductor.package").load_package  # torch's, loaded on use
 
         self.models = {kind: load_package(str(Path(folder) / record.file), num_runners=self.max_concurrency,
                                           device_index=-1 if index is None else index)
