@@ -43,3 +43,11 @@ def test_the_shipped_serve_config_parses():
     rayservice = yaml.safe_load((DEPLOY / "rayservice_gpu.yaml").read_text())
     service, _ = parse_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"])
     assert service.backend == "tensorrt"
+
+
+def test_share_weights_is_a_boolean_setting():
+    service, _ = parse_config({"engine_dir": "e", "share_weights": "true"})
+    assert service.share_weights is True
+    assert parse_config({"engine_dir": "e", "share_weights": False})[0].share_weights is False
+    with pytest.raises(InvalidInputError, match="share_weights 'maybe' is not true or false"):
+        parse_config({"engine_dir": "e", "share_weights": "maybe"})

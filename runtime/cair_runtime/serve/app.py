@@ -55,7 +55,7 @@ class CairImageService:
         options: dict[str, Any] = {}
         if config.backend == "onnxruntime":
             options = {"providers": config.providers, "threads": config.threads,
-                       "graph_optimization": config.graph_optimization}
+                       "graph_optimization": config.graph_optimization, "share_weights": config.share_weights}
         self.config = config
         self.pipeline = CairText2Image(config.engine_dir, config.backend, max_concurrency=config.max_concurrency,
                                        **options)

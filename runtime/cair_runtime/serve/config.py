@@ -23,6 +23,7 @@ class ServiceConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers
     threads: int = 0  # onnxruntime intra-op threads per session, 0 = its default
     graph_optimization: str | None = None  # onnxruntime level for the UNet graphs (None: the backend's default)
+    share_weights: bool = False  # onnxruntime: both UNet sessions on one memory-mapped copy of the weights
     max_concurrency: int = 1  # engine batches a replica runs at once, each in its own engine context
     max_batch_size: int | None = None  # images per engine batch; None = the engine's max; 1 = no batching
     batch_wait_ms: float = 10.0  # how long the first request of a batch waits for compatible ones
@@ -47,6 +48,7 @@ class ScalingConfig:
 _INTEGERS = {"threads", "max_concurrency", "max_batch_size", "max_images", "max_steps", "replicas",
              "max_ongoing_requests", "max_queued_requests"}
 _OPTIONAL = {"graph_optimization", "max_batch_size", "max_images", "autoscale"}  # None: the backend's or engine's default
+_BOOLEANS = {"share_weights"}
 _NUMBERS = {"batch_wait_ms", "request_timeout_s", "retry_after_s", "replica_cpus", "replica_gpus"}
 
 
@@ -69,6 +71,12 @@ def _convert(name: str, value: Any) -> Any:
         return None
     if name in _INTEGERS:
         return _integer(name, value)
+    if name in _BOOLEANS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise InvalidInputError(f"{name} {value!r} is not true or false")
     if name in _NUMBERS:
         try:
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
