@@ -125,7 +125,7 @@ def test_cfg_fidelity_variant_keeps_both_halves(exported):
 
 
 def test_failed_validation_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken(graphs, folder, shapes, tolerance, progress, report):
+    def broken(graphs, folder, shapes, tolerance, progress, report, weights=None):
         report.failures.append("planning:noise_pred differs")
 
     monkeypatch.setattr(export_module, "validate_graphs", broken)

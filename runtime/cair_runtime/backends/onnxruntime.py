@@ -10,7 +10,7 @@ place, and they never pass through numpy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -79,13 +79,13 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
                                   "backend that supports the graph's precision") from None
 
 
-def shared_weights(folder: str | Path, manifest: Manifest) -> dict[str, dict[str, ort.OrtValue]]:
+def shared_weights(folder: str | Path, record: Mapping[str, Any] | None) -> dict[str, dict[str, ort.OrtValue]]:
     """Per UNet graph, initializer name -> an ``OrtValue`` over the shared weights file (memory-mapped).
 
-    Tensors the graphs have in common (the same bytes in the file) get the same ``OrtValue``: the
-    process holds each weight once, whatever the number of sessions. Empty without a weights record.
+    ``record`` is a manifest's ``weights``. Tensors the graphs have in common (the same bytes in
+    the file) get the same ``OrtValue``: the process holds each weight once, whatever the number of
+    sessions. Empty without a weights record.
     """
-    record = manifest.weights
     if record is None:
         return {}
     data = np.memmap(Path(folder) / record["file"], dtype=np.uint8, mode="r")
@@ -122,7 +122,7 @@ class OnnxRuntimeBackend:
         # "extended" optimisation level: "all" re-lays convolution weights out in private copies.
         # On the CPU that costs loop time and changes rounding (docs/weights_once.md), so each
         # session reading its own copy stays the default.
-        self.weights = shared_weights(folder, manifest) if share_weights else {}
+        self.weights = shared_weights(folder, manifest.weights) if share_weights else {}
         if graph_optimization is None:
             graph_optimization = "extended" if self.weights else "all"
         self.sessions = {
