@@ -211,7 +211,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_module, "save_onnx", full)
+    monkeypatch.setattr(export_module, "share_weights", full)  # where the UNet weights are written
     with pytest.raises(InvalidInputError, match="no space left to write the export") as caught:
         export_model(load_model("tiny-sd15"), tmp_path / "engine", progress=lambda message: None)
     assert "\n" not in str(caught.value)

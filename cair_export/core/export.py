@@ -266,8 +266,13 @@ def _validation_dims(dims: tuple[Dim, ...], up_factor: int) -> list[dict[str, in
     return [opt, wide]
 
 
-def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], folder: Path, opset: int) -> list[str]:
-    """Trace one graph to ``folder/<kind>.onnx`` (+ ``.onnx.data`` when large); return the files written."""
+def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], folder: Path, opset: int,
+                 keep_raw: bool = False) -> list[str]:
+    """Trace one graph to ``folder/<kind>.onnx`` (+ ``.onnx.data`` when large); return the files written.
+
+    ``keep_raw``: leave the exporter's own output (``.<kind>-raw/<kind>.onnx``, tensors in side files
+    when large) for ``share_weights`` to stream from, instead of loading the whole model to save it.
+    """
     import onnx
 
     raw_dir = folder / f".{io.kind}-raw"
@@ -286,6 +291,8 @@ def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], f
             input_names=[spec.name for spec in io.inputs], output_names=[spec.name for spec in io.outputs],
             dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
         )
+    if keep_raw:
+        return [str(raw.relative_to(folder))]
     files = save_onnx(onnx.load(str(raw), load_external_data=True), folder / f"{io.kind}.onnx")
     shutil.rmtree(raw_dir)
     onnx.checker.check_model(str(folder / files[0]))
@@ -297,9 +304,10 @@ UNET_FILES = ("planning.onnx", "fidelity.onnx", SHARED_WEIGHTS)
 
 def _share_unet_weights(work: Path, files: list[str]) -> tuple[list[str], dict[str, Any]]:
     """One copy of the UNet's weights on disk: both graphs point into one file (docs/weights_once.md)."""
-    graph_files = {kind: sorted(f for f in files if f.startswith(f"{kind}.onnx")) for kind in ("planning", "fidelity")}
+    graph_files = {kind: sorted(f for f in files if f.startswith((f"{kind}.onnx", f".{kind}-raw/")))
+                   for kind in ("planning", "fidelity")}
     shared, weights = share_weights(work, graph_files)
-    return [f for f in files if not f.startswith(UNET_FILES)] + shared, weights
+    return [f for f in files if not f.startswith(UNET_FILES + (".planning-raw/", ".fidelity-raw/"))] + shared, weights
 
 
 def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dict[str, int]],
@@ -478,7 +486,8 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         trace = _trace_dims(dims, up_factor)
         for kind, graph in graphs.items():
             progress(f"exporting {kind} graph (trace at {_dims_str(trace)}, opset {config.opset})")
-            files += _export_onnx(graph, graph.io, make_inputs(graph.io, trace, seed=0), work, config.opset)
+            files += _export_onnx(graph, graph.io, make_inputs(graph.io, trace, seed=0), work, config.opset,
+                                  keep_raw=True)
         files, weights = _share_unet_weights(work, files)  # before validation, which then loads them once
         if report is not None:
             validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress, report,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +37,29 @@ SHARED_WEIGHTS_ALIGNMENT = 64  # bytes; every tensor starts on such a boundary (
 SHARED_WEIGHTS_MIN_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside their graph
 
 
-def _tensor_bytes(folder: Path, tensor: Any, maps: dict[str, mmap.mmap]) -> bytes | memoryview:
-    """A TensorProto's little-endian bytes, from its raw data or a slice of its external file."""
+def _tensor_bytes(base: Path, tensor: Any, maps: dict[Path, mmap.mmap]) -> bytes | memoryview:
+    """A TensorProto's little-endian bytes, from its raw data or a slice of its external file (under ``base``)."""
     from onnx import external_data_helper, numpy_helper
 
     if not external_data_helper.uses_external_data(tensor):
         return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
     info = external_data_helper.ExternalDataInfo(tensor)
-    if info.location not in maps:
-        with open(folder / info.location, "rb") as handle:
-            maps[info.location] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    path = base / info.location
+    if path not in maps:
+        with open(path, "rb") as handle:
+            maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     offset = info.offset or 0
-    return memoryview(maps[info.location])[offset:offset + info.length]
+    length = info.length if info.length is not None and info.length > 0 else len(maps[path]) - offset
+    return memoryview(maps[path])[offset:offset + length]
 
 
 def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: str = SHARED_WEIGHTS
                   ) -> tuple[list[str], dict[str, Any]]:
     """Rewrite graphs so that equal weights are stored once, in ``data_name``, which every graph points into.
 
-    ``graph_files`` maps a graph kind to the files it was saved as (``x.onnx[, x.onnx.data]``).
+    ``graph_files`` maps a graph kind to the files it was saved as (``x.onnx[, x.onnx.data]``), or
+    to the exporter's raw output in a folder of its own (``.x-raw/x.onnx``, one file per tensor when
+    large), which is streamed from and removed: no step holds the whole model in memory.
     Tensors are matched by content (dtype, shape and bytes: the TorchScript exporter renames
     transposed MatMul weights per graph, so names alone do not tell). Each graph keeps its own
     initializer names, as ONNX external data entries (location, offset, length) into the one file.
@@ -66,7 +71,8 @@ def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: st
     from onnx import helper
 
     protos = {kind: onnx.load(str(folder / files[0]), load_external_data=False) for kind, files in graph_files.items()}
-    maps: dict[str, mmap.mmap] = {}
+    bases = {kind: (folder / files[0]).parent for kind, files in graph_files.items()}
+    maps: dict[Path, mmap.mmap] = {}
     stored: dict[tuple, tuple[int, int]] = {}  # (dtype, dims, sha256) -> (offset, length)
     record: dict[str, dict[str, list]] = {}
     partial = folder / f".{data_name}.partial"
@@ -74,7 +80,7 @@ def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: st
         for kind, proto in protos.items():
             entries = record[kind] = {}
             for tensor in proto.graph.initializer:
-                data = _tensor_bytes(folder, tensor, maps)
+                data = _tensor_bytes(bases[kind], tensor, maps)
                 if len(data) < SHARED_WEIGHTS_MIN_BYTES:
                     if tensor.data_location == onnx.TensorProto.EXTERNAL:  # small but external: back inline
                         tensor.raw_data = bytes(data)
@@ -103,10 +109,12 @@ def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: st
     for view in maps.values():
         view.close()
     for kind, proto in protos.items():
+        if bases[kind] != folder:  # the exporter's raw output: its folder goes
+            shutil.rmtree(bases[kind])
         for stale in graph_files[kind][1:]:  # the graph's own side file, now copied into the shared one
-            (folder / stale).unlink()
-        onnx.save_model(proto, str(folder / graph_files[kind][0]))
+            (folder / stale).unlink(missing_ok=True)
+        onnx.save_model(proto, str(folder / f"{kind}.onnx"))
     partial.rename(folder / data_name)
     for kind in protos:
-        onnx.checker.check_model(str(folder / graph_files[kind][0]))
-    return [files[0] for files in graph_files.values()] + [data_name], {"file": data_name, "graphs": record}
+        onnx.checker.check_model(str(folder / f"{kind}.onnx"))
+    return [f"{kind}.onnx" for kind in protos] + [data_name], {"file": data_name, "graphs": record}
