@@ -72,13 +72,13 @@ def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: st
 
     protos = {kind: onnx.load(str(folder / files[0]), load_external_data=False) for kind, files in graph_files.items()}
     bases = {kind: (folder / files[0]).parent for kind, files in graph_files.items()}
-    maps: dict[Path, mmap.mmap] = {}
     stored: dict[tuple, tuple[int, int]] = {}  # (dtype, dims, sha256) -> (offset, length)
     record: dict[str, dict[str, list]] = {}
     partial = folder / f".{data_name}.partial"
     with open(partial, "wb") as out:
         for kind, proto in protos.items():
             entries = record[kind] = {}
+            maps: dict[Path, mmap.mmap] = {}  # this graph's side files, unmapped once it is done
             for tensor in proto.graph.initializer:
                 data = _tensor_bytes(bases[kind], tensor, maps)
                 if len(data) < SHARED_WEIGHTS_MIN_BYTES:
@@ -106,8 +106,8 @@ def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: st
                 entries[tensor.name] = [offset, length, dtype, list(tensor.dims)]
                 if isinstance(data, memoryview):
                     data.release()  # the mapped file closes below only once no view is left
-    for view in maps.values():
-        view.close()
+            for view in maps.values():
+                view.close()
     for kind, proto in protos.items():
         if bases[kind] != folder:  # the exporter's raw output: its folder goes
             shutil.rmtree(bases[kind])
