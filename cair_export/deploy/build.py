@@ -32,7 +32,6 @@ from cair_runtime.manifest import (
     Manifest,
     eval_dim,
     load_manifest,
-    record_file,
     size_problem,
 )
 

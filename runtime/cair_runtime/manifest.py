@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError, ShapeError
 from cair_runtime.files import write_atomically
 
@@ -217,7 +218,7 @@ def _shape_problems(manifest: Manifest) -> list[str]:
     problems = []
     for dim in manifest.dims:
         values = (dim.min, dim.opt, dim.max)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) \
+        if not all(is_integer(v) for v in values) \
                 or not 1 <= dim.min <= dim.opt <= dim.max <= MAX_DIM_VALUE:
             problems.append(f"dim {dim.name} has min/opt/max {values}; expected integers 1 <= min <= opt <= max")
     if problems:
@@ -260,7 +261,7 @@ def _pipeline_problems(manifest: Manifest) -> list[str]:
             problems.append(f"pipeline {where} {name!r} is not one of the folder's pipeline graphs")
 
     def integer(where: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_integer(value) or value < low:
             problems.append(f"pipeline {where} {value!r} must be an integer >= {low}")
 
     encoders = pipeline.get("text_encoders")
@@ -280,7 +281,7 @@ def _pipeline_problems(manifest: Manifest) -> list[str]:
                             f"{', '.join(PROMPT_OUTPUTS)}")
     graph("vae_graph", pipeline.get("vae_graph"))
     factor = pipeline.get("vae_scaling_factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+    if not is_finite_number(factor) or factor <= 0:
         problems.append(f"pipeline vae_scaling_factor {factor!r} must be a positive finite number")
     if not isinstance(pipeline.get("force_zeros_for_empty_prompt"), bool):
         problems.append("pipeline force_zeros_for_empty_prompt must be true or false")

@@ -12,6 +12,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from cair_runtime.checks import is_integer
 from cair_runtime.errors import InvalidInputError
 
 # One generator for the whole batch (a caller's own), or one per batch row.
@@ -20,7 +21,7 @@ Generators = Union[np.random.Generator, Sequence[np.random.Generator]]
 
 def check_seed(seed: Any) -> int:
     """numpy's generators take non-negative integers only; say so before any work."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise InvalidInputError(f"seed {seed!r} must be a non-negative integer")
     return int(seed)
 

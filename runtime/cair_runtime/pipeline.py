@@ -11,6 +11,7 @@ import numpy as np
 
 from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
+from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
@@ -28,7 +29,7 @@ def check_image_count(count: int) -> None:
 
 def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
     """One seed per image: ``seed + k`` for an int, or the list itself (one per image)."""
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    if is_integer(seed):
         return [check_seed(seed) + k for k in range(count)]
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
         raise InvalidInputError(f"seed {seed!r} must be a non-negative integer or a list of them, one per image")
@@ -65,10 +66,6 @@ class StageTimings:
 class DenoiseResult:
     latents: np.ndarray  # (B, C, h, w) final latents, float32
     timings: StageTimings
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _float_array(name: str, value: Any, ndim: int) -> np.ndarray:
@@ -163,17 +160,16 @@ class CairEngine:
         unknown name or too few steps for it (PNDM) fail here.
         """
         train_steps = int(self.manifest.scheduler_config.get("num_train_timesteps", 1000))
-        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
+        if not is_integer(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
             raise InvalidInputError(f"steps {num_inference_steps!r} must be an integer in 1..{train_steps} "
                                     "(the model's training timesteps)", field="steps")
         if cache_step is None:
             cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
-        if not _is_int(cache_step):
+        if not is_integer(cache_step):
             raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{num_inference_steps}",
                                     field="cache_step")
         check_cache_step(int(cache_step), int(num_inference_steps))
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(guidance_scale):
+        if not is_finite_number(guidance_scale):
             raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
         try:
             schedule = make_scheduler(scheduler, self.manifest.scheduler_config)

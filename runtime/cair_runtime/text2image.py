@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cair_runtime.backends.pool import CallGate
+from cair_runtime.checks import is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.files import write_atomically
 from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count, image_seeds
@@ -148,7 +149,7 @@ class CairText2Image:
 
     def check_prompt_length(self, prompt: str) -> None:
         """Refuse (instead of truncating with a warning) a prompt longer than a text encoder takes."""
-        for spec, tokenizer, _ in self.text_encoders:
+        for _, tokenizer, _ in self.text_encoders:
             count = tokenizer.token_count(prompt)
             if count > tokenizer.max_length:
                 raise InvalidInputError(f"prompt has {count} tokens with the start and end tokens; the text encoder "
@@ -217,8 +218,7 @@ class CairText2Image:
         bad = [p for p in prompts + (negatives or []) if not isinstance(p, str)]
         if bad:
             raise InvalidInputError(f"prompts must be strings, got {bad[0]!r}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) \
-                or num_images_per_prompt < 1:
+        if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
             raise InvalidInputError(f"images per prompt {num_images_per_prompt!r} must be a positive integer")
         count = len(prompts) * num_images_per_prompt
         check_image_count(count)

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cair_runtime.backends.pool import default_concurrency
+from cair_runtime.checks import is_integer
 from cair_runtime.errors import EngineMismatchError, InvalidInputError, MissingDependencyError
 from cair_runtime.manifest import Manifest
 
@@ -55,7 +56,7 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     if graph_optimization not in GRAPH_OPTIMIZATION:
         raise InvalidInputError(f"graph optimisation {graph_optimization!r} is unknown; "
                                 f"expected one of {', '.join(GRAPH_OPTIMIZATION)}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+    if not is_integer(threads) or threads < 0:
         raise InvalidInputError(f"threads {threads!r} must be a non-negative integer (0: onnxruntime's default)")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

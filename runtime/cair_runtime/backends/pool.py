@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Generic, Iterator, Protocol, TypeVar
 
+from cair_runtime.checks import is_integer
 from cair_runtime.errors import EngineClosedError, InvalidInputError
 
 
@@ -32,7 +33,7 @@ def default_concurrency(device: str) -> int:
 
 
 def check_concurrency(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise InvalidInputError(f"max_concurrency {value!r} must be a positive integer")
     return value
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import CairError
 from cair_runtime.schedulers import SCHEDULER_NAMES
 
@@ -70,10 +70,6 @@ class ImageRequest:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
                 "size": f"{self.width}x{self.height}", "steps": self.steps, "cache_step": self.cache_step,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class RequestValidator:
@@ -134,7 +130,7 @@ class RequestValidator:
 
         prompt = field("prompt", self._check_prompt, None, required=True)
         negative = field("negative_prompt", lambda v: None if v is None else self._check_prompt(v), None)
-        n = field("n", lambda v: None if _is_int(v) and 1 <= v <= self.max_images
+        n = field("n", lambda v: None if is_integer(v) and 1 <= v <= self.max_images
                   else f"must be an integer from 1 to {self.max_images}", 1)
         size = field("size", self._check_size, None)
         field("response_format", lambda v: None if v == "b64_json" else
@@ -142,13 +138,12 @@ class RequestValidator:
               "files, so there is no 'url' to give", "b64_json")
         field("model", lambda v: None if v is None or v == self.model
               else f"this server serves the model {self.model!r}", None)
-        steps = field("steps", lambda v: None if _is_int(v) and 1 <= v <= self.max_steps
+        steps = field("steps", lambda v: None if is_integer(v) and 1 <= v <= self.max_steps
                       else f"must be an integer from 1 to {self.max_steps}", 25)
-        cache_step = field("cache_step", lambda v: None if v is None or _is_int(v) else
+        cache_step = field("cache_step", lambda v: None if v is None or is_integer(v) else
                            "must be an integer (1..steps; steps = no CAIR) or null for the engine's hint", None)
-        guidance = field("guidance_scale", lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool)
-                         and math.isfinite(v) else "must be a finite number", 7.5)
-        seed = field("seed", lambda v: None if v is None or (_is_int(v) and 0 <= v <= MAX_SEED - self.max_images)
+        guidance = field("guidance_scale", lambda v: None if is_finite_number(v) else "must be a finite number", 7.5)
+        seed = field("seed", lambda v: None if v is None or (is_integer(v) and 0 <= v <= MAX_SEED - self.max_images)
                      else f"must be an integer from 0 to {MAX_SEED - self.max_images}, or null for a random one", None)
         scheduler = field("scheduler", lambda v: None if v is None or v in SCHEDULER_NAMES
                           else f"must be one of {', '.join(SCHEDULER_NAMES)} (or null for the model's own)", None)
