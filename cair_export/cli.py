@@ -78,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output_dir(out_dir, args.overwrite, model_folder(args.model))
     with export_lock(out_dir):
         model = load_model(args.model, with_pipeline=True)
-        export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress)
+        export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress, release_unet=True)
     return 0
 
 

@@ -125,7 +125,7 @@ def test_cfg_fidelity_variant_keeps_both_halves(exported):
 
 
 def test_failed_validation_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken(graphs, folder, shapes, tolerance, progress, report, weights=None):
+    def broken(ios, folder, shapes, expected, tolerance, progress, report, weights=None, **kwargs):
         report.failures.append("planning:noise_pred differs")
 
     monkeypatch.setattr(export_module, "validate_graphs", broken)
@@ -199,3 +199,29 @@ def test_every_file_an_export_writes_is_listed_with_its_sha256(tmp_path, monkeyp
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json", VERIFIED_NAME}
     assert {"text_encoder.onnx.data", "vae_decoder.onnx.data", "tokenizer/tokenizer.json"} <= written
     assert {record.path for record in manifest.files} == written
+
+
+def test_release_unet_frees_the_torch_weights_and_still_validates_every_graph(tmp_path):
+    """What `cair-export export` does to fit SDXL at 1024 px in 24 GB: the torch outputs are computed
+    before the UNet goes, so every graph is still checked against it."""
+    model = load_model("tiny-sd15")
+    reference = load_model("tiny-sd15")  # the same seeded UNet, kept
+    messages = []
+    export_model(model, tmp_path / "engine", progress=messages.append, release_unet=True)
+    assert all(parameter.is_meta for parameter in model.unet.parameters())
+    assert any(message.startswith("released the torch UNet") for message in messages)
+    checks = json.loads((tmp_path / "engine" / "validation.json").read_text())
+    assert {"planning", "fidelity", "chained"} <= {check["graph"] for check in checks}
+    assert all(check["relative"] <= check["tolerance"] for check in checks)
+    # The graphs are the kept model's: planning's noise prediction matches it at a fresh input.
+    with CrossAttentionCache(reference.unet) as cache:
+        from cair_export.core.graphs import cache_specs, graph_specs
+
+        io = graph_specs(reference, cache_specs(cache.sites), "none")["planning"]
+        inputs = make_inputs(io, {"batch": 1, "latent_height": 8, "latent_width": 8, "text_len": reference.text_len},
+                             seed=5)
+        with torch.no_grad():
+            expected = CairGraph(reference.unet, cache, io)(*(torch.from_numpy(inputs[s.name]) for s in io.inputs))
+    session = ort.InferenceSession(str(tmp_path / "engine" / "planning.onnx"))
+    actual = session.run(["noise_pred"], inputs)[0]
+    np.testing.assert_allclose(actual, expected[0].numpy(), rtol=0, atol=1e-4 * float(np.abs(expected[0]).max()))

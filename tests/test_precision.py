@@ -69,9 +69,8 @@ def test_bf16_keeps_convolutions_fp32_under_opset_17_and_runs_in_the_reference_e
 def test_lower_exported_graphs_replaces_the_folder_graphs(exported, tmp_path):
     folder = tmp_path / "engine"
     shutil.copytree(exported("tiny-sd21"), folder)
-    files, report = lower_exported_graphs(_graphs("tiny-sd21"), folder, "fp16", SHAPES, progress=lambda m: None)
-    assert files == ["planning.onnx", "fidelity.onnx", "precision.json"]
-    assert (folder / "precision.json").is_file()
+    files, report = lower_exported_graphs(["planning", "fidelity"], folder, "fp16", progress=lambda m: None)
+    assert files == ["planning.onnx", "planning.onnx.data", "fidelity.onnx", "fidelity.onnx.data"]
     assert report["graphs"]["planning"]["islands"]["softmax_low"] == 0
     model = onnx.load(str(folder / "planning.onnx"))
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
@@ -108,7 +107,7 @@ def test_compare_checks_fp16_graphs_against_the_fp32_reference(exported, tmp_pat
     reference = exported("tiny-sd21")
     folder = tmp_path / "fp16"
     shutil.copytree(reference, folder)
-    files, _ = lower_exported_graphs(_graphs("tiny-sd21"), folder, "fp16", SHAPES, progress=lambda m: None)
+    files, _ = lower_exported_graphs(["planning", "fidelity"], folder, "fp16", progress=lambda m: None)
     manifest = load_manifest(folder, verify="none")  # the graphs were just rewritten
     others = [f for f in manifest.files if f.path not in files]
     write_manifest(folder, dataclasses.replace(manifest, model={**manifest.model, "dtype": "float16"},

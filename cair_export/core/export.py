@@ -11,8 +11,10 @@ process is gone).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import gc
 import glob
 import json
 import os
@@ -87,13 +89,15 @@ class ValidationReport:
     def add(self, graph: str, dims: dict[str, int], checks: list[OutputCheck]) -> None:
         for check in checks:
             self.checks.append({"graph": graph, "dims": dims, "output": check.output, "max_abs": check.max_abs,
-                                "relative": check.relative})
+                                "relative": check.relative, "tolerance": check.tolerance})
             if not check.ok:
                 self.failures.append(f"{check.problem(graph)} at {_dims_str(dims)}")
 
-    def worst(self, graph: str) -> tuple[float, float]:
+    def worst(self, graph: str) -> tuple[float, float, float]:
+        """Largest absolute and relative error of ``graph``'s checks, and the tolerance they were held to."""
         rows = [c for c in self.checks if c["graph"] == graph]
-        return max(c["max_abs"] for c in rows), max(c["relative"] for c in rows)
+        return (max(c["max_abs"] for c in rows), max(c["relative"] for c in rows),
+                min(c["tolerance"] for c in rows))
 
 
 def _dims_str(dims: dict[str, int]) -> str:
@@ -240,12 +244,14 @@ def _process_alive(pid: int) -> bool:
 
 
 def _trace_dims(dims: tuple[Dim, ...], up_factor: int) -> dict[str, int]:
-    """Batch 1 at a latent size that is NOT a multiple of the UNet's upsampling factor.
+    """Batch 1 at the smallest latent size, made NOT a multiple of the UNet's upsampling factor.
 
     diffusers then passes explicit upsample sizes (``forward_upsample_size``), so the traced
-    Resize ops take their size from the skip tensors instead of freezing the trace size.
+    Resize ops take their size from the skip tensors instead of freezing the trace size. The trace
+    is one forward pass whose values are thrown away: the smallest size makes it cheap (a quarter
+    of the opt size's work); validation runs at other sizes.
     """
-    concrete = {dim.name: dim.opt for dim in dims}
+    concrete = {dim.name: dim.min for dim in dims}
     concrete["batch"] = 1
     for name in ("latent_height", "latent_width"):
         size = concrete[name] + 1
@@ -256,14 +262,19 @@ def _trace_dims(dims: tuple[Dim, ...], up_factor: int) -> dict[str, int]:
 
 
 def _validation_dims(dims: tuple[Dim, ...], up_factor: int) -> list[dict[str, int]]:
-    """Shapes other than the trace shape: the opt size, and a non-square one at batch 2."""
+    """Shapes other than the trace shape: the opt size at batch 1, and batch 2 at a smaller, non-square size.
+
+    The second checks the dynamic batch and latent axes at about a quarter of the opt size's cost
+    (for SDXL at 1024 px a batch-2 planning check at the opt size is four 1024 px UNet evaluations).
+    """
     by_name = {dim.name: dim for dim in dims}
     opt = {dim.name: dim.opt for dim in dims}
-    wide = dict(opt, batch=min(2, by_name["batch"].max),
-                latent_width=min(opt["latent_width"] + up_factor, by_name["latent_width"].max))
-    if wide["latent_width"] == opt["latent_width"]:
-        wide["latent_height"] = max(opt["latent_height"] - up_factor, by_name["latent_height"].min)
-    return [opt, wide]
+    height, width = by_name["latent_height"], by_name["latent_width"]
+    small = dict(opt, batch=min(2, by_name["batch"].max), latent_height=height.min,
+                 latent_width=min(width.min + up_factor, width.max))
+    if small["latent_width"] == small["latent_height"]:  # keep it non-square
+        small["latent_height"] = min(height.min + 2 * up_factor, height.max)
+    return [opt, small]
 
 
 def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], folder: Path, opset: int,
@@ -310,33 +321,81 @@ def _share_unet_weights(work: Path, files: list[str]) -> tuple[list[str], dict[s
     return [f for f in files if not f.startswith(UNET_FILES + (".planning-raw/", ".fidelity-raw/"))] + shared, weights
 
 
-def validate_graphs(graphs: dict[str, CairGraph], folder: Path, shapes: list[dict[str, int]],
-                    tolerance: float, progress: Callable[[str], None], report: ValidationReport,
-                    weights: dict[str, Any] | None = None) -> None:
-    """Run each UNet graph in onnxruntime (CPU) against its torch module, then the chained handoff.
+def torch_outputs(graphs: dict[str, CairGraph], shapes: list[dict[str, int]],
+                  progress: Callable[[str], None]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """The torch modules' outputs on every validation input, computed once, keyed ``(graph, shape index)``.
 
-    With the export's shared ``weights`` record, both sessions use one memory-mapped copy of the
-    weights (for an SDXL-size UNet, 10 GB less than two sessions loading their own).
+    With these in hand the ONNX checks (fp32 and lowered precision alike) need no torch model, so
+    an export can release the UNet's weights before onnxruntime maps its own copy. ``("chained", 0)``
+    is fidelity at step n+1 fed with the caches planning recorded at step n.
+    """
+    expected = {}
+    for kind, graph in graphs.items():
+        for index, dims in enumerate(shapes):
+            progress(f"torch reference: {kind} at {_dims_str(dims)}")
+            expected[kind, index] = run_module(graph, make_inputs(graph.io, dims, 100 + index))
+    progress(f"torch reference: planning -> fidelity handoff at {_dims_str(shapes[0])}")
+    expected["chained", 0] = run_module(graphs["fidelity"], _handoff_inputs(graphs["fidelity"].io, shapes[0],
+                                                                            expected["planning", 0]))
+    return expected
+
+
+def _handoff_inputs(fidelity: GraphIO, dims: dict[str, int], planning_outputs: dict[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """Fidelity's inputs at step n+1: its own sample and conditions, planning's caches from step n."""
+    inputs = make_inputs(fidelity, dims, seed=8)
+    return {**inputs, **{name: planning_outputs[name] for name in inputs if name in planning_outputs
+                         and name != "noise_pred"}}
+
+
+def validate_graphs(ios: dict[str, GraphIO], folder: Path, shapes: list[dict[str, int]],
+                    expected: dict[tuple[str, int], dict[str, np.ndarray]], tolerance: float,
+                    progress: Callable[[str], None], report: ValidationReport,
+                    weights: dict[str, Any] | None = None, label: str = "", reference_fallback: bool = False
+                    ) -> dict[str, str]:
+    """Run each UNet graph in onnxruntime (CPU) against the torch outputs, then the chained handoff.
+
+    ``expected`` comes from ``torch_outputs``. With the export's shared ``weights`` record, both
+    sessions use one memory-mapped copy of the weights; the sessions live one at a time (onnxruntime's
+    CPU provider turns fp16 weights into private fp32 copies: two sessions would hold two). ``label`` names the precision in progress lines and reports
+    (``"float16 "``). Returns the executor that ran each graph.
     """
     initializers = shared_weights(folder, weights)
-    sessions = {kind: make_session(folder / f"{kind}.onnx", initializers=initializers.get(kind),
-                                   graph_optimization="extended" if initializers else "all") for kind in graphs}
-    for kind, graph in graphs.items():
-        _compare(graph, sessions[kind], shapes, lambda io, dims, seed: make_inputs(io, dims, seed), report,
-                 tolerance, progress)
+    executors, planned = {}, None
+    for kind in sorted(ios, key=lambda kind: kind != "planning"):  # planning first: the handoff needs its caches
+        io = ios[kind]  # one session at a time: lowered graphs get private fp32 copies on the CPU
+        run, executors[kind] = _graph_runner(folder / f"{kind}.onnx", initializers.get(kind), reference_fallback)
+        for index, dims in enumerate(shapes):
+            progress(f"validating {label}{kind} at {_dims_str(dims)}")
+            actual = run(make_inputs(io, dims, 100 + index))
+            report.add(kind, dims, compare_outputs(actual, expected[kind, index], tolerance, f"{label}{kind}"))
+            planned = actual if (kind, index) == ("planning", 0) else planned
+        if kind == "fidelity":
+            progress(f"validating {label}planning -> fidelity handoff at {_dims_str(shapes[0])}")
+            actual = run(_handoff_inputs(io, shapes[0], planned))
+            report.add("chained", shapes[0], compare_outputs(actual, expected["chained", 0], tolerance,
+                                                             f"{label}chained fidelity"))
+        del run
+        _free_memory()
+    return executors
 
-    # Chained: planning (the step-n evaluation) hands its caches to fidelity (step n+1).
-    dims = shapes[0]
-    progress(f"validating planning -> fidelity handoff at {_dims_str(dims)}")
-    planning, fidelity = graphs["planning"], graphs["fidelity"]
-    plan_inputs = make_inputs(planning.io, dims, seed=7)
-    fid_inputs = make_inputs(fidelity.io, dims, seed=8)
-    cache_names = [spec.name for spec in planning.io.outputs if spec.name != "noise_pred"]
-    torch_caches = run_module(planning, plan_inputs)
-    expected = run_module(fidelity, {**fid_inputs, **{name: torch_caches[name] for name in cache_names}})
-    ort_caches = run_session(sessions["planning"], plan_inputs)
-    actual = run_session(sessions["fidelity"], {**fid_inputs, **{name: ort_caches[name] for name in cache_names}})
-    report.add("chained", dims, compare_outputs(actual, expected, tolerance, "chained fidelity"))
+
+def _graph_runner(path: Path, initializers: dict[str, Any] | None, reference_fallback: bool = False
+                  ) -> tuple[Callable[[dict], dict], str]:
+    """A graph's ``inputs -> outputs`` in onnxruntime CPU; with ``reference_fallback`` (bf16 graphs,
+    for which onnxruntime has almost no CPU kernels) in onnx's reference evaluator where onnxruntime
+    refuses the graph: slow, for tiny models."""
+    try:
+        session = make_session(path, initializers=initializers, memory_arena=False,
+                               graph_optimization="extended" if initializers else "all")
+    except CairError as error:
+        if not reference_fallback:
+            raise
+        from cair_export.core.precision import run_onnx
+
+        return (lambda inputs: run_onnx(path, inputs, "reference")[0],
+                f"onnx.reference (onnxruntime CPU refused: {str(error).splitlines()[0][:160]})")
+    return (lambda inputs: run_session(session, inputs)), "onnxruntime CPU"
 
 
 def _compare(graph: torch.nn.Module, session, shapes: list[dict[str, int]], make: Callable,
@@ -413,11 +472,15 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig = ExportConfig(),
-                 overwrite: bool = False, progress: Callable[[str], None] = print) -> Manifest:
+                 overwrite: bool = False, progress: Callable[[str], None] = print,
+                 release_unet: bool = False) -> Manifest:
     """Export ``model`` to ``out_dir``: planning.onnx, fidelity.onnx, manifest.json.
 
     ``overwrite`` replaces a complete engine folder there; the old one is removed only once the
     new one is in place. On any error or interruption the partial folder is removed.
+    ``release_unet`` frees the torch UNet's weights once the graphs are traced and the torch
+    outputs for validation computed (the model cannot compute afterwards): the peak memory is then
+    one copy of the UNet plus activations, not two (``cair-export export`` does this).
     """
     out_dir = Path(out_dir)
     height, width = check_export_config(model, config)
@@ -430,7 +493,7 @@ def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig =
         try:
             work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
             work.chmod(0o755)  # mkdtemp makes it private; the engine folder is an ordinary one
-            manifest = _export_into(model, work, config, height, width, progress)
+            manifest = _export_into(model, work, config, height, width, progress, release_unet)
             _move_into_place(work, out_dir, overwrite, existed)
         except BaseException as error:
             if work is not None:
@@ -472,13 +535,65 @@ def _move_into_place(work: Path, target: Path, overwrite: bool, existed: bool) -
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _release_unet(model: LoadedModel, progress: Callable[[str], None]) -> None:
+    """Free the torch UNet's weights (the model is unusable for computing afterwards): the graphs are
+    traced and the torch outputs kept, so onnxruntime's checks can have the memory."""
+    resident = _resident_gb()
+    model.unet.to("meta")
+    _free_memory()
+    progress(f"released the torch UNet ({resident:.1f} -> {_resident_gb():.1f} GB resident)")
+
+
+def _free_memory() -> None:
+    """Collect garbage and hand the freed heap pages back to the system now (glibc keeps them otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _resident_gb() -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def _lower_unet_graphs(work: Path, config: ExportConfig, ios: dict[str, GraphIO], shapes: list[dict[str, int]],
+                       expected: dict | None, report: ValidationReport | None, files: list[str],
+                       progress: Callable[[str], None]) -> tuple[list[str], dict[str, Any]]:
+    """Rewrite the fp32 UNet graphs in ``config.dtype``, share their weights again, and check them against
+    the fp32 torch outputs at the dtype's tolerance (into ``report``); ``precision.json`` records the
+    conversion and that check."""
+    from cair_export.core.precision import DTYPES, TOLERANCES, lower_exported_graphs
+
+    lowered, lowering = lower_exported_graphs(ios, work, config.dtype, progress)
+    (work / SHARED_WEIGHTS).unlink()  # the fp32 weights: the lowered graphs hold their own now
+    files, weights = _share_unet_weights(work, [f for f in files if not f.startswith(UNET_FILES)] + lowered)
+    if report is not None:
+        name, tolerance = DTYPES[config.dtype], TOLERANCES[config.dtype]
+        checks = ValidationReport()
+        executors = validate_graphs(ios, work, shapes, expected, tolerance, progress, checks, weights,
+                                    label=f"{name} ", reference_fallback=config.dtype == "bf16")
+        lowering["validation"] = {"dtype": name, "tolerance": tolerance, "checks": checks.checks,
+                                  "executors": executors, "failures": checks.failures}
+        report.checks += checks.checks
+        if checks.failures:
+            raise ValidationError(f"{name} graphs differ from the fp32 torch model beyond {tolerance:.0e}: "
+                                  f"{'; '.join(checks.failures)}")
+    (work / "precision.json").write_text(json.dumps(lowering, indent=2, default=str) + "\n")
+    return files + ["precision.json"], weights
+
+
 def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: int, width: int,
-                 progress: Callable[[str], None]) -> Manifest:
+                 progress: Callable[[str], None], release_unet: bool = False) -> Manifest:
     unet = model.unet.eval()
     up_factor = 2 ** (len(unet.config.block_out_channels) - 1)
     dims = graph_dims(model, height, width, config.max_batch)
+    shapes = _validation_dims(dims, up_factor)
     files: list[str] = []
     report = ValidationReport() if config.validate else None
+    expected = None
     with CrossAttentionCache(unet, config.fidelity_guidance) as cache:
         caches = cache_specs(cache.sites)
         ios = graph_specs(model, caches, config.fidelity_guidance)
@@ -488,19 +603,17 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
             progress(f"exporting {kind} graph (trace at {_dims_str(trace)}, opset {config.opset})")
             files += _export_onnx(graph, graph.io, make_inputs(graph.io, trace, seed=0), work, config.opset,
                                   keep_raw=True)
-        files, weights = _share_unet_weights(work, files)  # before validation, which then loads them once
         if report is not None:
-            validate_graphs(graphs, work, _validation_dims(dims, up_factor), config.tolerance, progress, report,
-                            weights)
-        if config.dtype != "fp32":
-            from cair_export.core.precision import lower_exported_graphs
-
-            lowered, lowering = lower_exported_graphs(graphs, work, config.dtype, _validation_dims(dims, up_factor),
-                                                      progress)
-            checks = lowering["validation"]["checks"]
-            progress(f"  {config.dtype} UNet graphs: worst relative error {max(c['relative'] for c in checks):.2e} "
-                     f"(tolerance {lowering['validation']['tolerance']:.0e}, {lowering['validation']['executors']})")
-            files, weights = _share_unet_weights(work, [f for f in files if not f.startswith(UNET_FILES)] + lowered)
+            expected = torch_outputs(graphs, shapes, progress)
+    unet_ios = dict(ios)
+    del graphs, cache
+    if release_unet:
+        _release_unet(model, progress)
+    files, weights = _share_unet_weights(work, files)  # before validation, which then maps them once
+    if config.dtype != "fp32":  # the fp32 graphs are an intermediate: validated as shipped, after lowering
+        files, weights = _lower_unet_graphs(work, config, unet_ios, shapes, expected, report, files, progress)
+    elif report is not None:
+        validate_graphs(unet_ios, work, shapes, expected, config.tolerance, progress, report, weights)
     pipeline = None
     if model.has_pipeline:
         pipeline, pipeline_ios, pipeline_files = _export_pipeline_parts(model, work, dims, config, report, progress)
@@ -510,9 +623,8 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         if report.failures:
             raise ValidationError(f"exported graphs differ from the torch model: {'; '.join(report.failures)}")
         for kind in dict.fromkeys(check["graph"] for check in report.checks):
-            max_abs, relative = report.worst(kind)
-            progress(f"  {kind:15s} max abs error {max_abs:.2e}, relative {relative:.2e} "
-                     f"(tolerance {config.tolerance:.0e})")
+            max_abs, relative, tolerance = report.worst(kind)
+            progress(f"  {kind:15s} max abs error {max_abs:.2e}, relative {relative:.2e} (tolerance {tolerance:.0e})")
         (work / "validation.json").write_text(json.dumps(report.checks, indent=2) + "\n")
         files.append("validation.json")
 

@@ -53,6 +53,53 @@ def _tensor_bytes(base: Path, tensor: Any, maps: dict[Path, mmap.mmap]) -> bytes
     return memoryview(maps[path])[offset:offset + length]
 
 
+def read_tensor(base: Path, tensor: Any, maps: dict[Path, mmap.mmap]) -> np.ndarray:
+    """A TensorProto as a numpy array, read-only over its external file's mapping when it has one."""
+    from onnx import helper
+
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    return np.frombuffer(_tensor_bytes(base, tensor, maps), dtype=dtype).reshape(tuple(tensor.dims))
+
+
+class TensorWriter:
+    """Writes initializers one at a time: large ones appended to one side file, small ones inline.
+
+    The graph being built keeps only the small tensors and the external-data entries, so a model
+    of any size is rewritten in the memory of its largest tensor.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = None
+
+    def tensor(self, name: str, data: np.ndarray) -> Any:
+        import onnx
+        from onnx import helper
+
+        data = np.ascontiguousarray(data)
+        tensor = onnx.TensorProto(name=name, dims=data.shape, data_type=helper.np_dtype_to_tensor_dtype(data.dtype))
+        if data.nbytes < SHARED_WEIGHTS_MIN_BYTES:
+            tensor.raw_data = data.tobytes()
+            return tensor
+        if self._file is None:
+            self._file = open(self.path, "wb")
+        self._file.write(b"\0" * (-self._file.tell() % SHARED_WEIGHTS_ALIGNMENT))
+        offset = self._file.tell()
+        self._file.write(data.reshape(-1).view(np.uint8).data)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(data.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> list[str]:
+        """Finish the side file; return its name, or nothing when every tensor was small."""
+        if self._file is None:
+            return []
+        self._file.close()
+        return [self.path.name]
+
+
 def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: str = SHARED_WEIGHTS
                   ) -> tuple[list[str], dict[str, Any]]:
     """Rewrite graphs so that equal weights are stored once, in ``data_name``, which every graph points into.

@@ -32,7 +32,8 @@ _DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "Ten
 
 def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int = 0,
                  graph_optimization: str = "all", device_id: int = 0, spinning: bool = True,
-                 initializers: Mapping[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
+                 initializers: Mapping[str, ort.OrtValue] | None = None, memory_arena: bool = True
+                 ) -> ort.InferenceSession:
     """One onnxruntime session, set up the same way everywhere in the project.
 
     ``threads`` is the intra-op pool (0: onnxruntime's default, the physical cores); ``device_id``
@@ -40,7 +41,9 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     stops idle pool threads from busy-waiting (for sessions that run once per generation).
     ``initializers`` are caller-owned weight buffers the session uses instead of reading its own
     copies (``SessionOptions.add_initializer``); they must outlive the session. Prepacking, which
-    would make private copies of them, is then off.
+    would make private copies of them, is then off. ``memory_arena=False`` returns each run's
+    buffers to the system instead of keeping them for the next run: for sessions that run a few
+    times (validation), where an fp16 graph's per-run fp32 weight casts would otherwise stay.
     """
     providers = tuple(providers)
     if not providers:
@@ -63,6 +66,7 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     options.inter_op_num_threads = 1  # sequential graphs: one inter-op thread
     options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if initializers:
