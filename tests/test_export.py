@@ -225,3 +225,46 @@ def test_release_unet_frees_the_torch_weights_and_still_validates_every_graph(tm
     session = ort.InferenceSession(str(tmp_path / "engine" / "planning.onnx"))
     actual = session.run(["noise_pred"], inputs)[0]
     np.testing.assert_allclose(actual, expected[0].numpy(), rtol=0, atol=1e-4 * float(np.abs(expected[0]).max()))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_low_precision_export_checks_the_lowered_graphs_and_stores_them_once(exported, dtype):
+    """`--dtype fp16|bf16`: the shipped graphs are the lowered ones; they are what validation checked
+    (against the fp32 torch model, at the dtype's tolerance), and their weights are stored once."""
+    from onnx import helper
+
+    from cair_export.core.verify import TOLERANCES
+
+    folder = exported("tiny-sd21", dtype=dtype)
+    manifest = load_manifest(folder, verify="full")
+    assert manifest.model["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    precision = json.loads((folder / "precision.json").read_text())
+    checks = precision["validation"]["checks"]
+    assert {check["graph"] for check in checks} == {"planning", "fidelity", "chained"}
+    tolerance = TOLERANCES[dtype]
+    assert precision["validation"]["failures"] == [] and all(check["tolerance"] == tolerance for check in checks)
+    rows = json.loads((folder / "validation.json").read_text())
+    assert [row for row in rows if row["graph"] == "planning"] == [c for c in checks if c["graph"] == "planning"]
+    # One weights file, in the low type, that both graphs point into: about half the fp32 one.
+    low = np.dtype(helper.tensor_dtype_to_np_dtype({"fp16": onnx.TensorProto.FLOAT16,
+                                                     "bf16": onnx.TensorProto.BFLOAT16}[dtype])).name
+    record = manifest.weights["graphs"]
+    assert {entry[2] for entry in record["planning"].values()} >= {low}
+    fp32 = (exported("tiny-sd21") / "unet_weights.bin").stat().st_size
+    bound = 0.6 if dtype == "fp16" else 0.8  # bf16 keeps convolution weights fp32 under opset 17
+    assert (folder / "unet_weights.bin").stat().st_size < bound * fp32
+    assert not any(name.endswith(".onnx.data") for name in (f.path for f in manifest.files))
+
+
+def test_fp16_engine_runs_close_to_the_fp32_one(exported):
+    folders = {dtype: exported("tiny-sd21", dtype=dtype) for dtype in ("fp32", "fp16")}
+    latents = {}
+    for dtype, folder in folders.items():
+        with CairEngine(folder) as engine:
+            text_len = engine.manifest.dim("text_len").opt
+            embeds = np.random.default_rng(1).standard_normal((1, text_len, engine.context_dim), dtype=np.float32)
+            latents[dtype] = engine.denoise(prompt_embeds=embeds, negative_prompt_embeds=-embeds,
+                                            num_inference_steps=4, cache_step=2, seed=3).latents
+    assert np.isfinite(latents["fp16"]).all()
+    error = np.abs(latents["fp16"] - latents["fp32"]).max() / np.abs(latents["fp32"]).max()
+    assert error < 2e-2, error
