@@ -68,11 +68,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                                          export_model)
     from cair_export.core.models import load_model
     from cair_export.core.models.loading import model_folder
+    from cair_runtime.lora import parse_lora_arg
 
     out_dir = Path(args.out_dir)
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
-                          max_batch=args.max_batch, dtype=args.dtype)
+                          max_batch=args.max_batch, dtype=args.dtype,
+                          loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
     check_export_options(config)
     check_output_dir(out_dir, args.overwrite, model_folder(args.model))
@@ -211,6 +213,9 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="compute precision in the UNet graphs (attention scores, softmax, norms stay fp32; "
                              "IO float32)")
+    export.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                        help="LoRA adapter (.safetensors, diffusers or kohya layout) fused into the UNet and text "
+                             "encoder(s) before tracing, scale default 1; repeat for several")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing engine folder (only a complete one: other files are never deleted)")
     export.set_defaults(func=cmd_export)

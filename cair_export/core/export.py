@@ -49,6 +49,7 @@ from cair_export.core.verify import FP32_RELATIVE_TOLERANCE, OutputCheck, compar
 from cair_runtime.backends.onnxruntime import make_session, shared_weights
 from cair_runtime.errors import CairError, InvalidInputError, ValidationError
 from cair_runtime.files import check_folder_writable, rename_noreplace
+from cair_runtime.lora import check_lora_list
 from cair_runtime.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -77,6 +78,7 @@ class ExportConfig:
     validate: bool = True  # run every graph in onnxruntime against the torch module
     tolerance: float = FP32_RELATIVE_TOLERANCE  # max abs error / max abs reference value
     dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": compute precision in the UNet graphs (fp32 islands); IO float32
+    loras: tuple[tuple[str, float], ...] = ()  # (safetensors file, scale) adapters fused before tracing, in order
 
 
 @dataclass
@@ -142,6 +144,7 @@ def check_export_options(config: ExportConfig) -> None:
         raise InvalidInputError(f"dtype {config.dtype!r} is unknown; expected fp32, fp16 or bf16")
     if config.max_batch < 1:
         raise InvalidInputError(f"max batch {config.max_batch} must be at least 1")
+    check_lora_list(list(config.loras))
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool, source: Path | None = None) -> None:
@@ -420,7 +423,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
                 "vae_scaling_factor": float(model.vae.config.scaling_factor),
                 "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
                 "pooled_from": "text_encoder_2" if model.family == "sdxl" else None}
-    ios, files = {}, []
+    ios, files, text_weights = {}, [], {}
     for index, encoder in enumerate(model.text_encoders):
         kind = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
         tokenizer_file = f"{'tokenizer' if index == 0 else f'tokenizer_{index + 1}'}/tokenizer.json"
@@ -440,7 +443,11 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
             return make_token_inputs(io, dims, seed, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
 
         progress(f"exporting {kind} graph")
-        files += _export_onnx(graph, io, tokens(io, dict(opt, batch=1), 0), work, config.opset)
+        # Its weights as external data in a file of its own, where run-time LoRA finds the base values.
+        written, record = share_weights(work, {kind: _export_onnx(graph, io, tokens(io, dict(opt, batch=1), 0), work,
+                                                                  config.opset)}, f"{kind}_weights.bin")
+        files += written
+        text_weights[kind] = record
         if report is not None:
             _compare(graph, make_session(work / f"{kind}.onnx"), text_dims, tokens, report, config.tolerance, progress)
         ios[kind] = io
@@ -456,7 +463,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
                  lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
     ios["vae_decoder"] = io
     files += [encoder["tokenizer"] for encoder in pipeline["text_encoders"]]
-    return pipeline, ios, files
+    return pipeline, ios, files, text_weights
 
 
 def _producer() -> dict[str, str]:
@@ -585,8 +592,32 @@ def _lower_unet_graphs(work: Path, config: ExportConfig, ios: dict[str, GraphIO]
     return files + ["precision.json"], weights
 
 
+def _lora_targets(model: LoadedModel, unet_digests: dict | None, work: Path, weights: dict[str, Any],
+                  text_weights: dict[str, Any], caches) -> dict[str, Any]:
+    """Per graph, where each LoRA-able model weight lies (run-time adapters); fidelity has no attn2.
+    Empty for fp16/bf16 exports (``unet_digests`` None): run-time adapters need fp32 weights."""
+    from cair_export.core.lora import weight_digests, weight_targets
+
+    if unet_digests is None:
+        return {}
+    targets = {kind: weight_targets(unet_digests, work, weights["graphs"][kind], weights["file"], "unet",
+                                    skip=[cache.module for cache in caches] if kind == "fidelity" else ())
+               for kind in ("planning", "fidelity")}
+    for index, encoder in enumerate(model.text_encoders):
+        kind = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+        targets[kind] = weight_targets(weight_digests(encoder.model), work, text_weights[kind]["graphs"][kind],
+                                       text_weights[kind]["file"], kind)
+    return targets
+
+
 def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: int, width: int,
                  progress: Callable[[str], None], release_unet: bool = False) -> Manifest:
+    fused = ()
+    if config.loras:
+        from cair_export.core.lora import fuse_loras
+
+        progress(f"fusing {len(config.loras)} LoRA adapter(s)")
+        fused = fuse_loras(model, config.loras)
     unet = model.unet.eval()
     up_factor = 2 ** (len(unet.config.block_out_channels) - 1)
     dims = graph_dims(model, height, width, config.max_batch)
@@ -607,6 +638,11 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
             expected = torch_outputs(graphs, shapes, progress)
     unet_ios = dict(ios)
     del graphs, cache
+    unet_digests = None
+    if config.dtype == "fp32":
+        from cair_export.core.lora import weight_digests
+
+        unet_digests = weight_digests(unet)  # the run-time LoRA map needs the weights; taken before release
     if release_unet:
         _release_unet(model, progress)
     files, weights = _share_unet_weights(work, files)  # before validation, which then maps them once
@@ -614,9 +650,10 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         files, weights = _lower_unet_graphs(work, config, unet_ios, shapes, expected, report, files, progress)
     elif report is not None:
         validate_graphs(unet_ios, work, shapes, expected, config.tolerance, progress, report, weights)
-    pipeline = None
+    pipeline, text_weights = None, {}
     if model.has_pipeline:
-        pipeline, pipeline_ios, pipeline_files = _export_pipeline_parts(model, work, dims, config, report, progress)
+        pipeline, pipeline_ios, pipeline_files, text_weights = _export_pipeline_parts(model, work, dims, config,
+                                                                                      report, progress)
         ios.update(pipeline_ios)
         files += pipeline_files  # graphs with their external data, if any, and the tokenizers
     if report is not None:
@@ -644,6 +681,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         files=tuple(record_file(work, name) for name in files),
         pipeline=pipeline,
         weights=weights,
+        lora={"fused": list(fused), "targets": _lora_targets(model, unet_digests, work, weights, text_weights, caches)},
     )
     (work / MANIFEST_NAME).write_text(manifest.to_json())
     for path in work.rglob("*"):  # some writers create files private (0600); engine files are ordinary

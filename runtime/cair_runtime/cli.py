@@ -94,6 +94,14 @@ def _backend_options(args: argparse.Namespace, with_providers: bool = False) -> 
     return options
 
 
+def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
+    from cair_runtime.lora import check_lora_list, parse_lora_arg
+
+    loras = [parse_lora_arg(text) for text in args.lora or ()]
+    check_lora_list(loras)  # before any model is loaded
+    return loras
+
+
 def _image_paths(output: Path, count: int) -> list[Path]:
     """out.png for one image; out-0.png, out-1.png, ... for several."""
     if count == 1:
@@ -113,7 +121,7 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
     for path in _image_paths(output, args.num_images):
         check_writable(path)
     pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
-                              **_backend_options(args))
+                              loras=_loras(args), **_backend_options(args))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipeline(
@@ -157,7 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "text_embeds": _load_npy(args.text_embeds, "--text-embeds"),
         "negative_text_embeds": _load_npy(args.negative_text_embeds, "--negative-text-embeds"),
     }
-    engine = CairEngine(args.engine_dir, args.backend, **_backend_options(args, with_providers=True))
+    engine = CairEngine(args.engine_dir, args.backend, loras=_loras(args),
+                        **_backend_options(args, with_providers=True))
     result = engine.denoise(
         prompt_embeds, **inputs, height=args.height, width=args.width, num_inference_steps=args.steps,
         cache_step=args.cache_step, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
@@ -213,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share-weights", action="store_true",
                         help="both UNet sessions use one memory-mapped copy of the weights: about half the memory "
                              "and a much faster load; on the CPU about 20%% slower per step (docs/weights_once.md)")
+    parser.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                        help="LoRA adapter (.safetensors, diffusers or kohya layout) applied at run time without "
+                             "re-exporting, scale default 1; repeat for several (onnxruntime backend, fp32 exports)")
     parser.add_argument("--json", action="store_true", help="print timings as JSON (no progress bar)")
     parser.set_defaults(func=cmd_run)
     return parser

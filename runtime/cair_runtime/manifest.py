@@ -157,6 +157,10 @@ class Manifest:
     # The UNet graphs' weights stored once: {"file": ..., "graphs": {kind: {initializer: [offset,
     # length, dtype, shape]}}}; the graphs' ONNX external data points at the same bytes.
     weights: dict[str, Any] | None = None
+    # Adapters: {"fused": [{"file", "sha256", "scale"}] (fused at export), "targets": {kind: {"model":
+    # "unet" | "text_encoder" | "text_encoder_2", "file": weights file, "weights": {model weight:
+    # [[initializer, layout, offset, dtype, shape], ...]}, "unmapped": [model weight, ...]}}}; see lora.py.
+    lora: dict[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -207,6 +211,7 @@ class Manifest:
             engines=tuple(EngineRecord(**e) for e in data.get("engines", ())),
             pipeline=data.get("pipeline"),
             weights=data.get("weights"),
+            lora=data.get("lora"),
         )
 
 
@@ -320,6 +325,41 @@ def _weights_problems(manifest: Manifest) -> list[str]:
     return problems
 
 
+LORA_LAYOUTS = ("same", "transposed")  # initializer = the model weight, or its transpose (MatMul)
+
+
+def _lora_problems(manifest: Manifest) -> list[str]:
+    """The adapter record: fused adapters described, every target inside a listed weights file."""
+    lora = manifest.lora
+    if lora is None:
+        return []
+    sizes = {record.path: record.size for record in manifest.files}
+    if not isinstance(lora, dict) or not isinstance(lora.get("fused", []), list) \
+            or not isinstance(lora.get("targets", {}), dict):
+        return ["the lora section must hold a list of fused adapters and a map of targets"]
+    problems = [f"fused adapter {entry!r} must have a file, a sha256 and a finite scale"
+                for entry in lora.get("fused", [])
+                if not isinstance(entry, dict) or not isinstance(entry.get("file"), str)
+                or not isinstance(entry.get("sha256"), str) or not is_finite_number(entry.get("scale"))]
+    for kind, graph in lora.get("targets", {}).items():
+        if kind not in manifest.graphs or not isinstance(graph, dict) or graph.get("file") not in sizes \
+                or not isinstance(graph.get("weights"), dict):
+            problems.append(f"lora targets for {kind!r} must name a graph of the folder and a listed weights file")
+            continue
+        for weight, entries in graph["weights"].items():
+            try:
+                ok = all(layout in LORA_LAYOUTS and dtype == "float32" and 0 <= int(offset)
+                         and int(offset) + 4 * int(np.prod([int(d) for d in shape])) <= sizes[graph["file"]]
+                         for _name, layout, offset, dtype, shape in entries) and len(entries) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                problems.append(f"lora target {kind} {weight!r}: {entries!r} does not describe float32 tensors inside "
+                                f"{graph['file']}")
+                break
+    return problems
+
+
 def _schema_problems(manifest: Manifest) -> list[str]:
     """What the dataclasses cannot say: required and known graphs, enumerations, shapes, the pipeline."""
     problems = [f"no {kind} graph" for kind in GRAPH_KINDS if kind not in manifest.graphs]
@@ -327,7 +367,8 @@ def _schema_problems(manifest: Manifest) -> list[str]:
                  for kind in manifest.graphs if kind not in GRAPH_KINDS + PIPELINE_GRAPH_KINDS]
     if manifest.fidelity_guidance not in FIDELITY_GUIDANCE:
         problems.append(f"fidelity_guidance {manifest.fidelity_guidance!r} is not one of {', '.join(FIDELITY_GUIDANCE)}")
-    return problems + _shape_problems(manifest) + _pipeline_problems(manifest) + _weights_problems(manifest)
+    return problems + _shape_problems(manifest) + _pipeline_problems(manifest) + _weights_problems(manifest) \
+        + _lora_problems(manifest)
 
 
 def sha256_file(path: Path) -> str:

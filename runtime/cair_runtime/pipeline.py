@@ -13,6 +13,7 @@ from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
 from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
+from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
 from cair_runtime.schedulers import make_scheduler
@@ -89,22 +90,74 @@ class CairEngine:
     buffers) from a pool of at most ``max_concurrency`` (default: the backend's, sized for its
     device), created lazily and reused; a call waits while all are busy. ``close()`` (or ``with``)
     waits for running calls, then releases everything.
+
+    ``loras``: LoRA adapters ``[(path.safetensors, scale), ...]`` applied by default; a call may
+    name others (``loras=[]``: the base weights). The fused weights are computed in numpy and
+    swapped into the sessions between calls (``AdapterSwitch``): calls on the same adapters run
+    concurrently, a call that needs other adapters waits for those in flight.
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime", *, max_concurrency: int | None = None,
-                 verify: str = "fast", **backend_options: Any):
+                 verify: str = "fast", loras: Sequence[Any] | None = None, **backend_options: Any):
         self.folder = Path(folder)
         self.manifest: Manifest = load_manifest(self.folder, verify)  # "fast": no hashing while files are unchanged
         if max_concurrency is not None:
             check_concurrency(max_concurrency)
+        checked_loras = check_lora_list(loras)
+        self.backend_name = backend
         self.backend = make_backend(backend, self.folder, self.manifest, max_concurrency=max_concurrency,
                                     **backend_options)
         self.pool = ContextPool(self.backend.new_context, self.backend.max_concurrency)
+        self.adapters = AdapterSwitch()
+        self.adapters.register(self._swap_unet_weights)
+        self._unet_overridden = False
+        self._resolved = BASE  # the last adapter set resolved (computing fused weights is the slow part)
+        try:
+            self.default_loras = self.resolve_loras(checked_loras)
+        except BaseException:
+            self.close()
+            raise
         planning = {spec.name: spec for spec in self.manifest.graphs["planning"].inputs}
         self.in_channels = planning["sample"].shape[1]
         self.context_dim = planning["encoder_hidden_states"].shape[2]
         self.pooled_dim = planning["text_embeds"].shape[1] if "text_embeds" in planning else None
         self.vae_scale_factor = self.manifest.vae_scale_factor
+
+    def resolve_loras(self, loras: Sequence[Any] | LoraSet | None) -> LoraSet:
+        """Adapters checked against this engine, their fused weights computed (not yet applied).
+
+        None is the engine's default set; ``[]`` the base weights. Refuses a backend that cannot
+        swap weights, files that are not safetensors, keys or ranks that do not fit the model, and
+        non-finite scales, with ``InvalidInputError(field="loras")``.
+        """
+        if loras is None:
+            return getattr(self, "default_loras", BASE)
+        if isinstance(loras, LoraSet):
+            return loras
+        checked = check_lora_list(loras)
+        if not checked:
+            return BASE
+        if not hasattr(self.backend, "set_weights"):
+            raise InvalidInputError(f"the {self.backend_name} backend cannot swap LoRA weights at run time; use "
+                                    "--backend onnxruntime, or fuse the adapter with `cair-export export --lora`",
+                                    field="loras")
+        key = tuple((file_sha256(path), scale) for path, scale in checked)
+        resolved = self._resolved
+        if resolved.key != key:
+            resolved = resolve_loras(self.folder, self.manifest.lora, str(self.manifest.model.get("dtype", "float32")),
+                                     checked)
+            self._resolved = resolved
+        return resolved
+
+    def _swap_unet_weights(self, overrides: dict[str, dict[str, np.ndarray]]) -> None:
+        """``AdapterSwitch``'s hook: new sessions with these weights, fresh contexts (no call is in flight)."""
+        overridden = any(kind in overrides for kind in self.manifest.unet_graphs)
+        if not overridden and self._unet_overridden is False:
+            return  # only text encoder weights change
+        self.pool.discard_idle()
+        self._unet_overridden = None  # unknown until the sessions are rebuilt
+        self.backend.set_weights(overrides)
+        self._unet_overridden = overridden
 
     def close(self) -> None:
         """Wait for running calls, then release the contexts and the backend; later calls raise
@@ -215,6 +268,7 @@ class CairEngine:
         text_embeds: np.ndarray | None = None,
         negative_text_embeds: np.ndarray | None = None,
         callback: Callable[[int, int], None] | None = None,
+        loras: Sequence[Any] | LoraSet | None = None,
     ) -> DenoiseResult:
         """Denoise from prompt embeddings (B, text_len, D); returns final latents and stage timings.
 
@@ -224,10 +278,12 @@ class CairEngine:
         ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling (as
         diffusers' pipelines take it); with it, the seeds drive only ancestral noise. Negative
         embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
-        plain baseline. Batches above the engine's max batch run in chunks.
+        plain baseline. Batches above the engine's max batch run in chunks. ``loras`` as for the
+        constructor (None: the engine's default adapters).
         """
         self.check_open()
         cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
+        lora_set = self.resolve_loras(loras)
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
         check_image_count(batch)
@@ -275,7 +331,9 @@ class CairEngine:
         max_batch = self.manifest.dim("batch").max
         timings = StageTimings()
         chunks = []
-        with self.pool.acquire() as context:  # this call's bindings and buffers; waits if all are busy
+        # The adapters' weights in place (a swap waits for calls on other adapters), then this call's
+        # bindings and buffers (waits if all are busy).
+        with self.adapters.using(lora_set), self.pool.acquire() as context:
             for start in range(0, batch, max_batch):
                 part = slice(start, start + max_batch)
                 result = self._denoise_batch(

@@ -23,6 +23,7 @@ from cair_runtime.backends.pool import CallGate
 from cair_runtime.checks import is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.files import write_atomically
+from cair_runtime.lora import LoraSet
 from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count, image_seeds
 
 
@@ -108,15 +109,17 @@ class CairText2Image:
     pool). Thread-safe: share one instance between request threads. The text encoders and the
     VAE are plain ``InferenceSession.run`` calls (thread-safe in onnxruntime); the UNet loop runs
     in a per-call context from the engine's pool (``max_concurrency``, see ``CairEngine``).
-    Keywords beyond these go to ``CairEngine`` (``max_concurrency``, ``verify``) and the backend.
+    Keywords beyond these go to ``CairEngine`` (``max_concurrency``, ``verify``, ``loras``) and the
+    backend. LoRA adapters reach the UNet graphs and the text encoder(s) alike.
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime",
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0, **backend_options: Any):
-        from cair_runtime.backends.onnxruntime import make_session
+        from cair_runtime.backends.onnxruntime import adapter_optimization, make_session
 
         if backend == "onnxruntime":
             backend_options = {"providers": providers, "threads": threads, **backend_options}
+        loras = backend_options.pop("loras", None)
         self.engine = CairEngine(folder, backend, **backend_options)
         self._calls = CallGate(f"the pipeline of {folder}")  # close() waits for calls in flight
         manifest = self.engine.manifest
@@ -126,13 +129,43 @@ class CairText2Image:
                                 "or pass --encoder-hidden-states")
         self.pipeline = manifest.pipeline
 
-        def session(kind: str):  # run once per call: no idle spinning that would take the UNet's cores
-            return make_session(Path(folder) / manifest.graphs[kind].file, providers, threads=threads,
-                                device_id=backend_options.get("device_id", 0), spinning=False)
+        def session(kind: str, overrides: dict[str, np.ndarray] | None = None):
+            import onnxruntime as ort
 
+            # Run once per call: no idle spinning that would take the UNet's cores.
+            return make_session(Path(folder) / manifest.graphs[kind].file, providers, threads=threads,
+                                device_id=backend_options.get("device_id", 0), spinning=False,
+                                initializers={name: ort.OrtValue.ortvalue_from_numpy(array)
+                                              for name, array in (overrides or {}).items()}, prepacking=True,
+                                graph_optimization=adapter_optimization("all") if overrides else "all")
+
+        self._session = session
+        self._text_overridden: set[str] = set()  # text encoders whose sessions hold adapter weights
         self.text_encoders = [(spec, _Tokenizer(Path(folder) / spec["tokenizer"], spec), session(spec["graph"]))
                               for spec in self.pipeline["text_encoders"]]
         self.vae = session(self.pipeline["vae_graph"])
+        self.engine.adapters.register(self._swap_text_weights)
+        if loras is not None:
+            try:
+                self.engine.default_loras = self.engine.resolve_loras(loras)
+            except BaseException:
+                self.engine.close()
+                raise
+
+    def _swap_text_weights(self, overrides: dict[str, dict[str, np.ndarray]]) -> None:
+        """``AdapterSwitch``'s hook: rebuild the text encoder sessions whose weights change (no call in flight)."""
+        rebuilt = []
+        for spec, tokenizer, session in self.text_encoders:
+            kind = spec["graph"]
+            if kind in overrides or kind in self._text_overridden:
+                self._text_overridden.discard(kind)
+                session = None  # the old session goes first
+                session = self._session(kind, overrides.get(kind))
+                if kind in overrides:
+                    self._text_overridden.add(kind)
+            rebuilt.append((spec, tokenizer, session))
+        self._text_arrays = overrides  # the sessions' OrtValues wrap these arrays
+        self.text_encoders = rebuilt
 
     def close(self) -> None:
         """Wait for running calls, then release the sessions and the engine; calls after this raise
@@ -197,6 +230,7 @@ class CairText2Image:
         seed: int | Sequence[int] = 0,
         latents: np.ndarray | None = None,
         callback: Callable[[int, int], None] | None = None,
+        loras: Sequence[Any] | LoraSet | None = None,
     ) -> Text2ImageResult:
         """Generate ``num_images_per_prompt`` images per prompt.
 
@@ -204,7 +238,8 @@ class CairText2Image:
         ``np.random.default_rng(seed_k)``, with ``seed_k = seed + k`` or ``seed[k]`` for a list of
         one seed per image: each image is reproducible from its own seed, recorded in its
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
-        of naming a seed (the seeds then drive only ancestral noise).
+        of naming a seed (the seeds then drive only ancestral noise). ``loras``: adapters
+        ``[(path.safetensors, scale), ...]`` for this call (None: the pipeline's default; ``[]``: none).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -227,7 +262,15 @@ class CairText2Image:
         cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
         latent_height, latent_width = engine.latent_size(height, width)
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
+        lora_set = engine.resolve_loras(loras)
+        with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
+            return self._generate(prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
+                                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set)
 
+    def _generate(self, prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
+                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set) -> Text2ImageResult:
+        engine = self.engine
+        count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
         prompt_embeds, pooled = self.encode_prompt(prompts)
         if negatives is None and self.pipeline.get("force_zeros_for_empty_prompt"):
@@ -244,7 +287,7 @@ class CairText2Image:
             per_image(prompt_embeds), per_image(negative_embeds), latents=latents, height=height, width=width,
             num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_scale=guidance_scale,
             scheduler=scheduler, seed=seeds, text_embeds=per_image(pooled), negative_text_embeds=per_image(negative_pooled),
-            callback=callback)
+            callback=callback, loras=lora_set)
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
@@ -257,6 +300,7 @@ class CairText2Image:
             "steps": num_inference_steps, "cache_step": cache_step,
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
+            **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
         } for k in range(count)]
         return Text2ImageResult(images, decoded.astype(np.float32), result.latents, result.timings, text_s, vae_s,
                                 parameters)

@@ -32,8 +32,8 @@ _DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "Ten
 
 def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int = 0,
                  graph_optimization: str = "all", device_id: int = 0, spinning: bool = True,
-                 initializers: Mapping[str, ort.OrtValue] | None = None, memory_arena: bool = True
-                 ) -> ort.InferenceSession:
+                 initializers: Mapping[str, ort.OrtValue] | None = None, memory_arena: bool = True,
+                 prepacking: bool | None = None) -> ort.InferenceSession:
     """One onnxruntime session, set up the same way everywhere in the project.
 
     ``threads`` is the intra-op pool (0: onnxruntime's default, the physical cores); ``device_id``
@@ -41,8 +41,9 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     stops idle pool threads from busy-waiting (for sessions that run once per generation).
     ``initializers`` are caller-owned weight buffers the session uses instead of reading its own
     copies (``SessionOptions.add_initializer``); they must outlive the session. Prepacking, which
-    would make private copies of them, is then off. ``memory_arena=False`` returns each run's
-    buffers to the system instead of keeping them for the next run: for sessions that run a few
+    would make private copies of them, is then off unless ``prepacking`` says otherwise (adapter
+    weights, which are private anyway, keep the default kernels and rounding).
+    ``memory_arena=False`` returns each run's buffers to the system instead of keeping them for the next run: for sessions that run a few
     times (validation), where an fp16 graph's per-run fp32 weight casts would otherwise stay.
     """
     providers = tuple(providers)
@@ -70,7 +71,8 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if initializers:
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        if not prepacking:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         for name, value in initializers.items():
             options.add_initializer(name, value)
     provider_options = [{"device_id": str(device_id)} if p in _DEVICES and _DEVICES[p] == "cuda" else {}
@@ -82,6 +84,16 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
         raise EngineMismatchError(f"onnxruntime {ort.__version__} cannot load {Path(path).name} with "
                                   f"{', '.join(providers)}: {reason}; re-export the folder, or use a provider or "
                                   "backend that supports the graph's precision") from None
+
+
+def adapter_optimization(level: str) -> str:
+    """The optimisation level for a session whose weights are overridden (adapters): at most ``extended``.
+
+    At ``all`` onnxruntime 1.32's NCHWc layout transformer re-lays out convolution weights from the
+    graph's own initializers, ignoring ``add_initializer`` overrides: a LoRA on a convolution would
+    be silently dropped (measured: 0.16 max error on tiny-sd15's noise_pred, 0 below ``all``).
+    """
+    return "extended" if level == "all" else level
 
 
 def shared_weights(folder: str | Path, record: Mapping[str, Any] | None) -> dict[str, dict[str, ort.OrtValue]]:
@@ -130,20 +142,43 @@ class OnnxRuntimeBackend:
         self.weights = shared_weights(folder, manifest.weights) if share_weights else {}
         if graph_optimization is None:
             graph_optimization = "extended" if self.weights else "all"
-        self.sessions = {
-            kind: make_session(Path(folder) / graph.file, providers, threads=threads,
-                               graph_optimization=graph_optimization, device_id=device_id,
-                               initializers=self.weights.get(kind))
-            for kind, graph in manifest.unet_graphs.items()
-        }
+        self._session_options = {"providers": providers, "threads": threads, "graph_optimization": graph_optimization,
+                                 "device_id": device_id}
+        self.folder = Path(folder)
+        self.adapter_values: dict[str, dict[str, ort.OrtValue]] = {}  # adapter weights the sessions use
+        self.sessions = self._make_sessions()
         self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
+
+    def _make_sessions(self) -> dict[str, ort.InferenceSession]:
+        sessions = {}
+        for kind, graph in self.manifest.unet_graphs.items():
+            initializers = {**self.weights.get(kind, {}), **self.adapter_values.get(kind, {})}
+            options = dict(self._session_options)
+            if self.adapter_values.get(kind):
+                options["graph_optimization"] = adapter_optimization(options["graph_optimization"])
+            sessions[kind] = make_session(self.folder / graph.file, initializers=initializers,
+                                          prepacking=not self.weights, **options)
+        return sessions
+
+    def set_weights(self, overrides: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Rebuild the sessions with these initializers replaced (adapters); empty: the base weights.
+
+        The session options are the base sessions' own, so an empty ``overrides`` gives back
+        sessions that compute exactly what the base ones did. Every context must be idle and is
+        discarded by the caller (their bindings belong to the old sessions).
+        """
+        self.sessions = {}  # the old sessions go first: no moment with two copies of the weights
+        self.adapter_values = {kind: {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in values.items()}
+                               for kind, values in overrides.items() if kind in self.manifest.unet_graphs}
+        self._adapter_arrays = overrides  # the OrtValues wrap these arrays: they must stay alive
+        self.sessions = self._make_sessions()
 
     def new_context(self) -> OnnxRuntimeContext:
         return OnnxRuntimeContext(self)
 
     def close(self) -> None:
         self.sessions = {}  # the last references: onnxruntime frees a session with its Python object
-        self.weights = {}  # after the sessions that use them
+        self.weights, self.adapter_values = {}, {}  # after the sessions that use them
 
 
 class OnnxRuntimeContext:

@@ -94,6 +94,17 @@ class ContextPool(Generic[C]):
         if discard:
             context.close()
 
+    def discard_idle(self) -> None:
+        """Close every idle context: the next calls get fresh ones (after the backend swapped its sessions)."""
+        with self._condition:
+            idle, self._idle = self._idle, []
+            self._live -= len(idle)
+            for context in idle:
+                self.contexts.remove(context)
+            self._condition.notify_all()
+        for context in idle:
+            context.close()
+
     def close(self) -> None:
         """Refuse new calls, wait for running ones to give their contexts back, close every context."""
         with self._condition:
