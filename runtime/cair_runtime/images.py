@@ -16,7 +16,8 @@ import numpy as np
 
 from cair_runtime.errors import InvalidInputError
 
-_FIX = "convert it to 8-bit RGB first (e.g. PIL's image.convert('RGB'), over a background of your choice for transparency)"
+_FIX = ("convert it to 8-bit RGB first (e.g. PIL's image.convert('RGB'), over a background of your choice for "
+        "transparency)")
 
 
 def _refuse(message: str) -> InvalidInputError:

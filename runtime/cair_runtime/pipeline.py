@@ -355,7 +355,8 @@ class CairEngine:
                                  f"{label} {pixels} asked for; drop --{label} or pass matching latents")
         self.check_dims({"latent_height": latents.shape[2], "latent_width": latents.shape[3]})
         if img2img and image_latents.shape != latents.shape:
-            raise ShapeError(f"image latents have shape {image_latents.shape}, the noise {latents.shape}; they must match")
+            raise ShapeError(f"image latents have shape {image_latents.shape}, the noise {latents.shape}; "
+                             "they must match")
 
         added = None
         if self.added_conditions:

@@ -250,7 +250,8 @@ class CairText2Image:
         for label, value, dim in (("height", image_height, "latent_height"), ("width", image_width, "latent_width")):
             limits = engine.manifest.dim(dim)
             if not limits.min * factor <= value <= limits.max * factor:
-                problems.append(f"{label} {value} is outside the engine's {limits.min * factor}..{limits.max * factor} px")
+                problems.append(f"{label} {value} is outside the engine's "
+                                f"{limits.min * factor}..{limits.max * factor} px")
         problems = [p for p in problems if p]
         if problems:
             raise InvalidInputError(f"image {name} is {image_width}x{image_height} px: {'; '.join(problems)}; "
