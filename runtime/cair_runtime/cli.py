@@ -120,14 +120,14 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
                                 "generation parameters in its text chunks")
     for path in _image_paths(output, args.num_images):
         check_writable(path)
-    image = None
+    img2img = {}
     if args.image is not None:
         from cair_runtime.images import load_image
 
-        image, _ = load_image(args.image)  # a bad file fails before the engine loads
+        load_image(args.image)  # a bad file fails before the engine loads
+        img2img = {"image": args.image, "strength": 0.8 if args.strength is None else args.strength}
     elif args.strength is not None:
         raise InvalidInputError("--strength is for image to image; give --image too")
-    img2img = {} if image is None else {"image": args.image, "strength": 0.8 if args.strength is None else args.strength}
     pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
                               loras=_loras(args), **_backend_options(args))
     with warnings.catch_warnings(record=True) as caught:
@@ -143,12 +143,12 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
     for image, path, parameters in zip(result.images, paths, result.parameters):
         save_png(image, path, parameters)
     timings = {**result.timings.as_dict(), "text_s": result.text_s, "vae_s": result.vae_s,
-               **({} if image is None else {"image_s": result.image_s})}
+               **({"image_s": result.image_s} if img2img else {})}
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], **timings}, indent=2))
     else:
         t = result.timings
-        encode = f", image {result.image_s:.3f} s" if image is not None else ""
+        encode = f", image {result.image_s:.3f} s" if img2img else ""
         print(f"wrote {', '.join(map(str, paths))}: text {result.text_s:.3f} s{encode}, planning {t.planning_steps} steps "
               f"{t.planning_s:.3f} s, switch {t.switch_s * 1e3:.3f} ms, fidelity {t.fidelity_steps} steps "
               f"{t.fidelity_s:.3f} s, decode {result.vae_s:.3f} s")
