@@ -318,7 +318,8 @@ class CairText2Image:
         engine = self.engine
         pixels = image_name = None
         if image is not None:
-            engine.steps_run(num_inference_steps, strength)  # strength first: a bad one fails before reading the image
+            if is_integer(num_inference_steps):  # strength first: a bad one fails before reading the image
+                engine.steps_run(num_inference_steps, strength)
             pixels, image_name = self._check_image(image, height, width)
             height, width = pixels.shape[:2]
         cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler,
