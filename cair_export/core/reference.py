@@ -145,6 +145,7 @@ def cair_denoise(
     fidelity_guidance: str = "none",
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
+    start_index: int | None = None,
 ) -> torch.Tensor:
     """Sample with CAIR over a diffusers scheduler; returns the final latents.
 
@@ -153,24 +154,37 @@ def cair_denoise(
     ``time_ids`` (B, ...). ``cache_step == num_inference_steps`` computes the plain diffusers loop;
     ``cache_step=None`` is that loop itself, with the UNet's own processors (no caching installed).
     ``on_step(i)`` is called before the i-th UNet evaluation (0-based), e.g. to label recordings.
+
+    Image to image: ``start_index`` (diffusers' ``get_timesteps``' ``t_start``) starts the loop at
+    ``scheduler.timesteps[start_index * scheduler.order]`` with the scheduler's begin index set, as
+    diffusers' img2img pipelines do; ``latents`` are then the image latents already noised to that
+    timestep (``prepare_latents``; not scaled by ``init_noise_sigma``), and n counts the
+    ``num_inference_steps - start_index`` steps that run.
     """
     scheduler.set_timesteps(num_inference_steps)
+    timesteps, steps_run = scheduler.timesteps, num_inference_steps
+    if start_index is None:
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        begin = start_index * scheduler.order
+        timesteps, steps_run = timesteps[begin:], num_inference_steps - start_index
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
     if cache_step is None:
-        planning = len(scheduler.timesteps)
+        planning = len(timesteps)
         caching: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
-        planning = planning_evaluations(cache_step, num_inference_steps, len(scheduler.timesteps))
+        planning = planning_evaluations(cache_step, steps_run, len(timesteps))
         caching = CrossAttentionCache(unet, fidelity_guidance)
     # As diffusers' prepare_extra_step_kwargs: only stochastic schedulers take a generator.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    latents = latents * scheduler.init_noise_sigma
     encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, L, D): uncond first
     guided_cond = None
     if added_cond is not None:
         guided_cond = {key: torch.cat([negative_added_cond[key], added_cond[key]]) for key in added_cond}
 
     with caching as cache:
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             if on_step is not None:
                 on_step(i)
             step = i + 1

@@ -16,7 +16,7 @@ from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
-from cair_runtime.schedulers import make_scheduler
+from cair_runtime.schedulers import img2img_start, make_scheduler
 from cair_runtime.stages import check_cache_step, planning_evaluations
 
 
@@ -204,24 +204,31 @@ class CairEngine:
                              "re-export with a matching --height/--width/--max-batch")
 
     def check_parameters(self, num_inference_steps: Any, cache_step: Any, guidance_scale: Any,
-                         scheduler: str | None) -> int:
+                         scheduler: str | None, strength: Any = None) -> int:
         """Refuse, before any work, what would fail late or give a silently wrong image; returns n.
 
         Steps are integers in 1..the model's training timesteps (more collapse the schedule, as
-        diffusers refuses too); n is an integer in 1..T or None for the manifest's hint (capped at
-        T); guidance is a finite number; the scheduler is built and its timesteps set once, so an
-        unknown name or too few steps for it (PNDM) fail here.
+        diffusers refuses too); image to image's ``strength`` is a finite number in (0, 1] that runs
+        at least one step; n is an integer in 1..the steps that run (T, or image to image's
+        ``min(int(T * strength), T)``) or None for the manifest's hint (capped at that); guidance is
+        a finite number; the scheduler is built and its timesteps set once, so an unknown name or
+        too few steps for it (PNDM) fail here.
         """
         train_steps = int(self.manifest.scheduler_config.get("num_train_timesteps", 1000))
         if not is_integer(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
             raise InvalidInputError(f"steps {num_inference_steps!r} must be an integer in 1..{train_steps} "
                                     "(the model's training timesteps)", field="steps")
+        steps_run = self.steps_run(num_inference_steps, strength)
         if cache_step is None:
-            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
+            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), steps_run)
         if not is_integer(cache_step):
-            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{num_inference_steps}",
+            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{steps_run}",
                                     field="cache_step")
-        check_cache_step(int(cache_step), int(num_inference_steps))
+        if strength is not None and not 1 <= cache_step <= steps_run:
+            raise InvalidInputError(f"cache step {cache_step} is outside 1..{steps_run}, the steps that strength "
+                                    f"{strength} runs of {num_inference_steps}; use 1 <= n <= {steps_run}, with n = "
+                                    f"{steps_run} for the plain baseline", field="cache_step")
+        check_cache_step(int(cache_step), steps_run)
         if not is_finite_number(guidance_scale):
             raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
         try:
@@ -237,6 +244,21 @@ class CairEngine:
                                     f"beyond the model's {train_steps} training timesteps; use fewer steps",
                                     field="steps")
         return int(cache_step)
+
+    @staticmethod
+    def steps_run(num_inference_steps: int, strength: Any = None) -> int:
+        """The denoising steps a call runs: T, or image to image's last ``min(int(T * strength), T)``."""
+        if strength is None:
+            return int(num_inference_steps)
+        if not is_finite_number(strength) or not 0 < strength <= 1:
+            raise InvalidInputError(f"strength {strength!r} must be a number in (0, 1]: how much of the schedule "
+                                    "image to image runs (1 = all of it, from pure noise)", field="strength")
+        steps_run = int(num_inference_steps) - img2img_start(int(num_inference_steps), float(strength))
+        if steps_run < 1:
+            raise InvalidInputError(f"strength {strength} of {num_inference_steps} steps runs no step "
+                                    f"(int({num_inference_steps} * {strength}) = 0); raise the strength or the steps",
+                                    field="strength")
+        return steps_run
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Pixel size -> latent size, defaulting to the size the engine was tuned for."""
@@ -269,6 +291,9 @@ class CairEngine:
         negative_text_embeds: np.ndarray | None = None,
         callback: Callable[[int, int], None] | None = None,
         loras: Sequence[Any] | LoraSet | None = None,
+        image_latents: np.ndarray | None = None,
+        strength: float = 0.8,
+        generators: Sequence[np.random.Generator] | None = None,
     ) -> DenoiseResult:
         """Denoise from prompt embeddings (B, text_len, D); returns final latents and stage timings.
 
@@ -280,9 +305,18 @@ class CairEngine:
         embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
         plain baseline. Batches above the engine's max batch run in chunks. ``loras`` as for the
         constructor (None: the engine's default adapters).
+
+        Image to image: ``image_latents`` (B, C, h, w) are the init images' latents, already scaled
+        by the VAE's scaling factor; the loop runs the last ``min(int(T * strength), T)`` of T
+        steps (diffusers' ``get_timesteps``) from them noised to its first timestep with the
+        scheduler's ``add_noise``; ``latents``, if given, is that noise, else image k draws it.
+        n counts the steps that run. ``generators``: image k's generator as the caller left it
+        (text to image draws the VAE's latent sample from it first), instead of ``seed``.
         """
         self.check_open()
-        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
+        img2img = image_latents is not None
+        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler,
+                                           strength if img2img else None)
         lora_set = self.resolve_loras(loras)
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
@@ -297,7 +331,17 @@ class CairEngine:
         if negative_prompt_embeds.shape != expected:
             raise ShapeError(f"negative prompt embeddings have shape {negative_prompt_embeds.shape}; expected {expected}")
 
-        generators = image_generators(image_seeds(seed, batch))
+        if generators is None:
+            generators = image_generators(image_seeds(seed, batch))
+        elif len(generators) != batch:
+            raise InvalidInputError(f"{len(generators)} generators for a batch of {batch}; give one per image")
+        if img2img:
+            image_latents = _float_array("image latents", image_latents, 4)
+            if image_latents.shape[:2] != (batch, self.in_channels):
+                raise ShapeError(f"image latents have shape {image_latents.shape}; expected ({batch}, "
+                                 f"{self.in_channels}, latent_height, latent_width) to match the prompt batch")
+            height = height or image_latents.shape[2] * self.vae_scale_factor
+            width = width or image_latents.shape[3] * self.vae_scale_factor
         if latents is None:
             latent_height, latent_width = self.latent_size(height, width)
             latents = standard_normal(generators, (batch, self.in_channels, latent_height, latent_width))
@@ -310,6 +354,9 @@ class CairEngine:
                 raise ShapeError(f"latents of {label} {size} make {size * self.vae_scale_factor} px, not the "
                                  f"{label} {pixels} asked for; drop --{label} or pass matching latents")
         self.check_dims({"latent_height": latents.shape[2], "latent_width": latents.shape[3]})
+        if img2img and image_latents.shape != latents.shape:
+            raise ShapeError(f"image latents have shape {image_latents.shape}, the noise {latents.shape}; "
+                             "they must match")
 
         added = None
         if self.added_conditions:
@@ -339,18 +386,32 @@ class CairEngine:
                 result = self._denoise_batch(
                     context, prompt_embeds[part], negative_prompt_embeds[part], latents[part],
                     None if added is None else tuple(a[part] for a in added),
-                    num_inference_steps, cache_step, guidance_scale, scheduler, generators[part], callback)
+                    num_inference_steps, cache_step, guidance_scale, scheduler, generators[part], callback,
+                    None if image_latents is None else (image_latents[part], strength))
                 chunks.append(result.latents)
                 timings.add(result.timings)
         return DenoiseResult(np.concatenate(chunks), timings)
 
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
-                       cache_step, guidance_scale, scheduler_name, generators: Generators, callback) -> DenoiseResult:
+                       cache_step, guidance_scale, scheduler_name, generators: Generators, callback,
+                       img2img: tuple[np.ndarray, float] | None = None) -> DenoiseResult:
         batch = latents.shape[0]
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
         scheduler = make_scheduler(scheduler_name, self.manifest.scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
-        planning_steps = planning_evaluations(cache_step, num_inference_steps, len(scheduler.timesteps))
+        timesteps = scheduler.timesteps
+        if img2img is None:
+            latents = latents * np.float32(scheduler.init_noise_sigma)  # (B, C, h, w): pure noise
+        else:
+            # Image to image (diffusers' get_timesteps + prepare_latents): start at the schedule's
+            # t_start-th step, from the image latents noised to that step; no init_noise_sigma.
+            image_latents, strength = img2img
+            begin = img2img_start(num_inference_steps, strength) * scheduler.order
+            scheduler.set_begin_index(begin)
+            timesteps = timesteps[begin:]
+            latents = scheduler.add_noise(image_latents, latents, timesteps[0])
+        steps_run = self.steps_run(num_inference_steps, None if img2img is None else img2img[1])
+        planning_steps = planning_evaluations(cache_step, steps_run, len(timesteps))
 
         dims = {"batch": batch, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
         self.check_dims({"batch": batch})
@@ -370,9 +431,8 @@ class CairEngine:
             context.set_inputs("fidelity", fidelity_inputs)
 
         timings = StageTimings()
-        latents = latents * np.float32(scheduler.init_noise_sigma)
-        total = len(scheduler.timesteps)
-        for i, t in enumerate(scheduler.timesteps):
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
             step = i + 1
             started = time.perf_counter()
             timestep = np.array([t], dtype=np.float32)
