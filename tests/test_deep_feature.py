@@ -29,11 +29,12 @@ def _helper(unet, timesteps, interval, branch):
     return helper
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
-def test_shallow_evaluation_is_deepcaches_skip_step_at_every_branch(preset):
+@pytest.mark.parametrize("preset, branches", [("tiny-sd15", (0, 1, 3, 4, 6, 7)), ("tiny-sdxl", (1, 3))])
+def test_shallow_evaluation_is_deepcaches_skip_step(preset, branches):
     """Full step at t0 then a skip step at t1 through DeepCache's helper == full + our shallow evaluation.
 
-    At a latent size that is no multiple of the upsampling factor (explicit upsample sizes), batch 2.
+    At a latent size that is no multiple of the upsampling factor (explicit upsample sizes), batch 2;
+    every branch of the tiny SD-1.5 UNet (its up blocks have 2 layers: b % 3 < 2), two of SDXL's.
     """
     model = load_model(preset)
     unet = model.unet
@@ -45,8 +46,6 @@ def test_shallow_evaluation_is_deepcaches_skip_step_at_every_branch(preset):
         added = {"text_embeds": torch.randn(2, 1280, generator=generator),
                  "time_ids": torch.tensor([[64.0, 56, 0, 0, 64, 56]] * 2)}
     timesteps = torch.tensor([900, 700])
-    branches = [b for b in range(9) if b % 3 < len(unet.up_blocks[-1 - b // 3].resnets)]
-    assert len(branches) == 6
     for branch_id in branches:
         branch = deep_branch(unet, branch_id)
         helper = _helper(unet, timesteps, 2, branch_id)
@@ -73,7 +72,7 @@ def test_reference_without_cross_attention_caching_is_deepcache_on_the_diffusers
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     prompt, negative = (torch.randn(1, 77, 1024, generator=generator) for _ in range(2))
-    steps, interval, branch = 7, 3, 1
+    steps, interval, branch = 5, 2, 1
 
     def scheduler():
         return DDIMScheduler.from_config(model.scheduler_config)
