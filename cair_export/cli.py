@@ -73,7 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
-                          max_batch=args.max_batch, dtype=args.dtype,
+                          max_batch=args.max_batch, dtype=args.dtype, deep_branch=args.deep_branch,
                           loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
     check_export_options(config)
@@ -206,7 +206,11 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--opset", type=int_arg, default=17,
                         help="ONNX opset, from 17 to the newest torch's exporter supports (default 17)")
     export.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none",
-                        help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps guidance")
+                        help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps per-half caches, so runs "
+                             "choose a guidance stop m in n..T")
+    export.add_argument("--deep-branch", type=int_arg, metavar="B",
+                        help="also export the shallow graph for deep-feature caching, cut at DeepCache's branch B "
+                             "(3 * block + layer; 0 recomputes the least); default: none")
     export.add_argument("--cache-step-hint", type=positive_int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
     export.add_argument("--max-batch", type=positive_int_arg, default=4, help="largest prompt batch (default 4)")

@@ -225,6 +225,9 @@ class CairText2Image:
         width: int | None = None,
         num_inference_steps: int = 25,
         cache_step: int | None = None,
+        guidance_stop: int | None = None,
+        deep_interval: int = 1,
+        skip_mode: str = "uniform",
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
         seed: int | Sequence[int] = 0,
@@ -260,6 +263,7 @@ class CairText2Image:
         seeds = image_seeds(seed, count)
         engine = self.engine
         cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
+        guidance_stop = engine.check_schedule(num_inference_steps, cache_step, guidance_stop, deep_interval, skip_mode)
         latent_height, latent_width = engine.latent_size(height, width)
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
         lora_set = engine.resolve_loras(loras)
@@ -285,7 +289,8 @@ class CairText2Image:
 
         result = engine.denoise(
             per_image(prompt_embeds), per_image(negative_embeds), latents=latents, height=height, width=width,
-            num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_stop=guidance_stop,
+            deep_interval=deep_interval, skip_mode=skip_mode, guidance_scale=guidance_scale,
             scheduler=scheduler, seed=seeds, text_embeds=per_image(pooled), negative_text_embeds=per_image(negative_pooled),
             callback=callback, loras=lora_set)
 
@@ -297,7 +302,8 @@ class CairText2Image:
             "prompt": prompts[k // num_images_per_prompt],
             "negative_prompt": None if negatives is None else negatives[k // num_images_per_prompt],
             **({"seed": seeds[k]} if latents is None else {"seed": None, "latents": "supplied by the caller"}),
-            "steps": num_inference_steps, "cache_step": cache_step,
+            "steps": num_inference_steps, "cache_step": cache_step, "guidance_stop": guidance_stop,
+            "deep_interval": deep_interval, **({"skip_mode": skip_mode} if deep_interval > 1 else {}),
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
