@@ -264,6 +264,10 @@ class CairText2Image:
         engine = self.engine
         cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
         guidance_stop = engine.check_schedule(num_inference_steps, cache_step, guidance_stop, deep_interval, skip_mode)
+        # The PNG parameters name the schedule where it differs from the engine's default (m = n, or T with CFG).
+        default_stop = num_inference_steps if engine.manifest.fidelity_guidance == "cfg" else cache_step
+        schedule = {**({"guidance_stop": guidance_stop} if guidance_stop != default_stop else {}),
+                    **({"deep_interval": deep_interval, "skip_mode": skip_mode} if deep_interval > 1 else {})}
         latent_height, latent_width = engine.latent_size(height, width)
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
         lora_set = engine.resolve_loras(loras)
@@ -302,8 +306,7 @@ class CairText2Image:
             "prompt": prompts[k // num_images_per_prompt],
             "negative_prompt": None if negatives is None else negatives[k // num_images_per_prompt],
             **({"seed": seeds[k]} if latents is None else {"seed": None, "latents": "supplied by the caller"}),
-            "steps": num_inference_steps, "cache_step": cache_step, "guidance_stop": guidance_stop,
-            "deep_interval": deep_interval, **({"skip_mode": skip_mode} if deep_interval > 1 else {}),
+            "steps": num_inference_steps, "cache_step": cache_step, **schedule,
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
