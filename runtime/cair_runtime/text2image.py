@@ -273,10 +273,13 @@ class CairText2Image:
         lora_set = engine.resolve_loras(loras)
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
             return self._generate(prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
-                                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set)
+                                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set,
+                                  (guidance_stop, deep_interval, skip_mode), schedule)
 
     def _generate(self, prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
-                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set) -> Text2ImageResult:
+                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set, run_schedule,
+                  schedule) -> Text2ImageResult:
+        guidance_stop, deep_interval, skip_mode = run_schedule  # ``schedule``: what the PNG parameters name
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
