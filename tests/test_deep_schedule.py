@@ -32,10 +32,14 @@ def _inputs(engine, batch=2, seed=0):
     return x
 
 
-def _reference(preset, x, branch, **schedule):
+def _model(preset):
     if preset not in _models:
         _models[preset] = load_model(preset)
-    model = _models[preset]
+    return _models[preset]
+
+
+def _reference(preset, x, branch, **schedule):
+    model = _model(preset)
     t = {k: torch.from_numpy(v) for k, v in x.items()}
     added = negative = None
     if "text_embeds" in t:
@@ -98,6 +102,34 @@ def test_runtime_schedules_match_the_reference(exported, preset, branch):
         assert _relative(result.latents, expected) <= 1e-4, (n, m, k, mode)
         assert result.timings.planning_steps == n and result.timings.fidelity_steps == STEPS - n
         assert result.timings.shallow_steps == 4
+
+
+def test_image_to_image_schedules_match_the_reference(exported):
+    """Image to image with a guidance stop and a deep interval: n, m and k count the steps that run (7 of 10)."""
+    engine = CairEngine(exported("tiny-sd15", **DEEP))
+    x = _inputs(engine)
+    image_latents = np.random.default_rng(1).standard_normal(x["latents"].shape, dtype=np.float32)
+    strength, steps_run = 0.7, 7
+    # diffusers' get_timesteps and prepare_latents: start at t_start, the image latents noised to that timestep
+    scheduler = DDIMScheduler.from_config(_model("tiny-sd15").scheduler_config)
+    scheduler.set_timesteps(STEPS)
+    t_start = STEPS - min(int(STEPS * strength), STEPS)
+    assert t_start == STEPS - steps_run
+    noised = scheduler.add_noise(torch.from_numpy(image_latents), torch.from_numpy(x["latents"]),
+                                 scheduler.timesteps[t_start:t_start + 1]).numpy()
+    for n, m, k in [(2, 4, 2), (3, None, 3)]:  # None: m defaults to the steps that run, 7
+        stop = {} if m is None else {"guidance_stop": m}
+        result = engine.denoise(**x, image_latents=image_latents, strength=strength, num_inference_steps=STEPS,
+                                cache_step=n, deep_interval=k, guidance_scale=GUIDANCE, scheduler="ddim", **stop)
+        expected = _reference("tiny-sd15", {**x, "latents": noised}, 1, cache_step=n, deep_interval=k,
+                              start_index=t_start, **stop)
+        assert _relative(result.latents, expected) <= 1e-4, (n, m, k)
+        assert result.timings.planning_steps == n and result.timings.fidelity_steps == steps_run - n
+        assert result.timings.shallow_steps == 2
+    with pytest.raises(InvalidInputError, match=r"outside 2\.\.7") as error:  # m beyond the steps that run
+        engine.denoise(**x, image_latents=image_latents, strength=strength, num_inference_steps=STEPS, cache_step=2,
+                       guidance_stop=steps_run + 1, scheduler="ddim")
+    assert error.value.field == "guidance_stop"
 
 
 def test_m_equal_n_and_k_1_are_todays_runs_bit_for_bit(exported):

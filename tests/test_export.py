@@ -262,6 +262,9 @@ def test_fp16_engine_runs_close_to_the_fp32_one(exported):
     latents = {}
     for dtype, folder in folders.items():
         with CairEngine(folder) as engine:
+            # On the CPU a low-precision engine's sessions share one mapped copy (they would each fold
+            # the fp16 weights into an fp32 copy otherwise); fp32 engines keep private ones by default.
+            assert bool(engine.backend.weights) == (dtype == "fp16")
             text_len = engine.manifest.dim("text_len").opt
             embeds = np.random.default_rng(1).standard_normal((1, text_len, engine.context_dim), dtype=np.float32)
             latents[dtype] = engine.denoise(prompt_embeds=embeds, negative_prompt_embeds=-embeds,

@@ -34,7 +34,7 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
 
 
-def _fake_export(model, work, config, height, width, progress):
+def _fake_export(model, work, config, height, width, progress, release_unet=False):
     """Stands in for the slow trace and validation where only the folder handling is under test."""
     (work / "manifest.json").write_text("{}")
 

@@ -59,5 +59,8 @@ def test_an_export_is_reused_only_for_the_same_model_batch_and_size(exported):
     assert "model changed" in stale_reason(manifest, retrained, ExportConfig(), with_pipeline=True)
     assert "prompts per call" in stale_reason(manifest, model, ExportConfig(max_batch=64), with_pipeline=True)
     assert "tuned for" in stale_reason(manifest, model, ExportConfig(height=8 * 1000), with_pipeline=True)
+    before_img2img = dataclasses.replace(manifest, pipeline={k: v for k, v in manifest.pipeline.items()
+                                                             if k != "vae_encoder_graph"})
+    assert "no VAE encoder" in stale_reason(before_img2img, model, ExportConfig(), with_pipeline=True)
     unet_only = dataclasses.replace(manifest, pipeline=None)
     assert "no text encoder" in stale_reason(unet_only, model, ExportConfig(), with_pipeline=True)

@@ -34,6 +34,7 @@ from cair_export.core.graphs import (
     GraphIO,
     TextEncoderGraph,
     VaeDecoderGraph,
+    VaeEncoderGraph,
     cache_specs,
     graph_dims,
     graph_specs,
@@ -41,6 +42,7 @@ from cair_export.core.graphs import (
     make_token_inputs,
     text_encoder_io,
     vae_decoder_io,
+    vae_encoder_io,
 )
 from cair_export.core.deep_feature import deep_branch
 from cair_export.core.models import LoadedModel
@@ -416,7 +418,12 @@ def _graph_runner(path: Path, initializers: dict[str, Any] | None, reference_fal
 
         return (lambda inputs: run_onnx(path, inputs, "reference")[0],
                 f"onnx.reference (onnxruntime CPU refused: {str(error).splitlines()[0][:160]})")
-    return (lambda inputs: run_session(session, inputs)), "onnxruntime CPU"
+    def run(inputs: dict) -> dict:
+        outputs = run_session(session, inputs)
+        _free_memory()  # what the run freed goes back now: the next run's peak does not stack on it
+        return outputs
+
+    return run, "onnxruntime CPU"
 
 
 def _compare(graph: torch.nn.Module, session, shapes: list[dict[str, int]], make: Callable,
@@ -432,12 +439,12 @@ def _compare(graph: torch.nn.Module, session, shapes: list[dict[str, int]], make
 
 def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...], config: ExportConfig,
                            report: ValidationReport | None, progress: Callable[[str], None]):
-    """Text encoder(s), VAE decoder and tokenizer(s) beside the UNet graphs, validated like them;
+    """Text encoder(s), VAE decoder and encoder and tokenizer(s) beside the UNet graphs, validated like them;
     returns the pipeline section, the graphs' IO and every file written (external data included)."""
     opt = {dim.name: dim.opt for dim in dims}
     text_dims = [dict(opt, batch=1), dict(opt, batch=2)]
     pipeline = {"type": "stable-diffusion-xl" if model.family == "sdxl" else "stable-diffusion",
-                "text_encoders": [], "vae_graph": "vae_decoder",
+                "text_encoders": [], "vae_graph": "vae_decoder", "vae_encoder_graph": "vae_encoder",
                 "vae_scaling_factor": float(model.vae.config.scaling_factor),
                 "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
                 "pooled_from": "text_encoder_2" if model.family == "sdxl" else None}
@@ -475,11 +482,21 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
     progress("exporting vae_decoder graph")
     trace = dict(opt, batch=1, latent_height=opt["latent_height"] + 1)
     files += _export_onnx(graph, io, make_inputs(io, trace, 0), work, config.opset)
+    wide = dict(opt, batch=2, latent_width=opt["latent_width"] + 2)
     if report is not None:
-        wide = dict(opt, batch=2, latent_width=opt["latent_width"] + 2)
         _compare(graph, make_session(work / "vae_decoder.onnx"), [dict(opt, batch=1), wide],
                  lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
     ios["vae_decoder"] = io
+
+    # The VAE encoder, for image to image: small (SD's is 34M parameters, 4% of the pipeline), so always.
+    io = vae_encoder_io(model.vae, model.vae_scale_factor)
+    graph = VaeEncoderGraph(model.vae, io)
+    progress("exporting vae_encoder graph")
+    files += _export_onnx(graph, io, make_inputs(io, trace, 0), work, config.opset)
+    if report is not None:
+        _compare(graph, make_session(work / "vae_encoder.onnx"), [dict(opt, batch=1), wide],
+                 lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
+    ios["vae_encoder"] = io
     files += [encoder["tokenizer"] for encoder in pipeline["text_encoders"]]
     return pipeline, ios, files, text_weights
 

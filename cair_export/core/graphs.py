@@ -196,6 +196,21 @@ def vae_decoder_io(vae: torch.nn.Module, scale_factor: int) -> GraphIO:
     )
 
 
+def vae_encoder_io(vae: torch.nn.Module, scale_factor: int) -> GraphIO:
+    """Image in [-1, 1] -> the mean and standard deviation of the VAE's latent distribution (unscaled).
+
+    Both moments, so the runtime can take diffusers' ``retrieve_latents`` sample (``mean + std * noise``
+    from the image's generator) or its mode (the mean).
+    """
+    latent = ("batch", vae.config.latent_channels, "latent_height", "latent_width")
+    return GraphIO(
+        "vae_encoder",
+        inputs=(TensorSpec("sample", "float32", ("batch", vae.config.in_channels, f"{scale_factor}*latent_height",
+                                                 f"{scale_factor}*latent_width")),),
+        outputs=(TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_std", "float32", latent)),
+    )
+
+
 def make_token_inputs(io: GraphIO, dims: dict[str, int], seed: int, vocab_size: int, eos: int, pad: int):
     """Seeded token ids shaped like a tokenizer's: BOS ... EOS, then padding."""
     rng = np.random.default_rng(seed)
@@ -229,3 +244,14 @@ class VaeDecoderGraph(torch.nn.Module):
 
     def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.vae.decode(latent_sample, return_dict=False)[0],)
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, io: GraphIO):
+        super().__init__()
+        self.vae, self.io = vae, io
+        self.input_names = ["sample"]
+
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        distribution = self.vae.encode(sample, return_dict=False)[0]  # DiagonalGaussianDistribution (logvar clamped)
+        return distribution.mean, distribution.std

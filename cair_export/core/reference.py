@@ -155,6 +155,7 @@ def cair_denoise(
     skip_mode: str = "uniform",
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
+    start_index: int | None = None,
 ) -> torch.Tensor:
     """Sample with CAIR (and DeepCache's deep-feature caching) over a diffusers scheduler; returns the final latents.
 
@@ -169,23 +170,37 @@ def cair_denoise(
     default m = T with "cfg", n without); after n (from the first step when ``cache_step`` is
     None) a full evaluation every ``deep_interval``-th and shallow ones between (DeepCache's
     ``deep_branch_id``, uniform or non-uniform ``skip_mode``).
+
+    Image to image: ``start_index`` (diffusers' ``get_timesteps``' ``t_start``) starts the loop at
+    ``scheduler.timesteps[start_index * scheduler.order]`` with the scheduler's begin index set, as
+    diffusers' img2img pipelines do; ``latents`` are then the image latents already noised to that
+    timestep (``prepare_latents``; not scaled by ``init_noise_sigma``), and n, m and the deep
+    schedule count the ``num_inference_steps - start_index`` steps that run (T above means those).
     """
     scheduler.set_timesteps(num_inference_steps)
-    evaluations = len(scheduler.timesteps)
+    timesteps, steps_run = scheduler.timesteps, num_inference_steps
+    if start_index is None:
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        begin = start_index * scheduler.order
+        timesteps, steps_run = timesteps[begin:], num_inference_steps - start_index
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+    evaluations = len(timesteps)
     if cache_step is None:
         planning = 0
         guided = evaluations
-        check_schedule(num_inference_steps, num_inference_steps, deep_interval, skip_mode, num_inference_steps)
+        check_schedule(steps_run, steps_run, deep_interval, skip_mode, steps_run)
         caching: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
-        planning = planning_evaluations(cache_step, num_inference_steps, evaluations)
+        planning = planning_evaluations(cache_step, steps_run, evaluations)
         if guidance_stop is None:
-            guidance_stop = num_inference_steps if fidelity_guidance == "cfg" else cache_step
-        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, num_inference_steps)
+            guidance_stop = steps_run if fidelity_guidance == "cfg" else cache_step
+        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
         if guidance_stop > cache_step and fidelity_guidance != "cfg":
             raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches: "
                                     "pass fidelity_guidance='cfg'", field="guidance_stop")
-        guided = planning_evaluations(guidance_stop, num_inference_steps, evaluations)
+        guided = planning_evaluations(guidance_stop, steps_run, evaluations)
         caching = CrossAttentionCache(unet, fidelity_guidance)
     plan = evaluation_plan(planning, guided, evaluations, deep_interval, skip_mode)
     branch = None
@@ -196,7 +211,6 @@ def cair_denoise(
     recording = recorded_deep_feature(unet, branch) if branch is not None else contextlib.nullcontext([])
     # As diffusers' prepare_extra_step_kwargs: only stochastic schedulers take a generator.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    latents = latents * scheduler.init_noise_sigma
     encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, L, D): uncond first
     guided_cond = None
     if added_cond is not None:
@@ -204,7 +218,7 @@ def cair_denoise(
 
     deep_feature = None  # (2B or B, C_b, ...): kept by the last full evaluation
     with caching as cache, recording as recorded:
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             if on_step is not None:
                 on_step(i)
             evaluation = plan[i]

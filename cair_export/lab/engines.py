@@ -15,13 +15,15 @@ def stale_reason(manifest: Manifest, model: LoadedModel, config: ExportConfig, w
     """Why an existing export does not serve ``model`` under ``config`` (None: it does).
 
     It must come from the same model files (sha256 of the folder, ``None`` for code-built presets),
-    hold the text-to-image parts when they are wanted, take ``config.max_batch`` prompts per call
+    hold the pipeline parts (VAE encoder included) when they are wanted, take ``config.max_batch`` prompts per call
     and be tuned for the requested size.
     """
     if manifest.model.get("source_sha256") != model.source_sha256:
         return "the model changed since it was exported"
     if with_pipeline and manifest.pipeline is None:
         return "it holds no text encoder and VAE"
+    if with_pipeline and manifest.pipeline.get("vae_encoder_graph") is None:
+        return "it holds no VAE encoder (exported before image to image)"
     if manifest.dim("batch").max < config.max_batch:
         return f"it takes at most {manifest.dim('batch').max} prompts per call, not {config.max_batch}"
     factor = model.vae_scale_factor

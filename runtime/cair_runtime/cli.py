@@ -121,6 +121,14 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
                                 "generation parameters in its text chunks")
     for path in _image_paths(output, args.num_images):
         check_writable(path)
+    img2img = {}
+    if args.image is not None:
+        from cair_runtime.images import load_image
+
+        load_image(args.image)  # a bad file fails before the engine loads
+        img2img = {"image": args.image, "strength": 0.8 if args.strength is None else args.strength}
+    elif args.strength is not None:
+        raise InvalidInputError("--strength is for image to image; give --image too")
     pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
                               loras=_loras(args), **_backend_options(args))
     with warnings.catch_warnings(record=True) as caught:
@@ -130,19 +138,22 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
             width=args.width, num_inference_steps=args.steps, cache_step=args.cache_step,
             guidance_stop=args.guidance_stop, deep_interval=args.deep_interval, skip_mode=args.skip_mode,
             guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed,
-            callback=_Progress(not args.json))
+            callback=_Progress(not args.json), **img2img)
     for message in dict.fromkeys(str(warning.message) for warning in caught):  # SDXL: once, not per encoder
         print(f"cair-run: warning: {message}", file=sys.stderr)
     paths = _image_paths(output, len(result.images))
     for image, path, parameters in zip(result.images, paths, result.parameters):
         save_png(image, path, parameters)
-    timings = {**result.timings.as_dict(), "text_s": result.text_s, "vae_s": result.vae_s}
+    timings = {**result.timings.as_dict(), "text_s": result.text_s, "vae_s": result.vae_s,
+               **({"image_s": result.image_s} if img2img else {})}
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], **timings}, indent=2))
     else:
         t = result.timings
-        print(f"wrote {', '.join(map(str, paths))}: text {result.text_s:.3f} s, planning {t.planning_steps} steps "
-              f"{t.planning_s:.3f} s, switch {t.switch_s * 1e3:.3f} ms, fidelity {t.fidelity_steps} steps ({t.shallow_steps} shallow) "
+        encode = f", image {result.image_s:.3f} s" if img2img else ""
+        print(f"wrote {', '.join(map(str, paths))}: text {result.text_s:.3f} s{encode}, planning {t.planning_steps} steps "
+              f"{t.planning_s:.3f} s, switch {t.switch_s * 1e3:.3f} ms, fidelity {t.fidelity_steps} steps "
+              f"({t.shallow_steps} shallow) "
               f"{t.fidelity_s:.3f} s, decode {result.vae_s:.3f} s")
     return 0
 
@@ -150,6 +161,8 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from cair_runtime.pipeline import CairEngine
 
+    if args.prompt is None and (args.image is not None or args.strength is not None):
+        raise InvalidInputError("--image and --strength need a prompt (image to image runs the whole pipeline)")
     if (args.prompt is None) == (args.encoder_hidden_states is None):
         raise InvalidInputError("give either a prompt (text-to-image) or --encoder-hidden-states (UNet only), "
                                 "not both or neither")
@@ -195,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative-prompt", help="negative prompt (default: none)")
     parser.add_argument("--num-images", type=int, default=1,
                         help="images for the prompt (default 1); several are written as OUT-0.png, OUT-1.png, ...")
+    parser.add_argument("--image", metavar="FILE",
+                        help="image to image: the init image (RGB, or grayscale, converted; its size is the output's)")
+    parser.add_argument("--strength", type=float,
+                        help="image to image: how much of the schedule runs, in (0, 1] (default 0.8); n counts the "
+                             "min(int(steps * strength), steps) steps that run")
     parser.add_argument("--encoder-hidden-states", metavar="FILE.npy",
                         help="UNet only: prompt embeddings (B, text_len, D), float32 .npy, instead of a prompt")
     parser.add_argument("--negative-encoder-hidden-states", metavar="FILE.npy",

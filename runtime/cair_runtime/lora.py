@@ -18,7 +18,6 @@ in the original LDM naming, DoRA, rsLoRA, per-module alpha patterns) is refused 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 
 from cair_runtime.checks import is_finite_number
 from cair_runtime.errors import InvalidInputError
+from cair_runtime.manifest import sha256_file as file_sha256
 
 LORA_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -107,14 +107,6 @@ def read_lora_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise _error(f"cannot read LoRA {path}: {reason}") from None
     return tensors, metadata
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- which module each key names ---------------------------------------------------------------

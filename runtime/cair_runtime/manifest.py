@@ -26,10 +26,11 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
-GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and vae_decoder come with a pipeline
+GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and the VAE's come with a pipeline
 OPTIONAL_UNET_GRAPH_KINDS = ("shallow",)  # DeepCache's cut, with the deep_branch section
 DEEP_BRANCH_KEYS = ("name", "branch", "block", "layer", "up_block", "up_layer", "channels", "level")
-PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder")
+# vae_encoder (image to image) since 2026-11-30: older pipeline folders lack it and still load
+PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
 FIDELITY_GUIDANCE = ("none", "cfg")
 PROMPT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state")
 MAX_DIM_VALUE = 2**31 - 1  # any tensor dimension the manifest can describe
@@ -297,6 +298,8 @@ def _pipeline_problems(manifest: Manifest) -> list[str]:
             problems.append(f"pipeline {where}.prompt_output {encoder.get('prompt_output')!r} is not one of "
                             f"{', '.join(PROMPT_OUTPUTS)}")
     graph("vae_graph", pipeline.get("vae_graph"))
+    if pipeline.get("vae_encoder_graph") is not None:  # optional: folders exported before image to image lack it
+        graph("vae_encoder_graph", pipeline["vae_encoder_graph"])
     factor = pipeline.get("vae_scaling_factor")
     if not is_finite_number(factor) or factor <= 0:
         problems.append(f"pipeline vae_scaling_factor {factor!r} must be a positive finite number")

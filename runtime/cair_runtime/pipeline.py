@@ -17,7 +17,7 @@ from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
-from cair_runtime.schedulers import make_scheduler
+from cair_runtime.schedulers import img2img_start, make_scheduler
 from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan, planning_evaluations
 
 
@@ -206,24 +206,31 @@ class CairEngine:
                              "re-export with a matching --height/--width/--max-batch")
 
     def check_parameters(self, num_inference_steps: Any, cache_step: Any, guidance_scale: Any,
-                         scheduler: str | None) -> int:
+                         scheduler: str | None, strength: Any = None) -> int:
         """Refuse, before any work, what would fail late or give a silently wrong image; returns n.
 
         Steps are integers in 1..the model's training timesteps (more collapse the schedule, as
-        diffusers refuses too); n is an integer in 1..T or None for the manifest's hint (capped at
-        T); guidance is a finite number; the scheduler is built and its timesteps set once, so an
-        unknown name or too few steps for it (PNDM) fail here.
+        diffusers refuses too); image to image's ``strength`` is a finite number in (0, 1] that runs
+        at least one step; n is an integer in 1..the steps that run (T, or image to image's
+        ``min(int(T * strength), T)``) or None for the manifest's hint (capped at that); guidance is
+        a finite number; the scheduler is built and its timesteps set once, so an unknown name or
+        too few steps for it (PNDM) fail here.
         """
         train_steps = int(self.manifest.scheduler_config.get("num_train_timesteps", 1000))
         if not is_integer(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
             raise InvalidInputError(f"steps {num_inference_steps!r} must be an integer in 1..{train_steps} "
                                     "(the model's training timesteps)", field="steps")
+        steps_run = self.steps_run(num_inference_steps, strength)
         if cache_step is None:
-            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), num_inference_steps)
+            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), steps_run)
         if not is_integer(cache_step):
-            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{num_inference_steps}",
+            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{steps_run}",
                                     field="cache_step")
-        check_cache_step(int(cache_step), int(num_inference_steps))
+        if strength is not None and not 1 <= cache_step <= steps_run:
+            raise InvalidInputError(f"cache step {cache_step} is outside 1..{steps_run}, the steps that strength "
+                                    f"{strength} runs of {num_inference_steps}; use 1 <= n <= {steps_run}, with n = "
+                                    f"{steps_run} for the plain baseline", field="cache_step")
+        check_cache_step(int(cache_step), steps_run)
         if not is_finite_number(guidance_scale):
             raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
         try:
@@ -240,14 +247,15 @@ class CairEngine:
                                     field="steps")
         return int(cache_step)
 
-    def check_schedule(self, num_inference_steps: int, cache_step: int, guidance_stop: Any, deep_interval: Any,
+    def check_schedule(self, steps_run: int, cache_step: int, guidance_stop: Any, deep_interval: Any,
                        skip_mode: Any) -> int:
         """The guidance stop m (default: n, or T on an engine exported with fidelity CFG) and the deep
-        interval k, checked against what this engine has; returns m."""
+        interval k, checked against what this engine has; returns m. T here is ``steps_run``, the
+        steps that run (image to image's last ``min(int(T * strength), T)``), as for n."""
         cfg = self.manifest.fidelity_guidance == "cfg"
         if guidance_stop is None:
-            guidance_stop = num_inference_steps if cfg else cache_step
-        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, num_inference_steps)
+            guidance_stop = steps_run if cfg else cache_step
+        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
         if guidance_stop > cache_step and not cfg:
             raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches; "
                                     "this engine merges them at n: re-export with --fidelity-guidance cfg",
@@ -255,11 +263,26 @@ class CairEngine:
         if deep_interval > 1 and "shallow" not in self.manifest.graphs:
             raise InvalidInputError(f"deep interval {deep_interval} needs the shallow graph, which {self.folder} lacks; "
                                     "re-export with --deep-branch B (or use --deep-interval 1)", field="deep_interval")
-        scheduled = deep_interval > 1 or (cfg and guidance_stop < num_inference_steps)
+        scheduled = deep_interval > 1 or (cfg and guidance_stop < steps_run)
         if scheduled and not self.backend.schedules:
             raise InvalidInputError("this backend runs planning and fidelity only (no guidance stop before T, no "
                                     "shallow steps); use the onnxruntime backend", field="deep_interval")
         return int(guidance_stop)
+
+    @staticmethod
+    def steps_run(num_inference_steps: int, strength: Any = None) -> int:
+        """The denoising steps a call runs: T, or image to image's last ``min(int(T * strength), T)``."""
+        if strength is None:
+            return int(num_inference_steps)
+        if not is_finite_number(strength) or not 0 < strength <= 1:
+            raise InvalidInputError(f"strength {strength!r} must be a number in (0, 1]: how much of the schedule "
+                                    "image to image runs (1 = all of it, from pure noise)", field="strength")
+        steps_run = int(num_inference_steps) - img2img_start(int(num_inference_steps), float(strength))
+        if steps_run < 1:
+            raise InvalidInputError(f"strength {strength} of {num_inference_steps} steps runs no step "
+                                    f"(int({num_inference_steps} * {strength}) = 0); raise the strength or the steps",
+                                    field="strength")
+        return steps_run
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Pixel size -> latent size, defaulting to the size the engine was tuned for."""
@@ -295,6 +318,9 @@ class CairEngine:
         negative_text_embeds: np.ndarray | None = None,
         callback: Callable[[int, int], None] | None = None,
         loras: Sequence[Any] | LoraSet | None = None,
+        image_latents: np.ndarray | None = None,
+        strength: float = 0.8,
+        generators: Sequence[np.random.Generator] | None = None,
     ) -> DenoiseResult:
         """Denoise from prompt embeddings (B, text_len, D); returns final latents and stage timings.
 
@@ -310,10 +336,21 @@ class CairEngine:
         branch), placed per ``skip_mode`` ("uniform" or DeepCache's "non-uniform"). Batches above
         the engine's max batch run in chunks. ``loras`` as for the constructor (None: the engine's
         default adapters).
+
+        Image to image: ``image_latents`` (B, C, h, w) are the init images' latents, already scaled
+        by the VAE's scaling factor; the loop runs the last ``min(int(T * strength), T)`` of T
+        steps (diffusers' ``get_timesteps``) from them noised to its first timestep with the
+        scheduler's ``add_noise``; ``latents``, if given, is that noise, else image k draws it.
+        n, m and k count the steps that run (m's default T is then those steps). ``generators``:
+        image k's generator as the caller left it (text to image draws the VAE's latent sample from
+        it first), instead of ``seed``.
         """
         self.check_open()
-        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
-        guidance_stop = self.check_schedule(num_inference_steps, cache_step, guidance_stop, deep_interval, skip_mode)
+        img2img = image_latents is not None
+        run_strength = strength if img2img else None
+        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
+        guidance_stop = self.check_schedule(self.steps_run(num_inference_steps, run_strength), cache_step,
+                                            guidance_stop, deep_interval, skip_mode)
         lora_set = self.resolve_loras(loras)
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
@@ -328,7 +365,17 @@ class CairEngine:
         if negative_prompt_embeds.shape != expected:
             raise ShapeError(f"negative prompt embeddings have shape {negative_prompt_embeds.shape}; expected {expected}")
 
-        generators = image_generators(image_seeds(seed, batch))
+        if generators is None:
+            generators = image_generators(image_seeds(seed, batch))
+        elif len(generators) != batch:
+            raise InvalidInputError(f"{len(generators)} generators for a batch of {batch}; give one per image")
+        if img2img:
+            image_latents = _float_array("image latents", image_latents, 4)
+            if image_latents.shape[:2] != (batch, self.in_channels):
+                raise ShapeError(f"image latents have shape {image_latents.shape}; expected ({batch}, "
+                                 f"{self.in_channels}, latent_height, latent_width) to match the prompt batch")
+            height = height or image_latents.shape[2] * self.vae_scale_factor
+            width = width or image_latents.shape[3] * self.vae_scale_factor
         if latents is None:
             latent_height, latent_width = self.latent_size(height, width)
             latents = standard_normal(generators, (batch, self.in_channels, latent_height, latent_width))
@@ -341,6 +388,9 @@ class CairEngine:
                 raise ShapeError(f"latents of {label} {size} make {size * self.vae_scale_factor} px, not the "
                                  f"{label} {pixels} asked for; drop --{label} or pass matching latents")
         self.check_dims({"latent_height": latents.shape[2], "latent_width": latents.shape[3]})
+        if img2img and image_latents.shape != latents.shape:
+            raise ShapeError(f"image latents have shape {image_latents.shape}, the noise {latents.shape}; "
+                             "they must match")
 
         added = None
         if self.added_conditions:
@@ -371,22 +421,36 @@ class CairEngine:
                     context, prompt_embeds[part], negative_prompt_embeds[part], latents[part],
                     None if added is None else tuple(a[part] for a in added),
                     num_inference_steps, (cache_step, guidance_stop, deep_interval, skip_mode), guidance_scale, scheduler,
-                    generators[part], callback)
+                    generators[part], callback, None if image_latents is None else (image_latents[part], strength))
                 chunks.append(result.latents)
                 timings.add(result.timings)
         return DenoiseResult(np.concatenate(chunks), timings)
 
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
-                       schedule, guidance_scale, scheduler_name, generators: Generators, callback) -> DenoiseResult:
+                       schedule, guidance_scale, scheduler_name, generators: Generators, callback,
+                       img2img: tuple[np.ndarray, float] | None = None) -> DenoiseResult:
         batch = latents.shape[0]
         cache_step, guidance_stop, deep_interval, skip_mode = schedule
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
         scheduler = make_scheduler(scheduler_name, self.manifest.scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
-        total = len(scheduler.timesteps)
-        planning_steps = planning_evaluations(cache_step, num_inference_steps, total)
-        # Evaluations 1..n planning, guided up to m, then a full fidelity one every k-th and shallow between.
-        plan = evaluation_plan(planning_steps, planning_evaluations(guidance_stop, num_inference_steps, total),
+        timesteps = scheduler.timesteps
+        if img2img is None:
+            latents = latents * np.float32(scheduler.init_noise_sigma)  # (B, C, h, w): pure noise
+        else:
+            # Image to image (diffusers' get_timesteps + prepare_latents): start at the schedule's
+            # t_start-th step, from the image latents noised to that step; no init_noise_sigma.
+            image_latents, strength = img2img
+            begin = img2img_start(num_inference_steps, strength) * scheduler.order
+            scheduler.set_begin_index(begin)
+            timesteps = timesteps[begin:]
+            latents = scheduler.add_noise(image_latents, latents, timesteps[0])
+        steps_run = self.steps_run(num_inference_steps, None if img2img is None else img2img[1])
+        total = len(timesteps)
+        planning_steps = planning_evaluations(cache_step, steps_run, total)
+        # Evaluations 1..n planning, guided up to m, then a full fidelity one every k-th and shallow
+        # between; n, m and k count the steps that run.
+        plan = evaluation_plan(planning_steps, planning_evaluations(guidance_stop, steps_run, total),
                                total, deep_interval, skip_mode)
         later = [kind for kind in ("fidelity", "shallow") if kind in self.manifest.graphs]
 
@@ -409,8 +473,7 @@ class CairEngine:
                 context.set_inputs(kind, guided_inputs if cfg_fidelity else unguided_inputs)
 
         timings = StageTimings()
-        latents = latents * np.float32(scheduler.init_noise_sigma)
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             step, evaluation = i + 1, plan[i]
             started = time.perf_counter()
             timestep = np.array([t], dtype=np.float32)

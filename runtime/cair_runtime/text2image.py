@@ -1,9 +1,11 @@
-"""Text to image with an exported pipeline folder: tokenize, encode, CAIR loop, decode.
+"""Text to image (and image to image) with an exported pipeline folder: tokenize, encode, CAIR loop, decode.
 
 Mirrors diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (prompt encoding,
 ``num_images_per_prompt`` ordering, SDXL time ids and zeroed negative embeddings, VAE
 post-processing) with onnxruntime sessions for the text encoder(s) and the VAE decoder, and the
-UNet engine of ``CairEngine``. Needs only numpy, onnxruntime, tokenizers and Pillow.
+UNet engine of ``CairEngine``; with an init image, their ``...Img2ImgPipeline`` (image
+pre-processing, the VAE encoder's latent sample, the start step set by ``strength``). Needs only
+numpy, onnxruntime, tokenizers and Pillow.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import numpy as np
 from cair_runtime.backends.pool import CallGate
 from cair_runtime.checks import is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError
+from cair_runtime.manifest import size_problem
 from cair_runtime.files import write_atomically
 from cair_runtime.lora import LoraSet
+from cair_runtime.images import load_image
+from cair_runtime.noise import image_generators, standard_normal
 from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count, image_seeds
 
 
@@ -40,6 +45,7 @@ class Text2ImageResult:
     text_s: float  # prompt encoding
     vae_s: float  # decoding
     parameters: list[dict[str, Any]] = field(default_factory=list)  # per image, for PNG metadata
+    image_s: float = 0.0  # image to image: encoding the init image (VAE encoder, latent samples)
 
 
 class _Tokenizer:
@@ -144,6 +150,9 @@ class CairText2Image:
         self.text_encoders = [(spec, _Tokenizer(Path(folder) / spec["tokenizer"], spec), session(spec["graph"]))
                               for spec in self.pipeline["text_encoders"]]
         self.vae = session(self.pipeline["vae_graph"])
+        # Folders exported before image to image have no VAE encoder: text to image only.
+        encoder = self.pipeline.get("vae_encoder_graph")
+        self.vae_encoder = None if encoder is None else session(encoder)
         self.engine.adapters.register(self._swap_text_weights)
         if loras is not None:
             try:
@@ -172,7 +181,7 @@ class CairText2Image:
         ``EngineClosedError``. Closing twice is fine."""
         self._calls.close()
         self.engine.close()
-        self.text_encoders, self.vae = [], None
+        self.text_encoders, self.vae, self.vae_encoder = [], None, None
 
     def __enter__(self) -> CairText2Image:
         return self
@@ -214,6 +223,45 @@ class CairText2Image:
                                  for i in range(0, len(scaled), max_batch)])
         return np.clip(images / 2 + 0.5, 0.0, 1.0)
 
+    def encode_image(self, image: np.ndarray, generators: Sequence[np.random.Generator]) -> np.ndarray:
+        """An (H, W, 3) uint8 init image -> scaled latents (N, C, h, w), image k sampled with ``generators[k]``.
+
+        As diffusers' img2img ``prepare_latents`` with one generator per image: ``preprocess``
+        (x / 255 * 2 - 1), ``vae.encode``, ``retrieve_latents`` with its default
+        ``sample_mode="sample"`` (``mean + std * noise``, the noise image k's generator's first draw),
+        times ``scaling_factor``.
+        """
+        pixels = image.astype(np.float32) / np.float32(255.0)
+        sample = (np.float32(2.0) * pixels - np.float32(1.0)).transpose(2, 0, 1)[np.newaxis]  # (1, 3, H, W)
+        mean, std = self.vae_encoder.run(["latent_mean", "latent_std"], {"sample": np.ascontiguousarray(sample)})
+        noise = standard_normal(list(generators), (len(generators), *mean.shape[1:]))
+        return (mean + std * noise) * np.float32(self.pipeline["vae_scaling_factor"])
+
+    def _check_image(self, image: Any, height: int | None, width: int | None) -> tuple[np.ndarray, str]:
+        """The init image read and checked against the engine (size, VAE factor), before any work."""
+        if self.vae_encoder is None:
+            raise ManifestError(f"{self.engine.folder} has no VAE encoder (exported before image to image); "
+                                "re-export it with this cair-export for --image")
+        pixels, name = load_image(image)
+        engine, factor = self.engine, self.engine.vae_scale_factor
+        image_height, image_width = pixels.shape[:2]
+        problems = [size_problem(label, value, factor) for label, value in (("height", image_height),
+                                                                          ("width", image_width))]
+        for label, value, dim in (("height", image_height, "latent_height"), ("width", image_width, "latent_width")):
+            limits = engine.manifest.dim(dim)
+            if not limits.min * factor <= value <= limits.max * factor:
+                problems.append(f"{label} {value} is outside the engine's "
+                                f"{limits.min * factor}..{limits.max * factor} px")
+        problems = [p for p in problems if p]
+        if problems:
+            raise InvalidInputError(f"image {name} is {image_width}x{image_height} px: {'; '.join(problems)}; "
+                                    "resize it (the output has the image's size)", field="image")
+        for label, asked, actual in (("height", height, image_height), ("width", width, image_width)):
+            if asked is not None and asked != actual:
+                raise InvalidInputError(f"{label} {asked} differs from the image's {actual} px; image to image keeps "
+                                        f"the image's size: drop --{label} or resize the image", field=label)
+        return pixels, name
+
     @_in_flight
     def __call__(
         self,
@@ -234,6 +282,8 @@ class CairText2Image:
         latents: np.ndarray | None = None,
         callback: Callable[[int, int], None] | None = None,
         loras: Sequence[Any] | LoraSet | None = None,
+        image: str | Path | np.ndarray | None = None,
+        strength: float = 0.8,
     ) -> Text2ImageResult:
         """Generate ``num_images_per_prompt`` images per prompt.
 
@@ -243,6 +293,13 @@ class CairText2Image:
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
         of naming a seed (the seeds then drive only ancestral noise). ``loras``: adapters
         ``[(path.safetensors, scale), ...]`` for this call (None: the pipeline's default; ``[]``: none).
+
+        Image to image: ``image`` (a file path, or an (H, W, 3) uint8 RGB array; grayscale is
+        converted, other modes refused) is the init image of every image of the call, and sets
+        their size; ``strength`` in (0, 1] runs the last ``min(int(T * strength), T)`` of
+        ``num_inference_steps`` (n counts those). Image k's generator draws the VAE's latent
+        sample, then the noise added to it, then any ancestral noise, as diffusers' img2img
+        pipelines with one generator per image; ``latents``, if given, is the added noise.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -262,10 +319,18 @@ class CairText2Image:
         check_image_count(count)
         seeds = image_seeds(seed, count)
         engine = self.engine
-        cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler)
-        guidance_stop = engine.check_schedule(num_inference_steps, cache_step, guidance_stop, deep_interval, skip_mode)
+        pixels = image_name = None
+        if image is not None:
+            if is_integer(num_inference_steps):  # strength first: a bad one fails before reading the image
+                engine.steps_run(num_inference_steps, strength)
+            pixels, image_name = self._check_image(image, height, width)
+            height, width = pixels.shape[:2]
+        run_strength = None if image is None else strength
+        cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
+        steps_run = engine.steps_run(num_inference_steps, run_strength)  # n, m and k count the steps that run
+        guidance_stop = engine.check_schedule(steps_run, cache_step, guidance_stop, deep_interval, skip_mode)
         # The PNG parameters name the schedule where it differs from the engine's default (m = n, or T with CFG).
-        default_stop = num_inference_steps if engine.manifest.fidelity_guidance == "cfg" else cache_step
+        default_stop = steps_run if engine.manifest.fidelity_guidance == "cfg" else cache_step
         schedule = {**({"guidance_stop": guidance_stop} if guidance_stop != default_stop else {}),
                     **({"deep_interval": deep_interval, "skip_mode": skip_mode} if deep_interval > 1 else {})}
         latent_height, latent_width = engine.latent_size(height, width)
@@ -274,11 +339,11 @@ class CairText2Image:
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
             return self._generate(prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
                                   num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set,
-                                  (guidance_stop, deep_interval, skip_mode), schedule)
+                                  (guidance_stop, deep_interval, skip_mode), schedule, pixels, image_name, strength)
 
     def _generate(self, prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
                   num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set, run_schedule,
-                  schedule) -> Text2ImageResult:
+                  schedule, pixels, image_name, strength) -> Text2ImageResult:
         guidance_stop, deep_interval, skip_mode = run_schedule  # ``schedule``: what the PNG parameters name
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
@@ -294,12 +359,18 @@ class CairText2Image:
         def per_image(array: np.ndarray | None) -> np.ndarray | None:  # prompt-major, as diffusers repeats
             return None if array is None else np.repeat(array, num_images_per_prompt, axis=0)
 
+        generators = image_generators(seeds)
+        img2img, image_s = {}, 0.0
+        if pixels is not None:
+            started = time.perf_counter()
+            img2img = {"image_latents": self.encode_image(pixels, generators), "strength": strength}
+            image_s = time.perf_counter() - started
         result = engine.denoise(
             per_image(prompt_embeds), per_image(negative_embeds), latents=latents, height=height, width=width,
             num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_stop=guidance_stop,
             deep_interval=deep_interval, skip_mode=skip_mode, guidance_scale=guidance_scale,
-            scheduler=scheduler, seed=seeds, text_embeds=per_image(pooled), negative_text_embeds=per_image(negative_pooled),
-            callback=callback, loras=lora_set)
+            scheduler=scheduler, generators=generators, text_embeds=per_image(pooled),
+            negative_text_embeds=per_image(negative_pooled), callback=callback, loras=lora_set, **img2img)
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
@@ -313,6 +384,7 @@ class CairText2Image:
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
+            **({} if pixels is None else {"image": image_name, "strength": strength}),
         } for k in range(count)]
         return Text2ImageResult(images, decoded.astype(np.float32), result.latents, result.timings, text_s, vae_s,
-                                parameters)
+                                parameters, image_s)

@@ -271,3 +271,64 @@ def test_ancestral_noise_follows_rng():
     t = scheduler.timesteps[0]
     x = scheduler.step(fake_model(latents, float(t)), t, latents)
     assert x.dtype == np.float32 and np.isfinite(x).all()
+
+
+# --- image to image: add_noise at diffusers' start step, begin index, the rest of the loop ------
+
+def run_img2img_diffusers(scheduler, num_steps, strength, clean, noise, monkeypatch):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from types import SimpleNamespace
+
+    noise_rng = np.random.default_rng(1)
+    monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor",
+                        lambda shape, **_: torch.from_numpy(noise_rng.standard_normal(tuple(shape), dtype=np.float32)))
+    scheduler.set_timesteps(num_steps)
+    # the pipeline's own get_timesteps: slices the timesteps and sets the scheduler's begin index
+    timesteps, executed = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler), num_steps,
+                                                                         strength, "cpu")
+    x = scheduler.add_noise(torch.from_numpy(clean), torch.from_numpy(noise), timesteps[:1].repeat(SHAPE[0]))
+    for t in timesteps:
+        model_output = torch.from_numpy(fake_model(scheduler.scale_model_input(x, t).numpy(), float(t)))
+        x = scheduler.step(model_output, t, x).prev_sample
+    return executed, timesteps.numpy(), x.numpy()
+
+
+def run_img2img_port(scheduler, num_steps, strength, clean, noise):
+    from cair_runtime.schedulers import img2img_start
+
+    rng = np.random.default_rng(1)
+    scheduler.set_timesteps(num_steps)
+    start = img2img_start(num_steps, strength)
+    begin = start * scheduler.order
+    scheduler.set_begin_index(begin)
+    timesteps = scheduler.timesteps[begin:]
+    x = scheduler.add_noise(clean, noise, timesteps[0])
+    for t in timesteps:
+        x = scheduler.step(fake_model(scheduler.scale_model_input(x, t), float(t)), t, x, rng=rng)
+    return num_steps - start, timesteps, x
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75, 0.3])
+@pytest.mark.parametrize("model", MODEL_CONFIGS)
+@pytest.mark.parametrize("name", [*SCHEDULER_NAMES, None])
+def test_img2img_loop_matches_diffusers(name, model, strength, monkeypatch):
+    config = MODEL_CONFIGS[model]
+    clean, noise = initial_latents(2), initial_latents(3)
+    executed, expected_timesteps, expected = run_img2img_diffusers(diffusers_scheduler(name, config), 10, strength,
+                                                                   clean, noise, monkeypatch)
+    port_executed, timesteps, actual = run_img2img_port(make_scheduler(name, config), 10, strength, clean, noise)
+    assert port_executed == executed == min(int(10 * strength), 10)
+    np.testing.assert_allclose(timesteps, expected_timesteps, rtol=1e-6, atol=0)
+    assert np.abs(actual - expected).max() / np.abs(expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_add_noise_matches_diffusers_at_every_timestep(name):
+    # without a begin index, as diffusers' training-style call: each timestep's own noise level
+    oracle, port = diffusers_scheduler(name, SD15), make_scheduler(name, SD15)
+    oracle.set_timesteps(7)
+    port.set_timesteps(7)
+    clean, noise = initial_latents(2), initial_latents(3)
+    for t in port.timesteps:
+        expected = oracle.add_noise(torch.from_numpy(clean), torch.from_numpy(noise), torch.tensor([t] * SHAPE[0]))
+        np.testing.assert_allclose(port.add_noise(clean, noise, t), expected.numpy(), rtol=1e-6, atol=1e-6)

@@ -43,8 +43,8 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     copies (``SessionOptions.add_initializer``); they must outlive the session. Prepacking, which
     would make private copies of them, is then off unless ``prepacking`` says otherwise (adapter
     weights, which are private anyway, keep the default kernels and rounding).
-    ``memory_arena=False`` returns each run's buffers to the system instead of keeping them for the next run: for sessions that run a few
-    times (validation), where an fp16 graph's per-run fp32 weight casts would otherwise stay.
+    ``memory_arena=False`` returns each run's buffers to the system instead of keeping them for the
+    next run: for fp16 graphs on the CPU, whose per-run fp32 weight casts would otherwise stay.
     """
     providers = tuple(providers)
     if not providers:
@@ -139,11 +139,17 @@ class OnnxRuntimeBackend:
         # "extended" optimisation level: "all" re-lays convolution weights out in private copies.
         # On the CPU that costs loop time and changes rounding (docs/weights_once.md), so each
         # session reading its own copy stays the default.
+        # A low-precision engine on the CPU always shares: onnxruntime's CPU provider has few fp16/bf16
+        # kernels and computes such graphs in fp32, casting the weights. Private sessions fold those
+        # casts into an fp32 copy each (an SDXL fp16 engine: two of 10 GB); shared ones cast at each run,
+        # from one mapped fp16 copy, into buffers no memory arena keeps between runs.
+        cpu_low_precision = self.device == "cpu" and manifest.model.get("dtype", "float32") != "float32"
+        share_weights = share_weights or (cpu_low_precision and manifest.weights is not None)
         self.weights = shared_weights(folder, manifest.weights) if share_weights else {}
         if graph_optimization is None:
             graph_optimization = "extended" if self.weights else "all"
         self._session_options = {"providers": providers, "threads": threads, "graph_optimization": graph_optimization,
-                                 "device_id": device_id}
+                                 "device_id": device_id, "memory_arena": not cpu_low_precision}
         self.folder = Path(folder)
         self.adapter_values: dict[str, dict[str, ort.OrtValue]] = {}  # adapter weights the sessions use
         self.sessions = self._make_sessions()

@@ -7,6 +7,14 @@ Every scheduler has the interface the denoising loop calls::
     for t in scheduler.timesteps:                      # one model evaluation per entry
         model_input = scheduler.scale_model_input(latents, t)
         latents = scheduler.step(model(model_input, t), t, latents, rng=rng)
+
+Image to image starts mid-schedule instead (diffusers' img2img pipelines)::
+
+    scheduler.set_timesteps(num_inference_steps)
+    begin = img2img_start(num_inference_steps, strength) * scheduler.order
+    scheduler.set_begin_index(begin)
+    latents = scheduler.add_noise(image_latents, noise, scheduler.timesteps[begin])   # no init_noise_sigma
+    for t in scheduler.timesteps[begin:]: ...
 """
 
 import inspect
@@ -26,6 +34,13 @@ from cair_runtime.schedulers.unipc import UniPCMultistepScheduler
 # What the denoising loop calls (set_timesteps, init_noise_sigma, timesteps, scale_model_input, step):
 # every port is a DiscreteScheduler.
 Scheduler = DiscreteScheduler
+
+
+def img2img_start(num_inference_steps: int, strength: float) -> int:
+    """The first of T steps that image to image runs (before multiplying by ``order``): port of diffusers'
+    ``StableDiffusionImg2ImgPipeline.get_timesteps``; it runs the last ``min(int(T * strength), T)`` steps."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    return max(num_inference_steps - init_timestep, 0)
 
 
 # user-facing name -> (port, options forced on top of the model's config)

@@ -179,6 +179,7 @@ class DiscreteScheduler:
     default_timestep_spacing: ClassVar[str] = "linspace"  # the diffusers class's default
     init_noise_sigma: float = 1.0  # latents are multiplied by this before the loop
     _step_index: int | None = None  # this step's index in timesteps, for the ports that count steps
+    _begin_index: int | None = None  # the first step's index when a loop starts mid-schedule (image-to-image)
 
     def __init__(
         self,
@@ -222,10 +223,29 @@ class DiscreteScheduler:
         raise NotImplementedError
 
     def _init_step_index(self, timestep: float) -> int:
-        """This step's index: found from ``timestep`` on the first step (diffusers' ``_init_step_index``), then counted."""
+        """This step's index: the begin index, else found from ``timestep``, on the first step (diffusers'
+        ``_init_step_index``), then counted."""
         if self._step_index is None:
-            self._step_index = index_for_timestep(self.timesteps, timestep)
+            self._step_index = (index_for_timestep(self.timesteps, timestep) if self._begin_index is None
+                                else self._begin_index)
         return self._step_index
+
+    def set_begin_index(self, begin_index: int) -> None:
+        """Start the loop at ``timesteps[begin_index]`` (diffusers' ``set_begin_index``, after ``set_timesteps``)."""
+        self._begin_index = begin_index
+
+    def _noise_index(self, timestep: float) -> int:
+        # diffusers' add_noise of the sigma schedulers: the begin index before the first step, the
+        # current index after it, the timestep's own index when no begin index was set
+        if self._begin_index is None:
+            return index_for_timestep(self.timesteps, timestep)
+        return self._step_index if self._step_index is not None else self._begin_index
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """``original_samples`` noised to ``timestep`` (float32): port of DDIM's/PNDM's ``add_noise``,
+        ``sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise``; the sigma schedulers override it."""
+        alpha_prod = self.alphas_cumprod[int(timestep)]
+        return (np.sqrt(alpha_prod) * original_samples + np.sqrt(1 - alpha_prod) * noise).astype(np.float32)
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """The model's input: ``sample`` itself; only the Euler schedulers scale it."""
@@ -266,3 +286,9 @@ class DiscreteScheduler:
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.int64)
+        self._begin_index = None
+
+    def _add_noise_at_sigma(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        # DPM-Solver's/UniPC's add_noise: alpha_t * x0 + sigma_t * noise at the step's Karras-style sigma
+        alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[self._noise_index(timestep)])
+        return (alpha_t * original_samples + sigma_t * noise).astype(np.float32)

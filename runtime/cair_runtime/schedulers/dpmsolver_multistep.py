@@ -51,6 +51,10 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         self.lower_order_nums = 0
         self._step_index = None
 
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """``original_samples`` noised to ``timestep``: ``alpha_t * x0 + sigma_t * noise`` (diffusers' ``add_noise``)."""
+        return self._add_noise_at_sigma(original_samples, noise, timestep)
+
     def _first_order_update(self, x0_pred: np.ndarray, sample: np.ndarray) -> np.ndarray:
         # DPM-Solver++(1S) = DDIM, eq. 5 of Lu et al. 2022b
         alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[self._step_index + 1])

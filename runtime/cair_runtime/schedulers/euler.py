@@ -65,7 +65,12 @@ class EulerDiscreteScheduler(DiscreteScheduler):
             timesteps = sigma_to_t(sigmas, log_sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.float32)
-        self._step_index = None
+        self._step_index = self._begin_index = None
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """``original_samples`` noised to ``timestep``'s sigma: ``x0 + sigma * noise`` (diffusers' ``add_noise``)."""
+        sigma = self.sigmas[self._noise_index(timestep)]
+        return (original_samples + noise * sigma).astype(np.float32)
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """Divide by ``sqrt(sigma**2 + 1)`` so that the model sees a unit-variance input."""

@@ -64,6 +64,10 @@ class UniPCMultistepScheduler(DiscreteScheduler):
         self._set_multistep_schedule(num_inference_steps, self.use_karras_sigmas, self.sigma_min, self.sigma_max)
         self._reset_state()
 
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """``original_samples`` noised to ``timestep``: ``alpha_t * x0 + sigma_t * noise`` (diffusers' ``add_noise``)."""
+        return self._add_noise_at_sigma(original_samples, noise, timestep)
+
     def _coefficients(self, h: np.float32, rks: list[np.float32], order: int) -> tuple:
         # h*phi_1(-h), B(h), and the linear system R rho = b of the order conditions (Zhao et al., eq. 8)
         rks = np.stack(rks + [np.float32(1.0)])

@@ -1,0 +1,65 @@
+"""Init images for image to image: read a file or take an array, as (H, W, 3) uint8 RGB, or refuse.
+
+RGB is taken as it is. Grayscale (PIL mode ``L``, or an (H, W) / (H, W, 1) array) is converted to
+RGB by repeating its channel: nothing is lost or invented. Every other mode is refused with its
+name: RGBA and LA need a background chosen for their transparency, palette and 16-bit images a
+conversion the caller should see (diffusers' pipelines would pass such images on unconverted
+and fail later, or not at all).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cair_runtime.errors import InvalidInputError
+
+_FIX = ("convert it to 8-bit RGB first (e.g. PIL's image.convert('RGB'), over a background of your choice for "
+        "transparency)")
+
+
+def _refuse(message: str) -> InvalidInputError:
+    return InvalidInputError(message, field="image")
+
+
+def load_image(image: Any) -> tuple[np.ndarray, str]:
+    """``image`` (a path, or an (H, W, 3) uint8 array) as (H, W, 3) uint8 RGB, and how to name it in parameters."""
+    if isinstance(image, np.ndarray):
+        return _from_array(image), "array"
+    if isinstance(image, (str, Path)):
+        return _from_file(Path(image)), str(image)
+    raise _refuse(f"image must be a file path or an (H, W, 3) uint8 numpy array, got {type(image).__name__}")
+
+
+def _from_file(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated or corrupt file fails here, not later
+            mode, size = opened.mode, opened.size
+            if mode == "L":
+                return np.array(opened.convert("RGB"))
+            if mode != "RGB":
+                raise _refuse(f"image {path} is {size[0]}x{size[1]} in mode {mode}; the VAE takes RGB: {_FIX}")
+            return np.array(opened)
+    except UnidentifiedImageError:
+        raise _refuse(f"{path} is not an image file Pillow can read (PNG, JPEG, ...)") from None
+    except Image.DecompressionBombError as error:
+        raise _refuse(f"image {path} is too large to read safely ({error})") from None
+    except OSError as error:  # missing, a folder, unreadable, truncated
+        reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
+        raise _refuse(f"cannot read image {path}: {reason}") from None
+
+
+def _from_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise _refuse(f"image array has dtype {array.dtype}; expected uint8 RGB (H, W, 3) in 0..255")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):  # grayscale: repeat the channel
+        return np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        what = {4: " (RGBA?)", 2: " (grayscale with alpha?)"}.get(array.shape[-1], "") if array.ndim == 3 else ""
+        raise _refuse(f"image array has shape {array.shape}{what}; expected (H, W, 3) RGB: {_FIX}")
+    return np.ascontiguousarray(array)
