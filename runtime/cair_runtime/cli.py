@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", metavar="FILE",
                         help="image to image: the init image (RGB, or grayscale, converted; its size is the output's)")
     parser.add_argument("--strength", type=float,
-                        help="image to image: how much of the schedule runs, in (0, 1] (default 0.8); n counts the "
-                             "min(int(steps * strength), steps) steps that run")
+                        help="image to image: how much of the schedule runs, in (0, 1] (default 0.8); n, m and k "
+                             "count the min(int(steps * strength), steps) steps that run")
     parser.add_argument("--encoder-hidden-states", metavar="FILE.npy",
                         help="UNet only: prompt embeddings (B, text_len, D), float32 .npy, instead of a prompt")
     parser.add_argument("--negative-encoder-hidden-states", metavar="FILE.npy",

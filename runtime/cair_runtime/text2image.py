@@ -293,11 +293,12 @@ class CairText2Image:
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
         of naming a seed (the seeds then drive only ancestral noise). ``loras``: adapters
         ``[(path.safetensors, scale), ...]`` for this call (None: the pipeline's default; ``[]``: none).
+        ``guidance_stop``, ``deep_interval``, ``skip_mode``: the schedule, as for ``CairEngine.denoise``.
 
         Image to image: ``image`` (a file path, or an (H, W, 3) uint8 RGB array; grayscale is
         converted, other modes refused) is the init image of every image of the call, and sets
         their size; ``strength`` in (0, 1] runs the last ``min(int(T * strength), T)`` of
-        ``num_inference_steps`` (n counts those). Image k's generator draws the VAE's latent
+        ``num_inference_steps`` (n, m and k count those). Image k's generator draws the VAE's latent
         sample, then the noise added to it, then any ancestral noise, as diffusers' img2img
         pipelines with one generator per image; ``latents``, if given, is the added noise.
         """
