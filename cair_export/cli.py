@@ -73,7 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
-                          max_batch=args.max_batch, dtype=args.dtype,
+                          max_batch=args.max_batch, dtype=args.dtype, deep_branch=args.deep_branch,
                           loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
     check_export_options(config)
@@ -94,19 +94,29 @@ def cmd_macs(args: argparse.Namespace) -> int:
     model = load_model(args.model, device="meta")
     height, width = check_export_config(model, ExportConfig(height=args.height, width=args.width,
                                                             fidelity_guidance=args.fidelity_guidance))
-    per_graph = count_graph_macs(model, height, width, batch=args.batch, fidelity_guidance=args.fidelity_guidance)
-    table = generation_macs(per_graph, args.steps, args.cache_step)
+    schedule = {"guidance_stop": args.guidance_stop, "deep_interval": args.deep_interval, "skip_mode": args.skip_mode}
+    per_graph = count_graph_macs(model, height, width, batch=args.batch, fidelity_guidance=args.fidelity_guidance,
+                                 deep_branch_id=args.deep_branch if args.deep_interval > 1 else None)
+    table = generation_macs(per_graph, args.steps, args.cache_step, fidelity_guidance=args.fidelity_guidance,
+                            **schedule)
     if args.json:
         print(json.dumps({"model": args.model, "height": height, "width": width, "batch": args.batch,
                           "steps": args.steps, "cache_step": args.cache_step,
-                          "fidelity_guidance": args.fidelity_guidance, **table}, indent=2))
+                          "fidelity_guidance": args.fidelity_guidance, **schedule,
+                          "deep_branch": args.deep_branch if args.deep_interval > 1 else None, **table}, indent=2))
         return 0
-    print(f"{args.model} at {width}x{height}, batch {args.batch}, T={args.steps}, n={args.cache_step} "
+    deep = f", m={args.guidance_stop}" if args.guidance_stop is not None else ""
+    if args.deep_interval > 1:
+        deep += f", k={args.deep_interval} ({args.skip_mode}, branch {args.deep_branch})"
+    print(f"{args.model} at {width}x{height}, batch {args.batch}, T={args.steps}, n={args.cache_step}{deep} "
           f"(UNet only; G = 1e9 MACs)")
-    print(f"{'convention':16s} {'planning':>10s} {'fidelity':>10s} {'baseline':>11s} {'CAIR':>11s} {'bound':>7s}")
+    shallow = "shallow" in per_graph
+    print(f"{'convention':16s} {'planning':>10s} {'fidelity':>10s}{' shallow' * shallow:>11s} {'baseline':>11s} "
+          f"{'CAIR':>11s} {'bound':>7s}")
     for convention in CONVENTIONS:
         row = table[convention]
-        print(f"{convention:16s} {row['planning'] / 1e9:9.1f}G {row['fidelity'] / 1e9:9.1f}G "
+        shallow_column = f" {row['shallow'] / 1e9:9.1f}G" if shallow else ""
+        print(f"{convention:16s} {row['planning'] / 1e9:9.1f}G {row['fidelity'] / 1e9:9.1f}G{shallow_column} "
               f"{row['baseline_total'] / 1e9:10.1f}G {row['cair_total'] / 1e9:10.1f}G {row['speedup_bound']:6.2f}x")
     return 0
 
@@ -206,7 +216,11 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--opset", type=int_arg, default=17,
                         help="ONNX opset, from 17 to the newest torch's exporter supports (default 17)")
     export.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none",
-                        help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps guidance")
+                        help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps per-half caches, so runs "
+                             "choose a guidance stop m in n..T")
+    export.add_argument("--deep-branch", type=int_arg, metavar="B",
+                        help="also export the shallow graph for deep-feature caching, cut at DeepCache's branch B "
+                             "(3 * block + layer; 0 recomputes the least); default: none")
     export.add_argument("--cache-step-hint", type=positive_int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
     export.add_argument("--max-batch", type=positive_int_arg, default=4, help="largest prompt batch (default 4)")
@@ -243,6 +257,13 @@ def _add_macs(sub, presets: str) -> None:
     macs.add_argument("--width", type=int_arg, help="pixel width (default: native)")
     macs.add_argument("--batch", type=positive_int_arg, default=1, help="prompts per generation (default 1)")
     macs.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none")
+    macs.add_argument("--guidance-stop", type=int_arg, metavar="M",
+                      help="guidance stop m, n..T (with --fidelity-guidance cfg; default T there, n elsewhere)")
+    macs.add_argument("--deep-interval", type=positive_int_arg, default=1, metavar="K",
+                      help="after n, a full fidelity step every K-th and shallow steps between (default 1)")
+    macs.add_argument("--deep-branch", type=int_arg, default=0, metavar="B",
+                      help="DeepCache's branch the shallow steps cut at (default 0)")
+    macs.add_argument("--skip-mode", choices=("uniform", "non-uniform"), default="uniform")
     macs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     macs.set_defaults(func=cmd_macs)
 

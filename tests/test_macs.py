@@ -94,3 +94,45 @@ def test_macs_cli_json_for_sd21_at_768(capsys):
         assert row["cair_total"] < row["baseline_total"]
     # Published figure for the SD-2.x UNet at 768 px: about 760 GMACs per batch-1 evaluation.
     assert 700e9 < report["conv_linear"]["planning"] / 2 < 800e9
+
+
+def test_shallow_macs_match_flop_counter_and_the_schedule_follows_the_cost_model():
+    """S by FlopCounterMode over the shallow evaluation; totals n*P + f*F + s*S, guided steps at 2x (DESIGN 9)."""
+    from cair_export.core.deep_feature import deep_branch, shallow_unet
+    from cair_export.core.graphs import cache_specs, shallow_caches
+
+    model = load_model("tiny-sd15")
+    unet = model.unet
+    counted = count_graph_macs(model, 64, 96, deep_branch_id=1)
+    branch = deep_branch(unet, 1)
+    sites = cross_attention_sites(unet)
+    kept = {c.name for c in shallow_caches(cache_specs(sites), branch)}
+    replay = [torch.zeros(1, (8 // 2 ** s.level) * (12 // 2 ** s.level), s.channels) if s.name in kept else None
+              for s in sites]
+    unet.set_attn_processor(AttnProcessor())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, CrossAttentionCache(unet) as cache:
+        cache.mode, cache.values = "replay", replay
+        shallow_unet(unet, branch, torch.zeros(1, 4, 8, 12), torch.tensor([10.0]),
+                     torch.zeros(1, branch.channels, 8, 12), None)
+    assert counted["shallow"].with_attention == counter.get_total_flops() // 2
+    p, f, s = (counted[kind].conv_linear for kind in ("planning", "fidelity", "shallow"))
+    assert s < f / 2
+    # n = 5, k = 3 over 25 steps: fidelity steps 6, 9, ..., 24 full (7), 13 shallow.
+    row = generation_macs(counted, steps=25, cache_step=5, deep_interval=3)["conv_linear"]
+    assert row["cair_total"] == 5 * p + 7 * f + 13 * s
+    # Guided up to m = 10 (CFG export: fidelity and shallow counted at 2B): steps 6..10 cost twice.
+    cfg = count_graph_macs(model, 64, 96, fidelity_guidance="cfg", deep_branch_id=1)
+    row = generation_macs(cfg, steps=25, cache_step=5, fidelity_guidance="cfg", guidance_stop=10,
+                          deep_interval=3)["conv_linear"]
+    # Full steps 6 and 9 and shallow 7, 8, 10 are guided; full 12..24 (5) and shallow 11, 13, 14, ..., 25 (10) are not.
+    assert row["cair_total"] == 5 * p + 2 * (2 * f + 3 * s) + 5 * f + 10 * s
+
+
+def test_macs_cli_json_counts_a_deep_schedule(capsys):
+    assert main(["macs", "tiny-sd21", "--steps", "25", "--cache-step", "5", "--deep-interval", "3",
+                 "--deep-branch", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["deep_interval"] == 3 and report["deep_branch"] == 1
+    for convention in ("conv_linear", "with_attention"):
+        row = report[convention]
+        assert row["cair_total"] == 5 * row["planning"] + 7 * row["fidelity"] + 13 * row["shallow"]

@@ -1,4 +1,4 @@
-"""Export a UNet as CAIR's planning and fidelity ONNX graphs, validate them, write the manifest.
+"""Export a UNet as CAIR's planning and fidelity (and shallow) ONNX graphs, validate them, write the manifest.
 
 The output folder appears only when everything is written and validated: the export is built in
 a hidden folder beside it (``.NAME.partial-PID-*``) and renamed into place at the end. Nothing the
@@ -44,6 +44,7 @@ from cair_export.core.graphs import (
     vae_decoder_io,
     vae_encoder_io,
 )
+from cair_export.core.deep_feature import deep_branch
 from cair_export.core.models import LoadedModel
 from cair_export.core.onnx_io import SHARED_WEIGHTS, save_onnx, share_weights
 from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
@@ -81,6 +82,7 @@ class ExportConfig:
     tolerance: float = FP32_RELATIVE_TOLERANCE  # max abs error / max abs reference value
     dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": compute precision in the UNet graphs (fp32 islands); IO float32
     loras: tuple[tuple[str, float], ...] = ()  # (safetensors file, scale) adapters fused before tracing, in order
+    deep_branch: int | None = None  # DeepCache's cache_branch_id: also export the shallow graph; None: no deep caching
 
 
 @dataclass
@@ -147,6 +149,9 @@ def check_export_options(config: ExportConfig) -> None:
     if config.max_batch < 1:
         raise InvalidInputError(f"max batch {config.max_batch} must be at least 1")
     check_lora_list(list(config.loras))
+    if config.deep_branch is not None and (not isinstance(config.deep_branch, int) or config.deep_branch < 0):
+        raise InvalidInputError(f"deep branch {config.deep_branch!r} must be a non-negative integer "
+                                "(DeepCache's cache_branch_id: 3 * block + layer)", field="deep_branch")
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool, source: Path | None = None) -> None:
@@ -315,15 +320,17 @@ def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], f
     return files
 
 
-UNET_FILES = ("planning.onnx", "fidelity.onnx", SHARED_WEIGHTS)
+UNET_KINDS = ("planning", "fidelity", "shallow")
+UNET_FILES = tuple(f"{kind}.onnx" for kind in UNET_KINDS) + (SHARED_WEIGHTS,)
 
 
 def _share_unet_weights(work: Path, files: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """One copy of the UNet's weights on disk: both graphs point into one file (docs/weights_once.md)."""
+    """One copy of the UNet's weights on disk: the graphs point into one file (docs/weights_once.md)."""
     graph_files = {kind: sorted(f for f in files if f.startswith((f"{kind}.onnx", f".{kind}-raw/")))
-                   for kind in ("planning", "fidelity")}
-    shared, weights = share_weights(work, graph_files)
-    return [f for f in files if not f.startswith(UNET_FILES + (".planning-raw/", ".fidelity-raw/"))] + shared, weights
+                   for kind in UNET_KINDS}
+    shared, weights = share_weights(work, {kind: names for kind, names in graph_files.items() if names})
+    raw = tuple(f".{kind}-raw/" for kind in UNET_KINDS)
+    return [f for f in files if not f.startswith(UNET_FILES + raw)] + shared, weights
 
 
 def torch_outputs(graphs: dict[str, CairGraph], shapes: list[dict[str, int]],
@@ -342,13 +349,19 @@ def torch_outputs(graphs: dict[str, CairGraph], shapes: list[dict[str, int]],
     progress(f"torch reference: planning -> fidelity handoff at {_dims_str(shapes[0])}")
     expected["chained", 0] = run_module(graphs["fidelity"], _handoff_inputs(graphs["fidelity"].io, shapes[0],
                                                                             expected["planning", 0]))
+    if "shallow" in graphs:  # ("chained", 1): shallow fed with those caches and that fidelity step's deep feature
+        progress(f"torch reference: fidelity -> shallow handoff at {_dims_str(shapes[0])}")
+        handed = {**expected["planning", 0], **expected["chained", 0]}
+        expected["chained", 1] = run_module(graphs["shallow"], _handoff_inputs(graphs["shallow"].io, shapes[0],
+                                                                               handed, seed=9))
     return expected
 
 
-def _handoff_inputs(fidelity: GraphIO, dims: dict[str, int], planning_outputs: dict[str, np.ndarray]
-                    ) -> dict[str, np.ndarray]:
-    """Fidelity's inputs at step n+1: its own sample and conditions, planning's caches from step n."""
-    inputs = make_inputs(fidelity, dims, seed=8)
+def _handoff_inputs(fidelity: GraphIO, dims: dict[str, int], planning_outputs: dict[str, np.ndarray],
+                    seed: int = 8) -> dict[str, np.ndarray]:
+    """Fidelity's inputs at step n+1: its own sample and conditions, planning's caches from step n
+    (shallow's likewise: the caches and the deep feature of the full step before it)."""
+    inputs = make_inputs(fidelity, dims, seed=seed)
     return {**inputs, **{name: planning_outputs[name] for name in inputs if name in planning_outputs
                          and name != "noise_pred"}}
 
@@ -366,8 +379,8 @@ def validate_graphs(ios: dict[str, GraphIO], folder: Path, shapes: list[dict[str
     (``"float16 "``). Returns the executor that ran each graph.
     """
     initializers = shared_weights(folder, weights)
-    executors, planned = {}, None
-    for kind in sorted(ios, key=lambda kind: kind != "planning"):  # planning first: the handoff needs its caches
+    executors, planned, chained = {}, None, None
+    for kind in sorted(ios, key=("planning", "fidelity", "shallow").index):  # each handoff needs the graph before
         io = ios[kind]  # one session at a time: lowered graphs get private fp32 copies on the CPU
         run, executors[kind] = _graph_runner(folder / f"{kind}.onnx", initializers.get(kind), reference_fallback)
         for index, dims in enumerate(shapes):
@@ -377,9 +390,14 @@ def validate_graphs(ios: dict[str, GraphIO], folder: Path, shapes: list[dict[str
             planned = actual if (kind, index) == ("planning", 0) else planned
         if kind == "fidelity":
             progress(f"validating {label}planning -> fidelity handoff at {_dims_str(shapes[0])}")
-            actual = run(_handoff_inputs(io, shapes[0], planned))
-            report.add("chained", shapes[0], compare_outputs(actual, expected["chained", 0], tolerance,
+            chained = run(_handoff_inputs(io, shapes[0], planned))
+            report.add("chained", shapes[0], compare_outputs(chained, expected["chained", 0], tolerance,
                                                              f"{label}chained fidelity"))
+        if kind == "shallow":
+            progress(f"validating {label}fidelity -> shallow handoff at {_dims_str(shapes[0])}")
+            actual = run(_handoff_inputs(io, shapes[0], {**planned, **chained}, seed=9))
+            report.add("chained", shapes[0], compare_outputs(actual, expected["chained", 1], tolerance,
+                                                             f"{label}chained shallow"))
         del run
         _free_memory()
     return executors
@@ -618,8 +636,8 @@ def _lora_targets(model: LoadedModel, unet_digests: dict | None, work: Path, wei
     if unet_digests is None:
         return {}
     targets = {kind: weight_targets(unet_digests, work, weights["graphs"][kind], weights["file"], "unet",
-                                    skip=[cache.module for cache in caches] if kind == "fidelity" else ())
-               for kind in ("planning", "fidelity")}
+                                    skip=[cache.module for cache in caches] if kind != "planning" else ())
+               for kind in ("planning", "fidelity", "shallow") if kind in weights["graphs"]}
     for index, encoder in enumerate(model.text_encoders):
         kind = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
         targets[kind] = weight_targets(weight_digests(encoder.model), work, text_weights[kind]["graphs"][kind],
@@ -642,10 +660,11 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     files: list[str] = []
     report = ValidationReport() if config.validate else None
     expected = None
+    branch = None if config.deep_branch is None else deep_branch(unet, config.deep_branch)
     with CrossAttentionCache(unet, config.fidelity_guidance) as cache:
         caches = cache_specs(cache.sites)
-        ios = graph_specs(model, caches, config.fidelity_guidance)
-        graphs = {kind: CairGraph(unet, cache, io) for kind, io in ios.items()}
+        ios = graph_specs(model, caches, config.fidelity_guidance, branch)
+        graphs = {kind: CairGraph(unet, cache, io, branch) for kind, io in ios.items()}
         trace = _trace_dims(dims, up_factor)
         for kind, graph in graphs.items():
             progress(f"exporting {kind} graph (trace at {_dims_str(trace)}, opset {config.opset})")
@@ -699,6 +718,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         pipeline=pipeline,
         weights=weights,
         lora={"fused": list(fused), "targets": _lora_targets(model, unet_digests, work, weights, text_weights, caches)},
+        deep_branch=None if branch is None else branch.as_dict(),
     )
     (work / MANIFEST_NAME).write_text(manifest.to_json())
     for path in work.rglob("*"):  # some writers create files private (0600); engine files are ordinary

@@ -1,4 +1,7 @@
-"""The two CAIR graphs: their IO described once, as data, and the torch modules that trace them.
+"""The CAIR graphs: their IO described once, as data, and the torch modules that trace them.
+
+planning and fidelity always; ``shallow`` (DeepCache's cut, ``core.deep_feature``) when the export
+names a deep branch: the fidelity graph then also emits the deep feature the shallow graph takes.
 
 ``graph_specs`` is the single description of every graph's inputs and outputs. Export (input
 names, dynamic axes), validation (inputs at several shapes), the manifest and the runtime's
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cair_export.core.deep_feature import DEEP_FEATURE, DeepBranch, recorded_deep_feature, shallow_unet
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
@@ -21,19 +25,34 @@ TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)
 
 @dataclass(frozen=True)
 class GraphIO:
-    kind: str  # "planning" | "fidelity"
+    kind: str  # "planning" | "fidelity" | "shallow"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
 
-def cache_specs(sites: list[CrossAttentionSite]) -> tuple[CacheSpec, ...]:
-    def tokens(level: int) -> str:
-        if level == 0:
-            return "latent_height*latent_width"
-        # Each stride-2 downsampling conv (padding 1) maps x to ceil(x / 2).
-        return f"cdiv(latent_height,{2**level})*cdiv(latent_width,{2**level})"
+def _side(name: str, level: int) -> str:
+    # Each stride-2 downsampling conv (padding 1) maps x to ceil(x / 2).
+    return name if level == 0 else f"cdiv({name},{2**level})"
 
-    return tuple(CacheSpec(site.name, site.module, tokens(site.level), site.channels) for site in sites)
+
+def cache_specs(sites: list[CrossAttentionSite]) -> tuple[CacheSpec, ...]:
+    return tuple(CacheSpec(site.name, site.module, f"{_side('latent_height', site.level)}*"
+                                                   f"{_side('latent_width', site.level)}", site.channels)
+                 for site in sites)
+
+
+def shallow_caches(caches: tuple[CacheSpec, ...], branch: DeepBranch) -> tuple[CacheSpec, ...]:
+    """The caches of the cross-attention modules the shallow graph computes (outside the branch)."""
+    def kept(module: str) -> bool:
+        parts = module.split(".")  # e.g. up_blocks.2.attentions.1.transformer_blocks.0.attn2
+        if parts[0] == "mid_block":
+            return False
+        block, layer = int(parts[1]), int(parts[3])
+        if parts[0] == "down_blocks":
+            return block < branch.block or (block == branch.block and layer < branch.layer)
+        return block > branch.up_block or (block == branch.up_block and layer >= branch.up_layer)
+
+    return tuple(cache for cache in caches if kept(cache.module))
 
 
 def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int) -> tuple[Dim, ...]:
@@ -47,8 +66,13 @@ def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int) -> t
     )
 
 
-def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guidance: str) -> dict[str, GraphIO]:
-    """Ordered inputs and outputs of the planning and fidelity graphs."""
+def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guidance: str,
+                branch: DeepBranch | None = None) -> dict[str, GraphIO]:
+    """Ordered inputs and outputs of the planning and fidelity graphs, and of the shallow one with a ``branch``.
+
+    With fidelity CFG the fidelity and shallow graphs run at batch 2B until the guidance stop and at
+    B after it (the runtime merges the halves); their shapes say ``2*batch``, the longer phase.
+    """
     config = model.unet.config
     fidelity_batch = "2*batch" if fidelity_guidance == "cfg" else "batch"
 
@@ -74,13 +98,27 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
         # Caches come out already merged to batch B (or per half with fidelity CFG).
         outputs=(latent("noise_pred", "2*batch", config.out_channels), *cache_tensors(fidelity_batch)),
     )
+    deep = ()
+    if branch is not None:  # (B, C_b, h_b, w_b): the hidden state entering the branch's up layer
+        deep = (TensorSpec(DEEP_FEATURE, "float32", (fidelity_batch, branch.channels,
+                                                     _side("latent_height", branch.level),
+                                                     _side("latent_width", branch.level))),)
     fidelity = GraphIO(
         "fidelity",
         inputs=(latent("sample", fidelity_batch, config.in_channels), timestep,
                 *cache_tensors(fidelity_batch), *added(fidelity_batch)),
+        outputs=(latent("noise_pred", fidelity_batch, config.out_channels), *deep),
+    )
+    if branch is None:
+        return {"planning": planning, "fidelity": fidelity}
+    kept = {cache.name for cache in shallow_caches(caches, branch)}
+    shallow = GraphIO(
+        "shallow",
+        inputs=(latent("sample", fidelity_batch, config.in_channels), timestep, *deep,
+                *(spec for spec in cache_tensors(fidelity_batch) if spec.name in kept), *added(fidelity_batch)),
         outputs=(latent("noise_pred", fidelity_batch, config.out_channels),),
     )
-    return {"planning": planning, "fidelity": fidelity}
+    return {"planning": planning, "fidelity": fidelity, "shallow": shallow}
 
 
 def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -101,9 +139,10 @@ def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.nd
 class CairGraph(torch.nn.Module):
     """The UNet as one CAIR graph, with positional inputs in ``io`` order (for tracing)."""
 
-    def __init__(self, unet: torch.nn.Module, cache: CrossAttentionCache, io: GraphIO):
+    def __init__(self, unet: torch.nn.Module, cache: CrossAttentionCache, io: GraphIO,
+                 branch: DeepBranch | None = None):
         super().__init__()
-        self.unet, self.cache, self.io = unet, cache, io
+        self.unet, self.cache, self.io, self.branch = unet, cache, io, branch
         self.input_names = [spec.name for spec in io.inputs]
         self.num_caches = len(cache.sites)
 
@@ -116,9 +155,17 @@ class CairGraph(torch.nn.Module):
                                    added_cond_kwargs=added, return_dict=False)[0]
             return (noise_pred, *self.cache.values)
         self.cache.mode = "replay"
-        self.cache.values = [named[site.name] for site in self.cache.sites]
+        # The shallow graph takes only the caches of the modules it computes; the others stay None.
+        self.cache.values = [named.get(site.name) for site in self.cache.sites]
         # No text input: every attn2 returns its cache, so encoder_hidden_states is never read.
-        return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0],)
+        if self.io.kind == "shallow":
+            return (shallow_unet(self.unet, self.branch, named["sample"], named["timestep"], named[DEEP_FEATURE],
+                                 None, added),)
+        if self.branch is None:
+            return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0],)
+        with recorded_deep_feature(self.unet, self.branch) as recorded:
+            noise_pred = self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0]
+        return noise_pred, recorded[-1]
 
 
 # --- the rest of the pipeline: text encoder(s) and VAE decoder, as diffusers runs them -----------

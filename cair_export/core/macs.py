@@ -1,4 +1,4 @@
-"""Count multiply-accumulates of one planning and one fidelity UNet evaluation, and of a generation.
+"""Count multiply-accumulates of one planning, fidelity and shallow UNet evaluation, and of a generation.
 
 The UNet runs on the meta device (shapes only, no weights) with hooks on every module. Two
 conventions side by side: convolutions and linear layers only (what published tables count),
@@ -15,10 +15,11 @@ from typing import Iterator
 
 import torch
 
+from cair_export.core.deep_feature import DEEP_FEATURE, deep_branch, shallow_unet
 from cair_export.core.graphs import graph_specs, cache_specs
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache
-from cair_runtime.stages import check_cache_step
+from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan
 
 CONVENTIONS = ("conv_linear", "with_attention")
 
@@ -79,33 +80,39 @@ def _counting(root: torch.nn.Module, skip: frozenset[int] = frozenset()) -> Iter
             handle.remove()
 
 
-def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, torch.Tensor]) -> GraphMacs:
+def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, torch.Tensor],
+           branch=None) -> GraphMacs:
     replayed = {id(unet.get_submodule(site.module)) for site in cache.sites} if cache.mode == "replay" else set()
     with _counting(unet, frozenset(replayed)) as totals:
         added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
-        unet(inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"),
-             added_cond_kwargs=added, return_dict=False)
+        if DEEP_FEATURE in inputs:  # the shallow graph: only the blocks outside the branch run
+            shallow_unet(unet, branch, inputs["sample"], inputs["timestep"], inputs[DEEP_FEATURE], None, added)
+        else:
+            unet(inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"),
+                 added_cond_kwargs=added, return_dict=False)
     return GraphMacs(totals["conv_linear"], totals["attention"])
 
 
 def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1,
-                     fidelity_guidance: str = "none") -> dict[str, GraphMacs]:
-    """MACs of one planning evaluation (batch 2B) and one fidelity evaluation (batch B or 2B)."""
+                     fidelity_guidance: str = "none", deep_branch_id: int | None = None) -> dict[str, GraphMacs]:
+    """MACs of one planning evaluation (batch 2B) and one fidelity evaluation (batch B or 2B); with a
+    deep branch, of one shallow evaluation too (the fidelity batch)."""
     unet = model.unet
     device = next(unet.parameters()).device
     dims = {"batch": batch, "latent_height": height // model.vae_scale_factor,
             "latent_width": width // model.vae_scale_factor, "text_len": model.text_len}
+    branch = None if deep_branch_id is None else deep_branch(unet, deep_branch_id)
     results = {}
     with CrossAttentionCache(unet, fidelity_guidance) as cache:
-        ios = graph_specs(model, cache_specs(cache.sites), fidelity_guidance)
+        ios = graph_specs(model, cache_specs(cache.sites), fidelity_guidance, branch)
         for kind, io in ios.items():
             inputs = {spec.name: torch.zeros(spec.resolve(dims), device=device) for spec in io.inputs}
-            if kind == "fidelity":
+            if kind in ("fidelity", "shallow"):
                 cache.mode = "replay"
-                cache.values = [inputs[site.name] for site in cache.sites]
+                cache.values = [inputs.get(site.name) for site in cache.sites]
             else:
                 cache.mode = "compute"
-            results[kind] = _count(unet, cache, inputs)
+            results[kind] = _count(unet, cache, inputs, branch)
     return results
 
 
@@ -131,20 +138,34 @@ def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int 
 
 
 def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int,
-                    per_image: GraphMacs | None = None) -> dict[str, dict[str, float]]:
-    """Per convention: planning, fidelity, baseline_total (T*P + E) and cair_total (n*P + (T-n)*F + E).
+                    per_image: GraphMacs | None = None, *, fidelity_guidance: str = "none",
+                    guidance_stop: int | None = None, deep_interval: int = 1,
+                    skip_mode: str = "uniform") -> dict[str, dict[str, float]]:
+    """Per convention: planning, fidelity (and shallow), baseline_total (T*P + E) and cair_total.
 
+    cair_total follows the schedule (``cair_runtime.stages.evaluation_plan``): n*P, then each
+    fidelity or shallow evaluation at its batch (2B before the guidance stop m, B after; MACs are
+    linear in the batch), + E: ``n*P + (T-n)*F + E`` for m = n and k = 1. ``per_graph`` holds
+    fidelity and shallow at the batch ``fidelity_guidance`` exports them at (2B with "cfg").
     ``per_image`` (E, from ``count_pipeline_macs``): text encoders and VAE decoder, for an end-to-end
     bound; without it E = 0 (the UNet loop alone).
     """
     check_cache_step(cache_step, steps)
+    if guidance_stop is None:
+        guidance_stop = steps if fidelity_guidance == "cfg" else cache_step
+    check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps)
+    if deep_interval > 1 and "shallow" not in per_graph:
+        raise ValueError("a deep interval above 1 needs the shallow graph's count (count_graph_macs deep_branch_id)")
+    plan = evaluation_plan(cache_step, guidance_stop, steps, deep_interval, skip_mode)
+    exported_halves = 2 if fidelity_guidance == "cfg" else 1  # fidelity and shallow were counted at 2B
     table = {}
     for convention in CONVENTIONS:
         planning = getattr(per_graph["planning"], convention)
-        fidelity = getattr(per_graph["fidelity"], convention)
+        per_kind = {kind: getattr(per_graph[kind], convention) for kind in ("fidelity", "shallow") if kind in per_graph}
         once = getattr(per_image, convention) if per_image is not None else 0
         baseline = steps * planning + once
-        cair = cache_step * planning + (steps - cache_step) * fidelity + once
-        table[convention] = {"planning": planning, "fidelity": fidelity, "baseline_total": baseline,
+        cair = once + sum(planning if e.kind == "planning" else
+                          per_kind[e.kind] // exported_halves * (2 if e.guided else 1) for e in plan)
+        table[convention] = {"planning": planning, **per_kind, "baseline_total": baseline,
                              "cair_total": cair, "speedup_bound": baseline / cair}
     return table

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from cair_export.core.deep_feature import deep_branch, recorded_deep_feature, shallow_unet
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.stages import planning_evaluations
+from cair_runtime.stages import check_schedule, evaluation_plan, planning_evaluations
 
 FIDELITY_GUIDANCE = ("none", "cfg")
 
@@ -112,8 +113,7 @@ class CrossAttentionCache:
         """(2B, tokens, C) -> (B, tokens, C): mean of the unconditional and conditional halves."""
         if self.fidelity_guidance == "cfg":
             return output
-        uncond, cond = output.chunk(2)
-        return (uncond + cond) / 2
+        return mean_of_halves(output)
 
     def __enter__(self) -> CrossAttentionCache:
         self._installed = installed_processors(self.unet, self.sites,
@@ -127,6 +127,12 @@ class CrossAttentionCache:
         self._installed = None
         self.values = [None] * len(self.sites)
         self.mode = "compute"
+
+
+def mean_of_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """(2B, ...) -> (B, ...): the mean of the unconditional and conditional halves."""
+    uncond, cond = tensor.chunk(2)
+    return (uncond + cond) / 2
 
 
 @torch.no_grad()
@@ -143,11 +149,15 @@ def cair_denoise(
     added_cond: dict[str, torch.Tensor] | None = None,
     negative_added_cond: dict[str, torch.Tensor] | None = None,
     fidelity_guidance: str = "none",
+    guidance_stop: int | None = None,
+    deep_interval: int = 1,
+    deep_branch_id: int | None = None,
+    skip_mode: str = "uniform",
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
     start_index: int | None = None,
 ) -> torch.Tensor:
-    """Sample with CAIR over a diffusers scheduler; returns the final latents.
+    """Sample with CAIR (and DeepCache's deep-feature caching) over a diffusers scheduler; returns the final latents.
 
     ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling, as diffusers'
     pipelines take it. Embeddings are (B, L, D); ``added_cond`` holds SDXL's ``text_embeds`` and
@@ -155,11 +165,17 @@ def cair_denoise(
     ``cache_step=None`` is that loop itself, with the UNet's own processors (no caching installed).
     ``on_step(i)`` is called before the i-th UNet evaluation (0-based), e.g. to label recordings.
 
+    The schedule (``cair_runtime.stages.evaluation_plan``): guidance continues after n up to the
+    guidance stop m (``fidelity_guidance="cfg"``: per-half caches, which become their mean at m;
+    default m = T with "cfg", n without); after n (from the first step when ``cache_step`` is
+    None) a full evaluation every ``deep_interval``-th and shallow ones between (DeepCache's
+    ``deep_branch_id``, uniform or non-uniform ``skip_mode``).
+
     Image to image: ``start_index`` (diffusers' ``get_timesteps``' ``t_start``) starts the loop at
     ``scheduler.timesteps[start_index * scheduler.order]`` with the scheduler's begin index set, as
     diffusers' img2img pipelines do; ``latents`` are then the image latents already noised to that
-    timestep (``prepare_latents``; not scaled by ``init_noise_sigma``), and n counts the
-    ``num_inference_steps - start_index`` steps that run.
+    timestep (``prepare_latents``; not scaled by ``init_noise_sigma``), and n, m and the deep
+    schedule count the ``num_inference_steps - start_index`` steps that run (T above means those).
     """
     scheduler.set_timesteps(num_inference_steps)
     timesteps, steps_run = scheduler.timesteps, num_inference_steps
@@ -170,12 +186,29 @@ def cair_denoise(
         timesteps, steps_run = timesteps[begin:], num_inference_steps - start_index
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
+    evaluations = len(timesteps)
     if cache_step is None:
-        planning = len(timesteps)
+        planning = 0
+        guided = evaluations
+        check_schedule(steps_run, steps_run, deep_interval, skip_mode, steps_run)
         caching: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
-        planning = planning_evaluations(cache_step, steps_run, len(timesteps))
+        planning = planning_evaluations(cache_step, steps_run, evaluations)
+        if guidance_stop is None:
+            guidance_stop = steps_run if fidelity_guidance == "cfg" else cache_step
+        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
+        if guidance_stop > cache_step and fidelity_guidance != "cfg":
+            raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches: "
+                                    "pass fidelity_guidance='cfg'", field="guidance_stop")
+        guided = planning_evaluations(guidance_stop, steps_run, evaluations)
         caching = CrossAttentionCache(unet, fidelity_guidance)
+    plan = evaluation_plan(planning, guided, evaluations, deep_interval, skip_mode)
+    branch = None
+    if deep_interval > 1:
+        if deep_branch_id is None:
+            raise InvalidInputError("a deep interval above 1 needs a deep branch (deep_branch_id)", field="deep_branch")
+        branch = deep_branch(unet, deep_branch_id)
+    recording = recorded_deep_feature(unet, branch) if branch is not None else contextlib.nullcontext([])
     # As diffusers' prepare_extra_step_kwargs: only stochastic schedulers take a generator.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, L, D): uncond first
@@ -183,31 +216,42 @@ def cair_denoise(
     if added_cond is not None:
         guided_cond = {key: torch.cat([negative_added_cond[key], added_cond[key]]) for key in added_cond}
 
-    with caching as cache:
+    deep_feature = None  # (2B or B, C_b, ...): kept by the last full evaluation
+    with caching as cache, recording as recorded:
         for i, t in enumerate(timesteps):
             if on_step is not None:
                 on_step(i)
-            step = i + 1
-            if step <= planning or fidelity_guidance == "cfg":
-                # Planning stage (and the CFG fidelity variant): batch 2B, guided.
-                if step <= planning:
-                    context = encoder_hidden_states
-                    if cache is not None:
-                        cache.mode = "record" if step == planning else "compute"
-                else:
+            evaluation = plan[i]
+            context = encoder_hidden_states
+            if cache is not None:
+                if evaluation.kind == "planning":
+                    cache.mode = "record" if i + 1 == planning else "compute"
+                else:  # fidelity and shallow: cached cross-attention, no text
                     cache.mode, context = "replay", None
+                if fidelity_guidance == "cfg" and i > 0 and plan[i - 1].guided and not evaluation.guided:
+                    # The guidance stop m: the per-half caches and deep feature become their means.
+                    cache.values = [mean_of_halves(value) for value in cache.values]
+                    deep_feature = None if deep_feature is None else mean_of_halves(deep_feature)
+            if evaluation.guided:
+                # Planning (and fidelity before the guidance stop): batch 2B, guided.
                 latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                noise_uncond, noise_text = unet(
-                    latent_input, t, context, added_cond_kwargs=guided_cond, return_dict=False
-                )[0].chunk(2)
+                conditions = guided_cond
+            else:
+                # Fidelity after the guidance stop: batch B, no guidance, unconditional extras.
+                latent_input = scheduler.scale_model_input(latents, t)
+                conditions = negative_added_cond
+            if evaluation.kind == "shallow":
+                # DeepCache between full steps: only the blocks outside the branch, on the kept feature.
+                noise = shallow_unet(unet, branch, latent_input, t, deep_feature, context, conditions)
+            else:
+                recorded.clear()
+                noise = unet(latent_input, t, context, added_cond_kwargs=conditions, return_dict=False)[0]
+                deep_feature = recorded[-1] if recorded else None
+            if evaluation.guided:
+                noise_uncond, noise_text = noise.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
             else:
-                # Fidelity stage: batch B, no guidance, cached cross-attention, unconditional extras.
-                cache.mode = "replay"
-                latent_input = scheduler.scale_model_input(latents, t)
-                noise_pred = unet(
-                    latent_input, t, None, added_cond_kwargs=negative_added_cond, return_dict=False
-                )[0]
+                noise_pred = noise
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
 

@@ -17,6 +17,7 @@ from cair_runtime.backends import BACKENDS
 from cair_runtime.errors import CairError, InvalidInputError
 from cair_runtime.files import check_writable, write_atomically
 from cair_runtime.schedulers import SCHEDULER_NAMES
+from cair_runtime.stages import SKIP_MODES
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -135,6 +136,7 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
         result = pipeline(
             args.prompt, args.negative_prompt, num_images_per_prompt=args.num_images, height=args.height,
             width=args.width, num_inference_steps=args.steps, cache_step=args.cache_step,
+            guidance_stop=args.guidance_stop, deep_interval=args.deep_interval, skip_mode=args.skip_mode,
             guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed,
             callback=_Progress(not args.json), **img2img)
     for message in dict.fromkeys(str(warning.message) for warning in caught):  # SDXL: once, not per encoder
@@ -151,6 +153,7 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
         encode = f", image {result.image_s:.3f} s" if img2img else ""
         print(f"wrote {', '.join(map(str, paths))}: text {result.text_s:.3f} s{encode}, planning {t.planning_steps} steps "
               f"{t.planning_s:.3f} s, switch {t.switch_s * 1e3:.3f} ms, fidelity {t.fidelity_steps} steps "
+              f"({t.shallow_steps} shallow) "
               f"{t.fidelity_s:.3f} s, decode {result.vae_s:.3f} s")
     return 0
 
@@ -181,7 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                         **_backend_options(args, with_providers=True))
     result = engine.denoise(
         prompt_embeds, **inputs, height=args.height, width=args.width, num_inference_steps=args.steps,
-        cache_step=args.cache_step, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+        cache_step=args.cache_step, guidance_stop=args.guidance_stop, deep_interval=args.deep_interval,
+        skip_mode=args.skip_mode, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
         seed=args.seed, callback=_Progress(not args.json),
     )
     write_atomically(output, lambda file: np.save(file, result.latents))
@@ -207,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", metavar="FILE",
                         help="image to image: the init image (RGB, or grayscale, converted; its size is the output's)")
     parser.add_argument("--strength", type=float,
-                        help="image to image: how much of the schedule runs, in (0, 1] (default 0.8); n counts the "
-                             "min(int(steps * strength), steps) steps that run")
+                        help="image to image: how much of the schedule runs, in (0, 1] (default 0.8); n, m and k "
+                             "count the min(int(steps * strength), steps) steps that run")
     parser.add_argument("--encoder-hidden-states", metavar="FILE.npy",
                         help="UNet only: prompt embeddings (B, text_len, D), float32 .npy, instead of a prompt")
     parser.add_argument("--negative-encoder-hidden-states", metavar="FILE.npy",
@@ -222,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, help="pixel width (default: the engine's tuned size)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps T (default 25)")
     parser.add_argument("--cache-step", type=int, help="cache step n, 1..T; T = baseline (default: the manifest's hint)")
+    parser.add_argument("--guidance-stop", type=int, metavar="M",
+                        help="guidance stop m, n..T: guided fidelity steps up to m (engines exported with "
+                             "--fidelity-guidance cfg; default T there, n elsewhere)")
+    parser.add_argument("--deep-interval", type=int, default=1, metavar="K",
+                        help="after n, a full fidelity step every K-th and shallow steps between (engines exported "
+                             "with --deep-branch; default 1: every step full)")
+    parser.add_argument("--skip-mode", choices=SKIP_MODES, default="uniform",
+                        help="where the full steps fall: uniform (default) or DeepCache's non-uniform")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy noise (default 0)")

@@ -27,6 +27,8 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and the VAE's come with a pipeline
+OPTIONAL_UNET_GRAPH_KINDS = ("shallow",)  # DeepCache's cut, with the deep_branch section
+DEEP_BRANCH_KEYS = ("name", "branch", "block", "layer", "up_block", "up_layer", "channels", "level")
 # vae_encoder (image to image) since 2026-11-30: older pipeline folders lack it and still load
 PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
 FIDELITY_GUIDANCE = ("none", "cfg")
@@ -125,7 +127,7 @@ class FileRecord:
 class GraphSpec:
     """One exported graph: its file(s) and ordered IO."""
 
-    kind: str  # "planning" | "fidelity"
+    kind: str  # "planning" | "fidelity" | "shallow" | a pipeline graph
     file: str  # the model file, relative path; its external data (if any) is listed in `files`
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -162,6 +164,10 @@ class Manifest:
     # "unet" | "text_encoder" | "text_encoder_2", "file": weights file, "weights": {model weight:
     # [[initializer, layout, offset, dtype, shape], ...]}, "unmapped": [model weight, ...]}}}; see lora.py.
     lora: dict[str, Any] | None = None
+    # Deep-feature caching (DeepCache's cut) when the folder has a shallow graph: {"name": the
+    # tensor fidelity emits and shallow takes, "branch", "block", "layer", "up_block", "up_layer",
+    # "channels", "level"}; None for folders without one (and every folder written before it).
+    deep_branch: dict[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -170,8 +176,13 @@ class Manifest:
 
     @property
     def unet_graphs(self) -> dict[str, GraphSpec]:
-        """The planning and fidelity graphs, the ones backends run (the rest belong to the pipeline)."""
+        """The planning and fidelity graphs, the ones every backend runs (the rest belong to the pipeline)."""
         return {kind: self.graphs[kind] for kind in GRAPH_KINDS}
+
+    @property
+    def schedule_graphs(self) -> dict[str, GraphSpec]:
+        """The UNet graphs of the whole schedule: planning, fidelity and, when exported, shallow."""
+        return {kind: self.graphs[kind] for kind in GRAPH_KINDS + OPTIONAL_UNET_GRAPH_KINDS if kind in self.graphs}
 
     def engine_records(self, backend: str, what: str, where: str = "") -> dict[str, EngineRecord]:
         """The built ``backend`` engines by graph kind; refuses a folder lacking one for a UNet graph."""
@@ -213,6 +224,7 @@ class Manifest:
             pipeline=data.get("pipeline"),
             weights=data.get("weights"),
             lora=data.get("lora"),
+            deep_branch=data.get("deep_branch"),
         )
 
 
@@ -309,7 +321,7 @@ def _weights_problems(manifest: Manifest) -> list[str]:
         return ["the weights section must name a listed file and map graphs to their tensors"]
     size, problems = sizes[weights["file"]], []
     for kind, tensors in weights["graphs"].items():
-        if kind not in GRAPH_KINDS or not isinstance(tensors, dict):
+        if kind not in GRAPH_KINDS + OPTIONAL_UNET_GRAPH_KINDS or not isinstance(tensors, dict):
             problems.append(f"weights for {kind!r}, which is not a UNet graph")
             continue
         for name, entry in tensors.items():
@@ -366,12 +378,30 @@ def _lora_problems(manifest: Manifest) -> list[str]:
 def _schema_problems(manifest: Manifest) -> list[str]:
     """What the dataclasses cannot say: required and known graphs, enumerations, shapes, the pipeline."""
     problems = [f"no {kind} graph" for kind in GRAPH_KINDS if kind not in manifest.graphs]
-    problems += [f"unknown graph {kind!r} (this cair-runtime knows {', '.join(GRAPH_KINDS + PIPELINE_GRAPH_KINDS)})"
-                 for kind in manifest.graphs if kind not in GRAPH_KINDS + PIPELINE_GRAPH_KINDS]
+    known = GRAPH_KINDS + OPTIONAL_UNET_GRAPH_KINDS + PIPELINE_GRAPH_KINDS
+    problems += [f"unknown graph {kind!r} (this cair-runtime knows {', '.join(known)})"
+                 for kind in manifest.graphs if kind not in known]
+    problems += _deep_branch_problems(manifest)
     if manifest.fidelity_guidance not in FIDELITY_GUIDANCE:
         problems.append(f"fidelity_guidance {manifest.fidelity_guidance!r} is not one of {', '.join(FIDELITY_GUIDANCE)}")
     return problems + _shape_problems(manifest) + _pipeline_problems(manifest) + _weights_problems(manifest) \
         + _lora_problems(manifest)
+
+
+def _deep_branch_problems(manifest: Manifest) -> list[str]:
+    """A shallow graph comes with a deep_branch section whose feature fidelity emits and shallow takes."""
+    section, has_shallow = manifest.deep_branch, "shallow" in manifest.graphs
+    if section is None and not has_shallow:
+        return []
+    if section is None or not has_shallow:
+        return ["a shallow graph and a deep_branch section come together; the folder has only one of them"]
+    if not isinstance(section, dict) or any(key not in section for key in DEEP_BRANCH_KEYS):
+        return [f"the deep_branch section must be an object with {', '.join(DEEP_BRANCH_KEYS)}"]
+    name = section["name"]
+    fidelity_outputs = [spec.name for spec in manifest.graphs["fidelity"].outputs] if "fidelity" in manifest.graphs else []
+    if name not in fidelity_outputs or name not in [spec.name for spec in manifest.graphs["shallow"].inputs]:
+        return [f"deep feature {name!r} must be a fidelity output and a shallow input"]
+    return []
 
 
 def sha256_file(path: Path) -> str:

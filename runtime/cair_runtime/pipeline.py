@@ -1,4 +1,5 @@
-"""Load an engine folder and denoise: the CAIR loop, unrolled, with the switch at step n in sight."""
+"""Load an engine folder and denoise: the CAIR loop, unrolled, with the switch at step n, the guidance
+stop m and the shallow steps (deep interval k) in sight."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, fil
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
 from cair_runtime.schedulers import img2img_start, make_scheduler
-from cair_runtime.stages import check_cache_step, planning_evaluations
+from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan, planning_evaluations
 
 
 MAX_IMAGES_PER_CALL = 64  # a cap, so a typo cannot queue hours of work; make several calls for more
@@ -45,22 +46,23 @@ class StageTimings:
 
     planning_s: float = 0.0  # steps 1..n: planning graph, CFG, host scheduler math
     switch_s: float = 0.0  # handing the caches to the fidelity graph
-    fidelity_s: float = 0.0  # steps n+1..T
+    fidelity_s: float = 0.0  # steps n+1..T (full and shallow)
     planning_steps: int = 0
-    fidelity_steps: int = 0
+    fidelity_steps: int = 0  # of which shallow_steps ran the shallow graph
+    shallow_steps: int = 0
 
     @property
     def total_s(self) -> float:
         return self.planning_s + self.switch_s + self.fidelity_s
 
     def add(self, other: StageTimings) -> None:
-        for name in ("planning_s", "switch_s", "fidelity_s", "planning_steps", "fidelity_steps"):
+        for name in ("planning_s", "switch_s", "fidelity_s", "planning_steps", "fidelity_steps", "shallow_steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float]:
         return {"planning_s": self.planning_s, "switch_s": self.switch_s, "fidelity_s": self.fidelity_s,
                 "total_s": self.total_s, "planning_steps": self.planning_steps,
-                "fidelity_steps": self.fidelity_steps}
+                "fidelity_steps": self.fidelity_steps, "shallow_steps": self.shallow_steps}
 
 
 @dataclass
@@ -245,6 +247,28 @@ class CairEngine:
                                     field="steps")
         return int(cache_step)
 
+    def check_schedule(self, steps_run: int, cache_step: int, guidance_stop: Any, deep_interval: Any,
+                       skip_mode: Any) -> int:
+        """The guidance stop m (default: n, or T on an engine exported with fidelity CFG) and the deep
+        interval k, checked against what this engine has; returns m. T here is ``steps_run``, the
+        steps that run (image to image's last ``min(int(T * strength), T)``), as for n."""
+        cfg = self.manifest.fidelity_guidance == "cfg"
+        if guidance_stop is None:
+            guidance_stop = steps_run if cfg else cache_step
+        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
+        if guidance_stop > cache_step and not cfg:
+            raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches; "
+                                    "this engine merges them at n: re-export with --fidelity-guidance cfg",
+                                    field="guidance_stop")
+        if deep_interval > 1 and "shallow" not in self.manifest.graphs:
+            raise InvalidInputError(f"deep interval {deep_interval} needs the shallow graph, which {self.folder} lacks; "
+                                    "re-export with --deep-branch B (or use --deep-interval 1)", field="deep_interval")
+        scheduled = deep_interval > 1 or (cfg and guidance_stop < steps_run)
+        if scheduled and not self.backend.schedules:
+            raise InvalidInputError("this backend runs planning and fidelity only (no guidance stop before T, no "
+                                    "shallow steps); use the onnxruntime backend", field="deep_interval")
+        return int(guidance_stop)
+
     @staticmethod
     def steps_run(num_inference_steps: int, strength: Any = None) -> int:
         """The denoising steps a call runs: T, or image to image's last ``min(int(T * strength), T)``."""
@@ -284,6 +308,9 @@ class CairEngine:
         width: int | None = None,
         num_inference_steps: int = 25,
         cache_step: int | None = None,
+        guidance_stop: int | None = None,
+        deep_interval: int = 1,
+        skip_mode: str = "uniform",
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
         seed: int | Sequence[int] = 0,
@@ -303,20 +330,27 @@ class CairEngine:
         ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling (as
         diffusers' pipelines take it); with it, the seeds drive only ancestral noise. Negative
         embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
-        plain baseline. Batches above the engine's max batch run in chunks. ``loras`` as for the
-        constructor (None: the engine's default adapters).
+        plain baseline. ``guidance_stop`` m (n..T) keeps guidance after n on an engine exported with
+        fidelity CFG (default there: T; elsewhere n); ``deep_interval`` k > 1 runs a full fidelity
+        step every k-th step after n and shallow steps between (an engine exported with a deep
+        branch), placed per ``skip_mode`` ("uniform" or DeepCache's "non-uniform"). Batches above
+        the engine's max batch run in chunks. ``loras`` as for the constructor (None: the engine's
+        default adapters).
 
         Image to image: ``image_latents`` (B, C, h, w) are the init images' latents, already scaled
         by the VAE's scaling factor; the loop runs the last ``min(int(T * strength), T)`` of T
         steps (diffusers' ``get_timesteps``) from them noised to its first timestep with the
         scheduler's ``add_noise``; ``latents``, if given, is that noise, else image k draws it.
-        n counts the steps that run. ``generators``: image k's generator as the caller left it
-        (text to image draws the VAE's latent sample from it first), instead of ``seed``.
+        n, m and k count the steps that run (m's default T is then those steps). ``generators``:
+        image k's generator as the caller left it (text to image draws the VAE's latent sample from
+        it first), instead of ``seed``.
         """
         self.check_open()
         img2img = image_latents is not None
-        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler,
-                                           strength if img2img else None)
+        run_strength = strength if img2img else None
+        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
+        guidance_stop = self.check_schedule(self.steps_run(num_inference_steps, run_strength), cache_step,
+                                            guidance_stop, deep_interval, skip_mode)
         lora_set = self.resolve_loras(loras)
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
@@ -386,16 +420,17 @@ class CairEngine:
                 result = self._denoise_batch(
                     context, prompt_embeds[part], negative_prompt_embeds[part], latents[part],
                     None if added is None else tuple(a[part] for a in added),
-                    num_inference_steps, cache_step, guidance_scale, scheduler, generators[part], callback,
-                    None if image_latents is None else (image_latents[part], strength))
+                    num_inference_steps, (cache_step, guidance_stop, deep_interval, skip_mode), guidance_scale, scheduler,
+                    generators[part], callback, None if image_latents is None else (image_latents[part], strength))
                 chunks.append(result.latents)
                 timings.add(result.timings)
         return DenoiseResult(np.concatenate(chunks), timings)
 
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
-                       cache_step, guidance_scale, scheduler_name, generators: Generators, callback,
+                       schedule, guidance_scale, scheduler_name, generators: Generators, callback,
                        img2img: tuple[np.ndarray, float] | None = None) -> DenoiseResult:
         batch = latents.shape[0]
+        cache_step, guidance_stop, deep_interval, skip_mode = schedule
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
         scheduler = make_scheduler(scheduler_name, self.manifest.scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
@@ -411,42 +446,49 @@ class CairEngine:
             timesteps = timesteps[begin:]
             latents = scheduler.add_noise(image_latents, latents, timesteps[0])
         steps_run = self.steps_run(num_inference_steps, None if img2img is None else img2img[1])
-        planning_steps = planning_evaluations(cache_step, steps_run, len(timesteps))
+        total = len(timesteps)
+        planning_steps = planning_evaluations(cache_step, steps_run, total)
+        # Evaluations 1..n planning, guided up to m, then a full fidelity one every k-th and shallow
+        # between; n, m and k count the steps that run.
+        plan = evaluation_plan(planning_steps, planning_evaluations(guidance_stop, steps_run, total),
+                               total, deep_interval, skip_mode)
+        later = [kind for kind in ("fidelity", "shallow") if kind in self.manifest.graphs]
 
         dims = {"batch": batch, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
         self.check_dims({"batch": batch})
         context.prepare({**dims, "text_len": self.manifest.dim("text_len").opt})
         # Uploaded once per generation: (2B, L, D), unconditional half first.
         planning_inputs = {"encoder_hidden_states": np.concatenate([negative_prompt_embeds, prompt_embeds])}
-        fidelity_inputs = {}
+        guided_inputs, unguided_inputs = {}, {}
         if added is not None:
             text_embeds, negative_text_embeds, time_ids = added
             planning_inputs.update(text_embeds=np.concatenate([negative_text_embeds, text_embeds]),
                                    time_ids=np.concatenate([time_ids, time_ids]))
-            # Fidelity runs unconditionally: the negative (unconditional) added conditions.
-            fidelity_inputs = ({"text_embeds": planning_inputs["text_embeds"], "time_ids": planning_inputs["time_ids"]}
-                               if cfg_fidelity else {"text_embeds": negative_text_embeds, "time_ids": time_ids})
+            guided_inputs = {"text_embeds": planning_inputs["text_embeds"], "time_ids": planning_inputs["time_ids"]}
+            # Unguided fidelity runs unconditionally: the negative (unconditional) added conditions.
+            unguided_inputs = {"text_embeds": negative_text_embeds, "time_ids": time_ids}
         context.set_inputs("planning", planning_inputs)
-        if fidelity_inputs:
-            context.set_inputs("fidelity", fidelity_inputs)
+        if added is not None:
+            for kind in later:
+                context.set_inputs(kind, guided_inputs if cfg_fidelity else unguided_inputs)
 
         timings = StageTimings()
-        total = len(timesteps)
         for i, t in enumerate(timesteps):
-            step = i + 1
+            step, evaluation = i + 1, plan[i]
             started = time.perf_counter()
             timestep = np.array([t], dtype=np.float32)
             scaled = scheduler.scale_model_input(latents, t)
-            if step <= planning_steps or cfg_fidelity:
-                # Semantics planning: the full UNet with CFG at batch 2B; at step n its cache outputs,
-                # already merged, are left in the device buffers fidelity reads. (Variant: fidelity
-                # keeps guidance at batch 2B, a cache per half.)
-                kind = "planning" if step <= planning_steps else "fidelity"
-                noise_uncond, noise_text = np.split(context.run(kind, np.concatenate([scaled, scaled]), timestep), 2)
+            if evaluation.guided:
+                # Semantics planning: the full UNet with CFG at batch 2B; at step n its cache outputs
+                # are left in the device buffers fidelity reads (merged, or a cache per half with
+                # fidelity CFG: then fidelity and shallow steps stay guided up to m).
+                noise = context.run(evaluation.kind, np.concatenate([scaled, scaled]), timestep)
+                noise_uncond, noise_text = np.split(noise, 2)
                 noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
             else:
-                # Fidelity improving: batch B, no guidance, no text; cross-attention from the cache.
-                noise_pred = context.run("fidelity", scaled, timestep)
+                # Fidelity improving: batch B, no guidance, no text; cross-attention from the cache;
+                # a shallow step reuses the deep feature of the last full one.
+                noise_pred = context.run(evaluation.kind, scaled, timestep)
             latents = scheduler.step(noise_pred, t, latents, rng=generators).astype(np.float32, copy=False)
             elapsed = time.perf_counter() - started
             if step <= planning_steps:
@@ -455,11 +497,18 @@ class CairEngine:
             else:
                 timings.fidelity_s += elapsed
                 timings.fidelity_steps += 1
+                timings.shallow_steps += evaluation.kind == "shallow"
+            started = time.perf_counter()
             if step == planning_steps and step < total:
                 # The switch: the cache buffers planning just wrote become fidelity's inputs.
-                started = time.perf_counter()
                 context.switch_to_fidelity()
-                timings.switch_s += time.perf_counter() - started
+            if cfg_fidelity and step < total and evaluation.guided and not plan[step].guided:
+                # The guidance stop m: the per-half caches and deep feature become their means, on the device.
+                context.merge_halves()
+                if added is not None:
+                    for kind in later:
+                        context.set_inputs(kind, unguided_inputs)
+            timings.switch_s += time.perf_counter() - started
             if callback is not None:
                 callback(step, total)
         return DenoiseResult(latents, timings)

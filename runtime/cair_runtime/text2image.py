@@ -273,6 +273,9 @@ class CairText2Image:
         width: int | None = None,
         num_inference_steps: int = 25,
         cache_step: int | None = None,
+        guidance_stop: int | None = None,
+        deep_interval: int = 1,
+        skip_mode: str = "uniform",
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
         seed: int | Sequence[int] = 0,
@@ -290,11 +293,12 @@ class CairText2Image:
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
         of naming a seed (the seeds then drive only ancestral noise). ``loras``: adapters
         ``[(path.safetensors, scale), ...]`` for this call (None: the pipeline's default; ``[]``: none).
+        ``guidance_stop``, ``deep_interval``, ``skip_mode``: the schedule, as for ``CairEngine.denoise``.
 
         Image to image: ``image`` (a file path, or an (H, W, 3) uint8 RGB array; grayscale is
         converted, other modes refused) is the init image of every image of the call, and sets
         their size; ``strength`` in (0, 1] runs the last ``min(int(T * strength), T)`` of
-        ``num_inference_steps`` (n counts those). Image k's generator draws the VAE's latent
+        ``num_inference_steps`` (n, m and k count those). Image k's generator draws the VAE's latent
         sample, then the noise added to it, then any ancestral noise, as diffusers' img2img
         pipelines with one generator per image; ``latents``, if given, is the added noise.
         """
@@ -322,19 +326,26 @@ class CairText2Image:
                 engine.steps_run(num_inference_steps, strength)
             pixels, image_name = self._check_image(image, height, width)
             height, width = pixels.shape[:2]
-        cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler,
-                                             None if image is None else strength)
+        run_strength = None if image is None else strength
+        cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
+        steps_run = engine.steps_run(num_inference_steps, run_strength)  # n, m and k count the steps that run
+        guidance_stop = engine.check_schedule(steps_run, cache_step, guidance_stop, deep_interval, skip_mode)
+        # The PNG parameters name the schedule where it differs from the engine's default (m = n, or T with CFG).
+        default_stop = steps_run if engine.manifest.fidelity_guidance == "cfg" else cache_step
+        schedule = {**({"guidance_stop": guidance_stop} if guidance_stop != default_stop else {}),
+                    **({"deep_interval": deep_interval, "skip_mode": skip_mode} if deep_interval > 1 else {})}
         latent_height, latent_width = engine.latent_size(height, width)
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
         lora_set = engine.resolve_loras(loras)
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
             return self._generate(prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
                                   num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set,
-                                  pixels, image_name, strength)
+                                  (guidance_stop, deep_interval, skip_mode), schedule, pixels, image_name, strength)
 
     def _generate(self, prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
-                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set,
-                  pixels, image_name, strength) -> Text2ImageResult:
+                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set, run_schedule,
+                  schedule, pixels, image_name, strength) -> Text2ImageResult:
+        guidance_stop, deep_interval, skip_mode = run_schedule  # ``schedule``: what the PNG parameters name
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
@@ -357,7 +368,8 @@ class CairText2Image:
             image_s = time.perf_counter() - started
         result = engine.denoise(
             per_image(prompt_embeds), per_image(negative_embeds), latents=latents, height=height, width=width,
-            num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_stop=guidance_stop,
+            deep_interval=deep_interval, skip_mode=skip_mode, guidance_scale=guidance_scale,
             scheduler=scheduler, generators=generators, text_embeds=per_image(pooled),
             negative_text_embeds=per_image(negative_pooled), callback=callback, loras=lora_set, **img2img)
 
@@ -369,7 +381,7 @@ class CairText2Image:
             "prompt": prompts[k // num_images_per_prompt],
             "negative_prompt": None if negatives is None else negatives[k // num_images_per_prompt],
             **({"seed": seeds[k]} if latents is None else {"seed": None, "latents": "supplied by the caller"}),
-            "steps": num_inference_steps, "cache_step": cache_step,
+            "steps": num_inference_steps, "cache_step": cache_step, **schedule,
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),

@@ -160,7 +160,7 @@ def _mutated(data: dict, change: str) -> dict:
     if change == "graphs as a list":
         data["graphs"] = list(graphs.values())
     elif change == "unknown graph":
-        graphs["shallow"] = dict(graphs["fidelity"], kind="shallow")
+        graphs["refiner"] = dict(graphs["fidelity"], kind="refiner")
     elif change == "code in a shape":
         sample["shape"][0] = "__import__('os').getpid()"
     elif change == "absurd shape":
@@ -190,7 +190,7 @@ def _mutated(data: dict, change: str) -> dict:
 
 @pytest.mark.parametrize("change, message", [
     ("graphs as a list", "malformed"),
-    ("unknown graph", "unknown graph 'shallow'"),
+    ("unknown graph", "unknown graph 'refiner'"),
     ("code in a shape", "not an expression the manifest allows"),
     ("absurd shape", "expected 0..2147483647"),
     ("long shape", "at most 120"),

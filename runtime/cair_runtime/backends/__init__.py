@@ -29,6 +29,9 @@ class BackendContext(Protocol):
     def switch_to_fidelity(self) -> None:
         """Make the cache buffers planning wrote the fidelity graph's inputs (no copy)."""
 
+    def merge_halves(self) -> None:
+        """At the guidance stop: per-half caches and deep feature become their means (batch B); optional."""
+
     def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Upload inputs that stay fixed for a whole generation (text embeddings, time ids)."""
 
@@ -43,6 +46,7 @@ class Backend(Protocol):
     """The shared, read-only part: sessions or engines and their weights, loaded once."""
 
     max_concurrency: int  # contexts the engine's pool may hold (the caller's choice, or sized for the device)
+    schedules: bool  # runs a guidance stop before T and shallow steps (its contexts have merge_halves)
 
     def new_context(self) -> BackendContext:
         """A fresh per-call context (the pool calls this lazily)."""

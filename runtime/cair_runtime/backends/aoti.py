@@ -98,6 +98,8 @@ class AotiBackend:
     ``weights``: the one set of weight tensors both packages run on (``feed_weights``).
     """
 
+    schedules = False  # planning and fidelity only: no guidance stop before T, no shallow graph (issue 15)
+
     def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None,
                  max_concurrency: int | None = None):
         _import_torch()

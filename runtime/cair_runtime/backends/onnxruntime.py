@@ -121,7 +121,7 @@ def shared_weights(folder: str | Path, record: Mapping[str, Any] | None) -> dict
 
 
 class OnnxRuntimeBackend:
-    """planning.onnx and fidelity.onnx in onnxruntime: the sessions, shared by every context.
+    """planning.onnx, fidelity.onnx (and shallow.onnx) in onnxruntime: the sessions, shared by every context.
 
     ``InferenceSession.run_with_iobinding`` is thread-safe; ``IOBinding`` objects are not, so
     everything a generation binds lives in an ``OnnxRuntimeContext`` of its own.
@@ -157,7 +157,7 @@ class OnnxRuntimeBackend:
 
     def _make_sessions(self) -> dict[str, ort.InferenceSession]:
         sessions = {}
-        for kind, graph in self.manifest.unet_graphs.items():
+        for kind, graph in self.manifest.schedule_graphs.items():
             initializers = {**self.weights.get(kind, {}), **self.adapter_values.get(kind, {})}
             options = dict(self._session_options)
             if self.adapter_values.get(kind):
@@ -175,9 +175,11 @@ class OnnxRuntimeBackend:
         """
         self.sessions = {}  # the old sessions go first: no moment with two copies of the weights
         self.adapter_values = {kind: {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in values.items()}
-                               for kind, values in overrides.items() if kind in self.manifest.unet_graphs}
+                               for kind, values in overrides.items() if kind in self.manifest.schedule_graphs}
         self._adapter_arrays = overrides  # the OrtValues wrap these arrays: they must stay alive
         self.sessions = self._make_sessions()
+
+    schedules = True  # runs the guidance stop and shallow steps (merge_halves, the deep feature)
 
     def new_context(self) -> OnnxRuntimeContext:
         return OnnxRuntimeContext(self)
@@ -188,14 +190,15 @@ class OnnxRuntimeBackend:
 
 
 class OnnxRuntimeContext:
-    """One generation's bindings and device buffers; the caches are chained through IOBinding."""
+    """One generation's bindings and device buffers; the caches and the deep feature are chained through IOBinding."""
 
     def __init__(self, backend: OnnxRuntimeBackend):
         self.backend = backend
         self.sessions = backend.sessions
         self.bindings = {kind: session.io_binding() for kind, session in self.sessions.items()}
-        self.caches: dict[str, ort.OrtValue] = {}  # cache name -> device buffer shared by both graphs
+        self.caches: dict[str, ort.OrtValue] = {}  # cache name -> device buffer planning writes, fidelity reads
         self._outputs: dict[str, ort.OrtValue] = {}  # kind -> noise_pred buffer
+        self._deep: ort.OrtValue | None = None  # the deep feature: fidelity writes it, shallow reads it
         self._fixed: dict[str, ort.OrtValue] = {}  # uploaded once per generation, kept alive here
         self._dims: dict[str, int] | None = None
 
@@ -203,27 +206,65 @@ class OnnxRuntimeContext:
         backend = self.backend
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype).type, backend.device, backend.device_id)
 
+    def _bind_deep(self, value: ort.OrtValue) -> None:
+        name = self.backend.manifest.deep_branch["name"]
+        self._deep = value
+        self.bindings["fidelity"].bind_ortvalue_output(name, value)
+        self.bindings["shallow"].bind_ortvalue_input(name, value)
+
     def prepare(self, dims: Mapping[str, int]) -> None:
         dims = dict(dims)
         if dims == self._dims:
             return
         manifest = self.backend.manifest
-        planning, fidelity = manifest.graphs["planning"], manifest.graphs["fidelity"]
+        planning = manifest.graphs["planning"]
         cache_names = {cache.name for cache in manifest.caches}
         for spec in planning.outputs:
             if spec.name in cache_names:
                 self.caches[spec.name] = self._buffer(spec.resolve(dims), spec.dtype)
                 self.bindings["planning"].bind_ortvalue_output(spec.name, self.caches[spec.name])
-        for kind, graph in (("planning", planning), ("fidelity", fidelity)):
+        for kind, graph in manifest.schedule_graphs.items():
             spec = graph.outputs[0]  # noise_pred
             self._outputs[kind] = self._buffer(spec.resolve(dims), spec.dtype)
             self.bindings[kind].bind_ortvalue_output(spec.name, self._outputs[kind])
+        if "shallow" in self.bindings:
+            spec = manifest.graphs["fidelity"].outputs[1]
+            self._bind_deep(self._buffer(spec.resolve(dims), spec.dtype))
         self._dims = dims
 
     def switch_to_fidelity(self) -> None:
-        # The same OrtValues planning wrote become fidelity's inputs: a pointer hand-off, no copy.
-        for name, value in self.caches.items():
+        # The same OrtValues planning wrote become fidelity's (and shallow's) inputs: a pointer hand-off, no copy.
+        self._bind_caches(self.caches)
+
+    def _bind_caches(self, caches: Mapping[str, ort.OrtValue]) -> None:
+        for name, value in caches.items():
             self.bindings["fidelity"].bind_ortvalue_input(name, value)
+        if "shallow" in self.bindings:
+            for spec in self.backend.manifest.graphs["shallow"].inputs:
+                if spec.name in caches:
+                    self.bindings["shallow"].bind_ortvalue_input(spec.name, caches[spec.name])
+
+    def merge_halves(self) -> None:
+        """The guidance stop: per-half caches (and deep feature) -> their means; fidelity and shallow run at batch B.
+
+        On the CPU provider ``numpy()`` views the buffers, so nothing moves; on a GPU provider
+        this round-trips them through the host once per generation.
+        """
+        def mean(value: ort.OrtValue) -> ort.OrtValue:
+            uncond, cond = np.split(value.numpy(), 2)  # (2B, ...): unconditional half first
+            merged = self._buffer(uncond.shape, str(uncond.dtype))
+            merged.update_inplace((uncond + cond) / np.float32(2))
+            return merged
+
+        self._bind_caches({name: mean(value) for name, value in self.caches.items()})
+        for kind, value in self._outputs.items():
+            if kind != "planning":
+                shape, dtype = value.shape(), self.backend.manifest.graphs[kind].outputs[0].dtype
+                self._outputs[kind] = self._buffer((shape[0] // 2, *shape[1:]), dtype)
+                self.bindings[kind].bind_ortvalue_output("noise_pred", self._outputs[kind])
+        if self._deep is not None:
+            self._bind_deep(mean(self._deep))
+        self._dims = None  # the next prepare binds full-size buffers again
 
     def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
         backend = self.backend
@@ -247,4 +288,5 @@ class OnnxRuntimeContext:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
         self.bindings, self.sessions, self.caches, self._outputs, self._fixed = {}, {}, {}, {}, {}
+        self._deep = None
         self._dims = None

@@ -1,0 +1,154 @@
+"""DeepCache's cut of a diffusers UNet: the deep feature a full evaluation keeps, the shallow evaluation.
+
+Port of DeepCache's ``DeepCacheSDHelper`` (PyPI ``DeepCache`` 0.1.1, ``extension/deepcache.py``;
+Ma et al. 2024). A branch id ``b`` names ``cache_block_id = b // 3`` (a down block, mirrored by an
+up block) and ``cache_layer_id = b % 3`` (a layer inside it). Between full steps the helper
+replays every module below the branch and recomputes the rest: conv_in and the time embedding,
+down blocks ``< block``, the first ``layer`` layers of down block ``block``, the mirrored up
+block's last ``layer + 1`` layers (and its upsampler), every later up block, conv_out. The only
+replayed tensor the recomputed part reads is the hidden state entering the mirrored up block's
+first recomputed layer: the *deep feature*. Here it is an explicit input, so the shallow step is a
+static graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from cair_runtime.errors import InvalidInputError
+
+DEEP_FEATURE = "deep_feature"  # graph tensor name: fidelity's extra output, shallow's input
+
+
+@dataclass(frozen=True)
+class DeepBranch:
+    """Where DeepCache cuts the UNet, and the deep feature it keeps there."""
+
+    branch: int  # DeepCache's cache_branch_id
+    block: int  # cache_block_id = branch // 3: down block index (up block ``up_block`` mirrors it)
+    layer: int  # cache_layer_id = branch % 3: down layers recomputed; the up block recomputes layer + 1
+    up_block: int  # diffusers index of the mirrored up block: len(up_blocks) - 1 - block
+    up_layer: int  # first recomputed layer of that up block: len(its resnets) - 1 - layer
+    channels: int  # the deep feature's channels
+    level: int  # its spatial level: (B, channels, cdiv(latent_height, 2**level), cdiv(latent_width, 2**level))
+
+    def source(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The module whose output is the deep feature in a full evaluation."""
+        if self.up_layer > 0:
+            up = unet.up_blocks[self.up_block]
+            layers = getattr(up, "attentions", None) or up.resnets
+            return layers[self.up_layer - 1]
+        return unet.up_blocks[self.up_block - 1] if self.up_block > 0 else unet.mid_block
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"name": DEEP_FEATURE, "branch": self.branch, "block": self.block, "layer": self.layer,
+                "up_block": self.up_block, "up_layer": self.up_layer, "channels": self.channels, "level": self.level}
+
+
+def deep_branch(unet: torch.nn.Module, branch: int) -> DeepBranch:
+    """DeepCache's branch id -> the cut in this UNet; a branch the UNet lacks is refused."""
+    if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+        raise InvalidInputError(f"deep branch {branch!r} must be a non-negative integer (DeepCache's cache_branch_id)",
+                                field="deep_branch")
+    block, layer = branch // 3, branch % 3
+    blocks = len(unet.down_blocks)
+    if block >= blocks:
+        raise InvalidInputError(f"deep branch {branch} names down block {block}; this UNet has {blocks} "
+                                f"(use a branch in 0..{3 * blocks - 1})", field="deep_branch")
+    up_block = len(unet.up_blocks) - 1 - block
+    up_layers = len(unet.up_blocks[up_block].resnets)
+    if layer >= up_layers:
+        raise InvalidInputError(f"deep branch {branch} names layer {layer} of block {block}, whose up block has "
+                                f"{up_layers} layers; use a branch b with b % 3 < {up_layers}", field="deep_branch")
+    up_layer = up_layers - 1 - layer
+    if up_layer > 0:
+        channels = unet.up_blocks[up_block].resnets[up_layer - 1].out_channels
+    elif up_block > 0:
+        channels = unet.up_blocks[up_block - 1].resnets[-1].out_channels
+    else:
+        channels = unet.config.block_out_channels[-1]
+    deepest = len(unet.config.block_out_channels) - 1
+    return DeepBranch(branch, block, layer, up_block, up_layer, channels, deepest - up_block)
+
+
+@contextlib.contextmanager
+def recorded_deep_feature(unet: torch.nn.Module, branch: DeepBranch) -> Iterator[list[torch.Tensor]]:
+    """Within the block, each UNet evaluation appends its deep feature to the yielded list."""
+    recorded: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        recorded.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = branch.source(unet).register_forward_hook(hook)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+
+
+def shallow_unet(unet: torch.nn.Module, branch: DeepBranch, sample: torch.Tensor, timestep: torch.Tensor,
+                 deep_feature: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                 added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One shallow evaluation: ``noise_pred`` from the blocks outside the branch and the kept ``deep_feature``.
+
+    The preamble and the block calls follow diffusers' ``UNet2DConditionModel.forward`` (no
+    ControlNet, adapters, masks or FreeU); the partial blocks run their layers as the blocks' own
+    forwards do. Cross-attention goes through the installed processors, so CAIR's replayed caches
+    apply (``encoder_hidden_states`` is then None).
+    """
+    forward_upsample_size = any(dim % 2 ** unet.num_upsamplers != 0 for dim in sample.shape[-2:])
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs)
+    emb = emb + aug_emb if aug_emb is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    if encoder_hidden_states is not None:
+        encoder_hidden_states = unet.process_encoder_hidden_states(
+            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+    context = {"encoder_hidden_states": encoder_hidden_states}
+
+    def layer(block: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = block.resnets[index](hidden, emb)
+        if getattr(block, "attentions", None):
+            hidden = block.attentions[index](hidden, **context, return_dict=False)[0]
+        return hidden
+
+    hidden = unet.conv_in(sample)
+    skips = (hidden,)
+    for down in unet.down_blocks[:branch.block]:
+        extra = context if getattr(down, "has_cross_attention", False) else {}
+        hidden, res = down(hidden_states=hidden, temb=emb, **extra)
+        skips += res
+    down = unet.down_blocks[branch.block]
+    for index in range(min(branch.layer, len(down.resnets))):  # the first `layer` layers of the cut block
+        hidden = layer(down, index, hidden)
+        skips += (hidden,)
+
+    hidden = deep_feature  # (B, channels, ...): what the replayed modules below the branch produced
+    for position in range(branch.up_block, len(unet.up_blocks)):
+        up = unet.up_blocks[position]
+        first = branch.up_layer if position == branch.up_block else 0
+        count = len(up.resnets) - first
+        res, skips = skips[-count:], skips[:-count]
+        upsample_size = skips[-1].shape[2:] if forward_upsample_size and position < len(unet.up_blocks) - 1 else None
+        if first == 0:
+            extra = context if getattr(up, "has_cross_attention", False) else {}
+            hidden = up(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size,
+                        **extra)
+            continue
+        for index in range(first, len(up.resnets)):  # the cut up block's last layers, as its forward runs them
+            hidden, res = torch.cat([hidden, res[-1]], dim=1), res[:-1]
+            hidden = layer(up, index, hidden)
+        for upsampler in up.upsamplers or ():
+            hidden = upsampler(hidden, upsample_size)
+
+    if unet.conv_norm_out is not None:
+        hidden = unet.conv_act(unet.conv_norm_out(hidden))
+    return unet.conv_out(hidden)
