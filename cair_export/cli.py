@@ -78,9 +78,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
     check_export_options(config)
     check_output_dir(out_dir, args.overwrite, model_folder(args.model))
+    if args.calibrate:
+        from cair_export.lab.profile import read_prompts
+
+        read_prompts(Path(args.calibrate))  # a bad prompt file fails before the export, not after it
     with export_lock(out_dir):
         model = load_model(args.model, with_pipeline=True)
+        if args.calibrate and not model.has_pipeline:
+            from cair_runtime.errors import InvalidInputError
+
+            raise InvalidInputError(f"--calibrate compares decoded images; {args.model} is a UNet alone (no text "
+                                    "encoder and VAE): export without --calibrate")
         export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress, release_unet=True)
+        if args.calibrate:
+            from cair_export.lab.calibrate import CalibrateConfig, calibrate, format_calibration
+
+            del model
+            progress(f"calibrating the default schedule with {args.calibrate} (the export above is complete)")
+            section = calibrate(CalibrateConfig(out_dir, Path(args.calibrate)), progress=progress)
+            print(format_calibration(section, written=True))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cair_export.lab.calibrate import CalibrateConfig, calibrate, format_calibration
+    from cair_export.lab.harness import run_stamp
+
+    _check_outputs(args.json)
+    config = CalibrateConfig(Path(args.engine_dir), Path(args.prompts), max_prompts=args.max_prompts, steps=args.steps,
+                             guidance_scale=args.guidance_scale, seed=args.seed, threshold=args.threshold,
+                             min_psnr=args.min_psnr, deep_intervals=args.deep_intervals, threads=args.threads,
+                             write=not args.dry_run)
+    section = calibrate(config, progress=progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**run_stamp(_command_line()), **section}, indent=2) + "\n")
+    print(format_calibration(section, written=config.write))
     return 0
 
 
@@ -230,9 +262,38 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                         help="LoRA adapter (.safetensors, diffusers or kohya layout) fused into the UNet and text "
                              "encoder(s) before tracing, scale default 1; repeat for several")
+    export.add_argument("--calibrate", metavar="PROMPTS",
+                        help="after the export, choose the default schedule from the folder's own runs on these "
+                             "prompts (cair-export calibrate with its defaults)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing engine folder (only a complete one: other files are never deleted)")
     export.set_defaults(func=cmd_export)
+
+
+def _add_calibrate(sub) -> None:
+    from cair_export.lab.calibrate import DEEP_INTERVALS, DEFAULT_MIN_PSNR
+    from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD
+
+    calibrate = sub.add_parser("calibrate", help="choose an engine folder's default schedule (n, m, k) from its own "
+                                                 "runs and write it into the manifest")
+    calibrate.add_argument("engine_dir", help="an exported engine folder with its pipeline (text encoder, VAE)")
+    calibrate.add_argument("--prompts", required=True,
+                           help="prompt file, one a line (shipped: cair_export/lab/prompts/shapes.txt, general.txt)")
+    calibrate.add_argument("--max-prompts", type=positive_int_arg, default=16,
+                           help="probe images: the first N prompts, one image each (default 16)")
+    calibrate.add_argument("--steps", type=int_arg, default=25, help="denoising steps T to choose at (default 25)")
+    calibrate.add_argument("--guidance-scale", type=float, default=7.5)
+    calibrate.add_argument("--seed", type=int_arg, default=0, help="prompt p starts from seed + p (default 0)")
+    calibrate.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                           help="n: first step whose cross-attention output changes by less than this (default 0.05)")
+    calibrate.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR,
+                           help=f"quality bound: probe PSNR (dB) against the baseline images (default {DEFAULT_MIN_PSNR:g})")
+    calibrate.add_argument("--deep-intervals", type=int_list, default=DEEP_INTERVALS,
+                           help="k candidates on engines with a shallow graph (default 1,2,3,4,5)")
+    calibrate.add_argument("--threads", type=int_arg, default=0, help="onnxruntime intra-op threads (0: its default)")
+    calibrate.add_argument("--json", help="write the schedule and its evidence as JSON here")
+    calibrate.add_argument("--dry-run", action="store_true", help="report only; leave the manifest as it is")
+    calibrate.set_defaults(func=cmd_calibrate)
 
 
 def _add_demo(sub) -> None:
@@ -351,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     presets = ", ".join(PRESETS)
     _add_export(sub, presets)
+    _add_calibrate(sub)
     _add_demo(sub)
     _add_macs(sub, presets)
     _add_build(sub)

@@ -116,6 +116,21 @@ def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1
     return results
 
 
+def manifest_model(manifest) -> LoadedModel:
+    """The exported UNet's architecture on the meta device, from a manifest's ``model.unet_config``
+    (no weights, no source folder needed): what ``count_graph_macs`` counts for an engine folder."""
+    from diffusers import UNet2DConditionModel
+
+    info = manifest.model
+    if "unet_config" not in info:
+        raise ValueError("the manifest records no unet_config; re-export the folder to count its MACs")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(info["unet_config"]))
+    return LoadedModel(info.get("name", "model"), str(info.get("source")), info.get("family", "sd15"), unet.eval(),
+                       dict(manifest.scheduler_config), vae_scale_factor=manifest.vae_scale_factor,
+                       text_len=manifest.dim("text_len").opt)
+
+
 def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int = 1) -> GraphMacs:
     """MACs of what runs once per generation: every text encoder over the prompts and negative prompts
     (2B sequences) and the VAE decoder over B latents. Conv+linear as for the UNet; ``attention``

@@ -225,15 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, help="pixel height (default: the engine's tuned size)")
     parser.add_argument("--width", type=int, help="pixel width (default: the engine's tuned size)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps T (default 25)")
-    parser.add_argument("--cache-step", type=int, help="cache step n, 1..T; T = baseline (default: the manifest's hint)")
+    parser.add_argument("--cache-step", type=int,
+                        help="cache step n, 1..T; T = baseline (default: the folder's calibrated schedule, else the "
+                             "export's hint)")
     parser.add_argument("--guidance-stop", type=int, metavar="M",
                         help="guidance stop m, n..T: guided fidelity steps up to m (engines exported with "
-                             "--fidelity-guidance cfg; default T there, n elsewhere)")
-    parser.add_argument("--deep-interval", type=int, default=1, metavar="K",
+                             "--fidelity-guidance cfg; default: calibrated, else T there and n elsewhere)")
+    parser.add_argument("--deep-interval", type=int, metavar="K",
                         help="after n, a full fidelity step every K-th and shallow steps between (engines exported "
-                             "with --deep-branch; default 1: every step full)")
-    parser.add_argument("--skip-mode", choices=SKIP_MODES, default="uniform",
-                        help="where the full steps fall: uniform (default) or DeepCache's non-uniform")
+                             "with --deep-branch; default: calibrated, else 1: every step full)")
+    parser.add_argument("--skip-mode", choices=SKIP_MODES,
+                        help="where the full steps fall: uniform or DeepCache's non-uniform (default: calibrated, "
+                             "else uniform)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy noise (default 0)")

@@ -168,6 +168,10 @@ class Manifest:
     # tensor fidelity emits and shallow takes, "branch", "block", "layer", "up_block", "up_layer",
     # "channels", "level"}; None for folders without one (and every folder written before it).
     deep_branch: dict[str, Any] | None = None
+    # The calibrated default schedule (``cair-export calibrate``): {"steps": T it was chosen at,
+    # "cache_step": n, "guidance_stop": m, "deep_interval": k, "skip_mode", "rule", "evidence"};
+    # runs take it for whatever they leave unset (``schedule_defaults``). None: not calibrated.
+    schedule: dict[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -225,6 +229,7 @@ class Manifest:
             weights=data.get("weights"),
             lora=data.get("lora"),
             deep_branch=data.get("deep_branch"),
+            schedule=data.get("schedule"),
         )
 
 
@@ -381,7 +386,7 @@ def _schema_problems(manifest: Manifest) -> list[str]:
     known = GRAPH_KINDS + OPTIONAL_UNET_GRAPH_KINDS + PIPELINE_GRAPH_KINDS
     problems += [f"unknown graph {kind!r} (this cair-runtime knows {', '.join(known)})"
                  for kind in manifest.graphs if kind not in known]
-    problems += _deep_branch_problems(manifest)
+    problems += _deep_branch_problems(manifest) + _schedule_problems(manifest)
     if manifest.fidelity_guidance not in FIDELITY_GUIDANCE:
         problems.append(f"fidelity_guidance {manifest.fidelity_guidance!r} is not one of {', '.join(FIDELITY_GUIDANCE)}")
     return problems + _shape_problems(manifest) + _pipeline_problems(manifest) + _weights_problems(manifest) \
@@ -401,6 +406,28 @@ def _deep_branch_problems(manifest: Manifest) -> list[str]:
     fidelity_outputs = [spec.name for spec in manifest.graphs["fidelity"].outputs] if "fidelity" in manifest.graphs else []
     if name not in fidelity_outputs or name not in [spec.name for spec in manifest.graphs["shallow"].inputs]:
         return [f"deep feature {name!r} must be a fidelity output and a shallow input"]
+    return []
+
+
+SCHEDULE_KEYS = ("steps", "cache_step", "guidance_stop", "deep_interval", "skip_mode")
+
+
+def _schedule_problems(manifest: Manifest) -> list[str]:
+    """A calibrated schedule the folder can run: 1 <= n <= m <= T, k >= 1, m > n only with per-half
+    caches, k > 1 only with a shallow graph."""
+    section = manifest.schedule
+    if section is None:
+        return []
+    if not isinstance(section, dict) or any(not is_integer(section.get(key)) for key in SCHEDULE_KEYS[:4]):
+        return [f"the schedule section must be an object with integer {', '.join(SCHEDULE_KEYS[:4])}"]
+    steps, n, m, k = (int(section[key]) for key in SCHEDULE_KEYS[:4])
+    if not 1 <= n <= m <= steps or k < 1 or section.get("skip_mode") not in ("uniform", "non-uniform"):
+        return [f"the schedule (T={steps}, n={n}, m={m}, k={k}, {section.get('skip_mode')!r}) is not "
+                "1 <= n <= m <= T, k >= 1 with skip mode uniform or non-uniform"]
+    if m > n and manifest.fidelity_guidance != "cfg":
+        return [f"the schedule's guidance stop {m} > cache step {n} needs fidelity_guidance cfg"]
+    if k > 1 and "shallow" not in manifest.graphs:
+        return [f"the schedule's deep interval {k} needs a shallow graph"]
     return []
 
 

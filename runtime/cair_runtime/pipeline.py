@@ -3,6 +3,8 @@ stop m and the shallow steps (deep interval k) in sight."""
 
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, fil
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
 from cair_runtime.schedulers import img2img_start, make_scheduler
-from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan, planning_evaluations
+from cair_runtime.stages import (calibrated_schedule, check_cache_step, check_schedule, evaluation_plan,
+                                 planning_evaluations)
 
 
 MAX_IMAGES_PER_CALL = 64  # a cap, so a typo cannot queue hours of work; make several calls for more
@@ -222,7 +225,7 @@ class CairEngine:
                                     "(the model's training timesteps)", field="steps")
         steps_run = self.steps_run(num_inference_steps, strength)
         if cache_step is None:
-            cache_step = min(int(self.manifest.model.get("cache_step_hint", 5)), steps_run)
+            cache_step = self.default_schedule(steps_run)[0]
         if not is_integer(cache_step):
             raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{steps_run}",
                                     field="cache_step")
@@ -248,13 +251,18 @@ class CairEngine:
         return int(cache_step)
 
     def check_schedule(self, steps_run: int, cache_step: int, guidance_stop: Any, deep_interval: Any,
-                       skip_mode: Any) -> int:
-        """The guidance stop m (default: n, or T on an engine exported with fidelity CFG) and the deep
-        interval k, checked against what this engine has; returns m. T here is ``steps_run``, the
+                       skip_mode: Any) -> tuple[int, int, str]:
+        """The guidance stop m, the deep interval k and the skip mode, defaults filled in
+        (``default_schedule``: the calibrated schedule, else m = n, or T on an engine exported with
+        fidelity CFG, and k = 1), checked against what this engine has; returns (m, k, mode). T here is ``steps_run``, the
         steps that run (image to image's last ``min(int(T * strength), T)``), as for n."""
         cfg = self.manifest.fidelity_guidance == "cfg"
+        _, calibrated_stop, calibrated_interval, calibrated_mode = self.default_schedule(steps_run)
         if guidance_stop is None:
-            guidance_stop = steps_run if cfg else cache_step
+            guidance_stop = max(calibrated_stop, cache_step) if cfg and self.manifest.schedule else \
+                steps_run if cfg else cache_step
+        deep_interval = calibrated_interval if deep_interval is None else deep_interval
+        skip_mode = calibrated_mode if skip_mode is None else skip_mode
         check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
         if guidance_stop > cache_step and not cfg:
             raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches; "
@@ -267,7 +275,23 @@ class CairEngine:
         if scheduled and not self.backend.schedules:
             raise InvalidInputError("this backend runs planning and fidelity only (no guidance stop before T, no "
                                     "shallow steps); use the onnxruntime backend", field="deep_interval")
-        return int(guidance_stop)
+        return int(guidance_stop), int(deep_interval), str(skip_mode)
+
+    def default_schedule(self, steps_run: int) -> tuple[int, int, int, str]:
+        """What a run leaves unset takes: (n, m, k, skip mode) of the calibrated schedule
+        (``manifest.schedule``, scaled to ``steps_run``), else n = the export's hint, m = n, k = 1.
+
+        A backend that runs planning and fidelity only (no ``schedules``) keeps the calibrated n
+        and drops m and k: guidance to T on per-half-cache engines (m = n elsewhere), every step full.
+        """
+        schedule = self.manifest.schedule
+        if schedule is None:
+            n = min(int(self.manifest.model.get("cache_step_hint", 5)), steps_run)
+            return n, n, 1, "uniform"
+        n, m, k, mode = calibrated_schedule(schedule, steps_run)
+        if not self.backend.schedules:
+            return n, steps_run if self.manifest.fidelity_guidance == "cfg" else n, 1, "uniform"
+        return n, m, k, mode
 
     @staticmethod
     def steps_run(num_inference_steps: int, strength: Any = None) -> int:
@@ -309,8 +333,8 @@ class CairEngine:
         num_inference_steps: int = 25,
         cache_step: int | None = None,
         guidance_stop: int | None = None,
-        deep_interval: int = 1,
-        skip_mode: str = "uniform",
+        deep_interval: int | None = None,
+        skip_mode: str | None = None,
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
         seed: int | Sequence[int] = 0,
@@ -321,6 +345,7 @@ class CairEngine:
         image_latents: np.ndarray | None = None,
         strength: float = 0.8,
         generators: Sequence[np.random.Generator] | None = None,
+        cache_observer: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
     ) -> DenoiseResult:
         """Denoise from prompt embeddings (B, text_len, D); returns final latents and stage timings.
 
@@ -329,8 +354,9 @@ class CairEngine:
         float32) and then its ancestral noise, so no image depends on the others in the batch.
         ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling (as
         diffusers' pipelines take it); with it, the seeds drive only ancestral noise. Negative
-        embeddings default to zeros. ``cache_step`` defaults to the manifest's hint; n = T is the
-        plain baseline. ``guidance_stop`` m (n..T) keeps guidance after n on an engine exported with
+        embeddings default to zeros. ``cache_step``, ``guidance_stop``, ``deep_interval`` and
+        ``skip_mode`` left None take the folder's calibrated schedule (``cair-export calibrate``;
+        uncalibrated: n = the export's hint, m and k as below); n = T is the plain baseline. ``guidance_stop`` m (n..T) keeps guidance after n on an engine exported with
         fidelity CFG (default there: T; elsewhere n); ``deep_interval`` k > 1 runs a full fidelity
         step every k-th step after n and shallow steps between (an engine exported with a deep
         branch), placed per ``skip_mode`` ("uniform" or DeepCache's "non-uniform"). Batches above
@@ -344,13 +370,19 @@ class CairEngine:
         n, m and k count the steps that run (m's default T is then those steps). ``generators``:
         image k's generator as the caller left it (text to image draws the VAE's latent sample from
         it first), instead of ``seed``.
+
+        ``cache_observer(step, first_image=..., caches=...)``, for measuring (``cair-export calibrate``), is
+        called after every planning step with host copies of the cross-attention outputs planning
+        wrote, by cache name, for the chunk of images starting at ``first_image``: (B', tokens, C),
+        the mean of the two halves, or (2B', tokens, C) per half (unconditional first) on an engine
+        exported with fidelity CFG. Only backends whose contexts have ``read_caches`` (onnxruntime).
         """
         self.check_open()
         img2img = image_latents is not None
         run_strength = strength if img2img else None
         cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
-        guidance_stop = self.check_schedule(self.steps_run(num_inference_steps, run_strength), cache_step,
-                                            guidance_stop, deep_interval, skip_mode)
+        guidance_stop, deep_interval, skip_mode = self.check_schedule(
+            self.steps_run(num_inference_steps, run_strength), cache_step, guidance_stop, deep_interval, skip_mode)
         lora_set = self.resolve_loras(loras)
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
@@ -421,14 +453,15 @@ class CairEngine:
                     context, prompt_embeds[part], negative_prompt_embeds[part], latents[part],
                     None if added is None else tuple(a[part] for a in added),
                     num_inference_steps, (cache_step, guidance_stop, deep_interval, skip_mode), guidance_scale, scheduler,
-                    generators[part], callback, None if image_latents is None else (image_latents[part], strength))
+                    generators[part], callback, None if image_latents is None else (image_latents[part], strength),
+                    None if cache_observer is None else functools.partial(cache_observer, first_image=start))
                 chunks.append(result.latents)
                 timings.add(result.timings)
         return DenoiseResult(np.concatenate(chunks), timings)
 
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
                        schedule, guidance_scale, scheduler_name, generators: Generators, callback,
-                       img2img: tuple[np.ndarray, float] | None = None) -> DenoiseResult:
+                       img2img: tuple[np.ndarray, float] | None = None, observer=None) -> DenoiseResult:
         batch = latents.shape[0]
         cache_step, guidance_stop, deep_interval, skip_mode = schedule
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
@@ -498,6 +531,8 @@ class CairEngine:
                 timings.fidelity_s += elapsed
                 timings.fidelity_steps += 1
                 timings.shallow_steps += evaluation.kind == "shallow"
+            if observer is not None and evaluation.kind == "planning":
+                observer(step, caches=context.read_caches())
             started = time.perf_counter()
             if step == planning_steps and step < total:
                 # The switch: the cache buffers planning just wrote become fidelity's inputs.

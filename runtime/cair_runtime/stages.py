@@ -111,3 +111,18 @@ def evaluation_plan(planning: int, guided: int, num_evaluations: int, deep_inter
     return tuple(Evaluation("planning" if index < planning else
                             "fidelity" if index - planning in full else "shallow", index < guided)
                  for index in range(num_evaluations))
+
+
+def calibrated_schedule(schedule: dict[str, Any], steps_run: int) -> tuple[int, int, int, str]:
+    """A calibrated schedule ``(n, m, k, mode)`` for a run of ``steps_run`` steps.
+
+    The schedule was chosen at ``schedule["steps"]`` = T; another number of steps scales n and m
+    to the same fraction of the run (nearest step, n >= 1, n <= m <= steps_run; n = T stays the
+    whole run). k and the skip mode carry over as they are.
+    """
+    steps = int(schedule["steps"])
+    n, m = int(schedule["cache_step"]), int(schedule["guidance_stop"])
+    if steps_run != steps:
+        n = steps_run if n == steps else max(1, min(steps_run, round(n * steps_run / steps)))
+        m = max(n, min(steps_run, round(m * steps_run / steps)))
+    return n, m, int(schedule["deep_interval"]), str(schedule["skip_mode"])

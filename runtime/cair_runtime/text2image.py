@@ -274,8 +274,8 @@ class CairText2Image:
         num_inference_steps: int = 25,
         cache_step: int | None = None,
         guidance_stop: int | None = None,
-        deep_interval: int = 1,
-        skip_mode: str = "uniform",
+        deep_interval: int | None = None,
+        skip_mode: str | None = None,
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
         seed: int | Sequence[int] = 0,
@@ -284,6 +284,7 @@ class CairText2Image:
         loras: Sequence[Any] | LoraSet | None = None,
         image: str | Path | np.ndarray | None = None,
         strength: float = 0.8,
+        cache_observer: Callable[..., None] | None = None,
     ) -> Text2ImageResult:
         """Generate ``num_images_per_prompt`` images per prompt.
 
@@ -293,7 +294,8 @@ class CairText2Image:
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
         of naming a seed (the seeds then drive only ancestral noise). ``loras``: adapters
         ``[(path.safetensors, scale), ...]`` for this call (None: the pipeline's default; ``[]``: none).
-        ``guidance_stop``, ``deep_interval``, ``skip_mode``: the schedule, as for ``CairEngine.denoise``.
+        ``cache_step``, ``guidance_stop``, ``deep_interval``, ``skip_mode``: the schedule, as for
+        ``CairEngine.denoise`` (None: the folder's calibrated schedule, else its defaults).
 
         Image to image: ``image`` (a file path, or an (H, W, 3) uint8 RGB array; grayscale is
         converted, other modes refused) is the init image of every image of the call, and sets
@@ -301,6 +303,7 @@ class CairText2Image:
         ``num_inference_steps`` (n, m and k count those). Image k's generator draws the VAE's latent
         sample, then the noise added to it, then any ancestral noise, as diffusers' img2img
         pipelines with one generator per image; ``latents``, if given, is the added noise.
+        ``cache_observer``: as for ``CairEngine.denoise`` (measuring tools).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -329,7 +332,8 @@ class CairText2Image:
         run_strength = None if image is None else strength
         cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
         steps_run = engine.steps_run(num_inference_steps, run_strength)  # n, m and k count the steps that run
-        guidance_stop = engine.check_schedule(steps_run, cache_step, guidance_stop, deep_interval, skip_mode)
+        guidance_stop, deep_interval, skip_mode = engine.check_schedule(steps_run, cache_step, guidance_stop,
+                                                                        deep_interval, skip_mode)
         # The PNG parameters name the schedule where it differs from the engine's default (m = n, or T with CFG).
         default_stop = steps_run if engine.manifest.fidelity_guidance == "cfg" else cache_step
         schedule = {**({"guidance_stop": guidance_stop} if guidance_stop != default_stop else {}),
@@ -340,11 +344,12 @@ class CairText2Image:
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
             return self._generate(prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
                                   num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set,
-                                  (guidance_stop, deep_interval, skip_mode), schedule, pixels, image_name, strength)
+                                  (guidance_stop, deep_interval, skip_mode), schedule, pixels, image_name, strength,
+                                  cache_observer)
 
     def _generate(self, prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
                   num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set, run_schedule,
-                  schedule, pixels, image_name, strength) -> Text2ImageResult:
+                  schedule, pixels, image_name, strength, cache_observer=None) -> Text2ImageResult:
         guidance_stop, deep_interval, skip_mode = run_schedule  # ``schedule``: what the PNG parameters name
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
@@ -371,7 +376,8 @@ class CairText2Image:
             num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_stop=guidance_stop,
             deep_interval=deep_interval, skip_mode=skip_mode, guidance_scale=guidance_scale,
             scheduler=scheduler, generators=generators, text_embeds=per_image(pooled),
-            negative_text_embeds=per_image(negative_pooled), callback=callback, loras=lora_set, **img2img)
+            negative_text_embeds=per_image(negative_pooled), callback=callback, loras=lora_set,
+            cache_observer=cache_observer, **img2img)
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)

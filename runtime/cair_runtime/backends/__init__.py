@@ -38,6 +38,9 @@ class BackendContext(Protocol):
     def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         """One evaluation of the ``kind`` graph; returns ``noise_pred`` on the host."""
 
+    def read_caches(self) -> dict[str, np.ndarray]:
+        """Host copies of the cache buffers planning last wrote (merged or per half); optional (for measuring)."""
+
     def close(self) -> None:
         """Release the buffers, bindings, streams and graphs."""
 

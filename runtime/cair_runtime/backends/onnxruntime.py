@@ -283,6 +283,9 @@ class OnnxRuntimeContext:
         # the next run overwrites, and multistep schedulers keep past outputs: copy.
         return self._outputs[kind].numpy().copy()
 
+    def read_caches(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy().copy() for name, value in self.caches.items()}
+
     def close(self) -> None:
         for binding in self.bindings.values():
             binding.clear_binding_inputs()

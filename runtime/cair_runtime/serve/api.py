@@ -100,6 +100,9 @@ class RequestValidator:
             "cache_step_hint": manifest.model.get("cache_step_hint"), "max_prompt_tokens": self.max_tokens,
             "schedulers": list(SCHEDULER_NAMES), "default_scheduler": manifest.scheduler_config.get("_class_name"),
             "family": manifest.model.get("family"), "fidelity_guidance": manifest.fidelity_guidance,
+            # The calibrated schedule requests run with (cair-export calibrate), without its evidence; None: n = the hint.
+            "schedule": None if manifest.schedule is None else
+            {key: value for key, value in manifest.schedule.items() if key != "evidence"},
         }
 
     def parse(self, body: bytes) -> ImageRequest:

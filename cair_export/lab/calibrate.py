@@ -1,0 +1,239 @@
+"""``cair-export calibrate``: an engine folder's default schedule (n, m, k), chosen from its own runs.
+
+Everything is measured on the engine itself, through the torch-free runtime (onnxruntime on the
+CPU), with the prompts of a file and fixed seeds (prompt p from ``np.random.default_rng(seed + p)``):
+
+1. **Convergence** (the quantity ``cair-export profile`` measures with torch, here on the exported
+   planning graph): the baseline run (n = T, every step planning) reads, after every step, each
+   cross-attention output planning wrote, merged as CAIR caches it (the mean of the two halves).
+   Per prompt and module the relative L2 change from the previous step, averaged over modules and
+   then over prompts; the converged step n_c is the first step whose mean change is below
+   ``threshold`` (``recommend_cache_step``, the profiler's rule, default 5 %).
+2. **Quality probe**: the same prompts and seeds through every candidate schedule: n in
+   {n_c, 2 n_c} (capped at T), m in {n, (n + T) / 2, T} on an engine with per-half caches
+   (``--fidelity-guidance cfg``; else m = n), k in 1..5 on an engine with a shallow graph (else 1),
+   uniform placement. Each is scored by the PSNR of its decoded images against the baseline
+   images of the same seeds (pooled over images: ``10 log10(255^2 / mean squared error)``).
+3. **The rule**: the recommended schedule is the candidate with the fewest UNet MACs per image
+   (conv + linear, ``cair_export.core.macs``) whose probe PSNR is at least ``min_psnr``; a tie
+   goes to the higher PSNR. When none reaches it, the baseline schedule (n = m = T, k = 1) is
+   written, and the report says so.
+
+The schedule, the rule and the evidence (convergence series, every candidate's PSNR and MACs) go
+into ``manifest.json``'s ``schedule`` section, atomically; runs take it for whatever they leave
+unset (``CairEngine.default_schedule``). The default ``min_psnr`` (32 dB) is set from the shipped
+``shapes`` model: over 500 held-out images, every schedule probed at 32 dB or more kept the
+attribute classifier's shape accuracy within 1.2 points of the baseline, one at 31.3 dB lost 2.2
+(``docs/calibration.md``); other models may want another bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD, recommend_cache_step, relative_l2
+from cair_runtime.errors import InvalidInputError
+
+DEFAULT_MIN_PSNR = 32.0
+DEEP_INTERVALS = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """What the calibration runs; the CLI's flags map onto these fields one to one."""
+
+    engine_dir: Path
+    prompts: Path  # text file, one prompt a line
+    max_prompts: int | None = 16  # probe images: the first N prompts, one image each
+    steps: int = 25  # T the schedule is chosen at (runs with other T scale n and m)
+    guidance_scale: float = 7.5
+    seed: int = 0
+    threshold: float = DEFAULT_THRESHOLD  # convergence: mean relative change of the cross-attention output
+    min_psnr: float = DEFAULT_MIN_PSNR  # quality probe: dB against the baseline images
+    deep_intervals: tuple[int, ...] = DEEP_INTERVALS  # k candidates (engines with a shallow graph)
+    threads: int = 0  # onnxruntime intra-op threads (0: its default)
+    write: bool = True  # False: report only, the manifest stays as it is
+
+
+@dataclass(frozen=True)
+class Candidate:
+    cache_step: int
+    guidance_stop: int
+    deep_interval: int
+    skip_mode: str = "uniform"
+
+
+class _Convergence:
+    """Receives the planning caches after every baseline step; accumulates per-prompt relative changes."""
+
+    def __init__(self, prompts: int, per_half: bool):
+        self.prompts, self.per_half = prompts, per_half  # per_half: (2B, ...) caches (fidelity CFG), else merged
+        self.previous: dict[tuple[int, str], np.ndarray] = {}
+        self.changes: dict[int, np.ndarray] = {}  # evaluation 2.. -> per prompt, mean over modules
+
+    def __call__(self, step: int, first_image: int, caches: dict[str, np.ndarray]) -> None:
+        per_image: dict[int, list[float]] = {}
+        for name, value in caches.items():
+            merged = value.astype(np.float64)  # CAIR's cache: (B, tokens, C), the mean of the two halves
+            if self.per_half:
+                merged = (merged[:len(merged) // 2] + merged[len(merged) // 2:]) / 2
+            for offset, current in enumerate(merged):
+                key = (first_image + offset, name)
+                if key in self.previous:
+                    per_image.setdefault(first_image + offset, []).append(float(relative_l2(current, self.previous[key])))
+                self.previous[key] = current
+        for image, changes in per_image.items():
+            self.changes.setdefault(step, np.full(self.prompts, np.nan))[image] = float(np.mean(changes))
+
+    def series(self) -> tuple[list[int], list[float]]:
+        """Evaluations 2.. (T, or T + 1 for PNDM's warm-up) and their mean change over prompts."""
+        steps = sorted(self.changes)
+        return steps, [float(np.mean(self.changes[step])) for step in steps]
+
+
+def candidates(converged: int, steps: int, cfg: bool, shallow: bool, deep_intervals: tuple[int, ...]) -> list[Candidate]:
+    """The probe's grid (see the module docstring), baseline excluded, in a stable order."""
+    grid = []
+    for n in sorted({converged, min(steps, 2 * converged)} - {steps}):  # n = T is the baseline itself
+        stops = sorted({n, (n + steps) // 2, steps}) if cfg else [n]
+        for m in stops:
+            grid += [Candidate(n, m, k) for k in (deep_intervals if shallow else (1,))]
+    return grid
+
+
+def pooled_psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of uint8 images against the reference, from the mean squared error over all of them."""
+    mse = float(np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def schedule_macs(manifest: Any, steps: int, height: int, width: int) -> Callable[[Candidate], float]:
+    """UNet MACs per image (conv + linear) of a candidate, counted on the manifest's UNet config (no weights)."""
+    from cair_export.core.macs import count_graph_macs, generation_macs, manifest_model
+
+    model = manifest_model(manifest)
+    branch = manifest.deep_branch["branch"] if manifest.deep_branch else None
+    per_graph = count_graph_macs(model, height, width, fidelity_guidance=manifest.fidelity_guidance,
+                                 deep_branch_id=branch)
+
+    def macs(candidate: Candidate) -> float:
+        return generation_macs(per_graph, steps, candidate.cache_step, fidelity_guidance=manifest.fidelity_guidance,
+                               guidance_stop=candidate.guidance_stop, deep_interval=candidate.deep_interval,
+                               skip_mode=candidate.skip_mode)["conv_linear"]["cair_total"]
+
+    return macs
+
+
+def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the calibration; returns the schedule section (with its evidence) it wrote or would write."""
+    from cair_export.core.export import export_lock
+    from cair_export.lab.profile import read_prompts
+    from cair_runtime.manifest import MANIFEST_NAME, load_manifest
+    from cair_runtime.files import write_atomically
+    from cair_runtime.text2image import CairText2Image
+
+    if config.steps < 2:
+        raise InvalidInputError(f"steps {config.steps} must be at least 2 to measure a change between steps")
+    if not config.min_psnr > 0 or not config.threshold > 0:
+        raise InvalidInputError(f"--min-psnr {config.min_psnr} and --threshold {config.threshold} must be positive")
+    if not config.deep_intervals or min(config.deep_intervals) < 1:
+        raise InvalidInputError(f"deep intervals {config.deep_intervals} must be whole numbers >= 1")
+    prompts = read_prompts(config.prompts, config.max_prompts)
+    folder = Path(config.engine_dir)
+    manifest = load_manifest(folder)
+    if manifest.pipeline is None:
+        raise InvalidInputError(f"{folder} is a UNet-only export; calibration compares decoded images, so export "
+                                "the whole pipeline (a preset or pipeline folder with its text encoder and VAE)")
+    started = time.perf_counter()
+    steps, seeds = config.steps, [config.seed + p for p in range(len(prompts))]
+    cfg, shallow = manifest.fidelity_guidance == "cfg", "shallow" in manifest.graphs
+    with CairText2Image(folder, threads=config.threads) as pipe:
+        batch = pipe.engine.manifest.dim("batch").max
+
+        def generate(candidate: Candidate, observer=None) -> tuple[np.ndarray, float]:
+            images, seconds = [], 0.0
+            for start in range(0, len(prompts), batch):
+                chunk_started = time.perf_counter()
+                result = pipe(prompts[start:start + batch], num_inference_steps=steps,
+                              cache_step=candidate.cache_step, guidance_stop=candidate.guidance_stop,
+                              deep_interval=candidate.deep_interval, skip_mode=candidate.skip_mode,
+                              guidance_scale=config.guidance_scale, seed=seeds[start:start + batch],
+                              cache_observer=None if observer is None else
+                              lambda step, first_image, caches, offset=start: observer(step, offset + first_image,
+                                                                                        caches))
+                seconds += time.perf_counter() - chunk_started
+                images.append(result.images)
+            return np.concatenate(images), seconds
+
+        baseline_schedule = Candidate(steps, steps, 1)
+        convergence = _Convergence(len(prompts), per_half=cfg)
+        reference, baseline_s = generate(baseline_schedule, convergence)
+        evaluations, mean_change = convergence.series()
+        converged = min(steps, recommend_cache_step(evaluations, mean_change, steps, config.threshold))
+        progress(f"convergence on the engine: cross-attention output change falls below {config.threshold:g} at "
+                 f"step {converged} of {steps} ({len(prompts)} prompts, {baseline_s:.1f} s)")
+        height, width = reference.shape[1:3]
+        macs = schedule_macs(manifest, steps, height, width)
+        baseline_macs = macs(baseline_schedule)
+        grid = candidates(converged, steps, cfg, shallow, tuple(sorted(set(config.deep_intervals))))
+        rows = []
+        for index, candidate in enumerate(grid, 1):
+            images, seconds = generate(candidate)
+            value = pooled_psnr(images, reference)
+            rows.append({**dataclasses.asdict(candidate), "psnr_db": value, "gmacs_per_image": macs(candidate) / 1e9,
+                         "speedup_bound": baseline_macs / macs(candidate), "seconds": seconds,
+                         "meets_bound": value >= config.min_psnr})
+            progress(f"probe {index}/{len(grid)}: n={candidate.cache_step} m={candidate.guidance_stop} "
+                     f"k={candidate.deep_interval}: {value:.1f} dB, {rows[-1]['speedup_bound']:.2f}x fewer MACs "
+                     f"({time.perf_counter() - started:.0f} s so far)")
+    qualified = [row for row in rows if row["meets_bound"]]
+    chosen = min(qualified, key=lambda row: (row["gmacs_per_image"], -row["psnr_db"])) if qualified else None
+    pick = Candidate(**{key: chosen[key] for key in ("cache_step", "guidance_stop", "deep_interval", "skip_mode")}) \
+        if chosen else baseline_schedule
+    section = {
+        "steps": steps, "cache_step": pick.cache_step, "guidance_stop": pick.guidance_stop,
+        "deep_interval": pick.deep_interval, "skip_mode": pick.skip_mode,
+        "rule": f"fewest UNet MACs per image among the probed schedules whose images reach {config.min_psnr:g} dB "
+                f"PSNR against the baseline's (n = T); n from the step where the cross-attention output changes "
+                f"by less than {config.threshold:g} per step; the baseline when none reaches it",
+        "evidence": {
+            "date": datetime.datetime.now().isoformat(timespec="minutes"), "prompts_file": str(config.prompts),
+            "prompts": len(prompts), "seed": config.seed, "guidance_scale": config.guidance_scale,
+            "height": int(height), "width": int(width), "threshold": config.threshold, "min_psnr": config.min_psnr,
+            "convergence": {"steps": evaluations, "mean_relative_change": mean_change},
+            "converged_step": converged, "baseline_gmacs_per_image": baseline_macs / 1e9,
+            "speedup_bound": baseline_macs / macs(pick), "met": chosen is not None,
+            "candidates": rows, "seconds": time.perf_counter() - started,
+        },
+    }
+    if config.write:
+        with export_lock(folder):  # not while an export replaces the folder
+            current = load_manifest(folder, verify="none")  # the newest manifest, in case it changed meanwhile
+            updated = dataclasses.replace(current, schedule=section)
+            write_atomically(folder / MANIFEST_NAME, lambda file: file.write(updated.to_json().encode()))
+    return section
+
+
+def format_calibration(section: dict[str, Any], written: bool) -> str:
+    """The candidates table and the recommendation."""
+    evidence = section["evidence"]
+    lines = [f"converged step n_c = {evidence['converged_step']} (cross-attention output change < "
+             f"{evidence['threshold']:g}), {evidence['prompts']} probe images at {evidence['width']}x"
+             f"{evidence['height']}, bound {evidence['min_psnr']:g} dB",
+             f"{'n':>3s} {'m':>3s} {'k':>2s} {'PSNR dB':>8s} {'GMACs/img':>10s} {'bound':>6s}"]
+    for row in evidence["candidates"]:
+        lines.append(f"{row['cache_step']:3d} {row['guidance_stop']:3d} {row['deep_interval']:2d} "
+                     f"{row['psnr_db']:8.2f} {row['gmacs_per_image']:10.3f} {row['speedup_bound']:5.2f}x"
+                     f"{'' if row['meets_bound'] else '  below the bound'}")
+    verdict = "" if evidence["met"] else " (no probed schedule reached the bound: the baseline)"
+    lines.append(f"recommended: n={section['cache_step']} m={section['guidance_stop']} k={section['deep_interval']} "
+                 f"({section['skip_mode']}) at T={section['steps']}, {evidence['speedup_bound']:.2f}x fewer UNet MACs"
+                 f"{verdict}; {'written to the manifest' if written else 'not written (--dry-run)'}")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""``cair-export calibrate``: convergence measured on the engine, the probe's rule, the schedule runs use by default."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cair_export.cli import main
+from cair_export.core.macs import count_graph_macs, generation_macs, manifest_model
+from cair_export.core.models import load_model
+from cair_export.lab.calibrate import CalibrateConfig, Candidate, calibrate, candidates
+from cair_export.lab.profile import ProfileConfig, profile_model
+from cair_runtime.errors import InvalidInputError, ManifestError
+from cair_runtime.manifest import MANIFEST_NAME, load_manifest
+from cair_runtime.pipeline import CairEngine
+from cair_runtime.stages import calibrated_schedule
+from cair_runtime.text2image import CairText2Image
+
+STEPS = 6
+DEEP = {"fidelity_guidance": "cfg", "deep_branch": 1}
+PROMPTS = ["a red circle", "a blue square on a white background", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("# probe prompts\n" + "\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(exported, prompt_file, tmp_path_factory):
+    """A copy of the tiny-sd15 pipeline export (fidelity CFG, shallow graph), calibrated at T = 8."""
+    folder = tmp_path_factory.mktemp("calibrated") / "engine"
+    shutil.copytree(exported("tiny-sd15", with_pipeline=True, **DEEP), folder)
+    section = calibrate(CalibrateConfig(folder, prompt_file, steps=STEPS, min_psnr=20.0, deep_intervals=(1, 2)),
+                        progress=lambda message: None)
+    return folder, section
+
+
+def test_convergence_on_the_engine_equals_the_torch_profiler(calibrated, exported, prompt_file):
+    """The engine's planning caches, read after every step, give the profiler's series (torch, diffusers
+    loop): per-half caches (fidelity CFG) and caches merged inside the graph alike."""
+    _, section = calibrated
+    size = {"height": section["evidence"]["height"], "width": section["evidence"]["width"]}
+    profile = profile_model(ProfileConfig(model="tiny-sd15", prompts=prompt_file, steps=STEPS, batch=4, **size),
+                            progress=lambda message: None)
+    torch_series = profile["series"]["outputs"]["relative"]
+    merged = calibrate(CalibrateConfig(exported("tiny-sd15", with_pipeline=True), prompt_file, steps=STEPS,
+                                       write=False), progress=lambda message: None)
+    for engine_series in (section["evidence"]["convergence"], merged["evidence"]["convergence"]):
+        assert engine_series["steps"] == torch_series["steps"] == list(range(2, profile["evaluations"] + 1))
+        np.testing.assert_allclose(engine_series["mean_relative_change"], torch_series["mean"], rtol=2e-3)
+
+
+def test_the_rule_picks_the_cheapest_schedule_over_the_bound(calibrated):
+    folder, section = calibrated
+    evidence = section["evidence"]
+    rows = evidence["candidates"]
+    cfg_grid = candidates(evidence["converged_step"], STEPS, True, True, (1, 2))
+    assert [Candidate(r["cache_step"], r["guidance_stop"], r["deep_interval"], r["skip_mode"]) for r in rows] == cfg_grid
+    qualified = [r for r in rows if r["psnr_db"] >= evidence["min_psnr"]]
+    assert qualified and evidence["met"]
+    cheapest = min(r["gmacs_per_image"] for r in qualified)
+    assert section["cache_step"] == evidence["converged_step"] or section["cache_step"] == min(
+        STEPS, 2 * evidence["converged_step"])
+    chosen = next(r for r in rows if (r["cache_step"], r["guidance_stop"], r["deep_interval"]) ==
+                  (section["cache_step"], section["guidance_stop"], section["deep_interval"]))
+    assert chosen["gmacs_per_image"] == cheapest and chosen["meets_bound"]
+    # The written manifest carries the section, and it passes the schema.
+    assert load_manifest(folder).schedule == json.loads(json.dumps(section))
+
+
+def test_candidate_macs_are_the_models_own_count(calibrated):
+    """MACs counted on the manifest's UNet config equal those of the model the folder was exported from."""
+    folder, section = calibrated
+    height, width = section["evidence"]["height"], section["evidence"]["width"]
+    model_count = count_graph_macs(load_model("tiny-sd15", device="meta"), height, width, fidelity_guidance="cfg",
+                                   deep_branch_id=1)
+    manifest_count = count_graph_macs(manifest_model(load_manifest(folder)), height, width, fidelity_guidance="cfg",
+                                      deep_branch_id=1)
+    assert manifest_count == model_count
+    for row in section["evidence"]["candidates"]:
+        expected = generation_macs(model_count, STEPS, row["cache_step"], fidelity_guidance="cfg",
+                                   guidance_stop=row["guidance_stop"], deep_interval=row["deep_interval"])
+        assert row["gmacs_per_image"] * 1e9 == pytest.approx(expected["conv_linear"]["cair_total"])
+
+
+def test_runs_use_the_calibrated_schedule_for_what_they_leave_unset(calibrated):
+    folder, section = calibrated
+    n, m, k = section["cache_step"], section["guidance_stop"], section["deep_interval"]
+    with CairText2Image(folder) as pipe:
+        default = pipe("a red circle", num_inference_steps=STEPS, seed=3)
+        explicit = pipe("a red circle", num_inference_steps=STEPS, seed=3, cache_step=n, guidance_stop=m,
+                        deep_interval=k, skip_mode="uniform")
+        baseline = pipe("a red circle", num_inference_steps=STEPS, seed=3, cache_step=STEPS)
+        assert pipe.engine.default_schedule(STEPS) == (n, m, k, "uniform")
+    np.testing.assert_array_equal(default.latents, explicit.latents)
+    assert default.parameters[0]["cache_step"] == n
+    if (n, m, k) != (STEPS, STEPS, 1):
+        assert not np.array_equal(default.latents, baseline.latents)
+
+
+def test_backends_without_schedules_keep_only_the_calibrated_n(calibrated):
+    folder, section = calibrated
+    with CairEngine(folder) as engine:
+        engine.backend.schedules = False  # as TensorRT and AOTInductor: planning and fidelity only
+        assert engine.default_schedule(STEPS) == (section["cache_step"], STEPS, 1, "uniform")
+
+
+def test_other_step_counts_scale_n_and_m():
+    schedule = {"steps": 25, "cache_step": 6, "guidance_stop": 15, "deep_interval": 3, "skip_mode": "uniform"}
+    assert calibrated_schedule(schedule, 25) == (6, 15, 3, "uniform")
+    assert calibrated_schedule(schedule, 50) == (12, 30, 3, "uniform")
+    assert calibrated_schedule(schedule, 10) == (2, 6, 3, "uniform")
+    assert calibrated_schedule(schedule, 1) == (1, 1, 3, "uniform")
+    baseline = {**schedule, "cache_step": 25, "guidance_stop": 25}
+    assert calibrated_schedule(baseline, 40) == (40, 40, 3, "uniform")
+
+
+def test_a_schedule_the_folder_cannot_run_is_refused(exported, tmp_path):
+    folder = tmp_path / "engine"
+    shutil.copytree(exported("tiny-sd15", with_pipeline=True), folder)  # merged caches, no shallow graph
+    manifest = load_manifest(folder)
+    for bad, needle in (({"cache_step": 5, "guidance_stop": 8, "deep_interval": 1}, "fidelity_guidance cfg"),
+                        ({"cache_step": 5, "guidance_stop": 5, "deep_interval": 2}, "shallow graph"),
+                        ({"cache_step": 9, "guidance_stop": 9, "deep_interval": 1}, "1 <= n <= m <= T")):
+        section = {"steps": 8, "skip_mode": "uniform", **bad}
+        (folder / MANIFEST_NAME).write_text(dataclasses.replace(manifest, schedule=section).to_json())
+        with pytest.raises(ManifestError, match=needle):
+            load_manifest(folder)
+
+
+def test_calibrate_from_the_cli(exported, prompt_file, tmp_path, capsys, one_line_error):
+    folder = tmp_path / "engine"
+    shutil.copytree(exported("shapes", with_pipeline=True), folder)
+    before = (folder / MANIFEST_NAME).read_bytes()
+    shapes_prompts = tmp_path / "shapes.txt"
+    shapes_prompts.write_text("a small red circle at the bottom on a green background\n"
+                              "a large purple square on the left on a gray background\n")
+    code = main(["calibrate", str(folder), "--prompts", str(shapes_prompts), "--steps", "25", "--threshold", "0.1",
+                 "--dry-run", "--json", str(tmp_path / "calibration.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "recommended: n=" in out and "not written" in out
+    assert (folder / MANIFEST_NAME).read_bytes() == before  # --dry-run leaves the manifest alone
+    written = json.loads((tmp_path / "calibration.json").read_text())
+    assert written["evidence"]["prompts"] == 2 and written["steps"] == 25
+    # Without a shallow graph and with merged caches, the only candidates are CAIR alone at n_c and 2 n_c.
+    converged = written["evidence"]["converged_step"]
+    assert converged < 25  # shapes' cross-attention settles (10 % at step 5 in docs/convergence.md)
+    assert [(r["cache_step"], r["guidance_stop"], r["deep_interval"]) for r in written["evidence"]["candidates"]] \
+        == [(n, n, 1) for n in sorted({converged, min(25, 2 * converged)} - {25})]
+    for argv, needles in ((["calibrate", str(tmp_path / "missing"), "--prompts", str(prompt_file)], ("does not exist",)),
+                          (["calibrate", str(folder), "--prompts", str(tmp_path / "none.txt")], ("cannot read",)),
+                          (["calibrate", str(folder), "--prompts", str(prompt_file), "--deep-intervals", "0,2"],
+                           ("deep intervals",)),
+                          (["calibrate", str(folder), "--prompts", str(prompt_file), "--min-psnr", "-1"], ("--min-psnr",)),
+                          (["export", "tiny-sd15", str(tmp_path / "out"), "--calibrate", str(tmp_path / "none.txt")],
+                           ("cannot read",))):
+        code = main(argv)
+        one_line_error(code, capsys.readouterr().err, *needles, prog="cair-export")
+    assert (folder / MANIFEST_NAME).read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_calibration_refuses_a_unet_only_folder(exported, prompt_file):
+    with pytest.raises(InvalidInputError, match="UNet-only"):
+        calibrate(CalibrateConfig(exported("tiny-sd15"), prompt_file, steps=4), progress=lambda message: None)
