@@ -132,6 +132,8 @@ def _direct_pngs(pipeline: CairText2Image, body: dict) -> list[bytes]:
     width, height = map(int, body.get("size", "64x64").split("x"))
     result = pipeline(body["prompt"], body.get("negative_prompt"), num_images_per_prompt=body.get("n", 1),
                       height=height, width=width, num_inference_steps=body["steps"], cache_step=body.get("cache_step"),
+                      guidance_stop=body.get("guidance_stop"), deep_interval=body.get("deep_interval"),
+                      skip_mode=body.get("skip_mode"),
                       guidance_scale=float(body.get("guidance_scale", 7.5)), scheduler=body.get("scheduler"),
                       seed=body["seed"])
     return [png_bytes(image, parameters) for image, parameters in zip(result.images, result.parameters)]
@@ -150,7 +152,7 @@ def _concurrent_bodies() -> list[dict]:
         if i % 4 == 1:
             body["negative_prompt"] = "blurry"
         if i % 5 == 2:
-            body.update(scheduler="euler-ancestral", cache_step=2)
+            body.update(scheduler="euler-ancestral", cache_step=2, guidance_stop=2, deep_interval=1)
         bodies.append(body)
     return bodies + [dict(body) for body in bodies[:4]]
 
@@ -231,6 +233,11 @@ BAD_REQUESTS = [  # (what, body, the field the error names)
     ("zero steps", {"prompt": "a", "steps": 0}, "steps"),
     ("steps above the limit", {"prompt": "a", "steps": 5000}, "steps"),
     ("cache step above steps", {"prompt": "a", "steps": 4, "cache_step": 9}, "cache_step"),
+    ("guidance stop past n on merged caches", {"prompt": "a", "steps": 4, "cache_step": 2, "guidance_stop": 3},
+     "guidance_stop"),
+    ("deep interval without a shallow graph", {"prompt": "a", "steps": 4, "deep_interval": 2}, "deep_interval"),
+    ("deep interval zero", {"prompt": "a", "deep_interval": 0}, "deep_interval"),
+    ("unknown skip mode", {"prompt": "a", "skip_mode": "random"}, "skip_mode"),
     ("another model", {"prompt": "a", "model": "dall-e-3"}, "model"),
 ]
 

@@ -2,7 +2,8 @@
 
 ``POST /v1/images/generations`` takes the OpenAI Images API's body (``prompt``, ``n``, ``size``,
 ``response_format``, ``model``) plus this project's parameters (``negative_prompt``, ``steps``,
-``cache_step``, ``guidance_scale``, ``seed``, ``scheduler``). Nothing is coerced: a wrong type, an
+``cache_step``, ``guidance_stop``, ``deep_interval``, ``skip_mode``, ``guidance_scale``, ``seed``,
+``scheduler``; the schedule's fields left out or null take the engine's calibrated schedule). Nothing is coerced: a wrong type, an
 unknown field or a value the engine cannot take is a 400 whose ``error.param`` names the field.
 No web framework here (plain data in, plain data out), so it is tested without a server.
 """
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import CairError
 from cair_runtime.schedulers import SCHEDULER_NAMES
+from cair_runtime.stages import SKIP_MODES
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers; anything larger is refused unread
 MAX_SEED = 2**63 - 1  # seeds stay within a signed 64-bit integer, whatever language the client speaks
@@ -51,7 +53,10 @@ class ImageRequest:
     height: int
     width: int
     steps: int
-    cache_step: int  # resolved: the request's, or the engine's hint capped at steps
+    cache_step: int  # resolved: the request's, or the engine's default (calibrated, else its hint) capped at steps
+    guidance_stop: int  # resolved likewise (CairEngine.check_schedule)
+    deep_interval: int
+    skip_mode: str
     guidance_scale: float
     scheduler: str | None  # None: the model's own
     seed: int
@@ -59,8 +64,8 @@ class ImageRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch (everything but prompt, negative and seed)."""
-        return (self.height, self.width, self.steps, self.cache_step, self.guidance_scale, self.scheduler,
-                self.negative_prompt is None)  # SDXL: no negative prompt (zeros) differs from ""
+        return (self.height, self.width, self.steps, self.cache_step, self.guidance_stop, self.deep_interval,
+                self.skip_mode, self.guidance_scale, self.scheduler, self.negative_prompt is None)  # SDXL: no negative prompt (zeros) differs from ""
 
     @property
     def seeds(self) -> list[int]:
@@ -69,6 +74,7 @@ class ImageRequest:
     def parameters(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
                 "size": f"{self.width}x{self.height}", "steps": self.steps, "cache_step": self.cache_step,
+                "guidance_stop": self.guidance_stop, "deep_interval": self.deep_interval, "skip_mode": self.skip_mode,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed}
 
 
@@ -76,7 +82,7 @@ class RequestValidator:
     """Checks request bodies against one engine (a ``CairText2Image``) and the service's limits."""
 
     FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_prompt", "steps", "cache_step",
-              "guidance_scale", "seed", "scheduler")
+              "guidance_stop", "deep_interval", "skip_mode", "guidance_scale", "seed", "scheduler")
 
     def __init__(self, pipeline: Any, max_images: int, max_steps: int):
         self.pipeline, self.engine = pipeline, pipeline.engine
@@ -145,6 +151,12 @@ class RequestValidator:
                       else f"must be an integer from 1 to {self.max_steps}", 25)
         cache_step = field("cache_step", lambda v: None if v is None or is_integer(v) else
                            "must be an integer (1..steps; steps = no CAIR) or null for the engine's hint", None)
+        guidance_stop = field("guidance_stop", lambda v: None if v is None or is_integer(v) else
+                              "must be an integer (cache_step..steps) or null for the engine's default", None)
+        deep_interval = field("deep_interval", lambda v: None if v is None or is_integer(v) else
+                              "must be an integer >= 1 or null for the engine's default", None)
+        skip_mode = field("skip_mode", lambda v: None if v is None or v in SKIP_MODES else
+                          f"must be one of {', '.join(SKIP_MODES)} or null for the engine's default", None)
         guidance = field("guidance_scale", lambda v: None if is_finite_number(v) else "must be a finite number", 7.5)
         seed = field("seed", lambda v: None if v is None or (is_integer(v) and 0 <= v <= MAX_SEED - self.max_images)
                      else f"must be an integer from 0 to {MAX_SEED - self.max_images}, or null for a random one", None)
@@ -153,6 +165,8 @@ class RequestValidator:
         if not problems:  # the engine's own checks, on values of the right types
             try:
                 cache_step = self.engine.check_parameters(steps, cache_step, guidance, scheduler)
+                guidance_stop, deep_interval, skip_mode = self.engine.check_schedule(
+                    steps, cache_step, guidance_stop, deep_interval, skip_mode)
             except CairError as error:
                 param = getattr(error, "field", None) or "scheduler"
                 problems.append((param, f"{param}: {error}"))
@@ -165,7 +179,8 @@ class RequestValidator:
             match = _SIZE.fullmatch(size)
             width, height = int(match[1]), int(match[2])
         return ImageRequest(prompt=prompt, negative_prompt=negative, n=n, height=height, width=width, steps=steps,
-                            cache_step=cache_step, guidance_scale=float(guidance), scheduler=scheduler,
+                            cache_step=cache_step, guidance_stop=guidance_stop, deep_interval=deep_interval,
+                            skip_mode=skip_mode, guidance_scale=float(guidance), scheduler=scheduler,
                             seed=secrets.randbelow(2**31) if seed is None else seed)
 
     def _check_prompt(self, value: Any) -> str | None:
