@@ -270,6 +270,15 @@ def _add_export(sub, presets: str) -> None:
     export.set_defaults(func=cmd_export)
 
 
+def _add_prompt_run(parser, steps_meaning: str) -> None:
+    """The flags of a measurement over a prompt file: prompts, steps, guidance, seed."""
+    parser.add_argument("--prompts", required=True,
+                        help="prompt file, one a line (shipped: cair_export/lab/prompts/shapes.txt, general.txt)")
+    parser.add_argument("--steps", type=int_arg, default=25, help=f"denoising steps {steps_meaning} (default 25)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int_arg, default=0, help="prompt p starts from seed + p (default 0)")
+
+
 def _add_calibrate(sub) -> None:
     from cair_export.lab.calibrate import DEEP_INTERVALS, DEFAULT_MIN_PSNR
     from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD
@@ -277,13 +286,9 @@ def _add_calibrate(sub) -> None:
     calibrate = sub.add_parser("calibrate", help="choose an engine folder's default schedule (n, m, k) from its own "
                                                  "runs and write it into the manifest")
     calibrate.add_argument("engine_dir", help="an exported engine folder with its pipeline (text encoder, VAE)")
-    calibrate.add_argument("--prompts", required=True,
-                           help="prompt file, one a line (shipped: cair_export/lab/prompts/shapes.txt, general.txt)")
+    _add_prompt_run(calibrate, "T to choose at")
     calibrate.add_argument("--max-prompts", type=positive_int_arg, default=16,
                            help="probe images: the first N prompts, one image each (default 16)")
-    calibrate.add_argument("--steps", type=int_arg, default=25, help="denoising steps T to choose at (default 25)")
-    calibrate.add_argument("--guidance-scale", type=float, default=7.5)
-    calibrate.add_argument("--seed", type=int_arg, default=0, help="prompt p starts from seed + p (default 0)")
     calibrate.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                            help="n: first step whose cross-attention output changes by less than this (default 0.05)")
     calibrate.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR,
@@ -362,11 +367,7 @@ def _add_profile(sub) -> None:
     profile = sub.add_parser("profile", help="per-step convergence of cross-attention maps and outputs; "
                                              "recommends a cache step n")
     profile.add_argument("model", help="shipped model (shapes), preset with a pipeline or local diffusers pipeline folder")
-    profile.add_argument("--prompts", required=True,
-                         help="prompt file, one a line (shipped: cair_export/lab/prompts/shapes.txt, general.txt)")
-    profile.add_argument("--steps", type=int_arg, default=25, help="denoising steps T (default 25)")
-    profile.add_argument("--guidance-scale", type=float, default=7.5)
-    profile.add_argument("--seed", type=int_arg, default=0)
+    _add_prompt_run(profile, "T")
     profile.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                          help="the rule's bound: relative output change (below-threshold, default 0.05) or "
                               "fraction of the first change (fraction-of-first)")

@@ -199,6 +199,7 @@ class OnnxRuntimeContext:
         self.caches: dict[str, ort.OrtValue] = {}  # cache name -> device buffer planning writes, fidelity reads
         self._outputs: dict[str, ort.OrtValue] = {}  # kind -> noise_pred buffer
         self._deep: ort.OrtValue | None = None  # the deep feature: fidelity writes it, shallow reads it
+        self._deep_written = False  # a fidelity step has written it since the buffer was bound
         self._fixed: dict[str, ort.OrtValue] = {}  # uploaded once per generation, kept alive here
         self._dims: dict[str, int] | None = None
 
@@ -208,7 +209,7 @@ class OnnxRuntimeContext:
 
     def _bind_deep(self, value: ort.OrtValue) -> None:
         name = self.backend.manifest.deep_branch["name"]
-        self._deep = value
+        self._deep, self._deep_written = value, False
         self.bindings["fidelity"].bind_ortvalue_output(name, value)
         self.bindings["shallow"].bind_ortvalue_input(name, value)
 
@@ -263,7 +264,10 @@ class OnnxRuntimeContext:
                 self._outputs[kind] = self._buffer((shape[0] // 2, *shape[1:]), dtype)
                 self.bindings[kind].bind_ortvalue_output("noise_pred", self._outputs[kind])
         if self._deep is not None:
-            self._bind_deep(mean(self._deep))
+            # A guidance stop at n (no fidelity step yet) merges a buffer nothing wrote: the next
+            # evaluation is full and writes it, so a fresh half-size buffer is all it needs.
+            shape, dtype = self._deep.shape(), self.backend.manifest.graphs["fidelity"].outputs[1].dtype
+            self._bind_deep(mean(self._deep) if self._deep_written else self._buffer((shape[0] // 2, *shape[1:]), dtype))
         self._dims = None  # the next prepare binds full-size buffers again
 
     def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -279,6 +283,7 @@ class OnnxRuntimeContext:
         binding.bind_cpu_input("sample", np.ascontiguousarray(sample))
         binding.bind_cpu_input("timestep", timestep)
         self.sessions[kind].run_with_iobinding(binding)
+        self._deep_written = self._deep_written or kind == "fidelity"
         # noise_pred only (the caches stay where they are). On CPU numpy() is a view of the buffer
         # the next run overwrites, and multistep schedulers keep past outputs: copy.
         return self._outputs[kind].numpy().copy()
