@@ -7,7 +7,10 @@ weights of the published architecture (preset ``sd21``) at 512x512, 25 DDIM step
   (``cair_denoise(cache_step=None)``);
 - (b) ``torch-cair``: the torch reference ``cair_denoise`` at n = T, 5, 10;
 - (c) ``aoti``: the runtime (``CairEngine(backend="aoti")``) over AOTInductor packages compiled here
-  with static shapes (batch 1, 512x512), at n = T, 5, 10.
+  with static shapes (batch 1, 512x512), at n = T, 5, 10;
+- (d) deep-feature caching (issue 15): ``aoti-kK`` the same packages plus DeepCache's shallow graph
+  (branch ``--deep-branch``) at n = the first cache step and deep interval K (``--deep-intervals``,
+  default 3), and ``torch-cair-kK`` the torch reference of that schedule.
 
 After one warm-up each, the configurations run alternately ``--repeats`` rounds, so drift hits
 them alike; the table gives median latency, speed-up over the same method's n = T and over (a),
@@ -56,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="fp16", help="UNet precision (default fp16)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
-    parser.add_argument("--skip-aoti", action="store_true", help="measure (a) and (b) only")
+    parser.add_argument("--deep-intervals", type=int_list, default=(3,),
+                        help="deep intervals k at n = the first cache step, comma-separated (default 3; '' skips)")
+    parser.add_argument("--deep-branch", type=int, default=0, help="DeepCache's branch of the shallow graph (default 0)")
+    parser.add_argument("--skip-aoti", action="store_true", help="measure (a), (b) and torch (d) only")
     parser.add_argument("--work-dir", help="where the AOTInductor folder goes (default: a temporary folder)")
     parser.add_argument("--json", required=True, help="write the results here")
     args = parser.parse_args(argv)
@@ -87,9 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     # MAC bound (meta device: no weights allocated).
-    per_graph = count_graph_macs(load_model(args.model, device="meta"), args.size, args.size)
+    deep_intervals = [k for k in args.deep_intervals if k > 1]
+    deep_n = cache_steps[0] if cache_steps else args.steps
+    branch = args.deep_branch if deep_intervals else None
+    per_graph = count_graph_macs(load_model(args.model, device="meta"), args.size, args.size, deep_branch_id=branch)
     results["mac_bound"] = {n: generation_macs(per_graph, args.steps, n)["conv_linear"]["speedup_bound"]
                             for n in cache_steps}
+    results["deep"] = {"cache_step": deep_n, "branch": branch, "intervals": deep_intervals, "mac_bound": {
+        k: generation_macs(per_graph, args.steps, deep_n, deep_interval=k)["conv_linear"]["speedup_bound"]
+        for k in deep_intervals}}
 
     log(f"building {args.model} ({args.dtype}) on {gpu}")
     model = load_model(args.model)
@@ -120,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             unet, scheduler, on_device["latents"], on_device["prompt"], on_device["negative"],
             num_inference_steps=args.steps, cache_step=n, guidance_scale=args.guidance_scale,
             added_cond=added, negative_added_cond=negative_added)
+    for k in deep_intervals:
+        configs[(f"torch-cair-k{k}", deep_n)] = lambda k=k: cair_denoise(
+            unet, scheduler, on_device["latents"], on_device["prompt"], on_device["negative"],
+            num_inference_steps=args.steps, cache_step=deep_n, guidance_scale=args.guidance_scale,
+            added_cond=added, negative_added_cond=negative_added, deep_branch_id=branch, deep_interval=k)
 
     if not args.skip_aoti:
         work = Path(args.work_dir or tempfile.mkdtemp(prefix="cair-aoti-"))
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled = time.perf_counter()
         export_aoti_folder(model, work / f"{args.model}-{args.size}", args.size, args.size, device=device,
                            dtype=args.dtype, max_batch=1, static=True, progress=log,
-                           inductor_configs=QUICK_CPU_COMPILE if device == "cpu" else None)
+                           inductor_configs=QUICK_CPU_COMPILE if device == "cpu" else None, deep_branch_id=branch)
         results["aoti_compile_s"] = time.perf_counter() - compiled
         save()
         engine = CairEngine(work / f"{args.model}-{args.size}", backend="aoti", device=device)
@@ -135,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             configs[("aoti", n)] = lambda n=n: engine.denoise(
                 embeds[0], embeds[1], latents=noise, num_inference_steps=args.steps, cache_step=n,
                 guidance_scale=args.guidance_scale, scheduler="ddim", **runtime_extra).latents
+        for k in deep_intervals:
+            configs[(f"aoti-k{k}", deep_n)] = lambda k=k: engine.denoise(
+                embeds[0], embeds[1], latents=noise, num_inference_steps=args.steps, cache_step=deep_n,
+                deep_interval=k, guidance_scale=args.guidance_scale, scheduler="ddim", **runtime_extra).latents
 
     times: dict[tuple[str, int], list[float]] = {key: [] for key in configs}
     finals = {}
@@ -155,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     median = {key: statistics.median(values) for key, values in times.items()}
     # Agreement of the runtime (fp32 latents) with the torch reference (latents in the UNet's dtype).
     agreement = {}
-    for n in [args.steps, *cache_steps]:
-        if ("aoti", n) in finals:
-            reference = finals[("torch-cair", n)].float().cpu().numpy()
-            agreement[n] = float(np.abs(finals[("aoti", n)] - reference).max() / np.abs(reference).max())
+    pairs = [(("aoti", n), ("torch-cair", n), n) for n in [args.steps, *cache_steps]]
+    pairs += [((f"aoti-k{k}", deep_n), (f"torch-cair-k{k}", deep_n), f"{deep_n}/k={k}") for k in deep_intervals]
+    for runtime_key, torch_key, label in pairs:
+        if runtime_key in finals:
+            reference = finals[torch_key].float().cpu().numpy()
+            agreement[label] = float(np.abs(finals[runtime_key] - reference).max() / np.abs(reference).max())
     results["aoti_vs_torch_relative"] = agreement
 
     eager = median[("eager", args.steps)]
@@ -167,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
              "", "| method | n | median s | speed-up vs own n=T | speed-up vs eager | MAC bound |",
              "|---|---|---|---|---|---|"]
     for (method, n), value in median.items():
-        own = median.get((method, args.steps), value)
-        bound = f"{results['mac_bound'][n]:.2f}x" if n in results["mac_bound"] else "1.00x"
+        base_method = method.split("-k")[0]  # aoti-k3 and torch-cair-k3 against their method's n = T
+        own = median.get((base_method, args.steps), value)
+        if "-k" in method:
+            bound = f"{results['deep']['mac_bound'][int(method.split('-k')[1])]:.2f}x"
+        else:
+            bound = f"{results['mac_bound'][n]:.2f}x" if n in results["mac_bound"] else "1.00x"
         lines.append(f"| {method} | {n} | {value:.3f} | {own / value:.2f}x | {eager / value:.2f}x | {bound} |")
     table = "\n".join(lines)
     results["median_s"] = {f"{m}/n={n}": v for (m, n), v in median.items()}

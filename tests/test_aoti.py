@@ -20,7 +20,7 @@ from cair_export.deploy.build import BuildConfig, build_engines
 from cair_export.core.graphs import CairGraph, GraphIO
 from cair_export.core.models import load_model
 from cair_export.core.reference import CrossAttentionCache, cair_denoise
-from cair_runtime.errors import ShapeError
+from cair_runtime.errors import InvalidInputError, ShapeError
 from cair_runtime.manifest import load_manifest
 from cair_runtime.pipeline import CairEngine
 
@@ -267,3 +267,32 @@ def test_torch_reference_cair_on_cuda_matches_cpu():  # pragma: no cover - GPU m
                                        *(x[k].to(device) for k in ("latents", "prompt", "negative")),
                                        num_inference_steps=STEPS, cache_step=3, guidance_scale=GUIDANCE).cpu().numpy()
     assert _relative(results["cuda"], results["cpu"]) <= CUDA_BOUNDS["fp32"]
+
+
+@pytest.fixture(scope="session")
+def aoti_deep_folder(exported, tmp_path_factory):
+    """tiny-sd21 with per-half caches and a shallow graph, its three AOTInductor packages built in."""
+    folder = tmp_path_factory.mktemp("aoti-deep") / "tiny-sd21"
+    shutil.copytree(exported("tiny-sd21", fidelity_guidance="cfg", deep_branch=1), folder)
+    with torch._inductor.config.patch(QUICK_CPU_COMPILE):
+        build_engines(folder, BuildConfig(backend="aoti"), progress=lambda m: None)
+    return folder
+
+
+def test_aoti_runs_schedules_as_onnxruntime_does(aoti_deep_folder):
+    """Guidance stop (halves merged on the device), deep interval and both skip modes, at an odd batch
+    (B = 1: fidelity runs at 2 before the stop and 1 after it): the same latents as onnxruntime's."""
+    manifest = load_manifest(aoti_deep_folder)
+    assert {r.graph for r in manifest.engines if r.backend == "aoti"} == {"planning", "fidelity", "shallow"}
+    aoti, ort = CairEngine(aoti_deep_folder, backend="aoti"), CairEngine(aoti_deep_folder)
+    assert aoti.backend.kinds == {"planning", "fidelity", "shallow"}
+    x = _inputs(aoti)
+    for n, m, k, mode in [(3, 6, 3, "uniform"), (2, 2, 2, "uniform"), (3, 5, 3, "non-uniform"), (4, 10, 1, "uniform")]:
+        schedule = {"num_inference_steps": STEPS, "cache_step": n, "guidance_stop": m, "deep_interval": k,
+                    "skip_mode": mode, "guidance_scale": GUIDANCE, "scheduler": "ddim"}
+        result, expected = aoti.denoise(**x, **schedule), ort.denoise(**x, **schedule)
+        assert _relative(result.latents, expected.latents) <= 1e-4, (n, m, k, mode)
+        assert result.timings.shallow_steps == expected.timings.shallow_steps
+    aoti.backend.kinds = frozenset({"planning", "fidelity"})  # packages built before the shallow graph existed
+    with pytest.raises(InvalidInputError, match="rebuild"):
+        aoti.denoise(**x, num_inference_steps=STEPS, cache_step=3, deep_interval=2)

@@ -1,4 +1,5 @@
-"""Compile the planning and fidelity graphs ahead of time with AOTInductor (``.pt2`` packages).
+"""Compile the UNet graphs ahead of time with AOTInductor (``.pt2`` packages): planning, fidelity and,
+when the folder has one, DeepCache's shallow graph.
 
 For GPUs without TensorRT: the same two ``CairGraph`` modules the ONNX export traces, exported
 with ``torch.export`` (batch and latent size dynamic, ranges from the manifest's dims) and
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from cair_export.core.deep_feature import deep_branch
 from cair_export.core.graphs import CairGraph, GraphIO, make_inputs
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache
@@ -72,6 +74,9 @@ def dynamic_shapes(io: GraphIO, manifest: Manifest, factor: int) -> tuple[list[d
     ``batch`` is a ``Dim`` over its range (``2*batch`` a derived dim); latent sizes are
     ``factor * Dim`` so diffusers' upsampling branch is decided once; cache token counts (a product
     of the latent dims) are left to ``Dim.AUTO``, which infers their relation to the latent dims.
+    Fidelity and shallow graphs of a folder with per-half caches (``fidelity_guidance`` cfg) run
+    guided at 2B up to the guidance stop and unguided at B after it: their ``2*batch`` is one free
+    ``Dim`` over 1..2 * max batch, not a multiple of two.
     """
     from torch.export import Dim
 
@@ -81,6 +86,9 @@ def dynamic_shapes(io: GraphIO, manifest: Manifest, factor: int) -> tuple[list[d
     example: dict[str, int] = {}
     if batch.max > batch.min:
         symbols["batch"] = Dim("batch", min=batch.min, max=batch.max)
+    halves = io.kind != "planning" and manifest.fidelity_guidance == "cfg"
+    if halves:  # 2B before the guidance stop, B after it
+        symbols["2*batch"] = Dim("halves", min=batch.min, max=2 * batch.max)
     # Trace at batch 2 where allowed: torch.export specialises dims whose example size is 0 or 1.
     example["batch"] = min(max(2, batch.min), batch.max)
     for offset, name in enumerate(("latent_height", "latent_width")):
@@ -119,7 +127,9 @@ def export_graph(graph: torch.nn.Module, io: GraphIO, manifest: Manifest, factor
     """
     shapes, example = dynamic_shapes(io, manifest, factor)
     cache_dtype = getattr(graph, "dtype", torch.float32)
-    cache_names = {cache.name for cache in manifest.caches}
+    # The caches and the deep feature never leave the device: they are in the compute dtype.
+    cache_names = {cache.name for cache in manifest.caches} | (
+        {manifest.deep_branch["name"]} if manifest.deep_branch else set())
     inputs = tuple(torch.from_numpy(array).to(device, cache_dtype if name in cache_names else None)
                    for name, array in make_inputs(io, example, seed=0).items())
     with warnings.catch_warnings(), torch.no_grad():
@@ -197,14 +207,15 @@ def _compile_into(unet: torch.nn.Module, staging: Path, manifest: Manifest, fact
     files: dict[str, Path] = {}
     records = []
     weights: dict[str, torch.Tensor] = {}  # FQN -> tensor, the union of both programs' (fidelity's: a subset)
+    branch = None if manifest.deep_branch is None else deep_branch(unet, manifest.deep_branch["branch"])
     with CrossAttentionCache(unet, manifest.fidelity_guidance) as cache:
         names = [site.name for site in cache.sites]
         if names != [spec.name for spec in manifest.caches]:
             raise ManifestError(f"the model's cross-attention modules ({len(names)}) do not match the manifest's "
                                 f"caches ({len(manifest.caches)}); build from the model the folder was exported from")
-        for kind, spec in manifest.unet_graphs.items():
+        for kind, spec in manifest.schedule_graphs.items():
             io = GraphIO(kind, spec.inputs, spec.outputs)  # the manifest's IO: the single description
-            graph = PrecisionGraph(CairGraph(unet, cache, io), TORCH_DTYPES[dtype])
+            graph = PrecisionGraph(CairGraph(unet, cache, io, branch), TORCH_DTYPES[dtype])
             progress(f"compiling {kind} with AOTInductor on {device} ({dtype}); minutes on a CPU")
             started = time.perf_counter()
             package = staging / f"{kind}.pt2"
@@ -234,11 +245,12 @@ def _merge_weights(weights: dict[str, torch.Tensor], graph_weights: dict[str, to
 
 
 def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 1, static: bool = False,
-                  fidelity_guidance: str = "none") -> Manifest:
+                  fidelity_guidance: str = "none", deep_branch_id: int | None = None) -> Manifest:
     """The manifest of an AOTInductor-only engine folder (no ONNX): graphs are the ``.pt2`` packages.
 
     ``static`` pins every dim to its opt value (batch ``max_batch``): static shapes compile faster
-    and run faster, for measuring one configuration (``scripts/gpu_measure.py``).
+    and run faster, for measuring one configuration (``scripts/gpu_measure.py``). ``deep_branch_id``
+    adds DeepCache's shallow graph cut at that branch (deep intervals k > 1).
     """
     import json
 
@@ -250,7 +262,8 @@ def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 
         dims = tuple(Dim(d.name, v, v, v) for d, v in ((d, max_batch if d.name == "batch" else d.opt) for d in dims))
     with CrossAttentionCache(model.unet, fidelity_guidance) as cache:
         caches = cache_specs(cache.sites)
-    ios = graph_specs(model, caches, fidelity_guidance)
+    branch = None if deep_branch_id is None else deep_branch(model.unet, deep_branch_id)
+    ios = graph_specs(model, caches, fidelity_guidance, branch)
     return Manifest(
         schema_version=SCHEMA_VERSION, producer={"torch": torch.__version__},
         model={"name": model.name, "source": model.source, "family": model.family, "dtype": "float32",
@@ -258,19 +271,21 @@ def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 
                "unet_config": json.loads(json.dumps(dict(model.unet.config), default=str))},
         scheduler_config=model.scheduler_config, fidelity_guidance=fidelity_guidance, dims=dims,
         graphs={kind: GraphSpec(kind, f"{kind}.pt2", io.inputs, io.outputs, format="aoti") for kind, io in ios.items()},
-        caches=caches, files=())
+        caches=caches, files=(), deep_branch=None if branch is None else branch.as_dict())
 
 
 def export_aoti_folder(model: LoadedModel, out_dir: str | Path, height: int, width: int, device: str = "cpu",
                        dtype: str = "fp32", max_batch: int = 1, static: bool = False,
                        progress: Callable[[str], None] = print,
-                       inductor_configs: dict[str, Any] | None = None) -> Manifest:
-    """Compile an AOTInductor-only engine folder: ``planning.pt2``, ``fidelity.pt2``, their weights once, manifest."""
+                       inductor_configs: dict[str, Any] | None = None, fidelity_guidance: str = "none",
+                       deep_branch_id: int | None = None) -> Manifest:
+    """Compile an AOTInductor-only engine folder: ``planning.pt2``, ``fidelity.pt2`` (and ``shallow.pt2`` with
+    a ``deep_branch_id``), their weights once, manifest."""
     from cair_export.deploy.folder import install_engines
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = aoti_manifest(model, height, width, max_batch, static)
+    manifest = aoti_manifest(model, height, width, max_batch, static, fidelity_guidance, deep_branch_id)
     files, records = compile_aoti_packages(model, folder, manifest, device, dtype, progress, inductor_configs)
     try:
         return install_engines(folder, manifest, files, records)

@@ -271,10 +271,13 @@ class CairEngine:
         if deep_interval > 1 and "shallow" not in self.manifest.graphs:
             raise InvalidInputError(f"deep interval {deep_interval} needs the shallow graph, which {self.folder} lacks; "
                                     "re-export with --deep-branch B (or use --deep-interval 1)", field="deep_interval")
-        scheduled = deep_interval > 1 or (cfg and guidance_stop < steps_run)
-        if scheduled and not self.backend.schedules:
+        if (deep_interval > 1 or (cfg and guidance_stop < steps_run)) and not self.backend.schedules:
             raise InvalidInputError("this backend runs planning and fidelity only (no guidance stop before T, no "
-                                    "shallow steps); use the onnxruntime backend", field="deep_interval")
+                                    "shallow steps); use the onnxruntime or aoti backend", field="deep_interval")
+        if deep_interval > 1 and "shallow" not in self.backend.kinds:
+            raise InvalidInputError(f"deep interval {deep_interval} needs the shallow graph, which this folder's "
+                                    "engines were built without; rebuild them (`cair-export build ENGINE_DIR`) or "
+                                    "use --deep-interval 1", field="deep_interval")
         return int(guidance_stop), int(deep_interval), str(skip_mode)
 
     def default_schedule(self, steps_run: int) -> tuple[int, int, int, str]:
@@ -282,7 +285,8 @@ class CairEngine:
         (``manifest.schedule``, scaled to ``steps_run``), else n = the export's hint, m = n, k = 1.
 
         A backend that runs planning and fidelity only (no ``schedules``) keeps the calibrated n
-        and drops m and k: guidance to T on per-half-cache engines (m = n elsewhere), every step full.
+        and drops m and k: guidance to T on per-half-cache engines (m = n elsewhere), every step full;
+        engines built without the shallow graph drop k.
         """
         schedule = self.manifest.schedule
         if schedule is None:
@@ -291,7 +295,7 @@ class CairEngine:
         n, m, k, mode = calibrated_schedule(schedule, steps_run)
         if not self.backend.schedules:
             return n, steps_run if self.manifest.fidelity_guidance == "cfg" else n, 1, "uniform"
-        return n, m, k, mode
+        return n, m, k if "shallow" in self.backend.kinds else 1, mode
 
     @staticmethod
     def steps_run(num_inference_steps: int, strength: Any = None) -> int:

@@ -50,6 +50,7 @@ class Backend(Protocol):
 
     max_concurrency: int  # contexts the engine's pool may hold (the caller's choice, or sized for the device)
     schedules: bool  # runs a guidance stop before T and shallow steps (its contexts have merge_halves)
+    kinds: frozenset[str]  # the UNet graphs it runs: planning, fidelity and, when built, shallow
 
     def new_context(self) -> BackendContext:
         """A fresh per-call context (the pool calls this lazily)."""

@@ -1,5 +1,10 @@
 """AOTInductor backend: runs the ``.pt2`` packages ``cair-export build --backend aoti`` compiled.
 
+Schedules (n, m, k) as on onnxruntime: at the guidance stop the per-half caches and the deep
+feature become their means on the device (torch ops, no host copy); the fidelity package returns
+the deep feature beside ``noise_pred`` and the shallow package (folders exported with a deep
+branch) takes it.
+
 Needs torch (not diffusers), imported when the backend is built (``make_backend`` also imports this
 module only when the backend is asked for), so the rest of the runtime stays torch-free. Packages load with
 ``torch._inductor.package.load_package`` (``aoti_load_package`` plus ``num_runners``: one runner
@@ -42,7 +47,8 @@ def _import_torch():
 
 
 def aoti_records(manifest: Manifest) -> dict[str, EngineRecord]:
-    """The manifest's AOTInductor packages by graph kind; refuses a folder without both."""
+    """The manifest's AOTInductor packages by graph kind (shallow when built); refuses a folder without
+    planning and fidelity."""
     return manifest.engine_records("aoti", "AOTInductor package")
 
 
@@ -91,14 +97,14 @@ def feed_weights(models: Mapping[str, object], folder: Path, records: Mapping[st
 
 
 class AotiBackend:
-    """planning.pt2 and fidelity.pt2 on ``device`` ("cpu" or "cuda[:N]"), shared by every context.
+    """planning.pt2, fidelity.pt2 (and shallow.pt2) on ``device`` ("cpu" or "cuda[:N]"), shared by every context.
 
     Each package is loaded with one AOTInductor runner per context (``num_runners``): the model
     container lends a runner to each concurrent call, so calls never share activation buffers.
     ``weights``: the one set of weight tensors both packages run on (``feed_weights``).
     """
 
-    schedules = False  # planning and fidelity only: no guidance stop before T, no shallow graph (issue 15)
+    schedules = True  # guidance stop on the device; shallow steps when shallow.pt2 was built
 
     def __init__(self, folder: str | Path, manifest: Manifest, device: str | None = None,
                  max_concurrency: int | None = None):
@@ -122,8 +128,10 @@ class AotiBackend:
                        for kind, record in records.items()}
         # One copy of the weights on the device, shared by both packages (the packages point at these tensors).
         self.weights = feed_weights(self.models, Path(folder), records, self.device)
-        self.inputs = {kind: [spec.name for spec in graph.inputs] for kind, graph in manifest.unet_graphs.items()}
+        self.kinds = frozenset(self.models)
+        self.inputs = {kind: [spec.name for spec in manifest.graphs[kind].inputs] for kind in self.models}
         self.cache_names = [cache.name for cache in manifest.caches]
+        self.deep_name = manifest.deep_branch["name"] if manifest.deep_branch else None
 
     def new_context(self) -> AotiContext:
         return AotiContext(self)
@@ -134,12 +142,13 @@ class AotiBackend:
 
 
 class AotiContext:
-    """One generation's device tensors: fixed inputs and the caches handed from planning to fidelity."""
+    """One generation's device tensors: fixed inputs, the caches handed from planning to fidelity, the deep feature."""
 
     def __init__(self, backend: AotiBackend):
         self.backend = backend
         self.caches: dict[str, torch.Tensor] = {}  # fidelity's cache inputs: device tensors from planning
         self._planned: dict[str, torch.Tensor] = {}  # the latest planning evaluation's caches
+        self._deep: torch.Tensor | None = None  # the last full fidelity step's deep feature, shallow's input
         self._fixed: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in backend.inputs}
 
     def prepare(self, dims: Mapping[str, int]) -> None:
@@ -157,18 +166,39 @@ class AotiContext:
     def switch_to_fidelity(self) -> None:
         # The tensors planning returned at step n become fidelity's inputs: references, no copy.
         self.caches = dict(self._planned)
+        self._deep = None
+
+    def merge_halves(self) -> None:
+        """The guidance stop: per-half caches (2B, ...) and the deep feature become their means (B, ...),
+        on the device, summed in float32 and stored in their own dtype."""
+        def mean(value: torch.Tensor) -> torch.Tensor:
+            uncond, cond = value.float().chunk(2)  # unconditional half first
+            return ((uncond + cond) / 2).to(value.dtype)
+
+        self.caches = {name: mean(value) for name, value in self.caches.items()}
+        if self._deep is not None:  # None at a guidance stop at n: the next step is full and writes it
+            self._deep = mean(self._deep)
+
+    def read_caches(self) -> dict[str, np.ndarray]:
+        return {name: value.detach().float().cpu().numpy() for name, value in self._planned.items()}
 
     def run(self, kind: str, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         backend = self.backend
         step = {"sample": torch.from_numpy(np.ascontiguousarray(sample)).to(backend.device),
                 "timestep": torch.from_numpy(np.ascontiguousarray(timestep)).to(backend.device)}
-        named = {**self._fixed[kind], **self.caches, **step} if kind == "fidelity" else {**self._fixed[kind], **step}
+        named = {**self._fixed[kind], **step}
+        if kind != "planning":  # fidelity takes every cache, shallow those of the modules it keeps
+            named.update(self.caches)
+        if kind == "shallow":
+            named[backend.deep_name] = self._deep
         outputs = backend.models[kind](*(named[name] for name in backend.inputs[kind]))
         if kind == "planning":
             self._planned = dict(zip(backend.cache_names, outputs[1:]))
+        elif kind == "fidelity" and backend.deep_name is not None:
+            self._deep = outputs[1]
         # noise_pred only; one fresh copy, since the scheduler keeps past outputs and the package may reuse buffers.
         return outputs[0].detach().to("cpu", torch.float32, copy=True).numpy()
 
     def close(self) -> None:
-        self.caches, self._planned = {}, {}
+        self.caches, self._planned, self._deep = {}, {}, None
         self._fixed = {kind: {} for kind in self._fixed}

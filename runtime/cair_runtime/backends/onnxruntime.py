@@ -132,6 +132,7 @@ class OnnxRuntimeBackend:
                  graph_optimization: str | None = None, device_id: int = 0, max_concurrency: int | None = None,
                  share_weights: bool = False):
         self.manifest = manifest
+        self.kinds = frozenset(manifest.schedule_graphs)
         self.device = _DEVICES.get(providers[0], "cpu") if providers else "cpu"
         self.device_id = device_id
         # share_weights: one buffer per weight for both sessions, memory-mapped from the shared file

@@ -158,6 +158,7 @@ class TensorRTBackend:
         self.use_cuda_graphs = cuda_graphs
         self.cache_names = {cache.name for cache in manifest.caches}
         self.noise_pred = {kind: graph.outputs[0].name for kind, graph in manifest.unet_graphs.items()}
+        self.kinds = frozenset(manifest.unet_graphs)
         self.max_concurrency = default_concurrency("cuda") if max_concurrency is None else max_concurrency
 
     def set_device(self) -> None:
