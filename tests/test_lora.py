@@ -238,3 +238,18 @@ def test_threads_on_different_adapters_match_serial_calls(exported, lora_file):
     assert not errors and len(results) == 12
     for key, latents in results.values():
         assert np.array_equal(latents, serial[key]), key
+
+
+def test_runtime_lora_on_a_deep_schedule_equals_the_fused_export(exported, lora_file):
+    """The shallow graph gets the adapter's weights too: a schedule with guidance stop and deep interval
+    gives, swapped at run time, what the adapter fused before tracing gives."""
+    path, deep = lora_file("tiny-sd15"), {"fidelity_guidance": "cfg", "deep_branch": 1}
+    runtime = CairText2Image(exported("tiny-sd15", with_pipeline=True, **deep))
+    fused = CairText2Image(exported("tiny-sd15", with_pipeline=True, validate=False, loras=((str(path), SCALE),),
+                                    **deep))
+    call = dict(num_inference_steps=8, guidance_scale=5.0, seed=3, cache_step=2, guidance_stop=4, deep_interval=3)
+    base = runtime(PROMPT, **call)
+    swapped = runtime(PROMPT, loras=[(path, SCALE)], **call)
+    assert swapped.timings.shallow_steps == 4  # 6 steps after n: full, shallow, shallow, full, shallow, shallow
+    assert _relative(swapped.latents, base.latents) > 1e-2
+    assert _relative(swapped.latents, fused(PROMPT, **call).latents) <= TOLERANCE

@@ -152,3 +152,33 @@ def shallow_unet(unet: torch.nn.Module, branch: DeepBranch, sample: torch.Tensor
     if unet.conv_norm_out is not None:
         hidden = unet.conv_act(unet.conv_norm_out(hidden))
     return unet.conv_out(hidden)
+
+
+def shallow_module_paths(unet: torch.nn.Module, branch: DeepBranch) -> frozenset[str]:
+    """Paths of the Linear and Conv2d modules a shallow evaluation runs (the rest lie below the branch).
+
+    Found by running one shallow evaluation at the smallest latent size with forward hooks (zeros
+    in; a one-token context, so cross-attention runs as it would without CAIR's caches): the
+    run-time LoRA map looks for these weights, and only these, among the shallow graph's.
+    """
+    paths = {module: path for path, module in unet.named_modules()
+             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+    ran: set[str] = set()
+    hooks = [module.register_forward_hook(lambda module, args, output: ran.add(paths[module])) for module in paths]
+    parameter = next(unet.parameters())
+    zeros = lambda *shape: torch.zeros(*shape, device=parameter.device, dtype=parameter.dtype)  # noqa: E731
+    config, size = unet.config, 2 ** unet.num_upsamplers
+    level = 2 ** branch.level
+    added = None
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": zeros(1, pooled), "time_ids": zeros(1, 6)}
+    try:
+        with torch.no_grad():
+            shallow_unet(unet, branch, zeros(1, config.in_channels, size, size), zeros(1),
+                         zeros(1, branch.channels, -(-size // level), -(-size // level)),
+                         zeros(1, 1, config.cross_attention_dim), added)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return frozenset(ran)

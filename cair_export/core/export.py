@@ -628,15 +628,19 @@ def _lower_unet_graphs(work: Path, config: ExportConfig, ios: dict[str, GraphIO]
 
 
 def _lora_targets(model: LoadedModel, unet_digests: dict | None, work: Path, weights: dict[str, Any],
-                  text_weights: dict[str, Any], caches) -> dict[str, Any]:
-    """Per graph, where each LoRA-able model weight lies (run-time adapters); fidelity has no attn2.
-    Empty for fp16/bf16 exports (``unet_digests`` None): run-time adapters need fp32 weights."""
+                  text_weights: dict[str, Any], caches, shallow_paths: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Per graph, where each LoRA-able model weight lies (run-time adapters); fidelity has no attn2, and
+    shallow only the modules outside the branch (``shallow_paths``). Empty for fp16/bf16 exports
+    (``unet_digests`` None): run-time adapters need fp32 weights."""
     from cair_export.core.lora import weight_digests, weight_targets
 
     if unet_digests is None:
         return {}
+    cached = [cache.module for cache in caches]
+    below_branch = [weight.removesuffix(".weight") for weight in unet_digests
+                    if weight.removesuffix(".weight") not in shallow_paths]
     targets = {kind: weight_targets(unet_digests, work, weights["graphs"][kind], weights["file"], "unet",
-                                    skip=[cache.module for cache in caches] if kind != "planning" else ())
+                                    skip={"planning": (), "fidelity": cached, "shallow": cached + below_branch}[kind])
                for kind in ("planning", "fidelity", "shallow") if kind in weights["graphs"]}
     for index, encoder in enumerate(model.text_encoders):
         kind = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
@@ -674,11 +678,15 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
             expected = torch_outputs(graphs, shapes, progress)
     unet_ios = dict(ios)
     del graphs, cache
-    unet_digests = None
+    unet_digests, shallow_paths = None, frozenset()
     if config.dtype == "fp32":
         from cair_export.core.lora import weight_digests
 
         unet_digests = weight_digests(unet)  # the run-time LoRA map needs the weights; taken before release
+        if branch is not None:
+            from cair_export.core.deep_feature import shallow_module_paths
+
+            shallow_paths = shallow_module_paths(unet, branch)
     if release_unet:
         _release_unet(model, progress)
     files, weights = _share_unet_weights(work, files)  # before validation, which then maps them once
@@ -717,7 +725,8 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         files=tuple(record_file(work, name) for name in files),
         pipeline=pipeline,
         weights=weights,
-        lora={"fused": list(fused), "targets": _lora_targets(model, unet_digests, work, weights, text_weights, caches)},
+        lora={"fused": list(fused), "targets": _lora_targets(model, unet_digests, work, weights, text_weights, caches,
+                                                               shallow_paths)},
         deep_branch=None if branch is None else branch.as_dict(),
     )
     (work / MANIFEST_NAME).write_text(manifest.to_json())
