@@ -186,7 +186,8 @@ def _check_config(config: EvaluateConfig) -> list[Schedule]:
         check_cache_step(n, config.steps)
     if config.deep_branch < 0 or config.deepcache_images < 0 or any(k < 1 for k in config.deepcache_intervals):
         raise InvalidInputError(f"--deep-branch {config.deep_branch} and --deepcache-images {config.deepcache_images} "
-                                f"must be at least 0 and --deepcache-intervals {config.deepcache_intervals} at least 1")
+                                "must be at least 0 and --deepcache-intervals "
+                                f"{','.join(map(str, config.deepcache_intervals))} each at least 1")
     cair_alone = {Schedule(n, n) for n in (*config.cache_steps, config.steps)}
     grid = []
     for schedule in config.schedules:
