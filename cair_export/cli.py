@@ -47,6 +47,17 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
 
 
+def schedules_arg(text: str):
+    """``--schedules``: ``N:M:K[:MODE],...`` (sets ``{a,b}`` allowed) -> ``Schedule`` tuples."""
+    from cair_export.lab.schedules import parse_schedules
+    from cair_runtime.errors import InvalidInputError
+
+    try:
+        return parse_schedules(text)
+    except InvalidInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _check_outputs(*paths: str | None) -> None:
     """Fail before any work when an output file cannot be written."""
     from cair_runtime.files import check_writable
@@ -211,6 +222,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cair_export.lab.evaluate import EvaluateConfig, evaluate, format_markdown, plot_quality
+    from cair_export.lab.schedules import format_schedules_markdown, plot_schedules
     from cair_runtime.errors import MissingDependencyError
 
     _check_outputs(args.json, args.markdown, args.plot)
@@ -223,15 +235,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model=args.model, classifier=Path(args.classifier) if args.classifier else None,
         engines_dir=Path(args.engines_dir), num_images=args.num_images, cache_steps=args.cache_steps,
         steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, max_batch=args.max_batch,
-        threads=args.threads, tgate_images=args.tgate_images, tgate_cache_steps=args.tgate_cache_steps)
+        threads=args.threads, tgate_images=args.tgate_images, tgate_cache_steps=args.tgate_cache_steps,
+        schedules=args.schedules, deep_branch=args.deep_branch, deepcache_intervals=args.deepcache_intervals,
+        deepcache_images=args.deepcache_images)
     figures = evaluate(config, progress=progress)
     command = _command_line()
-    report = format_markdown(figures, command)
+    pareto = "pareto" in figures  # a schedule grid or DeepCache: the Pareto report
+    report = (format_schedules_markdown if pareto else format_markdown)(figures, command)
     for path, text in ((args.json, json.dumps({"command": command, **figures}, indent=2) + "\n"), (args.markdown, report)):
         if path:
             Path(path).write_text(text)
     if args.plot:
-        plot_quality(figures, Path(args.plot))
+        (plot_schedules if pareto else plot_quality)(figures, Path(args.plot))
     print(report)
     return 0
 
@@ -400,6 +415,19 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--threads", type=int_arg, default=0, help="intra-op threads (0: library default)")
     evaluate.add_argument("--tgate-images", type=int_arg, default=100, help="images per n for T-GATE (0: skip; default 100)")
     evaluate.add_argument("--tgate-cache-steps", type=int_list, help="n values for T-GATE (default: the same as CAIR)")
+    evaluate.add_argument("--schedules", type=schedules_arg, default=(), metavar="N:M:K[:MODE],...",
+                          help="also measure these schedules on an export with fidelity CFG and --deep-branch, with "
+                               "CAIR alone (the --cache-steps at m = n, k = 1) from that export; M: a step, n or T; "
+                               "MODE: uniform (default) or non-uniform; a field may be a set, {3,5}:{n,T}:{1,2} is "
+                               "the product less m < n. Writes the Pareto report")
+    evaluate.add_argument("--deep-branch", type=int_arg, default=0, metavar="B",
+                          help="DeepCache's branch: where the shallow graph cuts, and DeepCache's cache_branch_id "
+                               "(default 0)")
+    evaluate.add_argument("--deepcache-intervals", type=int_list, default=(), metavar="K,...",
+                          help="DeepCache alone (its DeepCacheSDHelper) at these cache intervals, e.g. 2,3,4,5 "
+                               "(default: none)")
+    evaluate.add_argument("--deepcache-images", type=int_arg, default=100,
+                          help="images per interval for DeepCache (0: skip; default 100)")
     evaluate.add_argument("--json", help="write the figures as JSON here")
     evaluate.add_argument("--markdown", help="write the markdown report here")
     evaluate.add_argument("--plot", help="write the plot (PNG) here")

@@ -1,5 +1,8 @@
 """Count multiply-accumulates of one planning, fidelity and shallow UNet evaluation, and of a generation.
 
+DeepCache's own evaluations (guided every step, cross-attention computed) are counted beside them
+(``count_deepcache_macs``), for comparing the peer's schedules with CAIR's.
+
 The UNet runs on the meta device (shapes only, no weights) with hooks on every module. Two
 conventions side by side: convolutions and linear layers only (what published tables count),
 and the same plus the attention-score matmuls ``QK^T`` and ``AV``. The parts that run once per
@@ -19,7 +22,8 @@ from cair_export.core.deep_feature import DEEP_FEATURE, deep_branch, shallow_une
 from cair_export.core.graphs import graph_specs, cache_specs
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache
-from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan
+from cair_runtime.errors import InvalidInputError
+from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan, full_evaluations
 
 CONVENTIONS = ("conv_linear", "with_attention")
 
@@ -86,7 +90,9 @@ def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, 
     with _counting(unet, frozenset(replayed)) as totals:
         added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
         if DEEP_FEATURE in inputs:  # the shallow graph: only the blocks outside the branch run
-            shallow_unet(unet, branch, inputs["sample"], inputs["timestep"], inputs[DEEP_FEATURE], None, added)
+            # No encoder_hidden_states: CAIR's shallow graph replays its caches; DeepCache's computes them.
+            shallow_unet(unet, branch, inputs["sample"], inputs["timestep"], inputs[DEEP_FEATURE],
+                         inputs.get("encoder_hidden_states"), added)
         else:
             unet(inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"),
                  added_cond_kwargs=added, return_dict=False)
@@ -129,6 +135,48 @@ def manifest_model(manifest) -> LoadedModel:
     return LoadedModel(info.get("name", "model"), str(info.get("source")), info.get("family", "sd15"), unet.eval(),
                        dict(manifest.scheduler_config), vae_scale_factor=manifest.vae_scale_factor,
                        text_len=manifest.dim("text_len").opt)
+
+
+def count_deepcache_macs(model: LoadedModel, height: int, width: int, deep_branch_id: int,
+                         batch: int = 1) -> dict[str, GraphMacs]:
+    """MACs of DeepCache's two evaluations (Ma et al. 2024), both guided (batch 2B) with cross-attention computed.
+
+    "full": the whole UNet, the planning graph's count. "shallow": the blocks outside the branch, as
+    CAIR's shallow graph, plus the cross-attention of the transformer blocks among them, which
+    DeepCache recomputes from the text where CAIR replays its caches.
+    """
+    unet = model.unet
+    device = next(unet.parameters()).device
+    dims = {"batch": batch, "latent_height": height // model.vae_scale_factor,
+            "latent_width": width // model.vae_scale_factor, "text_len": model.text_len}
+    branch = deep_branch(unet, deep_branch_id)
+    with CrossAttentionCache(unet, "cfg") as cache:  # mode "compute": plain cross-attention
+        ios = graph_specs(model, cache_specs(cache.sites), "cfg", branch)  # "cfg": shallow at 2B, as guided
+        full = {spec.name: torch.zeros(spec.resolve(dims), device=device) for spec in ios["planning"].inputs}
+        shallow = {spec.name: torch.zeros(spec.resolve(dims), device=device) for spec in ios["shallow"].inputs
+                   if spec.name in ("sample", "timestep", DEEP_FEATURE, "text_embeds", "time_ids")}
+        shallow["encoder_hidden_states"] = full["encoder_hidden_states"]
+        return {"full": _count(unet, cache, full), "shallow": _count(unet, cache, shallow, branch)}
+
+
+def deepcache_generation_macs(per_evaluation: dict[str, GraphMacs], steps: int,
+                              cache_interval: int) -> dict[str, dict[str, float]]:
+    """Per convention: full, shallow, baseline_total (T * full) and deepcache_total of DeepCache's uniform schedule.
+
+    Its helper runs the full UNet where ``step % cache_interval == 0`` (``range(0, T, k)``, as
+    ``cair_runtime.stages.full_evaluations``) and the shallow evaluation at the other steps, every
+    one guided; ``per_evaluation`` from ``count_deepcache_macs``.
+    """
+    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+        raise InvalidInputError(f"DeepCache's cache interval {cache_interval!r} must be an integer >= 1 (1: every step full)")
+    full_steps = len(full_evaluations(steps, cache_interval, "uniform"))
+    table = {}
+    for convention in CONVENTIONS:
+        full, shallow = (getattr(per_evaluation[kind], convention) for kind in ("full", "shallow"))
+        total = full_steps * full + (steps - full_steps) * shallow
+        table[convention] = {"full": full, "shallow": shallow, "baseline_total": steps * full,
+                             "deepcache_total": total, "speedup_bound": steps * full / total}
+    return table
 
 
 def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int = 1) -> GraphMacs:

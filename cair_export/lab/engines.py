@@ -15,8 +15,8 @@ def stale_reason(manifest: Manifest, model: LoadedModel, config: ExportConfig, w
     """Why an existing export does not serve ``model`` under ``config`` (None: it does).
 
     It must come from the same model files (sha256 of the folder, ``None`` for code-built presets),
-    hold the pipeline parts (VAE encoder included) when they are wanted, take ``config.max_batch`` prompts per call
-    and be tuned for the requested size.
+    hold the pipeline parts (VAE encoder included) when they are wanted, have the requested fidelity guidance and
+    deep branch, take ``config.max_batch`` prompts per call and be tuned for the requested size.
     """
     if manifest.model.get("source_sha256") != model.source_sha256:
         return "the model changed since it was exported"
@@ -24,6 +24,11 @@ def stale_reason(manifest: Manifest, model: LoadedModel, config: ExportConfig, w
         return "it holds no text encoder and VAE"
     if with_pipeline and manifest.pipeline.get("vae_encoder_graph") is None:
         return "it holds no VAE encoder (exported before image to image)"
+    if manifest.fidelity_guidance != config.fidelity_guidance:
+        return f"it was exported with fidelity guidance {manifest.fidelity_guidance!r}, not {config.fidelity_guidance!r}"
+    branch = None if manifest.deep_branch is None else manifest.deep_branch.get("branch")
+    if branch != config.deep_branch:
+        return f"its deep branch is {branch}, not {config.deep_branch}"
     if manifest.dim("batch").max < config.max_batch:
         return f"it takes at most {manifest.dim('batch').max} prompts per call, not {config.max_batch}"
     factor = model.vae_scale_factor

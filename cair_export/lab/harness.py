@@ -28,3 +28,10 @@ def run_stamp(command: str) -> dict[str, str]:
     """What a saved report starts with: the command, the date (minutes) and the machine."""
     return {"command": command, "date": datetime.datetime.now().isoformat(timespec="minutes"),
             "machine": machine_summary()}
+
+
+def report_heading(title: str, figures: dict, command: str) -> list[str]:
+    """A report's first lines: title, date, machine, run time and the command in a code block."""
+    return [f"# {title}", "",
+            f"Date: {figures['date']}. Machine: {figures['machine']} (shared with other jobs: latencies are "
+            f"indicative). Run time {figures['seconds'] / 60:.1f} min.", "", "```", command, "```", ""]
