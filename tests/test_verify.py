@@ -51,7 +51,7 @@ def test_a_runner_returning_too_few_outputs_fails_instead_of_zipping_short():
         named_outputs(["noise_pred", "cache_000"], [EXPECTED["noise_pred"]], "onnxruntime session")
 
 
-def test_an_export_is_reused_only_for_the_same_model_batch_and_size(exported):
+def test_an_export_is_reused_only_for_the_same_model_batch_size_and_deep_branch(exported):
     manifest = load_manifest(exported("tiny-sd15", with_pipeline=True))
     model = SimpleNamespace(source_sha256=manifest.model.get("source_sha256"), vae_scale_factor=8)
     assert stale_reason(manifest, model, ExportConfig(), with_pipeline=True) is None
@@ -64,3 +64,8 @@ def test_an_export_is_reused_only_for_the_same_model_batch_and_size(exported):
     assert "no VAE encoder" in stale_reason(before_img2img, model, ExportConfig(), with_pipeline=True)
     unet_only = dataclasses.replace(manifest, pipeline=None)
     assert "no text encoder" in stale_reason(unet_only, model, ExportConfig(), with_pipeline=True)
+    assert "deep branch 0" in stale_reason(manifest, model, ExportConfig(deep_branch=0), with_pipeline=True)
+    other_branch = dataclasses.replace(manifest, deep_branch={"branch": 1})
+    assert "deep branch 0" in stale_reason(other_branch, model, ExportConfig(deep_branch=0), with_pipeline=True)
+    assert stale_reason(dataclasses.replace(manifest, deep_branch={"branch": 0}), model, ExportConfig(deep_branch=0),
+                        with_pipeline=True) is None

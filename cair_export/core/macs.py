@@ -1,4 +1,5 @@
-"""Count multiply-accumulates of one planning, fidelity and shallow UNet evaluation, and of a generation.
+"""Count multiply-accumulates of one planning, fidelity and shallow UNet evaluation, and of a generation
+(and of DeepCache's own full and shallow evaluations, for its bound).
 
 The UNet runs on the meta device (shapes only, no weights) with hooks on every module. Two
 conventions side by side: convolutions and linear layers only (what published tables count),
@@ -19,7 +20,7 @@ from cair_export.core.deep_feature import DEEP_FEATURE, deep_branch, shallow_une
 from cair_export.core.graphs import graph_specs, cache_specs
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache
-from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan
+from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan, full_evaluations
 
 CONVENTIONS = ("conv_linear", "with_attention")
 
@@ -85,8 +86,9 @@ def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, 
     replayed = {id(unet.get_submodule(site.module)) for site in cache.sites} if cache.mode == "replay" else set()
     with _counting(unet, frozenset(replayed)) as totals:
         added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
-        if DEEP_FEATURE in inputs:  # the shallow graph: only the blocks outside the branch run
-            shallow_unet(unet, branch, inputs["sample"], inputs["timestep"], inputs[DEEP_FEATURE], None, added)
+        if DEEP_FEATURE in inputs:  # a shallow evaluation: only the blocks outside the branch run
+            shallow_unet(unet, branch, inputs["sample"], inputs["timestep"], inputs[DEEP_FEATURE],
+                         inputs.get("encoder_hidden_states"), added)
         else:
             unet(inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"),
                  added_cond_kwargs=added, return_dict=False)
@@ -114,6 +116,39 @@ def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1
                 cache.mode = "compute"
             results[kind] = _count(unet, cache, inputs, branch)
     return results
+
+
+def count_deepcache_macs(model: LoadedModel, height: int, width: int, deep_branch_id: int,
+                         batch: int = 1) -> dict[str, GraphMacs]:
+    """MACs of DeepCache's two evaluations (``DeepCacheSDHelper``), which run guided (batch 2B) every step:
+    "full", the whole UNet (as planning), and "shallow", the blocks outside the branch, whose
+    cross-attention computes its keys and values from the text (no CAIR cache to replay)."""
+    unet = model.unet
+    device = next(unet.parameters()).device
+    dims = {"batch": batch, "latent_height": height // model.vae_scale_factor,
+            "latent_width": width // model.vae_scale_factor, "text_len": model.text_len}
+    branch = deep_branch(unet, deep_branch_id)
+    with CrossAttentionCache(unet) as cache:  # mode "compute": plain cross-attention
+        ios = graph_specs(model, cache_specs(cache.sites), "cfg", branch)  # with CFG the deep feature is 2B
+        guided = {spec.name: torch.zeros(spec.resolve(dims), device=device) for spec in ios["planning"].inputs}
+        deep = next(spec for spec in ios["shallow"].inputs if spec.name == DEEP_FEATURE)
+        shallow = {**guided, DEEP_FEATURE: torch.zeros(deep.resolve(dims), device=device)}
+        return {"full": _count(unet, cache, guided), "shallow": _count(unet, cache, shallow, branch)}
+
+
+def deepcache_generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_interval: int,
+                              skip_mode: str = "uniform") -> dict[str, dict[str, float]]:
+    """DeepCache's schedule (``count_deepcache_macs``): a full evaluation on ``full_evaluations`` of the T steps
+    (every k-th from the first when uniform), shallow ones between; against T full evaluations."""
+    check_schedule(1, 1, cache_interval, skip_mode, steps)
+    full = len(full_evaluations(steps, cache_interval, skip_mode))
+    table = {}
+    for convention in CONVENTIONS:
+        whole, shallow = (getattr(per_graph[kind], convention) for kind in ("full", "shallow"))
+        total = full * whole + (steps - full) * shallow
+        table[convention] = {"full": whole, "shallow": shallow, "full_steps": full, "baseline_total": steps * whole,
+                             "deepcache_total": total, "speedup_bound": steps * whole / total}
+    return table
 
 
 def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int = 1) -> GraphMacs:

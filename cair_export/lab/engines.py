@@ -15,8 +15,8 @@ def stale_reason(manifest: Manifest, model: LoadedModel, config: ExportConfig, w
     """Why an existing export does not serve ``model`` under ``config`` (None: it does).
 
     It must come from the same model files (sha256 of the folder, ``None`` for code-built presets),
-    hold the pipeline parts (VAE encoder included) when they are wanted, take ``config.max_batch`` prompts per call
-    and be tuned for the requested size.
+    hold the pipeline parts (VAE encoder included) when they are wanted, take ``config.max_batch`` prompts per call,
+    be tuned for the requested size and hold the shallow graph of ``config.deep_branch`` when one is asked for.
     """
     if manifest.model.get("source_sha256") != model.source_sha256:
         return "the model changed since it was exported"
@@ -30,6 +30,8 @@ def stale_reason(manifest: Manifest, model: LoadedModel, config: ExportConfig, w
     for name, pixels in (("latent_height", config.height), ("latent_width", config.width)):
         if pixels is not None and manifest.dim(name).opt != pixels // factor:
             return f"it is tuned for {manifest.dim(name).opt * factor} px, not {pixels}"
+    if config.deep_branch is not None and (manifest.deep_branch or {}).get("branch") != config.deep_branch:
+        return f"it holds no shallow graph for deep branch {config.deep_branch}"
     return None
 
 
