@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -638,7 +639,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cache_steps = list(args.cache_steps)
-    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench.py " + shlex.join(sys.argv[1:])  # quoted: --sd21-only names hold spaces
     results = {"command": command, "date": datetime.datetime.now().isoformat(timespec="minutes"),
                "machine": _machine(), "suites": {}}
     suites = [("shapes", args.repeats), ("sd21", args.sd21_repeats)] if args.suite == "both" else \
