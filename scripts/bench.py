@@ -527,13 +527,21 @@ TARGET = ("sd21 UNet at 256 px, 25 steps: the runtime with n = 5 and a deep inte
 TARGET_SPEEDUP, TARGET_EFFICIENCY = 2.5, 0.95
 
 
-def deep_target(rows: list[dict[str, Any]], cache_step: int) -> dict[str, Any]:
+def deep_target(rows: list[dict[str, Any]], steps: int, cache_step: int) -> dict[str, Any]:
     """The target, per deep interval k of the runtime at n = ``cache_step``: speed-up over runtime n = T
     >= 2.5x, >= 95% of the schedule's MAC bound, and above DeepCache's speed-up over the diffusers eager
     loop at the same k in this run. Met when one k meets all three; ``best``: that k with the largest
-    speed-up, else the k with the largest speed-up."""
+    speed-up, else the k with the largest speed-up. The verdict is on medians; each round's own ratios
+    (baseline and row from the same round) are listed beside them, to show the machine's noise."""
     def measured(row):
         return "median_s" in row and row.get("speedup") == row.get("speedup")  # not NaN (no baseline)
+
+    def baseline(group):
+        return next((row for row in rows if row["group"] == group and measured(row) and row["deep_interval"] == 1
+                     and (group == "torch" or row["cache_step"] == steps)), None)
+
+    def per_round(row, base):
+        return [b / t for b, t in zip(base["runs_s"], row["runs_s"])] if row and base else []
 
     deepcache = {row["deep_interval"]: row for row in rows
                  if row["group"] == "torch" and (row.get("bound") or [None])[0] == "deepcache" and measured(row)}
@@ -550,7 +558,9 @@ def deep_target(rows: list[dict[str, Any]], cache_step: int) -> dict[str, Any]:
         per_interval.append({"name": row["name"], "deep_interval": k, "speedup": row["speedup"],
                              "mac_bound": row["mac_bound"], "efficiency": row["efficiency"],
                              "deepcache_speedup": peer, "deepcache_efficiency": deepcache.get(k, {}).get("efficiency"),
-                             "checks": checks, "met": all(checks.values())})
+                             "checks": checks, "met": all(checks.values()),
+                             "round_speedups": per_round(row, baseline("runtime")),
+                             "deepcache_round_speedups": per_round(deepcache.get(k), baseline("torch"))})
     met = [entry for entry in per_interval if entry["met"]]
     best = max(met or per_interval, key=lambda entry: entry["speedup"], default=None)
     return {"target": TARGET, "cache_step": cache_step, "speedup": TARGET_SPEEDUP, "efficiency": TARGET_EFFICIENCY,
@@ -578,6 +588,13 @@ def target_lines(target: dict[str, Any]) -> list[str]:
                      f"{ratio(entry['mac_bound'])} | {percent(entry['efficiency'])} ({verdict(checks['efficiency'])}) "
                      f"| {ratio(entry['deepcache_speedup'])} ({percent(entry['deepcache_efficiency'])}) | "
                      f"{verdict(checks['beats_deepcache'])} | {verdict(entry['met'])} |")
+    lines += ["", "Each round's own ratios (the baseline's run of that round over the row's): runtime n=T over the "
+                  "runtime row, efficiency against its bound; diffusers eager over DeepCache:", "",
+              "| k | runtime per round (efficiency) | DeepCache per round |", "|---|---|---|"]
+    for entry in target["per_interval"]:
+        runtime = ", ".join(f"{value:.2f}x ({value / entry['mac_bound']:.0%})" for value in entry["round_speedups"])
+        peer = ", ".join(f"{value:.2f}x" for value in entry["deepcache_round_speedups"])
+        lines.append(f"| {entry['deep_interval']} | {runtime or '-'} | {peer or '-'} |")
     best = target["best"]
     if best is None:
         return [*lines, "", "**Target: MISSED** (no runtime deep row was measured)."]
@@ -609,6 +626,33 @@ def _machine() -> str:
             f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__} CPUExecutionProvider")
 
 
+def render(results: dict[str, Any]) -> str:
+    """The markdown report of a run's results (as written to ``--json``)."""
+    lines = ["# Benchmarks", "", f"Date: {results['date']}. Machine: {results['machine']}.", "",
+             "The machine is shared with other developers' jobs and a training run: absolute times are noisy; "
+             "configurations alternate within each round, so ratios are fairer than absolute figures.", "",
+             "```", results["command"], "```"]
+    for suite, result in results["suites"].items():
+        what = ("text to image end to end, batch 1" if suite == "shapes" else "UNet loop only, random weights, batch 1")
+        model = "" if result["model"] in ("shapes", "sd21") else f" ({result['model']})"
+        lines += ["", f"## {suite}{model} at {result['size']}x{result['size']}, {result['steps']} steps ({what}), "
+                      f"median of {result['repeats']} warm runs", "",
+                  *markdown_table(result["rows"], result["graph_macs"])]
+        if result.get("target"):
+            lines += ["", *target_lines(result["target"])]
+    lines += ["", "UNet MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet, with "
+                  "a deep interval k each fidelity step after n full (F) or shallow (S) as the runtime schedules it "
+                  "(`--deep-interval k --deep-branch B`); DeepCache rows: DeepCache's own schedule, the full UNet "
+                  "guided (P) on every k-th step from the first and its shallow part guided, cross-attention "
+                  "computed from the text, on the others, against T*P (`cair_export.core.macs.count_deepcache_macs`, "
+                  "checked against DeepCache's helper under FlopCounterMode); end-to-end MAC bound (text-to-image "
+                  "suites): the same plus E on both sides, the text encoders (prompt and negative prompt) and the VAE "
+                  "decoder (`cair_export.core.macs.count_pipeline_macs`); efficiency = measured speed-up / MAC bound. "
+                  "Torch rows are relative to the diffusers plain row, runtime rows to the runtime at n = T.",
+              "", f"Peak RSS of the benchmark process: {results['peak_rss_gb']:.1f} GB."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     import torch
 
@@ -635,7 +679,15 @@ def main() -> int:
     parser.add_argument("--engines-dir", type=Path, default=ROOT / "engines")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--from-json", type=Path, help="measure nothing: recompute the summaries and target of an "
+                                                       "earlier run's --json and write its report again")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        for result in results["suites"].values():
+            if result.get("target"):
+                result["target"] = deep_target(result["rows"], result["steps"], result["target"]["cache_step"])
+        return write_report(results, args.json, args.markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
     cache_steps = list(args.cache_steps)
@@ -671,39 +723,21 @@ def main() -> int:
                                     "steps": args.steps, "repeats": repeats, "rows": rows,
                                     "graph_macs": {kind: macs.conv_linear for kind, macs in per_graph.items()}}
         if suite == "sd21" and any(row["group"] == "runtime" and row["deep_interval"] > 1 for row in rows):
-            results["suites"][suite]["target"] = deep_target(rows, args.deep_cache_step)
+            results["suites"][suite]["target"] = deep_target(rows, args.steps, args.deep_cache_step)
     results["peak_rss_gb"] = peak_rss_gb()
 
-    lines = ["# Benchmarks", "", f"Date: {results['date']}. Machine: {results['machine']}.", "",
-             "The machine is shared with other developers' jobs and a training run: absolute times are noisy; "
-             "configurations alternate within each round, so ratios are fairer than absolute figures.", "",
-             "```", command, "```"]
-    for suite, result in results["suites"].items():
-        what = ("text to image end to end, batch 1" if suite == "shapes" else "UNet loop only, random weights, batch 1")
-        model = "" if result["model"] in ("shapes", "sd21") else f" ({result['model']})"
-        lines += ["", f"## {suite}{model} at {result['size']}x{result['size']}, {result['steps']} steps ({what}), "
-                      f"median of {result['repeats']} warm runs", "",
-                  *markdown_table(result["rows"], result["graph_macs"])]
-        if result.get("target"):
-            lines += ["", *target_lines(result["target"])]
-    lines += ["", "UNet MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet, with "
-                  "a deep interval k each fidelity step after n full (F) or shallow (S) as the runtime schedules it "
-                  "(`--deep-interval k --deep-branch B`); DeepCache rows: DeepCache's own schedule, the full UNet "
-                  "guided (P) on every k-th step from the first and its shallow part guided, cross-attention "
-                  "computed from the text, on the others, against T*P (`cair_export.core.macs.count_deepcache_macs`, "
-                  "checked against DeepCache's helper under FlopCounterMode); end-to-end MAC bound (text-to-image "
-                  "suites): the same plus E on both sides, the text encoders (prompt and negative prompt) and the VAE "
-                  "decoder (`cair_export.core.macs.count_pipeline_macs`); efficiency = measured speed-up / MAC bound. "
-                  "Torch rows are relative to the diffusers plain row, runtime rows to the runtime at n = T.",
-              "", f"Peak RSS of the benchmark process: {results['peak_rss_gb']:.1f} GB."]
-    report = "\n".join(lines) + "\n"
+    return write_report(results, args.json, args.markdown)
+
+
+def write_report(results: dict[str, Any], json_path: Path | None, markdown_path: Path | None) -> int:
+    report = render(results)
     print(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    if markdown_path:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(report)
     return 0
 
 
