@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -66,6 +67,7 @@ class Config:
     stages: list[dict[str, float]] = field(default_factory=list)  # runtime: seconds per stage, each run
     step_times: list[dict[str, float]] = field(default_factory=list)  # runtime: seconds per step by kind, each run
     check: Callable[[], str | None] | None = None  # after each run: why the run was not what the row says
+    loads: list[float] = field(default_factory=list)  # the machine's 1-minute load average as each measured run began
 
     @property
     def deep_interval(self) -> int:
@@ -362,6 +364,7 @@ def measure(configs: list[Config], repeats: int, label: str) -> None:
         for config in configs:
             if config.run is None:
                 continue
+            load = os.getloadavg()[0]
             started = time.perf_counter()
             try:
                 result = config.run()
@@ -383,6 +386,7 @@ def measure(configs: list[Config], repeats: int, label: str) -> None:
             print(f"  [{label}] {config.name} {tag}: {elapsed:.3f} s", file=sys.stderr, flush=True)
             if round_index:
                 config.times.append(elapsed)
+                config.loads.append(load)
                 stages = _stages(result, elapsed)
                 if stages:
                     config.stages.append(stages)
@@ -404,7 +408,7 @@ def summarise(configs: list[Config], steps: int, bounds: dict[tuple, float],
     for config in configs:
         row: dict[str, Any] = {"name": config.name, "group": config.group, "cache_step": config.cache_step,
                                "deep_interval": config.deep_interval, "bound": config.bound, "error": config.error,
-                               "runs_s": config.times}
+                               "runs_s": config.times, "load_1min": config.loads}
         if config.times:
             median = statistics.median(config.times)
             speedup = baselines.get(config.group, float("nan")) / median
@@ -525,6 +529,10 @@ TARGET = ("sd21 UNet at 256 px, 25 steps: the runtime with n = 5 and a deep inte
           "own n = T baseline, at >= 95% of that schedule's MAC bound, and beats DeepCache's eager speed-up "
           "measured in the same run.")
 TARGET_SPEEDUP, TARGET_EFFICIENCY = 2.5, 0.95
+# Above this fraction of its MAC bound a median speed-up is the machine's noise (load that changed between
+# the baseline's runs and the row's), not a measurement: such a row meets nothing. It holds where compute
+# dominates (sd21 at 256 px); on tiny models eager torch's per-module overhead lets DeepCache exceed it.
+PLAUSIBLE_EFFICIENCY = 1.05
 
 
 def deep_target(rows: list[dict[str, Any]], steps: int, cache_step: int) -> dict[str, Any]:
@@ -532,7 +540,9 @@ def deep_target(rows: list[dict[str, Any]], steps: int, cache_step: int) -> dict
     >= 2.5x, >= 95% of the schedule's MAC bound, and above DeepCache's speed-up over the diffusers eager
     loop at the same k in this run. Met when one k meets all three; ``best``: that k with the largest
     speed-up, else the k with the largest speed-up. The verdict is on medians; each round's own ratios
-    (baseline and row from the same round) are listed beside them, to show the machine's noise."""
+    (baseline and row from the same round) are listed beside them, to show the machine's noise. A k whose
+    runtime or DeepCache median lies above ``PLAUSIBLE_EFFICIENCY`` of its bound is marked noise and
+    meets nothing."""
     def measured(row):
         return "median_s" in row and row.get("speedup") == row.get("speedup")  # not NaN (no baseline)
 
@@ -555,14 +565,17 @@ def deep_target(rows: list[dict[str, Any]], steps: int, cache_step: int) -> dict
         checks = {"speedup": row["speedup"] >= TARGET_SPEEDUP,
                   "efficiency": row["efficiency"] is not None and row["efficiency"] >= TARGET_EFFICIENCY,
                   "beats_deepcache": peer is not None and row["speedup"] > peer}
+        noise = any((efficiency or 0) > PLAUSIBLE_EFFICIENCY
+                    for efficiency in (row["efficiency"], deepcache.get(k, {}).get("efficiency")))
         per_interval.append({"name": row["name"], "deep_interval": k, "speedup": row["speedup"],
                              "mac_bound": row["mac_bound"], "efficiency": row["efficiency"],
                              "deepcache_speedup": peer, "deepcache_efficiency": deepcache.get(k, {}).get("efficiency"),
-                             "checks": checks, "met": all(checks.values()),
+                             "checks": checks, "noise": noise, "met": all(checks.values()) and not noise,
                              "round_speedups": per_round(row, baseline("runtime")),
                              "deepcache_round_speedups": per_round(deepcache.get(k), baseline("torch"))})
     met = [entry for entry in per_interval if entry["met"]]
-    best = max(met or per_interval, key=lambda entry: entry["speedup"], default=None)
+    plausible = [entry for entry in per_interval if not entry["noise"]]
+    best = max(met or plausible or per_interval, key=lambda entry: entry["speedup"], default=None)
     return {"target": TARGET, "cache_step": cache_step, "speedup": TARGET_SPEEDUP, "efficiency": TARGET_EFFICIENCY,
             "per_interval": per_interval, "best": best, "met": bool(met)}
 
@@ -577,6 +590,12 @@ def target_lines(target: dict[str, Any]) -> list[str]:
     def percent(value):
         return f"{value:.0%}" if value is not None else "-"
 
+    def overall(entry):
+        noise = f"noise: a median above {PLAUSIBLE_EFFICIENCY:.0%} of its bound"
+        if entry["met"] or not all(entry["checks"].values()):
+            return verdict(entry["met"]) + (f" (and {noise})" if entry["noise"] else "")
+        return f"not established ({noise})"
+
     n = target["cache_step"]
     lines = ["### Target (issue 15)", "", f"> {target['target']}", "",
              f"| runtime n={n}, k | speed-up over runtime n=T (>= {target['speedup']:.1f}x) | MAC bound | "
@@ -587,7 +606,7 @@ def target_lines(target: dict[str, Any]) -> list[str]:
         lines.append(f"| k={entry['deep_interval']} | {ratio(entry['speedup'])} ({verdict(checks['speedup'])}) | "
                      f"{ratio(entry['mac_bound'])} | {percent(entry['efficiency'])} ({verdict(checks['efficiency'])}) "
                      f"| {ratio(entry['deepcache_speedup'])} ({percent(entry['deepcache_efficiency'])}) | "
-                     f"{verdict(checks['beats_deepcache'])} | {verdict(entry['met'])} |")
+                     f"{verdict(checks['beats_deepcache'])} | {overall(entry)} |")
     lines += ["", "Each round's own ratios (the baseline's run of that round over the row's): runtime n=T over the "
                   "runtime row, efficiency against its bound; diffusers eager over DeepCache:", "",
               "| k | runtime per round (efficiency) | DeepCache per round |", "|---|---|---|"]
@@ -604,7 +623,8 @@ def target_lines(target: dict[str, Any]) -> list[str]:
                   f"{percent(best['efficiency'])} of its {ratio(best['mac_bound'])} bound vs "
                   f"{target['efficiency']:.0%}: {verdict(checks['efficiency'])}; vs DeepCache k={best['deep_interval']}'s "
                   f"{ratio(best['deepcache_speedup'])} over diffusers eager in this run: "
-                  f"{verdict(checks['beats_deepcache'])}.", "",
+                  f"{verdict(checks['beats_deepcache'])}" + ("; these medians are noise" if best["noise"] else "") + ".",
+              "",
               f"**Target: {verdict(target['met'])}.**"]
     return lines
 
@@ -617,8 +637,6 @@ def peak_rss_gb() -> float:
 
 
 def _machine() -> str:
-    import os
-
     import onnxruntime as ort
     import torch
 
@@ -640,6 +658,10 @@ def render(results: dict[str, Any]) -> str:
                   *markdown_table(result["rows"], result["graph_macs"])]
         if result.get("target"):
             lines += ["", *target_lines(result["target"])]
+        loads = [load for row in result["rows"] for load in row.get("load_1min", [])]
+        if loads:
+            lines += ["", f"The machine's 1-minute load average as the measured runs began: {min(loads):.1f} to "
+                          f"{max(loads):.1f} (this benchmark itself adds up to its thread count)."]
     lines += ["", "UNet MAC bound: `cair-export macs` (conv+linear), n*P + (T-n)*F against T*P for the UNet, with "
                   "a deep interval k each fidelity step after n full (F) or shallow (S) as the runtime schedules it "
                   "(`--deep-interval k --deep-branch B`); DeepCache rows: DeepCache's own schedule, the full UNet "
