@@ -103,6 +103,7 @@ def test_runtime_schedules_match_the_reference(exported, preset, branch):
         assert _relative(result.latents, expected) <= 1e-4, (n, m, k, mode)
         assert result.timings.planning_steps == n and result.timings.fidelity_steps == STEPS - n
         assert result.timings.shallow_steps == 4
+        assert 0 < result.timings.shallow_s < result.timings.fidelity_s
 
 
 def test_image_to_image_schedules_match_the_reference(exported):

@@ -136,3 +136,38 @@ def test_macs_cli_json_counts_a_deep_schedule(capsys):
     for convention in ("conv_linear", "with_attention"):
         row = report[convention]
         assert row["cair_total"] == 5 * row["planning"] + 7 * row["fidelity"] + 13 * row["shallow"]
+
+
+def test_deepcache_macs_match_its_own_helper_under_the_flop_counter():
+    """DeepCache's full and shallow steps as its DeepCacheSDHelper runs them (guided, cross-attention computed)."""
+    from types import SimpleNamespace
+
+    from DeepCache import DeepCacheSDHelper
+    from diffusers import DDIMScheduler
+
+    from cair_export.core.macs import count_deepcache_macs, deepcache_generation_macs
+
+    model = load_model("tiny-sd21")
+    unet = model.unet
+    counted = count_deepcache_macs(model, 64, 96, deep_branch_id=0)
+    assert counted["full"] == count_graph_macs(model, 64, 96)["planning"]
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(2)
+    helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    unet.set_attn_processor(AttnProcessor())
+    sample, context = torch.zeros(2, 4, 8, 12), torch.zeros(2, 77, unet.config.cross_attention_dim)
+    helper.enable()
+    try:
+        flops = []
+        for t in scheduler.timesteps:  # step 0 full (it fills the cache), step 1 shallow
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                unet(sample, t, context)
+            flops.append(counter.get_total_flops() // 2)
+    finally:
+        helper.disable()
+    assert flops == [counted["full"].with_attention, counted["shallow"].with_attention]
+    row = deepcache_generation_macs(counted, steps=25, cache_interval=3)["conv_linear"]
+    full, shallow = counted["full"].conv_linear, counted["shallow"].conv_linear
+    assert row["full_steps"] == 9 and row["deepcache_total"] == 9 * full + 16 * shallow
+    assert row["speedup_bound"] == 25 * full / (9 * full + 16 * shallow)

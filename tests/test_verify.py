@@ -70,3 +70,4 @@ def test_an_export_is_reused_only_for_the_same_model_graphs_batch_and_size(expor
     assert "deep branch is None, not 0" in stale_reason(manifest, model, ExportConfig(deep_branch=0), with_pipeline=True)
     deep = dataclasses.replace(manifest, deep_branch={"branch": 1})
     assert "deep branch is 1, not None" in stale_reason(deep, model, ExportConfig(), with_pipeline=True)
+    assert "deep branch is 1, not 0" in stale_reason(deep, model, ExportConfig(deep_branch=0), with_pipeline=True)

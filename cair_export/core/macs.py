@@ -159,22 +159,23 @@ def count_deepcache_macs(model: LoadedModel, height: int, width: int, deep_branc
         return {"full": _count(unet, cache, full), "shallow": _count(unet, cache, shallow, branch)}
 
 
-def deepcache_generation_macs(per_evaluation: dict[str, GraphMacs], steps: int,
-                              cache_interval: int) -> dict[str, dict[str, float]]:
-    """Per convention: full, shallow, baseline_total (T * full) and deepcache_total of DeepCache's uniform schedule.
+def deepcache_generation_macs(per_evaluation: dict[str, GraphMacs], steps: int, cache_interval: int,
+                              skip_mode: str = "uniform") -> dict[str, dict[str, float]]:
+    """Per convention: full, shallow, full_steps, baseline_total (T * full) and deepcache_total of DeepCache's schedule.
 
     Its helper runs the full UNet where ``step % cache_interval == 0`` (``range(0, T, k)``, as
-    ``cair_runtime.stages.full_evaluations``) and the shallow evaluation at the other steps, every
-    one guided; ``per_evaluation`` from ``count_deepcache_macs``.
+    ``cair_runtime.stages.full_evaluations``; ``skip_mode`` "non-uniform" places them as its
+    non-uniform variant) and the shallow evaluation at the other steps, every one guided;
+    ``per_evaluation`` from ``count_deepcache_macs``.
     """
     if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
         raise InvalidInputError(f"DeepCache's cache interval {cache_interval!r} must be an integer >= 1 (1: every step full)")
-    full_steps = len(full_evaluations(steps, cache_interval, "uniform"))
+    full_steps = len(full_evaluations(steps, cache_interval, skip_mode))
     table = {}
     for convention in CONVENTIONS:
         full, shallow = (getattr(per_evaluation[kind], convention) for kind in ("full", "shallow"))
         total = full_steps * full + (steps - full_steps) * shallow
-        table[convention] = {"full": full, "shallow": shallow, "baseline_total": steps * full,
+        table[convention] = {"full": full, "shallow": shallow, "full_steps": full_steps, "baseline_total": steps * full,
                              "deepcache_total": total, "speedup_bound": steps * full / total}
     return table
 

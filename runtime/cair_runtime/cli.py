@@ -153,7 +153,7 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
         encode = f", image {result.image_s:.3f} s" if img2img else ""
         print(f"wrote {', '.join(map(str, paths))}: text {result.text_s:.3f} s{encode}, planning {t.planning_steps} steps "
               f"{t.planning_s:.3f} s, switch {t.switch_s * 1e3:.3f} ms, fidelity {t.fidelity_steps} steps "
-              f"({t.shallow_steps} shallow) "
+              f"({t.shallow_steps} shallow, {t.shallow_s:.3f} s) "
               f"{t.fidelity_s:.3f} s, decode {result.vae_s:.3f} s")
     return 0
 

@@ -53,19 +53,21 @@ class StageTimings:
     planning_steps: int = 0
     fidelity_steps: int = 0  # of which shallow_steps ran the shallow graph
     shallow_steps: int = 0
+    shallow_s: float = 0.0  # the shallow steps' part of fidelity_s
 
     @property
     def total_s(self) -> float:
         return self.planning_s + self.switch_s + self.fidelity_s
 
     def add(self, other: StageTimings) -> None:
-        for name in ("planning_s", "switch_s", "fidelity_s", "planning_steps", "fidelity_steps", "shallow_steps"):
+        for name in ("planning_s", "switch_s", "fidelity_s", "planning_steps", "fidelity_steps", "shallow_steps",
+                     "shallow_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float]:
         return {"planning_s": self.planning_s, "switch_s": self.switch_s, "fidelity_s": self.fidelity_s,
                 "total_s": self.total_s, "planning_steps": self.planning_steps,
-                "fidelity_steps": self.fidelity_steps, "shallow_steps": self.shallow_steps}
+                "fidelity_steps": self.fidelity_steps, "shallow_steps": self.shallow_steps, "shallow_s": self.shallow_s}
 
 
 @dataclass
@@ -534,7 +536,9 @@ class CairEngine:
             else:
                 timings.fidelity_s += elapsed
                 timings.fidelity_steps += 1
-                timings.shallow_steps += evaluation.kind == "shallow"
+                if evaluation.kind == "shallow":
+                    timings.shallow_steps += 1
+                    timings.shallow_s += elapsed
             if observer is not None and evaluation.kind == "planning":
                 observer(step, caches=context.read_caches())
             started = time.perf_counter()
