@@ -4,7 +4,6 @@ stop m and the shallow steps (deep interval k) in sight."""
 from __future__ import annotations
 
 import functools
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,15 +255,14 @@ class CairEngine:
                        skip_mode: Any) -> tuple[int, int, str]:
         """The guidance stop m, the deep interval k and the skip mode, defaults filled in
         (``default_schedule``: the calibrated schedule, else m = n, or T on an engine exported with
-        fidelity CFG, and k = 1), checked against what this engine has; returns (m, k, mode). T here is ``steps_run``, the
-        steps that run (image to image's last ``min(int(T * strength), T)``), as for n."""
+        fidelity CFG, and k = 1), checked against what this engine has; returns (m, k, mode). T here
+        is ``steps_run``, the steps that run (image to image's last ``min(int(T * strength), T)``), as for n."""
         cfg = self.manifest.fidelity_guidance == "cfg"
-        _, calibrated_stop, calibrated_interval, calibrated_mode = self.default_schedule(steps_run)
-        if guidance_stop is None:
-            guidance_stop = max(calibrated_stop, cache_step) if cfg and self.manifest.schedule else \
-                steps_run if cfg else cache_step
-        deep_interval = calibrated_interval if deep_interval is None else deep_interval
-        skip_mode = calibrated_mode if skip_mode is None else skip_mode
+        _, default_stop, default_interval, default_mode = self.default_schedule(steps_run)
+        if guidance_stop is None:  # merged caches stop guidance at n itself; per-half ones no earlier than n
+            guidance_stop = max(default_stop, cache_step) if cfg else cache_step
+        deep_interval = default_interval if deep_interval is None else deep_interval
+        skip_mode = default_mode if skip_mode is None else skip_mode
         check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
         if guidance_stop > cache_step and not cfg:
             raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches; "
@@ -284,19 +282,20 @@ class CairEngine:
 
     def default_schedule(self, steps_run: int) -> tuple[int, int, int, str]:
         """What a run leaves unset takes: (n, m, k, skip mode) of the calibrated schedule
-        (``manifest.schedule``, scaled to ``steps_run``), else n = the export's hint, m = n, k = 1.
+        (``manifest.schedule``, scaled to ``steps_run``), else n = the export's hint, m = T on
+        per-half-cache engines (n elsewhere), k = 1.
 
-        A backend that runs planning and fidelity only (no ``schedules``) keeps the calibrated n
-        and drops m and k: guidance to T on per-half-cache engines (m = n elsewhere), every step full;
-        engines built without the shallow graph drop k.
+        A backend that runs planning and fidelity only (no ``schedules``) keeps the calibrated n and
+        drops m and k, as do engines built without the shallow graph for k.
         """
+        uncalibrated_stop = steps_run if self.manifest.fidelity_guidance == "cfg" else None
         schedule = self.manifest.schedule
         if schedule is None:
             n = min(int(self.manifest.model.get("cache_step_hint", 5)), steps_run)
-            return n, n, 1, "uniform"
+            return n, uncalibrated_stop or n, 1, "uniform"
         n, m, k, mode = calibrated_schedule(schedule, steps_run)
         if not self.backend.schedules:
-            return n, steps_run if self.manifest.fidelity_guidance == "cfg" else n, 1, "uniform"
+            return n, uncalibrated_stop or n, 1, "uniform"
         return n, m, k if "shallow" in self.backend.kinds else 1, mode
 
     @staticmethod
