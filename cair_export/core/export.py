@@ -11,6 +11,7 @@ process is gone).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import errno
 import fcntl
@@ -48,8 +49,9 @@ from cair_export.core.deep_feature import deep_branch
 from cair_export.core.models import LoadedModel
 from cair_export.core.onnx_io import SHARED_WEIGHTS, save_onnx, share_weights
 from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
+from cair_export.core.switch import SwitchGraphError, write_switch_graph
 from cair_export.core.verify import FP32_RELATIVE_TOLERANCE, OutputCheck, compare_outputs, run_module, run_session
-from cair_runtime.backends.onnxruntime import make_session, shared_weights
+from cair_runtime.backends.onnxruntime import make_session, shared_weights, switch_feeds
 from cair_runtime.errors import CairError, InvalidInputError, ValidationError
 from cair_runtime.files import check_folder_writable, rename_noreplace
 from cair_runtime.lora import check_lora_list
@@ -627,6 +629,61 @@ def _lower_unet_graphs(work: Path, config: ExportConfig, ios: dict[str, GraphIO]
     return files + ["precision.json"], weights
 
 
+def _write_switch(work: Path, caches, branch, config: ExportConfig, progress: Callable[[str], None]
+                  ) -> dict[str, Any] | None:
+    """``unet.onnx``, planning and fidelity as one graph (core/switch.py); None where it cannot be built here."""
+    if config.dtype == "bf16":  # onnxruntime's CPU provider cannot run it, so the export could not check it
+        progress("no switch graph for bf16 graphs (onnxruntime CPU cannot check it); runtimes use the two graphs")
+        return None
+    progress("writing the switch graph (planning and fidelity in one graph, each weight once)")
+    try:
+        return write_switch_graph(work, caches, None if branch is None else branch.as_dict()["name"])
+    except SwitchGraphError as error:
+        progress(f"no switch graph: {error}; runtimes use the two graphs")
+        return None
+
+
+def _check_switch(work: Path, manifest: Manifest, ios: dict[str, GraphIO], dims: dict[str, int],
+                  progress: Callable[[str], None]) -> Manifest:
+    """The switch graph must compute planning's and fidelity's outputs bit for bit in onnxruntime, with
+    the settings and placeholder inputs the runtime uses; otherwise it is dropped from the folder."""
+    progress(f"checking the switch graph against planning and fidelity at {_dims_str(dims)}")
+    low_precision = manifest.model["dtype"] != "float32"  # the runtime then shares mapped weights (onnxruntime.py)
+    initializers = shared_weights(work, manifest.weights) if low_precision else {}
+    level = "extended" if low_precision else "all"
+
+    def outputs(file: str, kind: str, inputs: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
+        session = make_session(work / file, initializers=initializers.get(kind), graph_optimization=level,
+                               memory_arena=not low_precision, prepacking=not initializers)
+        named = run_session(session, inputs)
+        del session
+        _free_memory()
+        return {name: named[name] for name in names}
+
+    switch = manifest.switch
+    planning_in = make_inputs(ios["planning"], dims, 100)
+    planning_names = [spec.name for spec in ios["planning"].outputs]
+    planned = outputs("planning.onnx", "planning", planning_in, planning_names)
+    fidelity_in = _handoff_inputs(ios["fidelity"], dims, planned)
+    fidelity_names = [spec.name for spec in ios["fidelity"].outputs]
+    expected = {("planning", name): value for name, value in planned.items()}
+    expected |= {("fidelity", name): value
+                 for name, value in outputs("fidelity.onnx", "fidelity", fidelity_in, fidelity_names).items()}
+    renamed = {switch["cache_inputs"].get(name, name): value for name, value in fidelity_in.items()}
+    actual = {("planning", name): value for name, value in outputs(
+        switch["file"], "planning", {**planning_in, **switch_feeds(manifest, "planning")}, planning_names).items()}
+    actual |= {("fidelity", name): value for name, value in outputs(
+        switch["file"], "planning", {**renamed, **switch_feeds(manifest, "fidelity")}, fidelity_names).items()}
+    differing = [f"{kind} {name} (max abs {np.abs(actual[kind, name] - value).max():.1e})"
+                 for (kind, name), value in expected.items() if not np.array_equal(actual[kind, name], value)]
+    if not differing:
+        return manifest
+    progress(f"no switch graph: it differs from the two graphs in {', '.join(differing[:3])}; "
+             "runtimes use the two graphs")
+    (work / switch["file"]).unlink()
+    return dataclasses.replace(manifest, switch=None, files=tuple(r for r in manifest.files if r.path != switch["file"]))
+
+
 def _lora_targets(model: LoadedModel, unet_digests: dict | None, work: Path, weights: dict[str, Any],
                   text_weights: dict[str, Any], caches, shallow_paths: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Per graph, where each LoRA-able model weight lies (run-time adapters); fidelity has no attn2, and
@@ -694,6 +751,9 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         files, weights = _lower_unet_graphs(work, config, unet_ios, shapes, expected, report, files, progress)
     elif report is not None:
         validate_graphs(unet_ios, work, shapes, expected, config.tolerance, progress, report, weights)
+    switch = _write_switch(work, caches, branch, config, progress)
+    if switch is not None:
+        files.append(switch["file"])
     pipeline, text_weights = None, {}
     if model.has_pipeline:
         pipeline, pipeline_ios, pipeline_files, text_weights = _export_pipeline_parts(model, work, dims, config,
@@ -728,7 +788,10 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         lora={"fused": list(fused), "targets": _lora_targets(model, unet_digests, work, weights, text_weights, caches,
                                                                shallow_paths)},
         deep_branch=None if branch is None else branch.as_dict(),
+        switch=switch,
     )
+    if switch is not None:
+        manifest = _check_switch(work, manifest, unet_ios, shapes[0], progress)
     (work / MANIFEST_NAME).write_text(manifest.to_json())
     for path in work.rglob("*"):  # some writers create files private (0600); engine files are ordinary
         path.chmod(0o755 if path.is_dir() else 0o644)

@@ -172,6 +172,11 @@ class Manifest:
     # "cache_step": n, "guidance_stop": m, "deep_interval": k, "skip_mode", "rule", "evidence"};
     # runs take it for whatever they leave unset (``schedule_defaults``). None: not calibrated.
     schedule: dict[str, Any] | None = None
+    # Planning and fidelity as one graph (``unet.onnx``; cair_export/core/switch.py): {"file",
+    # "condition": its boolean input (true: fidelity), "cache_inputs": {cache: input name},
+    # "deep_feature": the output shallow steps take, or None}. Its initializers are planning's, so
+    # one session holds each weight once. None: only the two graphs (folders written before it).
+    switch: dict[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -230,6 +235,7 @@ class Manifest:
             lora=data.get("lora"),
             deep_branch=data.get("deep_branch"),
             schedule=data.get("schedule"),
+            switch=data.get("switch"),
         )
 
 
@@ -386,7 +392,7 @@ def _schema_problems(manifest: Manifest) -> list[str]:
     known = GRAPH_KINDS + OPTIONAL_UNET_GRAPH_KINDS + PIPELINE_GRAPH_KINDS
     problems += [f"unknown graph {kind!r} (this cair-runtime knows {', '.join(known)})"
                  for kind in manifest.graphs if kind not in known]
-    problems += _deep_branch_problems(manifest) + _schedule_problems(manifest)
+    problems += _deep_branch_problems(manifest) + _schedule_problems(manifest) + _switch_problems(manifest)
     if manifest.fidelity_guidance not in FIDELITY_GUIDANCE:
         problems.append(f"fidelity_guidance {manifest.fidelity_guidance!r} is not one of {', '.join(FIDELITY_GUIDANCE)}")
     return problems + _shape_problems(manifest) + _pipeline_problems(manifest) + _weights_problems(manifest) \
@@ -407,6 +413,29 @@ def _deep_branch_problems(manifest: Manifest) -> list[str]:
     if name not in fidelity_outputs or name not in [spec.name for spec in manifest.graphs["shallow"].inputs]:
         return [f"deep feature {name!r} must be a fidelity output and a shallow input"]
     return []
+
+
+def _switch_problems(manifest: Manifest) -> list[str]:
+    """The switch graph: a listed file, a condition input, one distinct input per cache, the deep feature."""
+    section = manifest.switch
+    if section is None:
+        return []
+    if not isinstance(section, dict):
+        return ["the switch section must be an object with file, condition, cache_inputs, deep_feature"]
+    problems = []
+    if section.get("file") not in {record.path for record in manifest.files}:
+        problems.append(f"switch graph file {section.get('file')!r} is not among the listed files")
+    inputs, condition = section.get("cache_inputs"), section.get("condition")
+    caches = {cache.name for cache in manifest.caches}
+    if (not isinstance(condition, str) or not condition or not isinstance(inputs, dict) or set(inputs) != caches
+            or not all(isinstance(name, str) and name for name in inputs.values())
+            or len({*inputs.values(), condition}) != len(inputs) + 1):
+        problems.append("the switch section must name a condition input and one distinct input per cache")
+    deep = manifest.deep_branch.get("name") if isinstance(manifest.deep_branch, dict) else None
+    if section.get("deep_feature") != deep:
+        problems.append(f"the switch graph's deep feature {section.get('deep_feature')!r} must be the deep "
+                        f"branch's {deep!r}")
+    return problems
 
 
 SCHEDULE_KEYS = ("steps", "cache_step", "guidance_stop", "deep_interval", "skip_mode")

@@ -1,5 +1,10 @@
 """ONNX Runtime backend: one session per graph, caches chained through IOBinding.
 
+A folder with a switch graph (``unet.onnx``: planning and fidelity in one graph, one ``If`` per
+cross-attention module; cair_export/core/switch.py) runs both phases on that one session, so the
+process holds each UNet weight once, with onnxruntime's full optimisations and prepacking: a
+planning step binds ``use_cache = false``, a fidelity step ``true`` and the caches as inputs.
+
 The sessions are shared by every concurrent generation; each generation's context owns its
 IOBindings and buffers. The cache ``OrtValue``s are allocated once per shape on the execution
 device, bound as the planning session's outputs (``bind_ortvalue_output``) and as the fidelity
@@ -120,6 +125,23 @@ def shared_weights(folder: str | Path, record: Mapping[str, Any] | None) -> dict
     return graphs
 
 
+def switch_feeds(manifest: Manifest, kind: str) -> dict[str, np.ndarray]:
+    """What a ``kind`` step ("planning" or "fidelity") gives the switch graph beyond that graph's own inputs.
+
+    The condition, and placeholders for what the step does not read: planning's cached-output
+    inputs (the ``then`` branches that return them do not run) and fidelity's text input (read only
+    inside the ``else`` branches). The export checks the switch graph with exactly these.
+    """
+    switch = manifest.switch
+    if kind == "planning":
+        return {switch["condition"]: np.array(False),
+                **{switch["cache_inputs"][cache.name]: np.zeros((1, 1, cache.channels), np.float32)
+                   for cache in manifest.caches}}
+    text = next(spec for spec in manifest.graphs["planning"].inputs if spec.name == "encoder_hidden_states")
+    return {switch["condition"]: np.array(True),
+            text.name: np.zeros((1, manifest.dim("text_len").opt, text.shape[2]), np.float32)}
+
+
 class OnnxRuntimeBackend:
     """planning.onnx, fidelity.onnx (and shallow.onnx) in onnxruntime: the sessions, shared by every context.
 
@@ -130,8 +152,10 @@ class OnnxRuntimeBackend:
     def __init__(self, folder: str | Path, manifest: Manifest,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                  graph_optimization: str | None = None, device_id: int = 0, max_concurrency: int | None = None,
-                 share_weights: bool = False):
+                 share_weights: bool = False, one_graph: bool = True):
         self.manifest = manifest
+        # one_graph: planning and fidelity steps on the switch graph's one session (folders that have it)
+        self.switch = manifest.switch if one_graph else None
         self.kinds = frozenset(manifest.schedule_graphs)
         self.device = _DEVICES.get(providers[0], "cpu") if providers else "cpu"
         self.device_id = device_id
@@ -157,13 +181,21 @@ class OnnxRuntimeBackend:
         self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
 
     def _make_sessions(self) -> dict[str, ort.InferenceSession]:
-        sessions = {}
-        for kind, graph in self.manifest.schedule_graphs.items():
-            initializers = {**self.weights.get(kind, {}), **self.adapter_values.get(kind, {})}
+        """Per UNet graph kind its session; with the switch graph, planning and fidelity share one."""
+        files = {kind: graph.file for kind, graph in self.manifest.schedule_graphs.items()}
+        if self.switch is not None:  # its initializers are planning's: planning's weights and adapter maps apply
+            files["planning"] = files["fidelity"] = self.switch["file"]
+        sessions: dict[str, ort.InferenceSession] = {}
+        for kind, file in files.items():
+            source = "planning" if file == files["planning"] else kind
+            if source in sessions:
+                sessions[kind] = sessions[source]
+                continue
+            initializers = {**self.weights.get(source, {}), **self.adapter_values.get(source, {})}
             options = dict(self._session_options)
-            if self.adapter_values.get(kind):
+            if self.adapter_values.get(source):
                 options["graph_optimization"] = adapter_optimization(options["graph_optimization"])
-            sessions[kind] = make_session(self.folder / graph.file, initializers=initializers,
+            sessions[kind] = make_session(self.folder / file, initializers=initializers,
                                           prepacking=not self.weights, **options)
         return sessions
 
@@ -203,6 +235,13 @@ class OnnxRuntimeContext:
         self._deep_written = False  # a fidelity step has written it since the buffer was bound
         self._fixed: dict[str, ort.OrtValue] = {}  # uploaded once per generation, kept alive here
         self._dims: dict[str, int] | None = None
+        self._cache_inputs = {cache.name: cache.name for cache in backend.manifest.caches}
+        if backend.switch is not None:  # the condition and placeholders, fixed for the context's life
+            self._cache_inputs = dict(backend.switch["cache_inputs"])
+            for kind in ("planning", "fidelity"):
+                for name, array in switch_feeds(backend.manifest, kind).items():
+                    self._fixed[f"{kind}/{name}"] = array
+                    self.bindings[kind].bind_cpu_input(name, array)
 
     def _buffer(self, shape: tuple[int, ...], dtype: str) -> ort.OrtValue:
         backend = self.backend
@@ -240,7 +279,7 @@ class OnnxRuntimeContext:
 
     def _bind_caches(self, caches: Mapping[str, ort.OrtValue]) -> None:
         for name, value in caches.items():
-            self.bindings["fidelity"].bind_ortvalue_input(name, value)
+            self.bindings["fidelity"].bind_ortvalue_input(self._cache_inputs[name], value)
         if "shallow" in self.bindings:
             for spec in self.backend.manifest.graphs["shallow"].inputs:
                 if spec.name in caches:
