@@ -77,6 +77,7 @@ def _backend_options(args: argparse.Namespace, with_providers: bool = False) -> 
     """
     ignored = [flag for flag, given in (("--graph-optimization", args.graph_optimization is not None),
                                         ("--share-weights", args.share_weights),
+                                        ("--two-graphs", args.two_graphs),
                                         ("--providers", with_providers and args.providers != DEFAULT_PROVIDERS),
                                         ("--threads", with_providers and args.threads != 0)) if given]
     if args.backend != "onnxruntime" and ignored:
@@ -89,7 +90,8 @@ def _backend_options(args: argparse.Namespace, with_providers: bool = False) -> 
     device = {} if args.device_id is None else {"device_id": args.device_id}
     if args.backend == "tensorrt":
         return device
-    options = {"graph_optimization": args.graph_optimization, "share_weights": args.share_weights, **device}
+    options = {"graph_optimization": args.graph_optimization, "share_weights": args.share_weights,
+               "one_graph": not args.two_graphs, **device}
     if with_providers:
         options.update(providers=_providers(args), threads=args.threads)
     return options
@@ -252,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnxruntime's optimisation level for the UNet graphs (default: all; extended with "
                              "--share-weights)")
     parser.add_argument("--share-weights", action="store_true",
-                        help="both UNet sessions use one memory-mapped copy of the weights: about half the memory "
-                             "and a much faster load; on the CPU about 20%% slower per step (docs/weights_once.md)")
+                        help="the UNet sessions use one memory-mapped copy of the weights (prepacking off): the "
+                             "fastest load; on the CPU about 20%% slower per step (docs/weights_once.md)")
+    parser.add_argument("--two-graphs", action="store_true",
+                        help="run planning.onnx and fidelity.onnx as two sessions, each with its own copy of the "
+                             "weights, instead of the switch graph's one session (unet.onnx, in folders "
+                             "exported with one; the same bits, twice the memory)")
     parser.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                         help="LoRA adapter (.safetensors, diffusers or kohya layout) applied at run time without "
                              "re-exporting, scale default 1; repeat for several (onnxruntime backend, fp32 exports)")

@@ -185,6 +185,21 @@ def _mutated(data: dict, change: str) -> dict:
                                                "pad_token_id": 1, "prompt_output": "last_hidden_state"}]}
     elif change == "file without sha256":
         del data["files"][0]["sha256"]
+    elif change.startswith("switch"):
+        data["caches"] = [{"name": "cache_000", "module": "mid_block.attentions.0.transformer_blocks.0.attn2",
+                           "tokens": "latent_height*latent_width", "channels": 8}]
+        data["switch"] = {"file": "planning.onnx", "condition": "use_cache", "cache_inputs": {"cache_000": "cache_000_in"},
+                          "deep_feature": None}
+        if change == "switch file not listed":
+            data["switch"]["file"] = "unet.onnx"
+        elif change == "switch missing a cache input":
+            data["switch"]["cache_inputs"] = {}
+        elif change == "switch condition named like a cache input":
+            data["switch"]["condition"] = "cache_000_in"
+        elif change == "switch deep feature without a branch":
+            data["switch"]["deep_feature"] = "deep_feature"
+        elif change == "switch as a list":
+            data["switch"] = []
     return data
 
 
@@ -201,6 +216,11 @@ def _mutated(data: dict, change: str) -> dict:
     ("pipeline as a list", "the pipeline section is a list"),
     ("tokenizer outside the folder", "tokenizer '../../tokenizer.json' is not among the listed files"),
     ("file without sha256", "malformed"),
+    ("switch file not listed", "switch graph file 'unet.onnx' is not among the listed files"),
+    ("switch missing a cache input", "a condition input and one distinct input per cache"),
+    ("switch condition named like a cache input", "a condition input and one distinct input per cache"),
+    ("switch deep feature without a branch", "deep feature 'deep_feature' must be the deep branch's None"),
+    ("switch as a list", "the switch section must be an object"),
 ])
 def test_malformed_manifest_corpus_is_refused_in_one_line(tmp_path, change, message):
     folder = tmp_path / "e"

@@ -1,0 +1,147 @@
+"""The switch graph (``unet.onnx``): planning and fidelity as one graph, run by one onnxruntime session.
+
+Oracle: the two graphs it is made from, in onnxruntime with the same settings, bit for bit; and
+what each phase may not read (fidelity the text, planning the cached outputs), fed NaNs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from cair_export.core import export as export_module
+from cair_export.core.switch import SwitchGraphError, module_scope, write_switch_graph
+from cair_runtime.backends.onnxruntime import switch_feeds
+from cair_runtime.manifest import load_manifest
+from cair_runtime.pipeline import CairEngine
+
+CASES = {  # the exports other tests share, and schedules that reach every step kind
+    "tiny-sd15": ({}, {}),
+    "tiny-sdxl": ({"with_pipeline": True}, {}),
+    "tiny-sd15-deep": ({"fidelity_guidance": "cfg", "deep_branch": 1}, {"guidance_stop": 4, "deep_interval": 2}),
+    "tiny-sd21-deep": ({"fidelity_guidance": "cfg", "deep_branch": 1},
+                       {"guidance_stop": 2, "deep_interval": 3, "skip_mode": "non-uniform"}),
+}
+
+
+def _embeddings(engine, batch=2):
+    rng = np.random.default_rng(0)
+    text_len = engine.manifest.dim("text_len").opt
+    inputs = {"prompt_embeds": rng.standard_normal((batch, text_len, engine.context_dim), dtype=np.float32),
+              "negative_prompt_embeds": rng.standard_normal((batch, text_len, engine.context_dim), dtype=np.float32)}
+    if engine.pooled_dim:
+        inputs |= {"text_embeds": rng.standard_normal((batch, engine.pooled_dim), dtype=np.float32),
+                   "negative_text_embeds": rng.standard_normal((batch, engine.pooled_dim), dtype=np.float32)}
+    return inputs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_session_generates_what_the_two_graphs_do_bit_for_bit(exported, case):
+    config, schedule = CASES[case]
+    folder = exported(case.removesuffix("-deep"), **config)
+    assert load_manifest(folder).switch is not None
+    with CairEngine(folder) as one, CairEngine(folder, one_graph=False) as two:
+        sessions = one.backend.sessions
+        assert sessions["planning"] is sessions["fidelity"]  # one session: each weight once
+        assert two.backend.sessions["planning"] is not two.backend.sessions["fidelity"]
+        for scheduler in ("ddim", "euler-ancestral"):
+            kwargs = dict(**_embeddings(one), num_inference_steps=7, cache_step=2, scheduler=scheduler, seed=5,
+                          **schedule)
+            assert np.array_equal(one.denoise(**kwargs).latents, two.denoise(**kwargs).latents)
+
+
+def test_switch_graph_structure_holds_each_weight_once(exported):
+    folder = exported("tiny-sd21")
+    manifest = load_manifest(folder)
+    switch = onnx.load(str(folder / manifest.switch["file"]), load_external_data=False).graph
+    planning = onnx.load(str(folder / "planning.onnx"), load_external_data=False).graph
+    # Planning's initializers, the same entries into the one weights file: nothing added or copied.
+    assert {(t.name, tuple((e.key, e.value) for e in t.external_data)) for t in switch.initializer} == \
+           {(t.name, tuple((e.key, e.value) for e in t.external_data)) for t in planning.initializer}
+    branches = [node for node in switch.node if node.op_type == "If"]
+    assert len(branches) == len(manifest.caches)
+    for cache in manifest.caches:  # no cross-attention projection outside its branch
+        scope = module_scope(cache.module)
+        assert not [node.name for node in switch.node if node.name.startswith(scope) and node.op_type == "MatMul"]
+    inputs = {value.name: value for value in switch.input}
+    assert inputs[manifest.switch["condition"]].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    assert set(manifest.switch["cache_inputs"].values()) <= set(inputs)
+    assert len(switch.node) < len(planning.node)
+
+
+@pytest.mark.parametrize("kind", ["planning", "fidelity"])
+def test_each_phase_ignores_what_it_must_not_read(exported, kind):
+    # Fidelity must not read the text; planning must not read the cached outputs: NaNs there change nothing.
+    folder = exported("tiny-sd21")
+    manifest = load_manifest(folder)
+    rng = np.random.default_rng(1)
+    dims = {"batch": 1, "latent_height": 8, "latent_width": 8, "text_len": manifest.dim("text_len").opt}
+
+    def inputs(graph: str) -> dict[str, np.ndarray]:
+        return {spec.name: (np.array([500.0], np.float32) if spec.name == "timestep" else
+                            rng.standard_normal(spec.resolve(dims), dtype=np.float32))
+                for spec in manifest.graphs[graph].inputs}
+
+    own = inputs(kind)
+    names = [spec.name for spec in manifest.graphs[kind].outputs]
+    expected = ort.InferenceSession(str(folder / f"{kind}.onnx")).run(names, own)
+    feeds = {manifest.switch["cache_inputs"].get(name, name): value for name, value in own.items()}
+    feeds |= {name: np.full_like(value, np.nan) if value.dtype == np.float32 else value
+              for name, value in switch_feeds(manifest, kind).items()}
+    actual = ort.InferenceSession(str(folder / manifest.switch["file"])).run(names, feeds)
+    for name, a, b in zip(names, actual, expected):
+        assert np.array_equal(a, b), name
+
+
+def test_export_drops_a_switch_graph_that_differs(exported, monkeypatch, tmp_path):
+    # A switch graph whose cached branch negates the cache: the export's check finds it and ships the two graphs.
+    def wrong(folder, caches, deep_feature=None):
+        record = write_switch_graph(folder, caches, deep_feature)
+        model = onnx.load(str(folder / record["file"]), load_external_data=False)
+        branch = next(node for node in model.graph.node if node.op_type == "If").attribute
+        then = next(attribute.g for attribute in branch if attribute.name == "then_branch")
+        then.node[0].op_type = "Neg"
+        onnx.save_model(model, str(folder / record["file"]))
+        return record
+
+    monkeypatch.setattr(export_module, "write_switch_graph", wrong)
+    messages = []
+    from cair_export.core.export import ExportConfig, export_model
+    from cair_export.core.models import load_model
+
+    export_model(load_model("tiny-sd15"), tmp_path / "e", ExportConfig(), progress=messages.append)
+    manifest = load_manifest(tmp_path / "e", verify="full")
+    assert manifest.switch is None and not (tmp_path / "e" / "unet.onnx").exists()
+    assert any(m.startswith("no switch graph: it differs from the two graphs in fidelity noise_pred") for m in messages)
+    with CairEngine(tmp_path / "e") as engine:  # the two graphs, as before
+        assert engine.backend.sessions["planning"] is not engine.backend.sessions["fidelity"]
+        engine.denoise(**_embeddings(engine, 1), num_inference_steps=3, cache_step=1)
+
+
+def test_graphs_without_exporter_scopes_get_no_switch_graph(exported, tmp_path):
+    folder = tmp_path / "e"
+    shutil.copytree(exported("tiny-sd15"), folder)
+    caches = load_manifest(folder).caches
+    renamed = [type(cache)(cache.name, cache.module.replace("attn2", "attn9"), cache.tokens, cache.channels)
+               for cache in caches]
+    with pytest.raises(SwitchGraphError, match="no nodes named under /unet/.*/attn9/"):
+        write_switch_graph(folder, renamed)
+
+
+def test_folders_without_a_switch_graph_still_run_two_sessions(exported, tmp_path):
+    folder = tmp_path / "e"
+    shutil.copytree(exported("tiny-sd15"), folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data.pop("switch")  # a folder exported before the switch graph existed
+    data["files"] = [record for record in data["files"] if record["path"] != "unet.onnx"]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    (folder / "unet.onnx").unlink()
+    with CairEngine(folder) as old, CairEngine(exported("tiny-sd15")) as new:
+        assert old.backend.switch is None and new.backend.switch is not None
+        kwargs = dict(**_embeddings(old, 1), num_inference_steps=4, cache_step=2, seed=2)
+        assert np.array_equal(old.denoise(**kwargs).latents, new.denoise(**kwargs).latents)
