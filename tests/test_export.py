@@ -162,8 +162,8 @@ def test_unet_graphs_store_their_weights_once(tmp_path, monkeypatch):
     export_model(model, out, progress=lambda message: None)
     manifest = load_manifest(out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [VERIFIED_NAME, "fidelity.onnx", "manifest.json", "planning.onnx", "unet_weights.bin",
-                     "validation.json"]
+    assert names == [VERIFIED_NAME, "fidelity.onnx", "manifest.json", "planning.onnx", "unet.onnx",
+                     "unet_weights.bin", "validation.json"]
     assert {r.path for r in manifest.files} == set(names) - {"manifest.json", VERIFIED_NAME}
     unet_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
     assert (out / "unet_weights.bin").stat().st_size <= 1.1 * unet_bytes
@@ -171,7 +171,7 @@ def test_unet_graphs_store_their_weights_once(tmp_path, monkeypatch):
     planning, fidelity = (manifest.weights["graphs"][kind] for kind in ("planning", "fidelity"))
     assert {entry[0] for entry in fidelity.values()} <= {entry[0] for entry in planning.values()}
     assert set(fidelity) - set(planning)  # renamed ones exist, and were matched by content
-    for kind in ("planning", "fidelity"):
+    for kind in ("planning", "fidelity", "unet"):  # unet: the switch graph, planning's initializers
         proto = onnx.load(str(out / f"{kind}.onnx"), load_external_data=False)
         external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"unet_weights.bin"}
