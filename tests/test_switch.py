@@ -145,3 +145,14 @@ def test_folders_without_a_switch_graph_still_run_two_sessions(exported, tmp_pat
         assert old.backend.switch is None and new.backend.switch is not None
         kwargs = dict(**_embeddings(old, 1), num_inference_steps=4, cache_step=2, seed=2)
         assert np.array_equal(old.denoise(**kwargs).latents, new.denoise(**kwargs).latents)
+
+
+def test_low_precision_exports_keep_the_two_graphs(exported):
+    # onnxruntime's CPU provider inserts fp32 casts around fp16 nodes and prunes them in pairs; a branch
+    # boundary would keep an fp16 rounding, so the export cannot prove the bits and leaves the switch out.
+    folder = exported("tiny-sd21", dtype="fp16")
+    manifest = load_manifest(folder)
+    assert manifest.switch is None and not (folder / "unet.onnx").exists()
+    with CairEngine(folder) as engine:  # shares the mapped fp16 weights between the two sessions instead
+        assert engine.backend.sessions["planning"] is not engine.backend.sessions["fidelity"]
+        assert engine.backend.weights["planning"]

@@ -102,8 +102,8 @@ def write_switch_graph(folder: Path, caches: Sequence[CacheSpec], deep_feature: 
         cached = cache_input(cache.name)
         new_inputs.append(helper.make_tensor_value_info(cached, infos[cache.name].type.tensor_type.elem_type,
                                                         [f"{cached}_batch", f"{cached}_tokens", cache.channels]))
-        then_nodes = [helper.make_node("Identity", [cached], [f"{cached}/then_{k}"], name=f"/cair/{cache.name}/then_{k}")
-                      for k in range(len(boundary))]
+        then_nodes = [helper.make_node("Identity", [cached], [f"{cached}/then_{k}"],
+                                       name=f"/cair/{cache.name}/then_{k}") for k in range(len(boundary))]
         then_branch = helper.make_graph(then_nodes, f"{cache.name}_cached", [],
                                         [value_info(f"{cached}/then_{k}", name) for k, name in enumerate(boundary)])
         else_branch = helper.make_graph([graph.node[index] for index in ordered], f"{cache.name}_computed", [],
@@ -111,7 +111,8 @@ def write_switch_graph(folder: Path, caches: Sequence[CacheSpec], deep_feature: 
         replaced[ordered[-1]] = helper.make_node("If", [CONDITION], boundary, name=f"/cair/{cache.name}/If",
                                                  then_branch=then_branch, else_branch=else_branch)
         moved |= members
-    nodes = [replaced.get(index, node) for index, node in enumerate(graph.node) if index in replaced or index not in moved]
+    nodes = [replaced.get(index, node) for index, node in enumerate(graph.node)
+             if index in replaced or index not in moved]
     if deep_feature is not None:  # fidelity steps also hand the deep feature to shallow steps
         source = _deep_feature_source(folder, graph, deep_feature)
         nodes.append(helper.make_node("Identity", [source], [deep_feature], name="/cair/deep_feature"))
