@@ -11,8 +11,8 @@ process is gone).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -650,15 +650,12 @@ def _write_switch(work: Path, caches, branch, config: ExportConfig, progress: Ca
 def _check_switch(work: Path, manifest: Manifest, ios: dict[str, GraphIO], dims: dict[str, int],
                   progress: Callable[[str], None]) -> Manifest:
     """The switch graph must compute planning's and fidelity's outputs bit for bit in onnxruntime, with
-    the settings and placeholder inputs the runtime uses; otherwise it is dropped from the folder."""
+    the runtime's default settings (private weights, level ``all``, prepacking) and the placeholder
+    inputs it feeds; otherwise it is dropped from the folder. One session at a time."""
     progress(f"checking the switch graph against planning and fidelity at {_dims_str(dims)}")
-    low_precision = manifest.model["dtype"] != "float32"  # the runtime then shares mapped weights (onnxruntime.py)
-    initializers = shared_weights(work, manifest.weights) if low_precision else {}
-    level = "extended" if low_precision else "all"
 
-    def outputs(file: str, kind: str, inputs: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
-        session = make_session(work / file, initializers=initializers.get(kind), graph_optimization=level,
-                               memory_arena=not low_precision, prepacking=not initializers)
+    def outputs(file: str, inputs: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
+        session = make_session(work / file)
         named = run_session(session, inputs)
         del session
         _free_memory()
@@ -667,17 +664,17 @@ def _check_switch(work: Path, manifest: Manifest, ios: dict[str, GraphIO], dims:
     switch = manifest.switch
     planning_in = make_inputs(ios["planning"], dims, 100)
     planning_names = [spec.name for spec in ios["planning"].outputs]
-    planned = outputs("planning.onnx", "planning", planning_in, planning_names)
+    planned = outputs("planning.onnx", planning_in, planning_names)
     fidelity_in = _handoff_inputs(ios["fidelity"], dims, planned)
     fidelity_names = [spec.name for spec in ios["fidelity"].outputs]
     expected = {("planning", name): value for name, value in planned.items()}
     expected |= {("fidelity", name): value
-                 for name, value in outputs("fidelity.onnx", "fidelity", fidelity_in, fidelity_names).items()}
+                 for name, value in outputs("fidelity.onnx", fidelity_in, fidelity_names).items()}
     renamed = {switch["cache_inputs"].get(name, name): value for name, value in fidelity_in.items()}
     actual = {("planning", name): value for name, value in outputs(
-        switch["file"], "planning", {**planning_in, **switch_feeds(manifest, "planning")}, planning_names).items()}
+        switch["file"], {**planning_in, **switch_feeds(manifest, "planning")}, planning_names).items()}
     actual |= {("fidelity", name): value for name, value in outputs(
-        switch["file"], "planning", {**renamed, **switch_feeds(manifest, "fidelity")}, fidelity_names).items()}
+        switch["file"], {**renamed, **switch_feeds(manifest, "fidelity")}, fidelity_names).items()}
     differing = [f"{kind} {name} (max abs {np.abs(actual[kind, name] - value).max():.1e})"
                  for (kind, name), value in expected.items() if not np.array_equal(actual[kind, name], value)]
     if not differing:

@@ -233,7 +233,9 @@ class OnnxRuntimeContext:
         self._outputs: dict[str, ort.OrtValue] = {}  # kind -> noise_pred buffer
         self._deep: ort.OrtValue | None = None  # the deep feature: fidelity writes it, shallow reads it
         self._deep_written = False  # a fidelity step has written it since the buffer was bound
-        self._fixed: dict[str, ort.OrtValue] = {}  # uploaded once per generation, kept alive here
+        # inputs bound for a generation (OrtValues) or for the context's life (the switch graph's arrays),
+        # kept alive here while bound
+        self._fixed: dict[str, ort.OrtValue | np.ndarray] = {}
         self._dims: dict[str, int] | None = None
         self._cache_inputs = {cache.name: cache.name for cache in backend.manifest.caches}
         if backend.switch is not None:  # the condition and placeholders, fixed for the context's life
