@@ -142,6 +142,39 @@ def test_packages_run_on_one_set_of_weights(aoti_folder):
     assert backend.weights[shared].data_ptr() == pointer
 
 
+def test_fed_weights_compute_what_embedded_ones_do_bit_for_bit(aoti_folder, tmp_path):
+    """The weights once changed the packages, not their arithmetic: a planning package with its weights
+    embedded (how every package was built before) gives the same bits as the backend's, fed at load."""
+    import warnings
+
+    from torch._inductor.package import load_package
+
+    from cair_export.core.graphs import make_inputs
+
+    folder = aoti_folder("tiny-sd21")
+    manifest = load_manifest(folder)
+    model = load_model("tiny-sd21")
+    spec = manifest.graphs["planning"]
+    io = GraphIO("planning", spec.inputs, spec.outputs)
+    with CrossAttentionCache(model.unet.eval(), manifest.fidelity_guidance) as cache:
+        graph = PrecisionGraph(CairGraph(model.unet, cache, io), torch.float32)
+        program, _ = export_graph(graph, io, manifest, upsample_factor(manifest.model["unet_config"]), "cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "embedded.pt2"),
+                                                     inductor_configs={**QUICK_CPU_COMPILE,
+                                                                       "aot_inductor.package_constants_in_so": True})
+    embedded = load_package(str(tmp_path / "embedded.pt2"))
+    dims = {"batch": 2, "latent_height": 8, "latent_width": 12, "text_len": manifest.dim("text_len").opt}
+    inputs = [torch.from_numpy(value) for value in make_inputs(io, dims, seed=3).values()]
+    with CairEngine(folder, backend="aoti") as engine, torch.no_grad():
+        fed = engine.backend.models["planning"](*inputs)
+        reference = embedded(*inputs)
+    assert len(fed) == len(reference) == len(spec.outputs)
+    for name, a, b in zip([s.name for s in spec.outputs], fed, reference):
+        assert torch.equal(a, b), name
+
+
 def test_caches_are_handed_over_as_device_tensors(aoti_folder):
     """Fidelity receives the very tensors planning returned at step n: no copy, no host round trip."""
     engine = CairEngine(aoti_folder("tiny-sd21"), backend="aoti")
