@@ -156,3 +156,28 @@ def test_low_precision_exports_keep_the_two_graphs(exported):
     with CairEngine(folder) as engine:  # shares the mapped fp16 weights between the two sessions instead
         assert engine.backend.sessions["planning"] is not engine.backend.sessions["fidelity"]
         assert engine.backend.weights["planning"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("switch file is planning's", "planning.onnx lacks use_cache,"),
+    ("graphs swapped", "fidelity.onnx lacks encoder_hidden_states,"),
+])
+def test_graphs_that_do_not_match_the_manifest_are_one_line(exported, tmp_path, capsys, one_line_error, change,
+                                                            message):
+    from cair_runtime.cli import main as cair_run
+
+    folder = tmp_path / "e"
+    shutil.copytree(exported("tiny-sd15", with_pipeline=True), folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    if change == "switch file is planning's":
+        data["switch"]["file"] = "planning.onnx"
+        argv = []
+    else:  # the two graphs' files exchanged in the manifest (both still listed with their own sha256)
+        data["graphs"]["planning"]["file"], data["graphs"]["fidelity"]["file"] = "fidelity.onnx", "planning.onnx"
+        argv = ["--two-graphs"]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    out = tmp_path / "out.png"
+    code = cair_run([str(folder), "a red circle", "-o", str(out), "--steps", "2", *argv])
+    one_line_error(code, capsys.readouterr().err, message, "which the manifest's planning graph needs",
+                   "re-export the folder", prog="cair-run")
+    assert not out.exists()

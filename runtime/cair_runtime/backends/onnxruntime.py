@@ -197,7 +197,23 @@ class OnnxRuntimeBackend:
                 options["graph_optimization"] = adapter_optimization(options["graph_optimization"])
             sessions[kind] = make_session(self.folder / file, initializers=initializers,
                                           prepacking=not self.weights, **options)
+        for kind, session in sessions.items():
+            self._check_io(kind, files[kind], session)
         return sessions
+
+    def _check_io(self, kind: str, file: str, session: ort.InferenceSession) -> None:
+        """The graph file has every input and output the runtime binds for ``kind``; else one line, not a
+        binding error mid-generation (a manifest edited or paired with other graphs)."""
+        graph = self.manifest.graphs[kind]
+        inputs = [spec.name for spec in graph.inputs]
+        if self.switch is not None and kind in ("planning", "fidelity"):
+            inputs = [self.switch["cache_inputs"].get(name, name) for name in inputs] + [self.switch["condition"]]
+        missing = [name for name in inputs if name not in {value.name for value in session.get_inputs()}]
+        missing += [name for name in (spec.name for spec in graph.outputs)
+                    if name not in {value.name for value in session.get_outputs()}]
+        if missing:
+            raise EngineMismatchError(f"{file} lacks {', '.join(missing[:4])}, which the manifest's {kind} graph "
+                                      "needs: the manifest and the graphs do not belong together; re-export the folder")
 
     def set_weights(self, overrides: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         """Rebuild the sessions with these initializers replaced (adapters); empty: the base weights.
