@@ -181,3 +181,18 @@ def test_graphs_that_do_not_match_the_manifest_are_one_line(exported, tmp_path, 
     one_line_error(code, capsys.readouterr().err, message, "which the manifest's planning graph needs",
                    "re-export the folder", prog="cair-run")
     assert not out.exists()
+
+
+def test_an_invalid_switch_graph_leaves_nothing_behind(exported, tmp_path, monkeypatch):
+    folder = tmp_path / "e"
+    shutil.copytree(exported("tiny-sd15"), folder)
+    caches = load_manifest(folder).caches
+    (folder / "unet.onnx").unlink()
+
+    def refuse(path, *args, **kwargs):
+        raise onnx.checker.ValidationError("Field 'shape' of 'type' is required but missing.")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    with pytest.raises(SwitchGraphError, match="not valid ONNX .Field 'shape'"):
+        write_switch_graph(folder, caches)
+    assert not [path.name for path in folder.iterdir() if "unet.onnx" in path.name]

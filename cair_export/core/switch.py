@@ -123,7 +123,11 @@ def write_switch_graph(folder: Path, caches: Sequence[CacheSpec], deep_feature: 
     graph.input.extend([*new_inputs, helper.make_tensor_value_info(CONDITION, onnx.TensorProto.BOOL, [])])
     partial = folder / f".{SWITCH_FILE}.partial"
     onnx.save_model(model, str(partial))
-    onnx.checker.check_model(str(partial))
+    try:
+        onnx.checker.check_model(str(partial))
+    except onnx.checker.ValidationError as error:
+        partial.unlink()
+        raise SwitchGraphError(f"the graph built is not valid ONNX ({str(error).splitlines()[0][:200]})") from None
     partial.rename(folder / SWITCH_FILE)
     return {"file": SWITCH_FILE, "condition": CONDITION,
             "cache_inputs": {cache.name: cache_input(cache.name) for cache in caches}, "deep_feature": deep_feature}
