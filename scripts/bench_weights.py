@@ -38,9 +38,12 @@ def measure(folder: str, options: dict, size: int, steps: int, repeats: int) -> 
     engine = CairEngine(folder, **options)
     load_s = time.perf_counter() - started
     text_len = engine.manifest.dim("text_len").opt
-    prompt = np.random.default_rng(0).standard_normal((1, text_len, engine.context_dim), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((1, text_len, engine.context_dim), dtype=np.float32)
+    pooled = {} if engine.pooled_dim is None else {  # SDXL's pooled text embedding
+        "text_embeds": rng.standard_normal((1, engine.pooled_dim), dtype=np.float32)}
     run = lambda: engine.denoise(prompt, height=size, width=size, num_inference_steps=steps, cache_step=1,  # noqa: E731
-                                 seed=0, scheduler="ddim")
+                                 seed=0, scheduler="ddim", **pooled)
     first = run().latents
     times = []
     for _ in range(repeats):
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{row['loop_s'] / base['loop_s']:.3f}x" if base else "-"
         print(f"{name:18s} {row['load_s']:9.1f} {row['loop_s']:9.3f} {ratio:>10s} {row['peak_rss_bytes'] / 1e9:14.2f} "
               f"{row['peak_rss_bytes'] / weights if weights else float('nan'):9.2f} "
-              f"{'same bits' if base and row['latents_sha'] == base['latents_sha'] else 'differ'}")
+              f"{'-' if not base else 'same bits' if row['latents_sha'] == base['latents_sha'] else 'differ'}")
     if args.json:
         args.json.write_text(json.dumps({**run_stamp("python " + " ".join(sys.argv)), "weights_bytes": weights,
                                          "size": args.size, "steps": args.steps, "summary": summary, "rounds": rows},
