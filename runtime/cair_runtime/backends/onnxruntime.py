@@ -208,9 +208,10 @@ class OnnxRuntimeBackend:
         inputs = [spec.name for spec in graph.inputs]
         if self.switch is not None and kind in ("planning", "fidelity"):
             inputs = [self.switch["cache_inputs"].get(name, name) for name in inputs] + [self.switch["condition"]]
-        missing = [name for name in inputs if name not in {value.name for value in session.get_inputs()}]
-        missing += [name for name in (spec.name for spec in graph.outputs)
-                    if name not in {value.name for value in session.get_outputs()}]
+        have_inputs, have_outputs = ({value.name for value in values}
+                                     for values in (session.get_inputs(), session.get_outputs()))
+        missing = [name for name in inputs if name not in have_inputs]
+        missing += [spec.name for spec in graph.outputs if spec.name not in have_outputs]
         if missing:
             raise EngineMismatchError(f"{file} lacks {', '.join(missing[:4])}, which the manifest's {kind} graph "
                                       "needs: the manifest and the graphs do not belong together; re-export the folder")
