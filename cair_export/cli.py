@@ -131,7 +131,7 @@ def cmd_macs(args: argparse.Namespace) -> int:
     from cair_export.core.export import ExportConfig, check_export_config
     from cair_export.core.macs import CONVENTIONS, count_graph_macs, generation_macs
     from cair_export.core.models import load_model
-    from cair_runtime.stages import check_cache_step
+    from cair_runtime.schedule import check_cache_step
 
     check_cache_step(args.cache_step, args.steps)
     model = load_model(args.model, device="meta")

@@ -226,7 +226,7 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
     from cair_export.core.models import load_model
     from cair_export.core.reference import cair_denoise
     from cair_export.lab.engines import ensure_engine
-    from cair_runtime.stages import full_evaluations
+    from cair_runtime.schedule import full_evaluations
 
     from diffusers import DDIMScheduler
 

@@ -44,3 +44,30 @@ def one_line_error():
 
     return check
 
+
+
+@pytest.fixture
+def replay(capsys):
+    """``replay(engine, png, out, *extra)``: ``cair-run`` with the parameters a PNG records -> (exit code, stderr).
+
+    What a user does to reproduce an image: read its ``parameters`` text chunk and pass each field as
+    the flag of the same name (``cache_step`` -> ``--cache-step``); the model and the size come from
+    the engine and the flags, the init image (recorded by name) is passed in ``extra``.
+    """
+    import json
+
+    from PIL import Image
+
+    from cair_runtime.cli import main
+
+    def run(engine: Path, png: Path, out: Path, *extra: str) -> tuple[int, str]:
+        with Image.open(png) as image:
+            parameters = json.loads(image.text["parameters"])
+        argv = [str(engine), parameters.pop("prompt"), "-o", str(out), *extra]
+        for name, value in parameters.items():
+            if value is not None and name not in ("model", "image", "loras", "latents"):
+                argv += [f"--{name.replace('_', '-')}", str(value)]
+        code = main(argv)
+        return code, capsys.readouterr().err
+
+    return run

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,12 +11,12 @@ import pytest
 from cair_export.cli import main
 from cair_export.core.macs import count_graph_macs, generation_macs, manifest_model
 from cair_export.core.models import load_model
-from cair_export.lab.calibrate import CalibrateConfig, Candidate, calibrate, candidates
+from cair_export.lab.calibrate import CalibrateConfig, calibrate, candidates
 from cair_export.lab.profile import ProfileConfig, profile_model
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.manifest import MANIFEST_NAME, load_manifest
 from cair_runtime.pipeline import CairEngine
-from cair_runtime.stages import calibrated_schedule
+from cair_runtime.schedule import Schedule
 from cair_runtime.text2image import CairText2Image
 
 STEPS = 6
@@ -60,7 +61,7 @@ def test_the_rule_picks_the_cheapest_schedule_over_the_bound(calibrated):
     evidence = section["evidence"]
     rows = evidence["candidates"]
     cfg_grid = candidates(evidence["converged_step"], STEPS, True, True, (1, 2))
-    assert [Candidate(r["cache_step"], r["guidance_stop"], r["deep_interval"], r["skip_mode"]) for r in rows] == cfg_grid
+    assert [Schedule.from_record(r) for r in rows] == cfg_grid
     qualified = [r for r in rows if r["psnr_db"] >= evidence["min_psnr"]]
     assert qualified and evidence["met"]
     cheapest = min(r["gmacs_per_image"] for r in qualified)
@@ -96,7 +97,7 @@ def test_runs_use_the_calibrated_schedule_for_what_they_leave_unset(calibrated):
         explicit = pipe("a red circle", num_inference_steps=STEPS, seed=3, cache_step=n, guidance_stop=m,
                         deep_interval=k, skip_mode="uniform")
         baseline = pipe("a red circle", num_inference_steps=STEPS, seed=3, cache_step=STEPS)
-        assert pipe.engine.default_schedule(STEPS) == (n, m, k, "uniform")
+        assert pipe.engine.resolve_schedule({"steps": STEPS}) == Schedule(STEPS, n, m, k, "uniform")
     np.testing.assert_array_equal(default.latents, explicit.latents)
     assert default.parameters[0]["cache_step"] == n
     if (n, m, k) != (STEPS, STEPS, 1):
@@ -107,17 +108,23 @@ def test_backends_without_schedules_keep_only_the_calibrated_n(calibrated):
     folder, section = calibrated
     with CairEngine(folder) as engine:
         engine.backend.schedules = False  # as TensorRT and AOTInductor: planning and fidelity only
-        assert engine.default_schedule(STEPS) == (section["cache_step"], STEPS, 1, "uniform")
+        assert engine.resolve_schedule({"steps": STEPS}) == Schedule(STEPS, section["cache_step"], STEPS)
 
 
 def test_other_step_counts_scale_n_and_m():
-    schedule = {"steps": 25, "cache_step": 6, "guidance_stop": 15, "deep_interval": 3, "skip_mode": "uniform"}
-    assert calibrated_schedule(schedule, 25) == (6, 15, 3, "uniform")
-    assert calibrated_schedule(schedule, 50) == (12, 30, 3, "uniform")
-    assert calibrated_schedule(schedule, 10) == (2, 6, 3, "uniform")
-    assert calibrated_schedule(schedule, 1) == (1, 1, 3, "uniform")
-    baseline = {**schedule, "cache_step": 25, "guidance_stop": 25}
-    assert calibrated_schedule(baseline, 40) == (40, 40, 3, "uniform")
+    manifest = SimpleNamespace(fidelity_guidance="cfg", model={}, schedule={
+        "steps": 25, "cache_step": 6, "guidance_stop": 15, "deep_interval": 3, "skip_mode": "uniform"})
+
+    def defaults(run):
+        schedule = Schedule.defaults(manifest, None, run)
+        return schedule.cache_step, schedule.guidance_stop, schedule.deep_interval, schedule.skip_mode
+
+    assert defaults(25) == (6, 15, 3, "uniform")
+    assert defaults(50) == (12, 30, 3, "uniform")
+    assert defaults(10) == (2, 6, 3, "uniform")
+    assert defaults(1) == (1, 1, 3, "uniform")
+    manifest.schedule = {**manifest.schedule, "cache_step": 25, "guidance_stop": 25}
+    assert defaults(40) == (40, 40, 3, "uniform")
 
 
 def test_a_schedule_the_folder_cannot_run_is_refused(exported, tmp_path):
@@ -167,3 +174,30 @@ def test_calibrate_from_the_cli(exported, prompt_file, tmp_path, capsys, one_lin
 def test_calibration_refuses_a_unet_only_folder(exported, prompt_file):
     with pytest.raises(InvalidInputError, match="UNet-only"):
         calibrate(CalibrateConfig(exported("tiny-sd15"), prompt_file, steps=4), progress=lambda message: None)
+
+
+def test_a_png_replays_to_the_same_image_on_a_calibrated_folder(calibrated, tmp_path, replay, capsys):
+    """The PNG records the schedule that ran (the calibrated defaults filled in), not the request: its
+    parameters given back to ``cair-run`` give the same pixels, for text to image and image to image."""
+    from PIL import Image
+
+    from cair_runtime.cli import main
+
+    folder, section = calibrated
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert main([str(folder), "a red circle", "-o", str(first), "--steps", str(STEPS), "--seed", "7"]) == 0
+    recorded = json.loads(Image.open(first).text["parameters"])
+    assert (recorded["cache_step"], recorded["guidance_stop"], recorded["deep_interval"]) == (
+        section["cache_step"], section["guidance_stop"], section["deep_interval"])
+    assert replay(folder, first, again) == (0, "")
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+
+    init, edited, edited_again = tmp_path / "init.png", tmp_path / "edited.png", tmp_path / "edited-again.png"
+    Image.fromarray(np.asarray(Image.open(first))[:, ::-1]).save(init)
+    capsys.readouterr()
+    assert main([str(folder), "a blue square", "-o", str(edited), "--steps", "10", "--image", str(init),
+                 "--strength", "0.7", "--seed", "3"]) == 0
+    recorded = json.loads(Image.open(edited).text["parameters"])
+    assert recorded["strength"] == 0.7 and recorded["steps"] == 10
+    assert replay(folder, edited, edited_again, "--image", str(init)) == (0, "")
+    np.testing.assert_array_equal(np.asarray(Image.open(edited_again)), np.asarray(Image.open(edited)))

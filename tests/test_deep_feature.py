@@ -17,7 +17,7 @@ from cair_export.core.deep_feature import deep_branch, recorded_deep_feature, sh
 from cair_export.core.models import load_model
 from cair_export.core.reference import cair_denoise
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.stages import evaluation_plan, full_evaluations
+from cair_runtime.schedule import evaluation_plan, full_evaluations
 
 deepcache = pytest.importorskip("DeepCache", reason="the peer's own code: pip install --no-deps DeepCache==0.1.1")
 

@@ -15,20 +15,21 @@ from cair_export.core.macs import (count_deepcache_macs, count_graph_macs, deepc
                                    generation_macs)
 from cair_export.core.models import load_model
 from cair_export.lab.evaluate import EvaluateConfig, engine_folder, evaluate
-from cair_export.lab.schedules import (CAIR, DEEPCACHE, SCHEDULE, Schedule, cheaper_and_as_good, cheapest_within,
+from cair_export.lab.schedules import (CAIR, DEEPCACHE, SCHEDULE, GridPoint, cheaper_and_as_good, cheapest_within,
                                        dominates, format_schedules_markdown, pareto_analysis, pareto_front,
                                        parse_schedules)
 from cair_runtime.errors import InvalidInputError
+from cair_runtime.schedule import Schedule
 
 
 def test_schedules_parse_sets_shorthands_and_drop_only_implied_m_below_n():
-    assert parse_schedules("{3,10}:{n,5,T}:2") == (Schedule(3, 3, 2), Schedule(3, 5, 2), Schedule(3, None, 2),
-                                                    Schedule(10, 10, 2), Schedule(10, None, 2))
-    assert parse_schedules("5:T:3:non-uniform, 5:n:1,5:5:1") == (Schedule(5, None, 3, "non-uniform"),
-                                                                 Schedule(5, 5, 1))
+    assert parse_schedules("{3,10}:{n,5,T}:2") == (GridPoint(3, 3, 2), GridPoint(3, 5, 2), GridPoint(3, None, 2),
+                                                    GridPoint(10, 10, 2), GridPoint(10, None, 2))
+    assert parse_schedules("5:T:3:non-uniform, 5:n:1,5:5:1") == (GridPoint(5, None, 3, "non-uniform"),
+                                                                 GridPoint(5, 5, 1))
     # T resolves to the steps; k = 1 or n = T runs no shallow step, so its mode is moot.
-    assert Schedule(5, None, 1, "non-uniform").resolved(25) == Schedule(5, 25, 1, "uniform")
-    assert Schedule(25, None, 4).resolved(25) == Schedule(25, 25, 1)
+    assert GridPoint(5, None, 1, "non-uniform").schedule(25) == Schedule(25, 5, 25, 1, "uniform")
+    assert GridPoint(25, None, 4).schedule(25) == Schedule(25, 25, 25, 1)
     for text, needle in (("5:3:1", "before cache step 5"), ("5:x:1", "'x' is not a whole number"), ("5:n", "2 fields"),
                          ("{3,5:n:1", "not closed"), ("5:n:0", "at least 1"), ("5:n:1:sideways", "'sideways'"),
                          ("{}:n:1", "empty or malformed"), ("", "no schedule"), ("{10,12}:{5,8}:1", "leave nothing")):

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -292,6 +293,19 @@ def test_bad_flags_are_one_line_before_ray_starts(shapes, server, one_line_error
         result = subprocess.run([sys.executable, "-m", "cair_runtime.serve.cli", *argv], capture_output=True,
                                 text=True, timeout=60)
         one_line_error(result.returncode, result.stderr, needle, prog="cair-serve")
+
+
+def test_a_served_png_replays_with_cair_run(server, shapes, tmp_path, replay):
+    """A request that leaves the schedule to the engine: the PNG it gets back records the resolved
+    schedule, and ``cair-run`` with those parameters gives the same pixels."""
+    status, _, payload = _generate(server, {"prompt": PROMPTS[1], "steps": 5, "seed": 11, "negative_prompt": "blurry"})
+    assert status == 200, payload
+    served, again = tmp_path / "served.png", tmp_path / "again.png"
+    served.write_bytes(_pngs(payload)[0])
+    recorded = json.loads(Image.open(served).text["parameters"])
+    assert {"cache_step", "guidance_stop", "deep_interval", "skip_mode"} <= set(recorded)
+    assert replay(shapes, served, again) == (0, "")
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(served)))
 
 
 def test_sigterm_drains_the_request_in_flight_then_stops(server):

@@ -23,7 +23,7 @@ from cair_export.core.graphs import graph_specs, cache_specs
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan, full_evaluations
+from cair_runtime.schedule import Schedule, check_cache_step, default_guidance_stop, full_evaluations
 
 CONVENTIONS = ("conv_linear", "with_attention")
 
@@ -164,7 +164,7 @@ def deepcache_generation_macs(per_evaluation: dict[str, GraphMacs], steps: int, 
     """Per convention: full, shallow, full_steps, baseline_total (T * full) and deepcache_total of DeepCache's schedule.
 
     Its helper runs the full UNet where ``step % cache_interval == 0`` (``range(0, T, k)``, as
-    ``cair_runtime.stages.full_evaluations``; ``skip_mode`` "non-uniform" places them as its
+    ``cair_runtime.schedule.full_evaluations``; ``skip_mode`` "non-uniform" places them as its
     non-uniform variant) and the shallow evaluation at the other steps, every one guided;
     ``per_evaluation`` from ``count_deepcache_macs``.
     """
@@ -207,7 +207,7 @@ def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int
                     skip_mode: str = "uniform") -> dict[str, dict[str, float]]:
     """Per convention: planning, fidelity (and shallow), baseline_total (T*P + E) and cair_total.
 
-    cair_total follows the schedule (``cair_runtime.stages.evaluation_plan``): n*P, then each
+    cair_total follows the schedule (``cair_runtime.schedule.Schedule.plan``): n*P, then each
     fidelity or shallow evaluation at its batch (2B before the guidance stop m, B after; MACs are
     linear in the batch), + E: ``n*P + (T-n)*F + E`` for m = n and k = 1. ``per_graph`` holds
     fidelity and shallow at the batch ``fidelity_guidance`` exports them at (2B with "cfg").
@@ -216,11 +216,10 @@ def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int
     """
     check_cache_step(cache_step, steps)
     if guidance_stop is None:
-        guidance_stop = steps if fidelity_guidance == "cfg" else cache_step
-    check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps)
+        guidance_stop = default_guidance_stop(cache_step, steps, fidelity_guidance == "cfg")
     if deep_interval > 1 and "shallow" not in per_graph:
         raise ValueError("a deep interval above 1 needs the shallow graph's count (count_graph_macs deep_branch_id)")
-    plan = evaluation_plan(cache_step, guidance_stop, steps, deep_interval, skip_mode)
+    plan = Schedule(steps, cache_step, guidance_stop, deep_interval, skip_mode).plan(steps)
     exported_halves = 2 if fidelity_guidance == "cfg" else 1  # fidelity and shallow were counted at 2B
     table = {}
     for convention in CONVENTIONS:

@@ -24,7 +24,7 @@ import torch
 
 from cair_export.core.deep_feature import deep_branch, recorded_deep_feature, shallow_unet
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.stages import check_schedule, evaluation_plan, planning_evaluations
+from cair_runtime.schedule import Schedule, default_guidance_stop, evaluation_plan
 
 FIDELITY_GUIDANCE = ("none", "cfg")
 
@@ -165,7 +165,7 @@ def cair_denoise(
     ``cache_step=None`` is that loop itself, with the UNet's own processors (no caching installed).
     ``on_step(i)`` is called before the i-th UNet evaluation (0-based), e.g. to label recordings.
 
-    The schedule (``cair_runtime.stages.evaluation_plan``): guidance continues after n up to the
+    The schedule (``cair_runtime.schedule.Schedule.plan``): guidance continues after n up to the
     guidance stop m (``fidelity_guidance="cfg"``: per-half caches, which become their mean at m;
     default m = T with "cfg", n without); after n (from the first step when ``cache_step`` is
     None) a full evaluation every ``deep_interval``-th and shallow ones between (DeepCache's
@@ -187,22 +187,21 @@ def cair_denoise(
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
     evaluations = len(timesteps)
-    if cache_step is None:
-        planning = 0
-        guided = evaluations
-        check_schedule(steps_run, steps_run, deep_interval, skip_mode, steps_run)
+    if cache_step is None:  # DeepCache alone: every evaluation guided, deep caching from the first
+        Schedule(steps_run, steps_run, steps_run, deep_interval, skip_mode)  # checks k and the skip mode
+        plan = evaluation_plan(0, evaluations, evaluations, deep_interval, skip_mode)
         caching: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
-        planning = planning_evaluations(cache_step, steps_run, evaluations)
+        cfg = fidelity_guidance == "cfg"
         if guidance_stop is None:
-            guidance_stop = steps_run if fidelity_guidance == "cfg" else cache_step
-        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
-        if guidance_stop > cache_step and fidelity_guidance != "cfg":
+            guidance_stop = default_guidance_stop(cache_step, steps_run, cfg)
+        if guidance_stop > cache_step and not cfg:
             raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches: "
                                     "pass fidelity_guidance='cfg'", field="guidance_stop")
-        guided = planning_evaluations(guidance_stop, steps_run, evaluations)
+        # The schedule of the steps that run (image to image: T is those).
+        plan = Schedule(steps_run, cache_step, guidance_stop, deep_interval, skip_mode).plan(evaluations)
         caching = CrossAttentionCache(unet, fidelity_guidance)
-    plan = evaluation_plan(planning, guided, evaluations, deep_interval, skip_mode)
+    planning = sum(evaluation.kind == "planning" for evaluation in plan)
     branch = None
     if deep_interval > 1:
         if deep_branch_id is None:

@@ -21,7 +21,7 @@ CPU), with the prompts of a file and fixed seeds (prompt p from ``np.random.defa
 
 The schedule, the rule and the evidence (convergence series, every candidate's PSNR and MACs) go
 into ``manifest.json``'s ``schedule`` section, atomically; runs take it for whatever they leave
-unset (``CairEngine.default_schedule``). The default ``min_psnr`` (32 dB) is set from the shipped
+unset (``Schedule.resolve``). The default ``min_psnr`` (32 dB) is set from the shipped
 ``shapes`` model: over 500 held-out images, every schedule probed at 32 dB or more kept the
 attribute classifier's shape accuracy within 1.2 points of the baseline, one at 31.3 dB lost 2.2
 (``docs/calibration.md``); other models may want another bound.
@@ -40,6 +40,8 @@ import numpy as np
 
 from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD, psnr, recommend_cache_step, relative_l2
 from cair_runtime.errors import InvalidInputError
+from cair_runtime.noise import image_seeds
+from cair_runtime.schedule import Schedule
 
 DEFAULT_MIN_PSNR = 32.0
 DEEP_INTERVALS = (1, 2, 3, 4, 5)
@@ -60,14 +62,6 @@ class CalibrateConfig:
     deep_intervals: tuple[int, ...] = DEEP_INTERVALS  # k candidates (engines with a shallow graph)
     threads: int = 0  # onnxruntime intra-op threads (0: its default)
     write: bool = True  # False: report only, the manifest stays as it is
-
-
-@dataclass(frozen=True)
-class Candidate:
-    cache_step: int
-    guidance_stop: int
-    deep_interval: int
-    skip_mode: str = "uniform"
 
 
 class _Convergence:
@@ -98,17 +92,17 @@ class _Convergence:
         return steps, [float(np.mean(self.changes[step])) for step in steps]
 
 
-def candidates(converged: int, steps: int, cfg: bool, shallow: bool, deep_intervals: tuple[int, ...]) -> list[Candidate]:
+def candidates(converged: int, steps: int, cfg: bool, shallow: bool, deep_intervals: tuple[int, ...]) -> list[Schedule]:
     """The probe's grid (see the module docstring), baseline excluded, in a stable order."""
     grid = []
     for n in sorted({converged, min(steps, 2 * converged)} - {steps}):  # n = T is the baseline itself
         stops = sorted({n, (n + steps) // 2, steps}) if cfg else [n]
         for m in stops:
-            grid += [Candidate(n, m, k) for k in (deep_intervals if shallow else (1,))]
+            grid += [Schedule(steps, n, m, k) for k in (deep_intervals if shallow else (1,))]
     return grid
 
 
-def schedule_macs(manifest: Any, steps: int, height: int, width: int) -> Callable[[Candidate], float]:
+def schedule_macs(manifest: Any, steps: int, height: int, width: int) -> Callable[[Schedule], float]:
     """UNet MACs per image (conv + linear) of a candidate, counted on the manifest's UNet config (no weights)."""
     from cair_export.core.macs import count_graph_macs, generation_macs, manifest_model
 
@@ -117,7 +111,7 @@ def schedule_macs(manifest: Any, steps: int, height: int, width: int) -> Callabl
     per_graph = count_graph_macs(model, height, width, fidelity_guidance=manifest.fidelity_guidance,
                                  deep_branch_id=branch)
 
-    def macs(candidate: Candidate) -> float:
+    def macs(candidate: Schedule) -> float:
         return generation_macs(per_graph, steps, candidate.cache_step, fidelity_guidance=manifest.fidelity_guidance,
                                guidance_stop=candidate.guidance_stop, deep_interval=candidate.deep_interval,
                                skip_mode=candidate.skip_mode)["conv_linear"]["cair_total"]
@@ -146,18 +140,16 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
         raise InvalidInputError(f"{folder} is a UNet-only export; calibration compares decoded images, so export "
                                 "the whole pipeline (a preset or pipeline folder with its text encoder and VAE)")
     started = time.perf_counter()
-    steps, seeds = config.steps, [config.seed + p for p in range(len(prompts))]
+    steps, seeds = config.steps, image_seeds(config.seed, len(prompts))
     cfg, shallow = manifest.fidelity_guidance == "cfg", "shallow" in manifest.graphs
     with CairText2Image(folder, threads=config.threads) as pipe:
         batch = pipe.engine.manifest.dim("batch").max
 
-        def generate(candidate: Candidate, observer=None) -> tuple[np.ndarray, float]:
+        def generate(candidate: Schedule, observer=None) -> tuple[np.ndarray, float]:
             images, seconds = [], 0.0
             for start in range(0, len(prompts), batch):
                 chunk_started = time.perf_counter()
-                result = pipe(prompts[start:start + batch], num_inference_steps=steps,
-                              cache_step=candidate.cache_step, guidance_stop=candidate.guidance_stop,
-                              deep_interval=candidate.deep_interval, skip_mode=candidate.skip_mode,
+                result = pipe(prompts[start:start + batch], schedule=candidate,
                               guidance_scale=config.guidance_scale, seed=seeds[start:start + batch],
                               cache_observer=None if observer is None else
                               lambda step, first_image, caches, offset=start: observer(step, offset + first_image,
@@ -166,7 +158,7 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
                 images.append(result.images)
             return np.concatenate(images), seconds
 
-        baseline_schedule = Candidate(steps, steps, 1)
+        baseline_schedule = Schedule(steps, steps, steps)
         convergence = _Convergence(len(prompts), per_half=cfg)
         reference, baseline_s = generate(baseline_schedule, convergence)
         evaluations, mean_change = convergence.series()
@@ -181,7 +173,7 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
         for index, candidate in enumerate(grid, 1):
             images, seconds = generate(candidate)
             value, cost = psnr(images, reference), macs(candidate)  # psnr over the whole stack: pooled MSE
-            rows.append({**dataclasses.asdict(candidate), "psnr_db": value, "gmacs_per_image": cost / 1e9,
+            rows.append({**candidate.parameters(), "psnr_db": value, "gmacs_per_image": cost / 1e9,
                          "speedup_bound": baseline_macs / cost, "seconds": seconds,
                          "meets_bound": value >= config.min_psnr})
             progress(f"probe {index}/{len(grid)}: n={candidate.cache_step} m={candidate.guidance_stop} "
@@ -189,11 +181,9 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
                      f"({time.perf_counter() - started:.0f} s so far)")
     qualified = [row for row in rows if row["meets_bound"]]
     chosen = min(qualified, key=lambda row: (row["gmacs_per_image"], -row["psnr_db"])) if qualified else None
-    pick = Candidate(**{key: chosen[key] for key in ("cache_step", "guidance_stop", "deep_interval", "skip_mode")}) \
-        if chosen else baseline_schedule
+    pick = Schedule.from_record(chosen) if chosen else baseline_schedule
     section = {
-        "steps": steps, "cache_step": pick.cache_step, "guidance_stop": pick.guidance_stop,
-        "deep_interval": pick.deep_interval, "skip_mode": pick.skip_mode,
+        **pick.parameters(),
         "rule": f"fewest UNet MACs per image among the probed schedules whose images reach {config.min_psnr:g} dB "
                 f"PSNR against the baseline's (n = T); n from the step where the cross-attention output changes "
                 f"by less than {config.threshold:g} per step; the baseline when none reaches it",

@@ -74,7 +74,7 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dic
     """Run the demo; returns the table's figures."""
     from cair_export.core.macs import count_graph_macs, count_pipeline_macs, generation_macs
     from cair_export.core.models import load_model
-    from cair_runtime.stages import check_cache_step
+    from cair_runtime.schedule import check_cache_step
     from cair_runtime.text2image import CairText2Image
 
     check_cache_step(config.cache_step, config.steps)

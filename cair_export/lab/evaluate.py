@@ -34,9 +34,10 @@ import numpy as np
 
 from cair_export.lab.harness import report_heading, run_stamp
 from cair_export.lab.quality_metrics import attribute_accuracy, fid_from_features, psnr, ssim
-from cair_export.lab.schedules import CAIR, DEEPCACHE, SCHEDULE, TGATE, Schedule, pareto_analysis, row_label
+from cair_export.lab.schedules import CAIR, DEEPCACHE, SCHEDULE, TGATE, GridPoint, pareto_analysis, row_label
+from cair_runtime.schedule import Schedule
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.noise import seeded_latents
+from cair_runtime.noise import image_seeds, seeded_latents
 
 CACHE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 25)
 ATTRIBUTES = ("shape", "colour", "background", "size", "position")
@@ -59,7 +60,7 @@ class EvaluateConfig:
     threads: int = 0  # onnxruntime / torch intra-op threads (0: onnxruntime's default, torch's default)
     tgate_images: int = 100  # images per n for T-GATE (0: skip T-GATE)
     tgate_cache_steps: tuple[int, ...] | None = None  # None: the same n as CAIR
-    schedules: tuple[Schedule, ...] = ()  # (n, m, k, mode) grid on a fidelity-CFG, deep-branch engine; (): n sweep only
+    schedules: tuple[GridPoint, ...] = ()  # (n, m, k, mode) grid on a fidelity-CFG, deep-branch engine; (): n sweep only
     deep_branch: int = 0  # DeepCache's cache_branch_id: the shallow graph's cut, and DeepCache's own
     deepcache_intervals: tuple[int, ...] = ()  # DeepCache's cache_interval values (): no DeepCache rows
     deepcache_images: int = 100  # images per interval for DeepCache
@@ -98,8 +99,8 @@ def generate_runtime(pipeline: Any, prompts: list[str], schedule: Schedule, conf
     images, seconds = [], 0.0
     for start in range(0, len(prompts), config.max_batch):
         started = time.perf_counter()
-        result = pipeline(prompts[start:start + config.max_batch], num_inference_steps=config.steps,
-                          **schedule.as_dict(), guidance_scale=config.guidance_scale, seed=config.seed + start)
+        result = pipeline(prompts[start:start + config.max_batch], schedule=schedule,
+                          guidance_scale=config.guidance_scale, seed=config.seed + start)
         seconds += time.perf_counter() - started
         images.append(result.images)
     return np.concatenate(images), seconds
@@ -116,7 +117,7 @@ def _generate_torch(call: Callable[[list[str], Any], np.ndarray], prompts: list[
     images, seconds = [], 0.0
     for start in range(0, len(prompts), config.max_batch):
         chunk = prompts[start:start + config.max_batch]
-        latents = torch.from_numpy(seeded_latents(range(config.seed + start, config.seed + start + len(chunk)), shape))
+        latents = torch.from_numpy(seeded_latents(image_seeds(config.seed + start, len(chunk)), shape))
         started = time.perf_counter()
         out = call(chunk, latents)
         seconds += time.perf_counter() - started
@@ -173,9 +174,14 @@ def _score(identity: dict[str, Any], images: np.ndarray, seconds: float, gmacs: 
     }
 
 
+def _row_fields(schedule: Schedule) -> dict[str, Any]:
+    """The fields that name a schedule in a row of the report (T is the run's, in its config)."""
+    return {name: value for name, value in schedule.parameters().items() if name != "steps"}
+
+
 def _check_config(config: EvaluateConfig) -> list[Schedule]:
     """Every flag checked before any work; returns the grid's schedules resolved, less CAIR alone's (m = n, k = 1)."""
-    from cair_runtime.stages import check_cache_step, check_schedule, evaluation_plan
+    from cair_runtime.schedule import check_cache_step
 
     if config.num_images < 2:
         raise InvalidInputError(f"--num-images {config.num_images} must be at least 2 (FID needs a covariance)")
@@ -188,15 +194,11 @@ def _check_config(config: EvaluateConfig) -> list[Schedule]:
         raise InvalidInputError(f"--deep-branch {config.deep_branch} and --deepcache-images {config.deepcache_images} "
                                 "must be at least 0 and --deepcache-intervals "
                                 f"{','.join(map(str, config.deepcache_intervals))} each at least 1")
-    cair_alone = {Schedule(n, n) for n in (*config.cache_steps, config.steps)}
+    cair_alone = {Schedule(config.steps, n, n) for n in (*config.cache_steps, config.steps)}
     grid = []
-    for schedule in config.schedules:
-        schedule = schedule.resolved(config.steps)
-        check_schedule(schedule.cache_step, schedule.guidance_stop, schedule.deep_interval, schedule.skip_mode,
-                       config.steps)
-        # Non-uniform placements may not exist for every count: refuse now, not after an hour.
-        evaluation_plan(schedule.cache_step, schedule.guidance_stop, config.steps, schedule.deep_interval,
-                        schedule.skip_mode)
+    for point in config.schedules:
+        schedule = point.schedule(config.steps)
+        schedule.plan(config.steps)  # non-uniform placements may not exist for every count: refuse now, not after an hour
         if schedule not in cair_alone and schedule not in grid:
             grid.append(schedule)
     return grid
@@ -252,7 +254,7 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     rows, first_batch, plain_check = [], {}, None
     with CairText2Image(folder, threads=config.threads) as pipeline:
         pipeline(prompts[:1], num_inference_steps=2, cache_step=1)  # warm-up: session initialisation
-        for method, schedules in ((CAIR, [Schedule(n, n) for n in cache_steps]), (SCHEDULE, grid)):
+        for method, schedules in ((CAIR, [Schedule(config.steps, n, n) for n in cache_steps]), (SCHEDULE, grid)):
             if method == SCHEDULE and scheduled:  # before the grid: CAIR alone here is the plain engine's CAIR
                 plain_check = _check_plain_engine(config, prompts, first_batch, progress)
             for schedule in schedules:
@@ -261,7 +263,7 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
                     scoring.reference = images
                 if method == CAIR:
                     first_batch[schedule.cache_step] = images[:config.max_batch]
-                rows.append(_score({"method": method, **schedule.as_dict()}, images, seconds, gmacs(schedule),
+                rows.append(_score({"method": method, **_row_fields(schedule)}, images, seconds, gmacs(schedule),
                                    scoring))
                 row = rows[-1]
                 progress(f"{row_label(row)}: {seconds:.0f} s, {row['gmacs_per_image']:.3f} GMACs, accuracy shape "
@@ -316,7 +318,7 @@ def _check_plain_engine(config: EvaluateConfig, prompts: list[str], first_batch:
     worst = 0
     with CairText2Image(plain, threads=config.threads) as pipeline:
         for n, images in first_batch.items():
-            expected, _ = generate_runtime(pipeline, prompts[:count], Schedule(n, n), config)
+            expected, _ = generate_runtime(pipeline, prompts[:count], Schedule(config.steps, n, n), config)
             worst = max(worst, int(np.abs(expected.astype(np.int16) - images).max()))
     progress(f"CAIR alone on the schedule engine vs the plain engine ({count} images at n = "
              f"{', '.join(map(str, first_batch))}): largest pixel difference {worst}")
@@ -359,7 +361,7 @@ def _run_tgate(config, cache_steps, prompts, scoring, gmacs, rows, progress, sta
     pipe, shape = _peer_pipeline(config)
     pipe = TgateSDLoader(pipe)
     count = min(config.tgate_images, len(prompts))
-    runs = [(Schedule(n, n).as_dict(), gmacs(Schedule(n, n)),
+    runs = [(_row_fields(Schedule(config.steps, n, n)), gmacs(Schedule(config.steps, n, n)),
              lambda n=n: generate_tgate(pipe, prompts[:count], n, config, shape))
             for n in sorted(set(config.tgate_cache_steps or cache_steps), reverse=True)]
     failure = _run_peer(TGATE, runs, scoring, rows, progress, started)
@@ -376,7 +378,7 @@ def _run_deepcache(config, prompts, per_evaluation, scoring, rows, progress, sta
         return f"not run: DeepCache is not importable ({error}); pip install DeepCache --no-deps"
     pipe, shape = _peer_pipeline(config)
     count = min(config.deepcache_images, len(prompts))
-    runs = [(Schedule(0, config.steps, k).as_dict(),
+    runs = [(GridPoint(0, config.steps, k).as_dict(),
              deepcache_generation_macs(per_evaluation, config.steps, k)["conv_linear"]["deepcache_total"] / 1e9,
              lambda k=k: generate_deepcache(pipe, prompts[:count], k, config, shape))
             for k in sorted(set(config.deepcache_intervals))]

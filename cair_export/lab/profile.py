@@ -123,7 +123,7 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
 
     from cair_export.core.models import load_model
     from cair_export.core.reference import cair_denoise, cross_attention_sites, encode_prompts, installed_processors
-    from cair_runtime.noise import seeded_latents
+    from cair_runtime.noise import image_seeds, seeded_latents
 
     if config.steps < 2:
         raise InvalidInputError(f"steps {config.steps} must be at least 2 to measure a change between steps")
@@ -149,7 +149,7 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
         recorder = _Recorder(len(sites), evaluations, len(batch_prompts))
         with installed_processors(unet, sites, lambda index, _: _RecordingProcessor(recorder, index)):
             noise = torch.from_numpy(
-                seeded_latents(range(config.seed + start, config.seed + start + len(batch_prompts)), shape))
+                seeded_latents(image_seeds(config.seed + start, len(batch_prompts)), shape))
             # SDXL also takes pooled text embeddings and size ids (added conditions), as its pipeline makes them.
             prompt_embeds, negative_embeds, added, negative_added = encode_prompts(pipe, batch_prompts, None, noise)
             # The plain guided loop (no caching): every step runs both halves through the recorders.

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from cair_export.lab.harness import report_heading
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.stages import SKIP_MODES
+from cair_runtime.schedule import SKIP_MODES, Schedule
 
 CAIR = "CAIR runtime"  # CAIR alone: m = n, k = 1
 SCHEDULE = "CAIR schedule"  # the combined schedules of --schedules
@@ -30,23 +30,24 @@ SCHEDULE_SYNTAX = "N:M:K[:MODE] (M: a step, n or T; MODE: uniform or non-uniform
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """One schedule of the runtime; the CLI's ``N:M:K[:MODE]``."""
+class GridPoint:
+    """One point of the ``--schedules`` grid, the CLI's ``N:M:K[:MODE]``, before T is known."""
 
     cache_step: int  # n: steps 1..n plan (full UNet, CFG) and cache the cross-attention
     guidance_stop: int | None = None  # m in n..T: guided (batch 2B) up to step m; None: T
     deep_interval: int = 1  # k: after n, a full fidelity step every k-th, shallow steps between
     skip_mode: str = "uniform"  # where the full steps go, DeepCache's "uniform" or "non-uniform"
 
-    def resolved(self, steps: int) -> Schedule:
-        """m filled in (None: T) and k = 1, uniform, where no shallow step can run (k = 1 or n = T)."""
+    def schedule(self, steps: int) -> Schedule:
+        """The runtime's schedule at T = ``steps`` (checked): m filled in (None: T), and k = 1,
+        uniform, where no shallow step can run (k = 1 or n = T)."""
         stop = steps if self.guidance_stop is None else self.guidance_stop
         if self.deep_interval == 1 or self.cache_step == steps:
-            return replace(self, guidance_stop=stop, deep_interval=1, skip_mode="uniform")
-        return replace(self, guidance_stop=stop)
+            return Schedule(steps, self.cache_step, stop)
+        return Schedule(steps, self.cache_step, stop, self.deep_interval, self.skip_mode)
 
     def as_dict(self) -> dict[str, Any]:
-        """The row fields that name the schedule."""
+        """The row fields that name the point (peers' rows, whose n may be 0)."""
         return {"cache_step": self.cache_step, "guidance_stop": self.guidance_stop,
                 "deep_interval": self.deep_interval, "skip_mode": self.skip_mode}
 
@@ -92,14 +93,14 @@ def _items(text: str) -> list[str]:
     return [item for item in items + [current.strip()] if item]
 
 
-def parse_schedules(text: str) -> tuple[Schedule, ...]:
+def parse_schedules(text: str) -> tuple[GridPoint, ...]:
     """``N:M:K[:MODE],...`` -> schedules in order, duplicates dropped.
 
     M is a step, ``n`` (= N: guidance stops at the cache step) or ``T`` (all steps guided). A field
     may be a set ``{a,b,...}``: the item stands for the product, less the combinations with m < n
     (``{3,10}:{n,5,T}:2`` is 3:3:2, 3:5:2, 3:T:2, 10:10:2, 10:T:2). n, m <= T is checked when T is known.
     """
-    schedules: dict[Schedule, None] = {}
+    schedules: dict[GridPoint, None] = {}
     items = _items(text)
     if not items:
         raise InvalidInputError(f"no schedule in {text!r}; expected {SCHEDULE_SYNTAX}", field="schedules")
@@ -123,7 +124,7 @@ def parse_schedules(text: str) -> tuple[Schedule, ...]:
                     raise InvalidInputError(f"schedule {item!r}: guidance stop {stop} is before cache step {n}; "
                                             "use n <= m <= T", field="schedules")
                 continue
-            schedules[Schedule(n, stop, k, mode)] = None
+            schedules[GridPoint(n, stop, k, mode)] = None
     if not schedules:
         raise InvalidInputError(f"schedules {text!r} leave nothing once m < n is dropped", field="schedules")
     return tuple(schedules)

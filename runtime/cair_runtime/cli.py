@@ -17,7 +17,7 @@ from cair_runtime.backends import BACKENDS
 from cair_runtime.errors import CairError, InvalidInputError
 from cair_runtime.files import check_writable, write_atomically
 from cair_runtime.schedulers import SCHEDULER_NAMES
-from cair_runtime.stages import SKIP_MODES
+from cair_runtime.schedule import SCHEDULE_FIELDS, SKIP_MODES
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -105,6 +105,15 @@ def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
     return loras
 
 
+def _schedule_request(args: argparse.Namespace) -> dict:
+    """The schedule's fields from their flags (each flag's dest is the field's name; unset: None, the
+    folder's default); image to image's strength defaults to 0.8."""
+    request = {name: getattr(args, name) for name in SCHEDULE_FIELDS}
+    if args.image is not None and request["strength"] is None:
+        request["strength"] = 0.8
+    return request
+
+
 def _image_paths(output: Path, count: int) -> list[Path]:
     """out.png for one image; out-0.png, out-1.png, ... for several."""
     if count == 1:
@@ -123,36 +132,33 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
                                 "generation parameters in its text chunks")
     for path in _image_paths(output, args.num_images):
         check_writable(path)
-    img2img = {}
     if args.image is not None:
         from cair_runtime.images import load_image
 
         load_image(args.image)  # a bad file fails before the engine loads
-        img2img = {"image": args.image, "strength": 0.8 if args.strength is None else args.strength}
     elif args.strength is not None:
         raise InvalidInputError("--strength is for image to image; give --image too")
     pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
                               loras=_loras(args), **_backend_options(args))
+    schedule = pipeline.engine.resolve_schedule(_schedule_request(args))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipeline(
             args.prompt, args.negative_prompt, num_images_per_prompt=args.num_images, height=args.height,
-            width=args.width, num_inference_steps=args.steps, cache_step=args.cache_step,
-            guidance_stop=args.guidance_stop, deep_interval=args.deep_interval, skip_mode=args.skip_mode,
-            guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed,
-            callback=_Progress(not args.json), **img2img)
+            width=args.width, schedule=schedule, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+            seed=args.seed, callback=_Progress(not args.json), image=args.image)
     for message in dict.fromkeys(str(warning.message) for warning in caught):  # SDXL: once, not per encoder
         print(f"cair-run: warning: {message}", file=sys.stderr)
     paths = _image_paths(output, len(result.images))
     for image, path, parameters in zip(result.images, paths, result.parameters):
         save_png(image, path, parameters)
     timings = {**result.timings.as_dict(), "text_s": result.text_s, "vae_s": result.vae_s,
-               **({"image_s": result.image_s} if img2img else {})}
+               **({"image_s": result.image_s} if args.image is not None else {})}
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], **timings}, indent=2))
     else:
         t = result.timings
-        encode = f", image {result.image_s:.3f} s" if img2img else ""
+        encode = f", image {result.image_s:.3f} s" if args.image is not None else ""
         print(f"wrote {', '.join(map(str, paths))}: text {result.text_s:.3f} s{encode}, planning {t.planning_steps} steps "
               f"{t.planning_s:.3f} s, switch {t.switch_s * 1e3:.3f} ms, fidelity {t.fidelity_steps} steps "
               f"({t.shallow_steps} shallow, {t.shallow_s:.3f} s) "
@@ -185,10 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = CairEngine(args.engine_dir, args.backend, loras=_loras(args),
                         **_backend_options(args, with_providers=True))
     result = engine.denoise(
-        prompt_embeds, **inputs, height=args.height, width=args.width, num_inference_steps=args.steps,
-        cache_step=args.cache_step, guidance_stop=args.guidance_stop, deep_interval=args.deep_interval,
-        skip_mode=args.skip_mode, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-        seed=args.seed, callback=_Progress(not args.json),
+        prompt_embeds, **inputs, height=args.height, width=args.width,
+        schedule=engine.resolve_schedule(_schedule_request(args)), guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler, seed=args.seed, callback=_Progress(not args.json),
     )
     write_atomically(output, lambda file: np.save(file, result.latents))
     timings = result.timings.as_dict()
@@ -240,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the full steps fall: uniform or DeepCache's non-uniform (default: calibrated, "
                              "else uniform)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
+    parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own, also named by its "
+                             "class, as the PNG parameters record it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy noise (default 0)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="what runs the UNet graphs: onnxruntime (default), tensorrt or aoti (after cair-export build)")

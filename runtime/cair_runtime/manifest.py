@@ -21,6 +21,7 @@ import numpy as np
 from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError, ShapeError
 from cair_runtime.files import write_atomically
+from cair_runtime.schedule import Schedule
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -170,7 +171,7 @@ class Manifest:
     deep_branch: dict[str, Any] | None = None
     # The calibrated default schedule (``cair-export calibrate``): {"steps": T it was chosen at,
     # "cache_step": n, "guidance_stop": m, "deep_interval": k, "skip_mode", "rule", "evidence"};
-    # runs take it for whatever they leave unset (``schedule_defaults``). None: not calibrated.
+    # runs take it for whatever they leave unset (``Schedule.defaults``). None: not calibrated.
     schedule: dict[str, Any] | None = None
     # Planning and fidelity as one graph (``unet.onnx``; cair_export/core/switch.py): {"file",
     # "condition": its boolean input (true: fidelity), "cache_inputs": {cache: input name},
@@ -438,25 +439,18 @@ def _switch_problems(manifest: Manifest) -> list[str]:
     return problems
 
 
-SCHEDULE_KEYS = ("steps", "cache_step", "guidance_stop", "deep_interval", "skip_mode")
-
-
 def _schedule_problems(manifest: Manifest) -> list[str]:
-    """A calibrated schedule the folder can run: 1 <= n <= m <= T, k >= 1, m > n only with per-half
-    caches, k > 1 only with a shallow graph."""
+    """A calibrated schedule the folder can run (``Schedule``'s own checks: 1 <= n <= m <= T, k >= 1,
+    a known skip mode; m > n only with per-half caches, k > 1 only with a shallow graph)."""
     section = manifest.schedule
     if section is None:
         return []
-    if not isinstance(section, dict) or any(not is_integer(section.get(key)) for key in SCHEDULE_KEYS[:4]):
-        return [f"the schedule section must be an object with integer {', '.join(SCHEDULE_KEYS[:4])}"]
-    steps, n, m, k = (int(section[key]) for key in SCHEDULE_KEYS[:4])
-    if not 1 <= n <= m <= steps or k < 1 or section.get("skip_mode") not in ("uniform", "non-uniform"):
-        return [f"the schedule (T={steps}, n={n}, m={m}, k={k}, {section.get('skip_mode')!r}) is not "
-                "1 <= n <= m <= T, k >= 1 with skip mode uniform or non-uniform"]
-    if m > n and manifest.fidelity_guidance != "cfg":
-        return [f"the schedule's guidance stop {m} > cache step {n} needs fidelity_guidance cfg"]
-    if k > 1 and "shallow" not in manifest.graphs:
-        return [f"the schedule's deep interval {k} needs a shallow graph"]
+    if not isinstance(section, dict):
+        return [f"the schedule section must be an object, not {type(section).__name__}"]
+    try:
+        Schedule.from_record(section).check_runs_on(manifest)
+    except InvalidInputError as error:
+        return [f"the calibrated schedule: {error}"]
     return []
 
 

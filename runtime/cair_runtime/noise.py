@@ -26,6 +26,17 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """One seed per image: ``seed + k`` for an int, or the list itself (one per image): the one rule."""
+    if is_integer(seed):
+        return [check_seed(seed) + k for k in range(count)]
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+        raise InvalidInputError(f"seed {seed!r} must be a non-negative integer or a list of them, one per image")
+    if len(seed) != count:
+        raise InvalidInputError(f"{len(seed)} seeds for {count} images; give one per image")
+    return [check_seed(s) for s in seed]
+
+
 def image_generators(seeds: Sequence[int]) -> list[np.random.Generator]:
     """One ``np.random.default_rng(seed)`` per image."""
     return [np.random.default_rng(check_seed(seed)) for seed in seeds]

@@ -3,11 +3,12 @@ stop m and the shallow steps (deep interval k) in sight."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -17,10 +18,9 @@ from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
-from cair_runtime.noise import Generators, check_seed, image_generators, standard_normal
-from cair_runtime.schedulers import img2img_start, make_scheduler
-from cair_runtime.stages import (calibrated_schedule, check_cache_step, check_schedule, evaluation_plan,
-                                 planning_evaluations)
+from cair_runtime.noise import Generators, image_generators, image_seeds, standard_normal
+from cair_runtime.schedulers import Scheduler, img2img_start, make_scheduler
+from cair_runtime.schedule import DEFAULT_STEPS, Schedule, schedule_request
 
 
 MAX_IMAGES_PER_CALL = 64  # a cap, so a typo cannot queue hours of work; make several calls for more
@@ -31,15 +31,9 @@ def check_image_count(count: int) -> None:
         raise InvalidInputError(f"{count} images in one call; the limit is 1..{MAX_IMAGES_PER_CALL} (make several calls)")
 
 
-def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
-    """One seed per image: ``seed + k`` for an int, or the list itself (one per image)."""
-    if is_integer(seed):
-        return [check_seed(seed) + k for k in range(count)]
-    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
-        raise InvalidInputError(f"seed {seed!r} must be a non-negative integer or a list of them, one per image")
-    if len(seed) != count:
-        raise InvalidInputError(f"{len(seed)} seeds for {count} images; give one per image")
-    return [check_seed(s) for s in seed]
+def check_guidance_scale(guidance_scale: Any) -> None:
+    if not is_finite_number(guidance_scale):
+        raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
 
 
 @dataclass
@@ -209,109 +203,28 @@ class CairEngine:
             raise ShapeError(f"the engine in {self.folder} does not accept this input: {'; '.join(problems)}; "
                              "re-export with a matching --height/--width/--max-batch")
 
-    def check_parameters(self, num_inference_steps: Any, cache_step: Any, guidance_scale: Any,
-                         scheduler: str | None, strength: Any = None) -> int:
-        """Refuse, before any work, what would fail late or give a silently wrong image; returns n.
+    def resolve_schedule(self, request: Schedule | Mapping[str, Any]) -> Schedule:
+        """A request's schedule on this engine (``Schedule.resolve`` with this folder and backend):
+        the fields it leaves unset from the folder's calibrated schedule, else its defaults; checked once."""
+        return Schedule.resolve(request, self.manifest, self.backend)
 
-        Steps are integers in 1..the model's training timesteps (more collapse the schedule, as
-        diffusers refuses too); image to image's ``strength`` is a finite number in (0, 1] that runs
-        at least one step; n is an integer in 1..the steps that run (T, or image to image's
-        ``min(int(T * strength), T)``) or None for the manifest's hint (capped at that); guidance is
-        a finite number; the scheduler is built and its timesteps set once, so an unknown name or
-        too few steps for it (PNDM) fail here.
-        """
+    def make_scheduler(self, name: str | None, schedule: Schedule) -> Scheduler:
+        """A call's numpy scheduler, built once with its timesteps set; an unknown name, too few
+        steps for it (PNDM) or a timestep beyond the model's training timesteps fail here, before any work."""
         train_steps = int(self.manifest.scheduler_config.get("num_train_timesteps", 1000))
-        if not is_integer(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
-            raise InvalidInputError(f"steps {num_inference_steps!r} must be an integer in 1..{train_steps} "
-                                    "(the model's training timesteps)", field="steps")
-        steps_run = self.steps_run(num_inference_steps, strength)
-        if cache_step is None:
-            cache_step = self.default_schedule(steps_run)[0]
-        if not is_integer(cache_step):
-            raise InvalidInputError(f"cache step {cache_step!r} must be an integer in 1..{steps_run}",
-                                    field="cache_step")
-        if strength is not None and not 1 <= cache_step <= steps_run:
-            raise InvalidInputError(f"cache step {cache_step} is outside 1..{steps_run}, the steps that strength "
-                                    f"{strength} runs of {num_inference_steps}; use 1 <= n <= {steps_run}, with n = "
-                                    f"{steps_run} for the plain baseline", field="cache_step")
-        check_cache_step(int(cache_step), steps_run)
-        if not is_finite_number(guidance_scale):
-            raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
         try:
-            schedule = make_scheduler(scheduler, self.manifest.scheduler_config)
+            scheduler = make_scheduler(name, self.manifest.scheduler_config)
         except InvalidInputError as error:
             raise InvalidInputError(str(error), field="scheduler") from None
         try:
-            schedule.set_timesteps(int(num_inference_steps))
+            scheduler.set_timesteps(schedule.steps)
         except InvalidInputError as error:
             raise InvalidInputError(str(error), field="steps") from None
-        if np.max(schedule.timesteps) >= train_steps:  # e.g. DDIM's "leading" spacing with steps_offset 1 at T = 1000
-            raise InvalidInputError(f"{num_inference_steps} steps put a timestep at {int(np.max(schedule.timesteps))}, "
+        if np.max(scheduler.timesteps) >= train_steps:  # e.g. DDIM's "leading" spacing with steps_offset 1 at T = 1000
+            raise InvalidInputError(f"{schedule.steps} steps put a timestep at {int(np.max(scheduler.timesteps))}, "
                                     f"beyond the model's {train_steps} training timesteps; use fewer steps",
                                     field="steps")
-        return int(cache_step)
-
-    def check_schedule(self, steps_run: int, cache_step: int, guidance_stop: Any, deep_interval: Any,
-                       skip_mode: Any) -> tuple[int, int, str]:
-        """The guidance stop m, the deep interval k and the skip mode, defaults filled in
-        (``default_schedule``: the calibrated schedule, else m = n, or T on an engine exported with
-        fidelity CFG, and k = 1), checked against what this engine has; returns (m, k, mode). T here
-        is ``steps_run``, the steps that run (image to image's last ``min(int(T * strength), T)``), as for n."""
-        cfg = self.manifest.fidelity_guidance == "cfg"
-        _, default_stop, default_interval, default_mode = self.default_schedule(steps_run)
-        if guidance_stop is None:  # merged caches stop guidance at n itself; per-half ones no earlier than n
-            guidance_stop = max(default_stop, cache_step) if cfg else cache_step
-        deep_interval = default_interval if deep_interval is None else deep_interval
-        skip_mode = default_mode if skip_mode is None else skip_mode
-        check_schedule(cache_step, guidance_stop, deep_interval, skip_mode, steps_run)
-        if guidance_stop > cache_step and not cfg:
-            raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches; "
-                                    "this engine merges them at n: re-export with --fidelity-guidance cfg",
-                                    field="guidance_stop")
-        if deep_interval > 1 and "shallow" not in self.manifest.graphs:
-            raise InvalidInputError(f"deep interval {deep_interval} needs the shallow graph, which {self.folder} lacks; "
-                                    "re-export with --deep-branch B (or use --deep-interval 1)", field="deep_interval")
-        if (deep_interval > 1 or (cfg and guidance_stop < steps_run)) and not self.backend.schedules:
-            raise InvalidInputError("this backend runs planning and fidelity only (no guidance stop before T, no "
-                                    "shallow steps); use the onnxruntime or aoti backend", field="deep_interval")
-        if deep_interval > 1 and "shallow" not in self.backend.kinds:
-            raise InvalidInputError(f"deep interval {deep_interval} needs the shallow graph, which this folder's "
-                                    "engines were built without; rebuild them (`cair-export build ENGINE_DIR`) or "
-                                    "use --deep-interval 1", field="deep_interval")
-        return int(guidance_stop), int(deep_interval), str(skip_mode)
-
-    def default_schedule(self, steps_run: int) -> tuple[int, int, int, str]:
-        """What a run leaves unset takes: (n, m, k, skip mode) of the calibrated schedule
-        (``manifest.schedule``, scaled to ``steps_run``), else n = the export's hint, m = T on
-        per-half-cache engines (n elsewhere), k = 1.
-
-        A backend that runs planning and fidelity only (no ``schedules``) keeps the calibrated n and
-        drops m and k, as do engines built without the shallow graph for k.
-        """
-        uncalibrated_stop = steps_run if self.manifest.fidelity_guidance == "cfg" else None
-        schedule = self.manifest.schedule
-        if schedule is None:
-            n = min(int(self.manifest.model.get("cache_step_hint", 5)), steps_run)
-            return n, uncalibrated_stop or n, 1, "uniform"
-        n, m, k, mode = calibrated_schedule(schedule, steps_run)
-        if not self.backend.schedules:
-            return n, uncalibrated_stop or n, 1, "uniform"
-        return n, m, k if "shallow" in self.backend.kinds else 1, mode
-
-    @staticmethod
-    def steps_run(num_inference_steps: int, strength: Any = None) -> int:
-        """The denoising steps a call runs: T, or image to image's last ``min(int(T * strength), T)``."""
-        if strength is None:
-            return int(num_inference_steps)
-        if not is_finite_number(strength) or not 0 < strength <= 1:
-            raise InvalidInputError(f"strength {strength!r} must be a number in (0, 1]: how much of the schedule "
-                                    "image to image runs (1 = all of it, from pure noise)", field="strength")
-        steps_run = int(num_inference_steps) - img2img_start(int(num_inference_steps), float(strength))
-        if steps_run < 1:
-            raise InvalidInputError(f"strength {strength} of {num_inference_steps} steps runs no step "
-                                    f"(int({num_inference_steps} * {strength}) = 0); raise the strength or the steps",
-                                    field="strength")
-        return steps_run
+        return scheduler
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Pixel size -> latent size, defaulting to the size the engine was tuned for."""
@@ -335,11 +248,7 @@ class CairEngine:
         latents: np.ndarray | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 25,
-        cache_step: int | None = None,
-        guidance_stop: int | None = None,
-        deep_interval: int | None = None,
-        skip_mode: str | None = None,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
         seed: int | Sequence[int] = 0,
@@ -351,30 +260,32 @@ class CairEngine:
         strength: float = 0.8,
         generators: Sequence[np.random.Generator] | None = None,
         cache_observer: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
+        schedule: Schedule | None = None,
+        **schedule_fields: Any,
     ) -> DenoiseResult:
         """Denoise from prompt embeddings (B, text_len, D); returns final latents and stage timings.
 
+        The schedule: ``schedule`` (a ``Schedule``), or its fields as keywords (``cache_step``,
+        ``guidance_stop``, ``deep_interval``, ``skip_mode``; ``num_inference_steps`` is its T and,
+        with ``image_latents``, ``strength`` its strength); what is left unset takes the folder's
+        calibrated schedule, else its defaults (``Schedule.resolve``). n = T is the plain baseline.
+        m (n..T) keeps guidance after n on an engine exported with fidelity CFG; k > 1 runs a full
+        fidelity step every k-th step after n and shallow steps between (an engine exported with a
+        deep branch). Batches above the engine's max batch run in chunks. ``loras`` as for the
+        constructor (None: the engine's default adapters).
+
         Image k draws everything random from its own ``np.random.default_rng(seed_k)``
-        (``seed_k = seed + k``, or ``seed[k]`` for a list): its initial noise (``standard_normal``,
-        float32) and then its ancestral noise, so no image depends on the others in the batch.
-        ``latents`` is the initial noise (B, C, h, w) before ``init_noise_sigma`` scaling (as
-        diffusers' pipelines take it); with it, the seeds drive only ancestral noise. Negative
-        embeddings default to zeros. ``cache_step``, ``guidance_stop``, ``deep_interval`` and
-        ``skip_mode`` left None take the folder's calibrated schedule (``cair-export calibrate``;
-        uncalibrated: n = the export's hint, m and k as below); n = T is the plain baseline. ``guidance_stop`` m (n..T) keeps guidance after n on an engine exported with
-        fidelity CFG (default there: T; elsewhere n); ``deep_interval`` k > 1 runs a full fidelity
-        step every k-th step after n and shallow steps between (an engine exported with a deep
-        branch), placed per ``skip_mode`` ("uniform" or DeepCache's "non-uniform"). Batches above
-        the engine's max batch run in chunks. ``loras`` as for the constructor (None: the engine's
-        default adapters).
+        (``image_seeds``): its initial noise (``standard_normal``, float32) and then its ancestral
+        noise, so no image depends on the others in the batch. ``latents`` is the initial noise
+        (B, C, h, w) before ``init_noise_sigma`` scaling (as diffusers' pipelines take it); with it,
+        the seeds drive only ancestral noise. Negative embeddings default to zeros.
 
         Image to image: ``image_latents`` (B, C, h, w) are the init images' latents, already scaled
         by the VAE's scaling factor; the loop runs the last ``min(int(T * strength), T)`` of T
         steps (diffusers' ``get_timesteps``) from them noised to its first timestep with the
         scheduler's ``add_noise``; ``latents``, if given, is that noise, else image k draws it.
-        n, m and k count the steps that run (m's default T is then those steps). ``generators``:
-        image k's generator as the caller left it (text to image draws the VAE's latent sample from
-        it first), instead of ``seed``.
+        n, m and k count the steps that run. ``generators``: image k's generator as the caller left
+        it (text to image draws the VAE's latent sample from it first), instead of ``seed``.
 
         ``cache_observer(step, first_image=..., caches=...)``, for measuring (``cair-export calibrate``), is
         called after every planning step with host copies of the cross-attention outputs planning
@@ -384,11 +295,30 @@ class CairEngine:
         """
         self.check_open()
         img2img = image_latents is not None
-        run_strength = strength if img2img else None
-        cache_step = self.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
-        guidance_stop, deep_interval, skip_mode = self.check_schedule(
-            self.steps_run(num_inference_steps, run_strength), cache_step, guidance_stop, deep_interval, skip_mode)
-        lora_set = self.resolve_loras(loras)
+        schedule = self.resolve_schedule(schedule_request(
+            schedule, num_inference_steps, strength if img2img else None, schedule_fields))
+        if (schedule.strength is not None) != img2img:
+            raise InvalidInputError("a schedule with a strength is for image to image (image latents), and image to "
+                                    "image needs one", field="strength")
+        check_guidance_scale(guidance_scale)
+        return self.denoise_resolved(
+            prompt_embeds, negative_prompt_embeds, schedule, self.make_scheduler(scheduler, schedule), guidance_scale,
+            latents=latents, height=height, width=width, seed=seed, text_embeds=text_embeds,
+            negative_text_embeds=negative_text_embeds, callback=callback, loras=self.resolve_loras(loras),
+            image_latents=image_latents, generators=generators, cache_observer=cache_observer)
+
+    def denoise_resolved(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None,
+                         schedule: Schedule, scheduler: Scheduler, guidance_scale: float, *,
+                         latents: np.ndarray | None = None, height: int | None = None, width: int | None = None,
+                         seed: int | Sequence[int] = 0, text_embeds: np.ndarray | None = None,
+                         negative_text_embeds: np.ndarray | None = None,
+                         callback: Callable[[int, int], None] | None = None, lora_set: LoraSet = BASE,
+                         image_latents: np.ndarray | None = None,
+                         generators: Sequence[np.random.Generator] | None = None,
+                         cache_observer: Callable[..., None] | None = None) -> DenoiseResult:
+        """``denoise`` once the call's settings are resolved and checked (``resolve_schedule``,
+        ``make_scheduler``, ``resolve_loras``): the arrays are checked, nothing else again."""
+        img2img = image_latents is not None
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
         check_image_count(batch)
@@ -456,40 +386,35 @@ class CairEngine:
                 part = slice(start, start + max_batch)
                 result = self._denoise_batch(
                     context, prompt_embeds[part], negative_prompt_embeds[part], latents[part],
-                    None if added is None else tuple(a[part] for a in added),
-                    num_inference_steps, (cache_step, guidance_stop, deep_interval, skip_mode), guidance_scale, scheduler,
-                    generators[part], callback, None if image_latents is None else (image_latents[part], strength),
+                    None if added is None else tuple(a[part] for a in added), schedule,
+                    copy.deepcopy(scheduler),  # each chunk's loop starts from the prepared state
+                    guidance_scale, generators[part], callback,
+                    None if image_latents is None else image_latents[part],
                     None if cache_observer is None else functools.partial(cache_observer, first_image=start))
                 chunks.append(result.latents)
                 timings.add(result.timings)
         return DenoiseResult(np.concatenate(chunks), timings)
 
-    def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
-                       schedule, guidance_scale, scheduler_name, generators: Generators, callback,
-                       img2img: tuple[np.ndarray, float] | None = None, observer=None) -> DenoiseResult:
+    def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added,
+                       schedule: Schedule, scheduler: Scheduler, guidance_scale, generators: Generators, callback,
+                       image_latents: np.ndarray | None = None, observer=None) -> DenoiseResult:
         batch = latents.shape[0]
-        cache_step, guidance_stop, deep_interval, skip_mode = schedule
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
-        scheduler = make_scheduler(scheduler_name, self.manifest.scheduler_config)
-        scheduler.set_timesteps(num_inference_steps)
         timesteps = scheduler.timesteps
-        if img2img is None:
+        if image_latents is None:
             latents = latents * np.float32(scheduler.init_noise_sigma)  # (B, C, h, w): pure noise
         else:
             # Image to image (diffusers' get_timesteps + prepare_latents): start at the schedule's
             # t_start-th step, from the image latents noised to that step; no init_noise_sigma.
-            image_latents, strength = img2img
-            begin = img2img_start(num_inference_steps, strength) * scheduler.order
+            begin = img2img_start(schedule.steps, schedule.strength) * scheduler.order
             scheduler.set_begin_index(begin)
             timesteps = timesteps[begin:]
             latents = scheduler.add_noise(image_latents, latents, timesteps[0])
-        steps_run = self.steps_run(num_inference_steps, None if img2img is None else img2img[1])
         total = len(timesteps)
-        planning_steps = planning_evaluations(cache_step, steps_run, total)
         # Evaluations 1..n planning, guided up to m, then a full fidelity one every k-th and shallow
         # between; n, m and k count the steps that run.
-        plan = evaluation_plan(planning_steps, planning_evaluations(guidance_stop, steps_run, total),
-                               total, deep_interval, skip_mode)
+        plan = schedule.plan(total)
+        planning_steps = sum(evaluation.kind == "planning" for evaluation in plan)
         later = [kind for kind in ("fidelity", "shallow") if kind in self.manifest.graphs]
 
         dims = {"batch": batch, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}

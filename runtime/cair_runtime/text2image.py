@@ -28,8 +28,9 @@ from cair_runtime.manifest import size_problem
 from cair_runtime.files import write_atomically
 from cair_runtime.lora import LoraSet
 from cair_runtime.images import load_image
-from cair_runtime.noise import image_generators, standard_normal
-from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count, image_seeds
+from cair_runtime.noise import image_generators, image_seeds, standard_normal
+from cair_runtime.pipeline import CairEngine, StageTimings, check_guidance_scale, check_image_count
+from cair_runtime.schedule import DEFAULT_STEPS, Schedule, schedule_request
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -271,11 +272,7 @@ class CairText2Image:
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 25,
-        cache_step: int | None = None,
-        guidance_stop: int | None = None,
-        deep_interval: int | None = None,
-        skip_mode: str | None = None,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
         seed: int | Sequence[int] = 0,
@@ -285,6 +282,8 @@ class CairText2Image:
         image: str | Path | np.ndarray | None = None,
         strength: float = 0.8,
         cache_observer: Callable[..., None] | None = None,
+        schedule: Schedule | None = None,
+        **schedule_fields: Any,
     ) -> Text2ImageResult:
         """Generate ``num_images_per_prompt`` images per prompt.
 
@@ -294,8 +293,10 @@ class CairText2Image:
         parameters, whatever else is in the call. With ``latents`` the parameters say so instead
         of naming a seed (the seeds then drive only ancestral noise). ``loras``: adapters
         ``[(path.safetensors, scale), ...]`` for this call (None: the pipeline's default; ``[]``: none).
-        ``cache_step``, ``guidance_stop``, ``deep_interval``, ``skip_mode``: the schedule, as for
-        ``CairEngine.denoise`` (None: the folder's calibrated schedule, else its defaults).
+        The schedule, as for ``CairEngine.denoise``: a ``Schedule``, or its fields as keywords
+        (``cache_step``, ``guidance_stop``, ``deep_interval``, ``skip_mode``), unset ones from the
+        folder's calibrated schedule, else its defaults. Each image's parameters record the schedule
+        that ran, resolved, so that running them again gives the same image.
 
         Image to image: ``image`` (a file path, or an (H, W, 3) uint8 RGB array; grayscale is
         converted, other modes refused) is the init image of every image of the call, and sets
@@ -323,34 +324,29 @@ class CairText2Image:
         check_image_count(count)
         seeds = image_seeds(seed, count)
         engine = self.engine
+        # The schedule first: a bad one (or a bad strength) fails before the image is read.
+        schedule = engine.resolve_schedule(schedule_request(
+            schedule, num_inference_steps, None if image is None else strength, schedule_fields))
+        if (schedule.strength is not None) != (image is not None):
+            raise InvalidInputError("a schedule with a strength is for image to image (an init image), and image to "
+                                    "image needs one", field="strength")
         pixels = image_name = None
         if image is not None:
-            if is_integer(num_inference_steps):  # strength first: a bad one fails before reading the image
-                engine.steps_run(num_inference_steps, strength)
             pixels, image_name = self._check_image(image, height, width)
             height, width = pixels.shape[:2]
-        run_strength = None if image is None else strength
-        cache_step = engine.check_parameters(num_inference_steps, cache_step, guidance_scale, scheduler, run_strength)
-        steps_run = engine.steps_run(num_inference_steps, run_strength)  # n, m and k count the steps that run
-        guidance_stop, deep_interval, skip_mode = engine.check_schedule(steps_run, cache_step, guidance_stop,
-                                                                        deep_interval, skip_mode)
-        # The PNG parameters name the schedule where it differs from the engine's default (m = n, or T with CFG).
-        default_stop = steps_run if engine.manifest.fidelity_guidance == "cfg" else cache_step
-        schedule = {**({"guidance_stop": guidance_stop} if guidance_stop != default_stop else {}),
-                    **({"deep_interval": deep_interval, "skip_mode": skip_mode} if deep_interval > 1 else {})}
+        check_guidance_scale(guidance_scale)
+        sampler = engine.make_scheduler(scheduler, schedule)
         latent_height, latent_width = engine.latent_size(height, width)
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
         lora_set = engine.resolve_loras(loras)
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
-            return self._generate(prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
-                                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set,
-                                  (guidance_stop, deep_interval, skip_mode), schedule, pixels, image_name, strength,
+            return self._generate(prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
+                                  guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
                                   cache_observer)
 
-    def _generate(self, prompts, negatives, num_images_per_prompt, seeds, cache_step, height, width,
-                  num_inference_steps, guidance_scale, scheduler, latents, callback, lora_set, run_schedule,
-                  schedule, pixels, image_name, strength, cache_observer=None) -> Text2ImageResult:
-        guidance_stop, deep_interval, skip_mode = run_schedule  # ``schedule``: what the PNG parameters name
+    def _generate(self, prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
+                  guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
+                  cache_observer=None) -> Text2ImageResult:
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
@@ -366,18 +362,16 @@ class CairText2Image:
             return None if array is None else np.repeat(array, num_images_per_prompt, axis=0)
 
         generators = image_generators(seeds)
-        img2img, image_s = {}, 0.0
+        image_latents, image_s = None, 0.0
         if pixels is not None:
             started = time.perf_counter()
-            img2img = {"image_latents": self.encode_image(pixels, generators), "strength": strength}
+            image_latents = self.encode_image(pixels, generators)
             image_s = time.perf_counter() - started
-        result = engine.denoise(
-            per_image(prompt_embeds), per_image(negative_embeds), latents=latents, height=height, width=width,
-            num_inference_steps=num_inference_steps, cache_step=cache_step, guidance_stop=guidance_stop,
-            deep_interval=deep_interval, skip_mode=skip_mode, guidance_scale=guidance_scale,
-            scheduler=scheduler, generators=generators, text_embeds=per_image(pooled),
-            negative_text_embeds=per_image(negative_pooled), callback=callback, loras=lora_set,
-            cache_observer=cache_observer, **img2img)
+        result = engine.denoise_resolved(
+            per_image(prompt_embeds), per_image(negative_embeds), schedule, sampler, guidance_scale,
+            latents=latents, height=height, width=width, generators=generators, text_embeds=per_image(pooled),
+            negative_text_embeds=per_image(negative_pooled), callback=callback, lora_set=lora_set,
+            image_latents=image_latents, cache_observer=cache_observer)
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
@@ -387,11 +381,11 @@ class CairText2Image:
             "prompt": prompts[k // num_images_per_prompt],
             "negative_prompt": None if negatives is None else negatives[k // num_images_per_prompt],
             **({"seed": seeds[k]} if latents is None else {"seed": None, "latents": "supplied by the caller"}),
-            "steps": num_inference_steps, "cache_step": cache_step, **schedule,
+            **schedule.parameters(),  # resolved: running these parameters again gives this image
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
-            **({} if pixels is None else {"image": image_name, "strength": strength}),
+            **({} if pixels is None else {"image": image_name}),
         } for k in range(count)]
         return Text2ImageResult(images, decoded.astype(np.float32), result.latents, result.timings, text_s, vae_s,
                                 parameters, image_s)

@@ -66,13 +66,13 @@ _CLASSES = {cls.__name__: cls for cls, _ in _SCHEDULERS.values()}
 def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
     """Build the scheduler ``name`` from a diffusers scheduler config (``scheduler_config.json``).
 
-    ``name=None`` builds the model's own scheduler, the class in ``config["_class_name"]``. A given
+    ``name=None`` (or that class's name) builds the model's own scheduler, the class in ``config["_class_name"]``. A given
     name takes the options of the config that its class knows, as diffusers'
     ``XScheduler.from_config(config)`` does (betas, prediction type, timestep spacing, ...); options
     missing from the config, or listed in its ``_use_default_values``, take the class's defaults.
     Raises InvalidInputError for an unknown name or class, and for options the port does not support.
     """
-    if name is None:
+    if name is None or name == config.get("_class_name"):  # the model's own (as a PNG's parameters name it)
         class_name = config.get("_class_name")
         if not isinstance(class_name, str) or class_name not in _CLASSES:
             raise InvalidInputError(

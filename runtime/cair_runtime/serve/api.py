@@ -21,7 +21,9 @@ from typing import Any, Sequence
 from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import CairError
 from cair_runtime.schedulers import SCHEDULER_NAMES
-from cair_runtime.stages import SKIP_MODES
+from cair_runtime.noise import image_seeds
+from cair_runtime.pipeline import check_guidance_scale
+from cair_runtime.schedule import SKIP_MODES, Schedule
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers; anything larger is refused unread
 MAX_SEED = 2**63 - 1  # seeds stay within a signed 64-bit integer, whatever language the client speaks
@@ -45,18 +47,14 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """A checked generation request; image k of it uses seed ``seed + k``."""
+    """A checked generation request; image k of it uses seed ``seed + k`` (``image_seeds``)."""
 
     prompt: str
     negative_prompt: str | None
     n: int
     height: int
     width: int
-    steps: int
-    cache_step: int  # resolved: the request's, or the engine's default (calibrated, else its hint) capped at steps
-    guidance_stop: int  # resolved likewise (CairEngine.check_schedule)
-    deep_interval: int
-    skip_mode: str
+    schedule: Schedule  # resolved against the engine: the request's fields, the rest the folder's defaults
     guidance_scale: float
     scheduler: str | None  # None: the model's own
     seed: int
@@ -64,17 +62,16 @@ class ImageRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch (everything but prompt, negative and seed)."""
-        return (self.height, self.width, self.steps, self.cache_step, self.guidance_stop, self.deep_interval,
-                self.skip_mode, self.guidance_scale, self.scheduler, self.negative_prompt is None)  # SDXL: no negative prompt (zeros) differs from ""
+        return (self.height, self.width, self.schedule, self.guidance_scale, self.scheduler,
+                self.negative_prompt is None)  # SDXL: no negative prompt (zeros) differs from ""
 
     @property
     def seeds(self) -> list[int]:
-        return [self.seed + k for k in range(self.n)]
+        return image_seeds(self.seed, self.n)
 
     def parameters(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
-                "size": f"{self.width}x{self.height}", "steps": self.steps, "cache_step": self.cache_step,
-                "guidance_stop": self.guidance_stop, "deep_interval": self.deep_interval, "skip_mode": self.skip_mode,
+                "size": f"{self.width}x{self.height}", **self.schedule.parameters(),
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed}
 
 
@@ -162,11 +159,14 @@ class RequestValidator:
                      else f"must be an integer from 0 to {MAX_SEED - self.max_images}, or null for a random one", None)
         scheduler = field("scheduler", lambda v: None if v is None or v in SCHEDULER_NAMES
                           else f"must be one of {', '.join(SCHEDULER_NAMES)} (or null for the model's own)", None)
+        schedule = None
         if not problems:  # the engine's own checks, on values of the right types
             try:
-                cache_step = self.engine.check_parameters(steps, cache_step, guidance, scheduler)
-                guidance_stop, deep_interval, skip_mode = self.engine.check_schedule(
-                    steps, cache_step, guidance_stop, deep_interval, skip_mode)
+                schedule = self.engine.resolve_schedule({"steps": steps, "cache_step": cache_step,
+                                                         "guidance_stop": guidance_stop,
+                                                         "deep_interval": deep_interval, "skip_mode": skip_mode})
+                check_guidance_scale(guidance)
+                self.engine.make_scheduler(scheduler, schedule)
             except CairError as error:
                 param = getattr(error, "field", None) or "scheduler"
                 problems.append((param, f"{param}: {error}"))
@@ -178,9 +178,8 @@ class RequestValidator:
         else:
             match = _SIZE.fullmatch(size)
             width, height = int(match[1]), int(match[2])
-        return ImageRequest(prompt=prompt, negative_prompt=negative, n=n, height=height, width=width, steps=steps,
-                            cache_step=cache_step, guidance_stop=guidance_stop, deep_interval=deep_interval,
-                            skip_mode=skip_mode, guidance_scale=float(guidance), scheduler=scheduler,
+        return ImageRequest(prompt=prompt, negative_prompt=negative, n=n, height=height, width=width,
+                            schedule=schedule, guidance_scale=float(guidance), scheduler=scheduler,
                             seed=secrets.randbelow(2**31) if seed is None else seed)
 
     def _check_prompt(self, value: Any) -> str | None:

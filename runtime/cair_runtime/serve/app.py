@@ -171,11 +171,9 @@ class CairImageService:
 
         negatives = None if first.negative_prompt is None else [r.negative_prompt for r in requests]
         result = self.pipeline(
-            [r.prompt for r in requests], negatives,
-            height=first.height, width=first.width, num_inference_steps=first.steps, cache_step=first.cache_step,
-            guidance_stop=first.guidance_stop, deep_interval=first.deep_interval, skip_mode=first.skip_mode,
-            guidance_scale=first.guidance_scale, scheduler=first.scheduler,
-            seed=[r.seed + k for r, (_, k) in zip(requests, chunk)], callback=stop_when_abandoned)
+            [r.prompt for r in requests], negatives, height=first.height, width=first.width,
+            schedule=first.schedule, guidance_scale=first.guidance_scale, scheduler=first.scheduler,
+            seed=[r.seeds[k] for r, (_, k) in zip(requests, chunk)], callback=stop_when_abandoned)
         return [png_bytes(image, parameters) for image, parameters in zip(result.images, result.parameters)]
 
 
