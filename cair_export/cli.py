@@ -137,30 +137,34 @@ def cmd_macs(args: argparse.Namespace) -> int:
     model = load_model(args.model, device="meta")
     height, width = check_export_config(model, ExportConfig(height=args.height, width=args.width,
                                                             fidelity_guidance=args.fidelity_guidance))
-    schedule = {"guidance_stop": args.guidance_stop, "deep_interval": args.deep_interval, "skip_mode": args.skip_mode}
+    schedule = {"guidance_stop": args.guidance_stop, "deep_interval": args.deep_interval,
+                "planning_interval": args.planning_interval, "skip_mode": args.skip_mode}
+    deep = max(args.deep_interval, args.planning_interval) > 1
     per_graph = count_graph_macs(model, height, width, batch=args.batch, fidelity_guidance=args.fidelity_guidance,
-                                 deep_branch_id=args.deep_branch if args.deep_interval > 1 else None)
+                                 deep_branch_id=args.deep_branch if deep else None)
     table = generation_macs(per_graph, args.steps, args.cache_step, fidelity_guidance=args.fidelity_guidance,
                             **schedule)
     if args.json:
         print(json.dumps({"model": args.model, "height": height, "width": width, "batch": args.batch,
                           "steps": args.steps, "cache_step": args.cache_step,
                           "fidelity_guidance": args.fidelity_guidance, **schedule,
-                          "deep_branch": args.deep_branch if args.deep_interval > 1 else None, **table}, indent=2))
+                          "deep_branch": args.deep_branch if deep else None, **table}, indent=2))
         return 0
-    deep = f", m={args.guidance_stop}" if args.guidance_stop is not None else ""
-    if args.deep_interval > 1:
-        deep += f", k={args.deep_interval} ({args.skip_mode}, branch {args.deep_branch})"
-    print(f"{args.model} at {width}x{height}, batch {args.batch}, T={args.steps}, n={args.cache_step}{deep} "
+    label = f", m={args.guidance_stop}" if args.guidance_stop is not None else ""
+    if deep:
+        label += (f", k={args.deep_interval}, k_p={args.planning_interval} ({args.skip_mode}, "
+                  f"branch {args.deep_branch})")
+    print(f"{args.model} at {width}x{height}, batch {args.batch}, T={args.steps}, n={args.cache_step}{label} "
           f"(UNet only; G = 1e9 MACs)")
-    shallow = "shallow" in per_graph
-    print(f"{'convention':16s} {'planning':>10s} {'fidelity':>10s}{' shallow' * shallow:>11s} {'baseline':>11s} "
-          f"{'CAIR':>11s} {'bound':>7s}")
+    shallow = ("shallow", "shallow_planning") if deep else ()
+    print(f"{'convention':16s} {'planning':>10s} {'fidelity':>10s}"
+          + "".join(f" {kind:>{max(10, len(kind))}s}" for kind in shallow)
+          + f" {'baseline':>10s} {'CAIR':>10s} {'bound':>7s}")
     for convention in CONVENTIONS:
         row = table[convention]
-        shallow_column = f" {row['shallow'] / 1e9:9.1f}G" if shallow else ""
-        print(f"{convention:16s} {row['planning'] / 1e9:9.1f}G {row['fidelity'] / 1e9:9.1f}G{shallow_column} "
-              f"{row['baseline_total'] / 1e9:10.1f}G {row['cair_total'] / 1e9:10.1f}G {row['speedup_bound']:6.2f}x")
+        print(f"{convention:16s} {row['planning'] / 1e9:9.1f}G {row['fidelity'] / 1e9:9.1f}G"
+              + "".join(f" {row[kind] / 1e9:{max(10, len(kind)) - 1}.1f}G" for kind in shallow)
+              + f" {row['baseline_total'] / 1e9:9.1f}G {row['cair_total'] / 1e9:9.1f}G {row['speedup_bound']:6.2f}x")
     return 0
 
 
@@ -342,6 +346,9 @@ def _add_macs(sub, presets: str) -> None:
                       help="guidance stop m, n..T (with --fidelity-guidance cfg; default T there, n elsewhere)")
     macs.add_argument("--deep-interval", type=positive_int_arg, default=1, metavar="K",
                       help="after n, a full fidelity step every K-th and shallow steps between (default 1)")
+    macs.add_argument("--planning-interval", type=positive_int_arg, default=1, metavar="K_P",
+                      help="before n, a full planning step every K_P-th and guided shallow steps between (default 1; "
+                           "n = T with K_P = k is DeepCache)")
     macs.add_argument("--deep-branch", type=int_arg, default=0, metavar="B",
                       help="DeepCache's branch the shallow steps cut at (default 0)")
     macs.add_argument("--skip-mode", choices=("uniform", "non-uniform"), default="uniform")

@@ -67,7 +67,8 @@ def test_shallow_evaluation_is_deepcaches_skip_step(preset, branches):
 
 
 def test_reference_without_cross_attention_caching_is_deepcache_on_the_diffusers_pipeline():
-    """cair_denoise(cache_step=None, deep interval k) == diffusers' pipeline with DeepCache's helper enabled."""
+    """cair_denoise(cache_step=None, deep interval k) == diffusers' pipeline with DeepCache's helper enabled,
+    and so does the schedule n = m = T with planning interval k."""
     model = load_model("tiny-sd21")
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
@@ -95,6 +96,10 @@ def test_reference_without_cross_attention_caching_is_deepcache_on_the_diffusers
                          cache_step=None, guidance_scale=6.0)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     assert (actual - plain).abs().max() > 1e-4
+    # The same point of CAIR's schedule space: n = m = T, guided shallow steps every k-th in the planning phase.
+    scheduled = cair_denoise(model.unet, scheduler(), latents, prompt, negative, num_inference_steps=steps,
+                             cache_step=steps, guidance_scale=6.0, planning_interval=interval, deep_branch_id=branch)
+    torch.testing.assert_close(scheduled, expected, rtol=0, atol=0)
 
 
 def _sample_from_quad_center():

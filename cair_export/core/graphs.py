@@ -1,7 +1,9 @@
 """The CAIR graphs: their IO described once, as data, and the torch modules that trace them.
 
-planning and fidelity always; ``shallow`` (DeepCache's cut, ``core.deep_feature``) when the export
-names a deep branch: the fidelity graph then also emits the deep feature the shallow graph takes.
+planning and fidelity always; ``shallow`` and ``shallow_planning`` (DeepCache's cut,
+``core.deep_feature``: its step after n, on the caches, and before n, guided and reading the text)
+when the export names a deep branch: fidelity and planning then also emit the deep feature the
+shallow graphs take.
 
 ``graph_specs`` is the single description of every graph's inputs and outputs. Export (input
 names, dynamic axes), validation (inputs at several shapes), the manifest and the runtime's
@@ -25,7 +27,7 @@ TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)
 
 @dataclass(frozen=True)
 class GraphIO:
-    kind: str  # "planning" | "fidelity" | "shallow"
+    kind: str  # "planning" | "fidelity" | "shallow" | "shallow_planning"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
@@ -89,20 +91,24 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     def cache_tensors(batch: str) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(c.name, "float32", (batch, c.tokens, c.channels)) for c in caches)
 
+    def deep_feature(batch: str) -> tuple[TensorSpec, ...]:
+        if branch is None:
+            return ()
+        # (B, C_b, h_b, w_b): the hidden state entering the branch's up layer
+        return (TensorSpec(DEEP_FEATURE, "float32", (batch, branch.channels, _side("latent_height", branch.level),
+                                                     _side("latent_width", branch.level))),)
+
     timestep = TensorSpec("timestep", "float32", (1,))
+    text = TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", config.cross_attention_dim))
     planning = GraphIO(
         "planning",
-        inputs=(latent("sample", "2*batch", config.in_channels), timestep,
-                TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", config.cross_attention_dim)),
-                *added("2*batch")),
-        # Caches come out already merged to batch B (or per half with fidelity CFG).
-        outputs=(latent("noise_pred", "2*batch", config.out_channels), *cache_tensors(fidelity_batch)),
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *added("2*batch")),
+        # Caches come out already merged to batch B (or per half with fidelity CFG); with a branch,
+        # the deep feature too, for the guided shallow steps.
+        outputs=(latent("noise_pred", "2*batch", config.out_channels), *cache_tensors(fidelity_batch),
+                 *deep_feature("2*batch")),
     )
-    deep = ()
-    if branch is not None:  # (B, C_b, h_b, w_b): the hidden state entering the branch's up layer
-        deep = (TensorSpec(DEEP_FEATURE, "float32", (fidelity_batch, branch.channels,
-                                                     _side("latent_height", branch.level),
-                                                     _side("latent_width", branch.level))),)
+    deep = deep_feature(fidelity_batch)
     fidelity = GraphIO(
         "fidelity",
         inputs=(latent("sample", fidelity_batch, config.in_channels), timestep,
@@ -118,7 +124,16 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
                 *(spec for spec in cache_tensors(fidelity_batch) if spec.name in kept), *added(fidelity_batch)),
         outputs=(latent("noise_pred", fidelity_batch, config.out_channels),),
     )
-    return {"planning": planning, "fidelity": fidelity, "shallow": shallow}
+    # DeepCache's own shallow step, before n: guided, the text read by the modules outside the
+    # branch, whose caches it writes (the others keep the last full planning step's).
+    shallow_planning = GraphIO(
+        "shallow_planning",
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *deep_feature("2*batch"),
+                *added("2*batch")),
+        outputs=(latent("noise_pred", "2*batch", config.out_channels),
+                 *(spec for spec in cache_tensors(fidelity_batch) if spec.name in kept)),
+    )
+    return {"planning": planning, "fidelity": fidelity, "shallow": shallow, "shallow_planning": shallow_planning}
 
 
 def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -151,9 +166,21 @@ class CairGraph(torch.nn.Module):
         added = {key: named[key] for key in ("text_embeds", "time_ids") if key in named} or None
         if self.io.kind == "planning":
             self.cache.mode = "record"
-            noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
-                                   added_cond_kwargs=added, return_dict=False)[0]
-            return (noise_pred, *self.cache.values)
+            if self.branch is None:
+                noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
+                                       added_cond_kwargs=added, return_dict=False)[0]
+                return (noise_pred, *self.cache.values)
+            with recorded_deep_feature(self.unet, self.branch) as recorded:
+                noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
+                                       added_cond_kwargs=added, return_dict=False)[0]
+            return (noise_pred, *self.cache.values, recorded[-1])
+        if self.io.kind == "shallow_planning":
+            self.cache.mode = "record"
+            outputs = {spec.name for spec in self.io.outputs}
+            noise_pred = shallow_unet(self.unet, self.branch, named["sample"], named["timestep"], named[DEEP_FEATURE],
+                                      named["encoder_hidden_states"], added)
+            return (noise_pred, *(value for site, value in zip(self.cache.sites, self.cache.values)
+                                  if site.name in outputs))
         self.cache.mode = "replay"
         # The shallow graph takes only the caches of the modules it computes; the others stay None.
         self.cache.values = [named.get(site.name) for site in self.cache.sites]

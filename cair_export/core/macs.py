@@ -23,7 +23,7 @@ from cair_export.core.graphs import graph_specs, cache_specs
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.schedule import Schedule, check_cache_step, default_guidance_stop, full_evaluations
+from cair_runtime.schedule import PLANNING_KINDS, Schedule, check_cache_step, default_guidance_stop, full_evaluations
 
 CONVENTIONS = ("conv_linear", "with_attention")
 
@@ -102,7 +102,8 @@ def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, 
 def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1,
                      fidelity_guidance: str = "none", deep_branch_id: int | None = None) -> dict[str, GraphMacs]:
     """MACs of one planning evaluation (batch 2B) and one fidelity evaluation (batch B or 2B); with a
-    deep branch, of one shallow evaluation too (the fidelity batch)."""
+    deep branch, of one shallow evaluation too (the fidelity batch) and one guided shallow evaluation
+    (batch 2B, cross-attention computed: DeepCache's own shallow step)."""
     unet = model.unet
     device = next(unet.parameters()).device
     dims = {"batch": batch, "latent_height": height // model.vae_scale_factor,
@@ -204,7 +205,7 @@ def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int 
 def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int,
                     per_image: GraphMacs | None = None, *, fidelity_guidance: str = "none",
                     guidance_stop: int | None = None, deep_interval: int = 1,
-                    skip_mode: str = "uniform") -> dict[str, dict[str, float]]:
+                    skip_mode: str = "uniform", planning_interval: int = 1) -> dict[str, dict[str, float]]:
     """Per convention: planning, fidelity (and shallow), baseline_total (T*P + E) and cair_total.
 
     cair_total follows the schedule (``cair_runtime.schedule.Schedule.plan``): n*P, then each
@@ -217,17 +218,20 @@ def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int
     check_cache_step(cache_step, steps)
     if guidance_stop is None:
         guidance_stop = default_guidance_stop(cache_step, steps, fidelity_guidance == "cfg")
-    if deep_interval > 1 and "shallow" not in per_graph:
-        raise ValueError("a deep interval above 1 needs the shallow graph's count (count_graph_macs deep_branch_id)")
-    plan = Schedule(steps, cache_step, guidance_stop, deep_interval, skip_mode).plan(steps)
+    if max(deep_interval, planning_interval) > 1 and "shallow" not in per_graph:
+        raise ValueError("a deep or planning interval above 1 needs the shallow graphs' counts "
+                         "(count_graph_macs deep_branch_id)")
+    plan = Schedule(steps, cache_step, guidance_stop, deep_interval, skip_mode,
+                    planning_interval=planning_interval).plan(steps)
     exported_halves = 2 if fidelity_guidance == "cfg" else 1  # fidelity and shallow were counted at 2B
     table = {}
     for convention in CONVENTIONS:
         planning = getattr(per_graph["planning"], convention)
-        per_kind = {kind: getattr(per_graph[kind], convention) for kind in ("fidelity", "shallow") if kind in per_graph}
+        per_kind = {kind: getattr(count, convention) for kind, count in per_graph.items()}
         once = getattr(per_image, convention) if per_image is not None else 0
         baseline = steps * planning + once
-        cair = once + sum(planning if e.kind == "planning" else
+        # Planning-phase graphs were counted at their batch 2B; the others at the export's fidelity batch.
+        cair = once + sum(per_kind[e.kind] if e.kind in PLANNING_KINDS else
                           per_kind[e.kind] // exported_halves * (2 if e.guided else 1) for e in plan)
         table[convention] = {"planning": planning, **per_kind, "baseline_total": baseline,
                              "cair_total": cair, "speedup_bound": baseline / cair}

@@ -24,7 +24,7 @@ import torch
 
 from cair_export.core.deep_feature import deep_branch, recorded_deep_feature, shallow_unet
 from cair_runtime.errors import InvalidInputError
-from cair_runtime.schedule import Schedule, default_guidance_stop, evaluation_plan
+from cair_runtime.schedule import PLANNING_KINDS, Schedule, default_guidance_stop, evaluation_plan
 
 FIDELITY_GUIDANCE = ("none", "cfg")
 
@@ -151,6 +151,7 @@ def cair_denoise(
     fidelity_guidance: str = "none",
     guidance_stop: int | None = None,
     deep_interval: int = 1,
+    planning_interval: int = 1,
     deep_branch_id: int | None = None,
     skip_mode: str = "uniform",
     generator: torch.Generator | None = None,
@@ -169,7 +170,9 @@ def cair_denoise(
     guidance stop m (``fidelity_guidance="cfg"``: per-half caches, which become their mean at m;
     default m = T with "cfg", n without); after n (from the first step when ``cache_step`` is
     None) a full evaluation every ``deep_interval``-th and shallow ones between (DeepCache's
-    ``deep_branch_id``, uniform or non-uniform ``skip_mode``).
+    ``deep_branch_id``, uniform or non-uniform ``skip_mode``); before n a full planning evaluation
+    every ``planning_interval``-th and guided shallow ones between, reading the text (DeepCache's own
+    steps: ``cache_step = T`` with ``planning_interval = k`` is DeepCache's loop).
 
     Image to image: ``start_index`` (diffusers' ``get_timesteps``' ``t_start``) starts the loop at
     ``scheduler.timesteps[start_index * scheduler.order]`` with the scheduler's begin index set, as
@@ -199,13 +202,15 @@ def cair_denoise(
             raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches: "
                                     "pass fidelity_guidance='cfg'", field="guidance_stop")
         # The schedule of the steps that run (image to image: T is those).
-        plan = Schedule(steps_run, cache_step, guidance_stop, deep_interval, skip_mode).plan(evaluations)
+        plan = Schedule(steps_run, cache_step, guidance_stop, deep_interval, skip_mode,
+                        planning_interval=planning_interval).plan(evaluations)
         caching = CrossAttentionCache(unet, fidelity_guidance)
     planning = sum(evaluation.kind == "planning" for evaluation in plan)
     branch = None
-    if deep_interval > 1:
+    if deep_interval > 1 or planning_interval > 1:
         if deep_branch_id is None:
-            raise InvalidInputError("a deep interval above 1 needs a deep branch (deep_branch_id)", field="deep_branch")
+            raise InvalidInputError("a deep or planning interval above 1 needs a deep branch (deep_branch_id)",
+                                    field="deep_branch")
         branch = deep_branch(unet, deep_branch_id)
     recording = recorded_deep_feature(unet, branch) if branch is not None else contextlib.nullcontext([])
     # As diffusers' prepare_extra_step_kwargs: only stochastic schedulers take a generator.
@@ -223,8 +228,10 @@ def cair_denoise(
             evaluation = plan[i]
             context = encoder_hidden_states
             if cache is not None:
-                if evaluation.kind == "planning":
-                    cache.mode = "record" if i + 1 == planning else "compute"
+                if evaluation.kind in PLANNING_KINDS:
+                    # Each planning evaluation records what it computes: at n every cache holds its
+                    # module's last output (a guided shallow step runs only the modules outside the branch).
+                    cache.mode = "record" if i + 1 == planning or planning_interval > 1 else "compute"
                 else:  # fidelity and shallow: cached cross-attention, no text
                     cache.mode, context = "replay", None
                 if fidelity_guidance == "cfg" and i > 0 and plan[i - 1].guided and not evaluation.guided:
@@ -239,7 +246,7 @@ def cair_denoise(
                 # Fidelity after the guidance stop: batch B, no guidance, unconditional extras.
                 latent_input = scheduler.scale_model_input(latents, t)
                 conditions = negative_added_cond
-            if evaluation.kind == "shallow":
+            if evaluation.kind in ("shallow", "shallow_planning"):
                 # DeepCache between full steps: only the blocks outside the branch, on the kept feature.
                 noise = shallow_unet(unet, branch, latent_input, t, deep_feature, context, conditions)
             else:

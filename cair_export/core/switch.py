@@ -113,7 +113,9 @@ def write_switch_graph(folder: Path, caches: Sequence[CacheSpec], deep_feature: 
         moved |= members
     nodes = [replaced.get(index, node) for index, node in enumerate(graph.node)
              if index in replaced or index not in moved]
-    if deep_feature is not None:  # fidelity steps also hand the deep feature to shallow steps
+    if deep_feature is not None and deep_feature not in {output.name for output in graph.output}:
+        # fidelity steps also hand the deep feature to shallow steps (planning outputs it itself when it
+        # also feeds guided shallow steps)
         source = _deep_feature_source(folder, graph, deep_feature)
         nodes.append(helper.make_node("Identity", [source], [deep_feature], name="/cair/deep_feature"))
         graph.output.append(value_info(deep_feature, source))

@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deep-interval", type=int, metavar="K",
                         help="after n, a full fidelity step every K-th and shallow steps between (engines exported "
                              "with --deep-branch; default: calibrated, else 1: every step full)")
+    parser.add_argument("--planning-interval", type=int, metavar="K_P",
+                        help="in steps 1..n, a full planning step every K_P-th and guided shallow steps between "
+                             "(DeepCache's own steps; folders exported with --deep-branch; default: calibrated, else 1)")
     parser.add_argument("--skip-mode", choices=SKIP_MODES,
                         help="where the full steps fall: uniform or DeepCache's non-uniform (default: calibrated, "
                              "else uniform)")

@@ -28,7 +28,9 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and the VAE's come with a pipeline
-OPTIONAL_UNET_GRAPH_KINDS = ("shallow",)  # DeepCache's cut, with the deep_branch section
+# DeepCache's cut, with the deep_branch section: the shallow step after n (caches in) and before it
+# (guided, text in; planning then also emits the deep feature); older deep folders have only the first
+OPTIONAL_UNET_GRAPH_KINDS = ("shallow", "shallow_planning")
 DEEP_BRANCH_KEYS = ("name", "branch", "block", "layer", "up_block", "up_layer", "channels", "level")
 # vae_encoder (image to image) since 2026-11-30: older pipeline folders lack it and still load
 PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
@@ -413,6 +415,14 @@ def _deep_branch_problems(manifest: Manifest) -> list[str]:
     fidelity_outputs = [spec.name for spec in manifest.graphs["fidelity"].outputs] if "fidelity" in manifest.graphs else []
     if name not in fidelity_outputs or name not in [spec.name for spec in manifest.graphs["shallow"].inputs]:
         return [f"deep feature {name!r} must be a fidelity output and a shallow input"]
+    guided = manifest.graphs.get("shallow_planning")
+    if guided is not None:
+        planning_outputs = [spec.name for spec in manifest.graphs["planning"].outputs]
+        caches = {cache.name for cache in manifest.caches}
+        if (name not in planning_outputs or name not in [spec.name for spec in guided.inputs]
+                or not {spec.name for spec in guided.outputs[1:]} <= caches):
+            return [f"the guided shallow graph must take deep feature {name!r}, which planning outputs, and output "
+                    "caches only besides noise_pred"]
     return []
 
 

@@ -20,7 +20,7 @@ from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, fil
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
 from cair_runtime.noise import Generators, image_generators, image_seeds, standard_normal
 from cair_runtime.schedulers import Scheduler, img2img_start, make_scheduler
-from cair_runtime.schedule import DEFAULT_STEPS, Schedule, schedule_request
+from cair_runtime.schedule import DEFAULT_STEPS, PLANNING_KINDS, Schedule, schedule_request
 
 
 MAX_IMAGES_PER_CALL = 64  # a cap, so a typo cannot queue hours of work; make several calls for more
@@ -43,10 +43,11 @@ class StageTimings:
     planning_s: float = 0.0  # steps 1..n: planning graph, CFG, host scheduler math
     switch_s: float = 0.0  # handing the caches to the fidelity graph
     fidelity_s: float = 0.0  # steps n+1..T (full and shallow)
-    planning_steps: int = 0
+    planning_steps: int = 0  # of which planning_shallow_steps ran the guided shallow graph
     fidelity_steps: int = 0  # of which shallow_steps ran the shallow graph
     shallow_steps: int = 0
     shallow_s: float = 0.0  # the shallow steps' part of fidelity_s
+    planning_shallow_steps: int = 0
 
     @property
     def total_s(self) -> float:
@@ -54,13 +55,14 @@ class StageTimings:
 
     def add(self, other: StageTimings) -> None:
         for name in ("planning_s", "switch_s", "fidelity_s", "planning_steps", "fidelity_steps", "shallow_steps",
-                     "shallow_s"):
+                     "shallow_s", "planning_shallow_steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float]:
         return {"planning_s": self.planning_s, "switch_s": self.switch_s, "fidelity_s": self.fidelity_s,
                 "total_s": self.total_s, "planning_steps": self.planning_steps,
-                "fidelity_steps": self.fidelity_steps, "shallow_steps": self.shallow_steps, "shallow_s": self.shallow_s}
+                "fidelity_steps": self.fidelity_steps, "shallow_steps": self.shallow_steps, "shallow_s": self.shallow_s,
+                "planning_shallow_steps": self.planning_shallow_steps}
 
 
 @dataclass
@@ -411,10 +413,10 @@ class CairEngine:
             timesteps = timesteps[begin:]
             latents = scheduler.add_noise(image_latents, latents, timesteps[0])
         total = len(timesteps)
-        # Evaluations 1..n planning, guided up to m, then a full fidelity one every k-th and shallow
-        # between; n, m and k count the steps that run.
+        # Evaluations 1..n planning (a full one every k_p-th, guided shallow ones between), guided up
+        # to m, then a full fidelity one every k-th and shallow between; n, m and k count the steps that run.
         plan = schedule.plan(total)
-        planning_steps = sum(evaluation.kind == "planning" for evaluation in plan)
+        planning_steps = sum(evaluation.kind in PLANNING_KINDS for evaluation in plan)
         later = [kind for kind in ("fidelity", "shallow") if kind in self.manifest.graphs]
 
         dims = {"batch": batch, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
@@ -431,6 +433,8 @@ class CairEngine:
             # Unguided fidelity runs unconditionally: the negative (unconditional) added conditions.
             unguided_inputs = {"text_embeds": negative_text_embeds, "time_ids": time_ids}
         context.set_inputs("planning", planning_inputs)
+        if schedule.planning_interval > 1:  # guided shallow steps read the same text and conditions
+            context.set_inputs("shallow_planning", planning_inputs)
         if added is not None:
             for kind in later:
                 context.set_inputs(kind, guided_inputs if cfg_fidelity else unguided_inputs)
@@ -444,7 +448,9 @@ class CairEngine:
             if evaluation.guided:
                 # Semantics planning: the full UNet with CFG at batch 2B; at step n its cache outputs
                 # are left in the device buffers fidelity reads (merged, or a cache per half with
-                # fidelity CFG: then fidelity and shallow steps stay guided up to m).
+                # fidelity CFG: then fidelity and shallow steps stay guided up to m). A guided shallow
+                # step writes the caches of the modules it runs into the same buffers, so at n each
+                # cache holds its module's last output: from step n, or from the last full step.
                 noise = context.run(evaluation.kind, np.concatenate([scaled, scaled]), timestep)
                 noise_uncond, noise_text = np.split(noise, 2)
                 noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
@@ -457,6 +463,7 @@ class CairEngine:
             if step <= planning_steps:
                 timings.planning_s += elapsed
                 timings.planning_steps += 1
+                timings.planning_shallow_steps += evaluation.kind == "shallow_planning"
             else:
                 timings.fidelity_s += elapsed
                 timings.fidelity_steps += 1

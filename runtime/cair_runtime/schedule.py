@@ -55,7 +55,10 @@ NON_UNIFORM_CENTER = 0.3  # its centre, 15 of 50 steps, as a fraction of the ste
 class Evaluation:
     """One UNet evaluation of the loop: which graph, and whether it runs guided."""
 
-    kind: str  # "planning" | "fidelity" (full UNet, emits the deep feature) | "shallow" (blocks outside the branch)
+    # "planning" (full UNet, text, caches and deep feature out) | "shallow_planning" (its blocks outside the
+    # branch, text read, on the kept deep feature) | "fidelity" (full UNet on the caches, emits the deep
+    # feature) | "shallow" (blocks outside the branch, on the caches and the kept deep feature)
+    kind: str
     guided: bool  # batch 2B with CFG (planning, fidelity before the guidance stop), else batch B
 
 
@@ -99,18 +102,26 @@ def full_evaluations(count: int, deep_interval: int, skip_mode: str) -> frozense
 
 
 def evaluation_plan(planning: int, guided: int, num_evaluations: int, deep_interval: int = 1,
-                    skip_mode: str = "uniform") -> tuple[Evaluation, ...]:
-    """The loop's evaluations: ``planning`` planning ones, guided up to ``guided``, deep caching after planning.
+                    skip_mode: str = "uniform", planning_interval: int = 1) -> tuple[Evaluation, ...]:
+    """The loop's evaluations: ``planning`` planning ones, guided up to ``guided``, deep caching in both phases.
 
-    ``planning`` and ``guided`` count evaluations (``planning_evaluations`` of n and of m); every
-    evaluation after the planning ones is full or shallow per ``full_evaluations``.
+    ``planning`` and ``guided`` count evaluations (``planning_evaluations`` of n and of m). Among
+    the planning ones a full planning evaluation every ``planning_interval``-th and guided shallow
+    ones between (DeepCache's own steps, text read); after them a full fidelity evaluation every
+    ``deep_interval``-th and shallow ones between; each phase placed per ``full_evaluations``.
     """
+    planned = full_evaluations(planning, planning_interval, skip_mode)
     full = full_evaluations(num_evaluations - planning, deep_interval, skip_mode)
-    return tuple(Evaluation("planning" if index < planning else
-                            "fidelity" if index - planning in full else "shallow", index < guided)
-                 for index in range(num_evaluations))
+
+    def kind(index: int) -> str:
+        if index < planning:
+            return "planning" if index in planned else "shallow_planning"
+        return "fidelity" if index - planning in full else "shallow"
+
+    return tuple(Evaluation(kind(index), index < guided) for index in range(num_evaluations))
 
 
+PLANNING_KINDS = ("planning", "shallow_planning")  # the evaluations of steps 1..n: guided, text read
 
 
 # --- the schedule value ----------------------------------------------------------------------------
@@ -155,8 +166,9 @@ class Schedule:
     cache_step: int  # n: steps 1..n plan (full UNet, CFG) and cache the cross-attention at n; n = T is the baseline
     guidance_stop: int  # m in n..T: guided (batch 2B) up to step m; m > n needs per-half caches (fidelity CFG)
     deep_interval: int = 1  # k: after n, a full fidelity step every k-th and shallow steps between (1: all full)
-    skip_mode: str = "uniform"  # where the full steps fall: "uniform" or DeepCache's "non-uniform"
+    skip_mode: str = "uniform"  # where the full steps fall (both phases): "uniform" or DeepCache's "non-uniform"
     strength: float | None = None  # image to image: how much of the schedule runs, (0, 1]; None: text to image
+    planning_interval: int = 1  # k_p: in steps 1..n, a full planning step every k_p-th, guided shallow ones between
 
     def __post_init__(self) -> None:
         if not is_integer(self.steps) or self.steps < 1:
@@ -176,10 +188,13 @@ class Schedule:
         if not is_integer(k) or k < 1:
             raise InvalidInputError(f"deep interval {k!r} must be an integer >= 1 (1: every step full)",
                                     field="deep_interval")
+        if not is_integer(self.planning_interval) or self.planning_interval < 1:
+            raise InvalidInputError(f"planning interval {self.planning_interval!r} must be an integer >= 1 (1: every "
+                                    "planning step full)", field="planning_interval")
         if self.skip_mode not in SKIP_MODES:
             raise InvalidInputError(f"skip mode {self.skip_mode!r} is unknown; expected one of {', '.join(SKIP_MODES)}",
                                     field="skip_mode")
-        for name in ("steps", "cache_step", "guidance_stop", "deep_interval"):  # numpy integers become ints
+        for name in ("steps", "cache_step", "guidance_stop", "deep_interval", "planning_interval"):  # numpy integers become ints
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.strength is not None:
             object.__setattr__(self, "strength", float(self.strength))
@@ -194,7 +209,7 @@ class Schedule:
         run = self.steps_run
         return evaluation_plan(planning_evaluations(self.cache_step, run, num_evaluations),
                                planning_evaluations(self.guidance_stop, run, num_evaluations),
-                               num_evaluations, self.deep_interval, self.skip_mode)
+                               num_evaluations, self.deep_interval, self.skip_mode, self.planning_interval)
 
     def parameters(self) -> dict[str, Any]:
         """The fields by name (``strength`` only for image to image): what a PNG, a JSON line or a
@@ -215,7 +230,8 @@ class Schedule:
     def label(self) -> str:
         """``T=25 n=5 m=5 k=1`` (and the skip mode and strength where they matter), for messages and reports."""
         text = f"T={self.steps} n={self.cache_step} m={self.guidance_stop} k={self.deep_interval}"
-        text += f" ({self.skip_mode})" if self.deep_interval > 1 else ""
+        text += f" k_p={self.planning_interval}" if self.planning_interval > 1 else ""
+        text += f" ({self.skip_mode})" if max(self.deep_interval, self.planning_interval) > 1 else ""
         return text + (f" strength={self.strength:g}" if self.strength is not None else "")
 
     def check_runs_on(self, manifest: Manifest, backend: Any = None) -> None:
@@ -232,8 +248,17 @@ class Schedule:
         if k > 1 and "shallow" not in manifest.graphs:
             raise InvalidInputError(f"deep interval {k} needs the shallow graph, which this folder lacks; re-export "
                                     "with --deep-branch B (or use --deep-interval 1)", field="deep_interval")
+        planning_shallow = self.planning_interval > 1
+        if planning_shallow and "shallow_planning" not in manifest.graphs:
+            raise InvalidInputError(f"planning interval {self.planning_interval} needs the guided shallow graph, which "
+                                    "this folder lacks; re-export it with --deep-branch B (or use --planning-interval 1)",
+                                    field="planning_interval")
         if backend is None:
             return
+        if planning_shallow and "shallow_planning" not in backend.kinds:
+            raise InvalidInputError(f"planning interval {self.planning_interval} needs the guided shallow graph, which "
+                                    "this backend does not run; use the onnxruntime backend or --planning-interval 1",
+                                    field="planning_interval")
         if (k > 1 or (cfg and m < self.steps_run)) and not backend.schedules:
             raise InvalidInputError("this backend runs planning and fidelity only (no guidance stop before T, no "
                                     "shallow steps); use the onnxruntime or aoti backend", field="deep_interval")
@@ -286,8 +311,12 @@ class Schedule:
                 _scaled(calibrated, run)[0]
             return cls(run, n, default_guidance_stop(n, run, cfg))
         n, m = _scaled(calibrated, run)
-        shallow = backend is None or "shallow" in backend.kinds
-        return cls(run, n, m, int(calibrated["deep_interval"]) if shallow else 1, str(calibrated["skip_mode"]))
+
+        def runs(kind: str) -> bool:
+            return kind in manifest.graphs and (backend is None or kind in backend.kinds)
+
+        return cls(run, n, m, int(calibrated["deep_interval"]) if runs("shallow") else 1, str(calibrated["skip_mode"]),
+                   planning_interval=int(calibrated.get("planning_interval", 1)) if runs("shallow_planning") else 1)
 
 
 SCHEDULE_FIELDS = tuple(field.name for field in dataclasses.fields(Schedule))

@@ -24,6 +24,7 @@ from cair_runtime.backends.pool import default_concurrency
 from cair_runtime.checks import is_integer
 from cair_runtime.errors import EngineMismatchError, InvalidInputError, MissingDependencyError
 from cair_runtime.manifest import Manifest
+from cair_runtime.schedule import PLANNING_KINDS
 
 GRAPH_OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -249,6 +250,7 @@ class OnnxRuntimeContext:
         self.caches: dict[str, ort.OrtValue] = {}  # cache name -> device buffer planning writes, fidelity reads
         self._outputs: dict[str, ort.OrtValue] = {}  # kind -> noise_pred buffer
         self._deep: ort.OrtValue | None = None  # the deep feature: fidelity writes it, shallow reads it
+        self._planning_deep: ort.OrtValue | None = None  # (2B, ...): planning writes it, guided shallow reads it
         self._deep_written = False  # a fidelity step has written it since the buffer was bound
         # inputs bound for a generation (OrtValues) or for the context's life (the switch graph's arrays),
         # kept alive here while bound
@@ -290,6 +292,16 @@ class OnnxRuntimeContext:
         if "shallow" in self.bindings:
             spec = manifest.graphs["fidelity"].outputs[1]
             self._bind_deep(self._buffer(spec.resolve(dims), spec.dtype))
+        if "shallow_planning" in self.bindings:
+            # Guided shallow steps: planning's deep feature in, and the caches of the modules they run
+            # out into planning's own buffers, so each cache holds its module's latest output.
+            name = manifest.deep_branch["name"]
+            spec = next(spec for spec in planning.outputs if spec.name == name)
+            self._planning_deep = self._buffer(spec.resolve(dims), spec.dtype)
+            self.bindings["planning"].bind_ortvalue_output(name, self._planning_deep)
+            self.bindings["shallow_planning"].bind_ortvalue_input(name, self._planning_deep)
+            for spec in manifest.graphs["shallow_planning"].outputs[1:]:
+                self.bindings["shallow_planning"].bind_ortvalue_output(spec.name, self.caches[spec.name])
         self._dims = dims
 
     def switch_to_fidelity(self) -> None:
@@ -318,7 +330,7 @@ class OnnxRuntimeContext:
 
         self._bind_caches({name: mean(value) for name, value in self.caches.items()})
         for kind, value in self._outputs.items():
-            if kind != "planning":
+            if kind not in PLANNING_KINDS:  # guided always: batch 2B
                 shape, dtype = value.shape(), self.backend.manifest.graphs[kind].outputs[0].dtype
                 self._outputs[kind] = self._buffer((shape[0] // 2, *shape[1:]), dtype)
                 self.bindings[kind].bind_ortvalue_output("noise_pred", self._outputs[kind])
@@ -355,5 +367,5 @@ class OnnxRuntimeContext:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
         self.bindings, self.sessions, self.caches, self._outputs, self._fixed = {}, {}, {}, {}, {}
-        self._deep = None
+        self._deep = self._planning_deep = None
         self._dims = None

@@ -2,7 +2,7 @@
 
 ``POST /v1/images/generations`` takes the OpenAI Images API's body (``prompt``, ``n``, ``size``,
 ``response_format``, ``model``) plus this project's parameters (``negative_prompt``, ``steps``,
-``cache_step``, ``guidance_stop``, ``deep_interval``, ``skip_mode``, ``guidance_scale``, ``seed``,
+``cache_step``, ``guidance_stop``, ``deep_interval``, ``planning_interval``, ``skip_mode``, ``guidance_scale``, ``seed``,
 ``scheduler``; the schedule's fields left out or null take the engine's calibrated schedule). Nothing is coerced: a wrong type, an
 unknown field or a value the engine cannot take is a 400 whose ``error.param`` names the field.
 No web framework here (plain data in, plain data out), so it is tested without a server.
@@ -79,7 +79,7 @@ class RequestValidator:
     """Checks request bodies against one engine (a ``CairText2Image``) and the service's limits."""
 
     FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_prompt", "steps", "cache_step",
-              "guidance_stop", "deep_interval", "skip_mode", "guidance_scale", "seed", "scheduler")
+              "guidance_stop", "deep_interval", "planning_interval", "skip_mode", "guidance_scale", "seed", "scheduler")
 
     def __init__(self, pipeline: Any, max_images: int, max_steps: int):
         self.pipeline, self.engine = pipeline, pipeline.engine
@@ -152,6 +152,8 @@ class RequestValidator:
                               "must be an integer (cache_step..steps) or null for the engine's default", None)
         deep_interval = field("deep_interval", lambda v: None if v is None or is_integer(v) else
                               "must be an integer >= 1 or null for the engine's default", None)
+        planning_interval = field("planning_interval", lambda v: None if v is None or is_integer(v) else
+                                  "must be an integer >= 1 or null for the engine's default", None)
         skip_mode = field("skip_mode", lambda v: None if v is None or v in SKIP_MODES else
                           f"must be one of {', '.join(SKIP_MODES)} or null for the engine's default", None)
         guidance = field("guidance_scale", lambda v: None if is_finite_number(v) else "must be a finite number", 7.5)
@@ -164,7 +166,8 @@ class RequestValidator:
             try:
                 schedule = self.engine.resolve_schedule({"steps": steps, "cache_step": cache_step,
                                                          "guidance_stop": guidance_stop,
-                                                         "deep_interval": deep_interval, "skip_mode": skip_mode})
+                                                         "deep_interval": deep_interval, "skip_mode": skip_mode,
+                                                         "planning_interval": planning_interval})
                 check_guidance_scale(guidance)
                 self.engine.make_scheduler(scheduler, schedule)
             except CairError as error:
