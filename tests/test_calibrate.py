@@ -131,9 +131,9 @@ def test_a_schedule_the_folder_cannot_run_is_refused(exported, tmp_path):
     folder = tmp_path / "engine"
     shutil.copytree(exported("tiny-sd15", with_pipeline=True), folder)  # merged caches, no shallow graph
     manifest = load_manifest(folder)
-    for bad, needle in (({"cache_step": 5, "guidance_stop": 8, "deep_interval": 1}, "fidelity_guidance cfg"),
+    for bad, needle in (({"cache_step": 5, "guidance_stop": 8, "deep_interval": 1}, "--fidelity-guidance cfg"),
                         ({"cache_step": 5, "guidance_stop": 5, "deep_interval": 2}, "shallow graph"),
-                        ({"cache_step": 9, "guidance_stop": 9, "deep_interval": 1}, "1 <= n <= m <= T")):
+                        ({"cache_step": 9, "guidance_stop": 9, "deep_interval": 1}, r"cache step 9 is outside 1\.\.8")):
         section = {"steps": 8, "skip_mode": "uniform", **bad}
         (folder / MANIFEST_NAME).write_text(dataclasses.replace(manifest, schedule=section).to_json())
         with pytest.raises(ManifestError, match=needle):

@@ -306,7 +306,7 @@ class CairEngine:
         return self.denoise_resolved(
             prompt_embeds, negative_prompt_embeds, schedule, self.make_scheduler(scheduler, schedule), guidance_scale,
             latents=latents, height=height, width=width, seed=seed, text_embeds=text_embeds,
-            negative_text_embeds=negative_text_embeds, callback=callback, loras=self.resolve_loras(loras),
+            negative_text_embeds=negative_text_embeds, callback=callback, lora_set=self.resolve_loras(loras),
             image_latents=image_latents, generators=generators, cache_observer=cache_observer)
 
     def denoise_resolved(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None,
