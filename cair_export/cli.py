@@ -75,8 +75,8 @@ def _command_line() -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cair_export.core.export import (ExportConfig, check_export_options, check_output_dir, export_lock,
-                                         export_model)
+    from cair_export.core.export import ExportConfig, check_export_options, export_model
+    from cair_export.core.folder_transaction import check_output_dir, export_lock
     from cair_export.core.models import load_model
     from cair_export.core.models.loading import model_folder
     from cair_runtime.lora import parse_lora_arg

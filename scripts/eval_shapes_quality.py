@@ -25,6 +25,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from cair_export.assets import asset_path
 from cair_export.lab.shapes import classifier as shape_classifier
 from cair_export.lab.shapes import data
 
@@ -34,7 +35,7 @@ ATTRIBUTES = ("shape", "colour", "background", "size", "position")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "cair_export" / "lab" / "assets" / "shapes")
+    parser.add_argument("--model", type=Path, default=asset_path("shapes"))
     parser.add_argument("--classifier", type=Path, default=shape_classifier.DEFAULT_PATH)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")

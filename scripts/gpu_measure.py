@@ -8,7 +8,7 @@ weights of the published architecture (preset ``sd21``) at 512x512, 25 DDIM step
 - (b) ``torch-cair``: the torch reference ``cair_denoise`` at n = T, 5, 10;
 - (c) ``aoti``: the runtime (``CairEngine(backend="aoti")``) over AOTInductor packages compiled here
   with static shapes (batch 1, 512x512), at n = T, 5, 10;
-- (d) deep-feature caching (issue 15): ``aoti-kK`` the same packages plus DeepCache's shallow graph
+- (d) deep-feature caching (DeepCache's cut on top of CAIR's): ``aoti-kK`` the same packages plus DeepCache's shallow graph
   (branch ``--deep-branch``) at n = the first cache step and deep interval K (``--deep-intervals``,
   default 3), and ``torch-cair-kK`` the torch reference of that schedule.
 

@@ -41,19 +41,19 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from cair_export.assets import asset_path
 from cair_export.lab.shapes import classifier as shape_classifier
 from cair_export.lab.shapes import data
 from cair_export.core.models.tokenizer import write_tokenizer
 
-ASSETS = Path(__file__).resolve().parent.parent / "cair_export" / "lab" / "assets"
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0  # seeds data, initialisation and every random draw
     threads: int = 2  # torch CPU threads
-    out: Path = ASSETS / "shapes"  # pipeline folder
-    classifier_out: Path = ASSETS / "shapes_classifier"  # classifier folder
+    out: Path = asset_path("shapes")  # pipeline folder
+    classifier_out: Path = asset_path("shapes_classifier")  # classifier folder
     stages: str = "vae,decoder,classifier,unet"  # comma-separated subset to run, in this order
     num_images: int = 30000  # training images generated once, shared by all stages
     pair_fraction: float = 0.2  # share of two-object scenes

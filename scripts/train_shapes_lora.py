@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cair_export.assets import asset_path
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 PROMPTS = ["a large red circle on a white background", "a small blue square on a yellow background",
@@ -33,11 +35,10 @@ def train(args: argparse.Namespace) -> Path:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    from cair_export.core.models.presets import shipped_model_path
     from cair_export.lab.shapes.data import generate
 
     torch.manual_seed(args.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(str(shipped_model_path("shapes")), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(asset_path("shapes")), safety_checker=None)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
@@ -104,7 +105,7 @@ def grid(lora: Path, engine: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "cair_export/lab/assets/shapes_lora/negative.safetensors"))
+    parser.add_argument("--out", default=str(asset_path("shapes_lora") / "negative.safetensors"))
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)

@@ -1,8 +1,8 @@
 """The package map holds: no import cycles, dependencies point one way (docs/architecture.md).
 
-Every ``.py`` under ``cair_export/`` and ``runtime/cair_runtime/`` is parsed with ``ast`` (nothing is
-imported), and its imports, at module level and inside functions alike, become edges of a module
-graph.
+Every ``.py`` under ``cair_export/``, ``runtime/cair_runtime/`` and ``scripts/`` is parsed with ``ast``
+(nothing is imported), and its imports, at module level and inside functions alike, become edges of
+a module graph.
 """
 
 from __future__ import annotations
@@ -11,11 +11,19 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"cair_export": ROOT / "cair_export", "cair_runtime": ROOT / "runtime" / "cair_runtime"}
-# What the runtime never imports at module level (DESIGN.md section 4): it runs without them.
+PACKAGES = {"cair_export": ROOT / "cair_export", "cair_runtime": ROOT / "runtime" / "cair_runtime",
+            "scripts": ROOT / "scripts"}
+# What the runtime never imports at module level: it installs with numpy and onnxruntime alone, so a
+# serving host needs none of the exporter's stack (torch only inside the AOTInductor backend).
 RUNTIME_FORBIDDEN = ("cair_export", "torch", "diffusers", "transformers", "onnx")
 # The layers of the exporter: a module may import its own layer and the ones before it, never after.
-LAYERS = ("cair_export.core", "cair_export.deploy", "cair_export.lab", "cair_export.cli")
+# ``cair_export.assets`` (where shipped data lies) comes first: every layer may read it.
+LAYERS = ("cair_export.assets", "cair_export.core", "cair_export.deploy", "cair_export.lab", "cair_export.cli")
+# The runtime's own layers: serving sits on top of everything else in it, and the backends (which run
+# one graph call) know nothing of the request path that drives them.
+RUNTIME_TOP = "cair_runtime.serve"
+BACKENDS = "cair_runtime.backends"
+ABOVE_BACKENDS = ("cair_runtime.pipeline", "cair_runtime.text2image", "cair_runtime.serve", "cair_runtime.cli")
 
 
 def _module_name(package: str, folder: Path, path: Path) -> str:
@@ -95,15 +103,20 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
 def _layer(module: str) -> int | None:
-    return next((i for i, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")), None)
+    return next((i for i, prefix in enumerate(LAYERS) if _within(module, prefix)), None)
 
 
 def test_the_graph_sees_the_packages():
     edges, _ = _graph()
     assert {"cair_export.cli", "cair_export.core.export", "cair_export.deploy.build", "cair_export.lab.demo",
-            "cair_runtime.pipeline"} <= set(edges)
+            "cair_runtime.pipeline", "cair_runtime.serve.app", "scripts.bench"} <= set(edges)
     assert "cair_export.core.export" in edges["cair_export.cli"]  # function-level imports count
+    assert "cair_export.core.export" in edges["scripts.bench_lora"]
 
 
 def test_no_import_cycles():
@@ -135,6 +148,33 @@ def test_layers_point_one_way():
             theirs = _layer(target)
             if own is not None and theirs is not None and theirs > own:
                 problems.append(f"{module} imports {target}")
+    assert not problems, problems
+
+
+def test_scripts_sit_on_top():
+    """scripts/ may use the exporter and the runtime; nothing imports a script, not even another script
+    (run as ``python scripts/x.py``, a sibling would import by its bare name)."""
+    _, raw = _graph()
+    names = {path.stem for path in PACKAGES["scripts"].glob("*.py")}
+    problems = [f"{module} imports {target}" for module, imports in raw.items() for target, _ in imports
+                if _within(target, "scripts") or (_within(module, "scripts") and target.split(".")[0] in names)]
+    assert not problems, problems
+
+
+def test_serve_sits_on_top_of_the_runtime():
+    """Nothing else in cair_runtime imports cair_runtime.serve."""
+    edges, _ = _graph()
+    problems = [f"{module} imports {target}" for module, targets in edges.items()
+                if _within(module, "cair_runtime") and not _within(module, RUNTIME_TOP)
+                for target in targets if _within(target, RUNTIME_TOP)]
+    assert not problems, problems
+
+
+def test_backends_never_import_the_request_path():
+    """cair_runtime.backends never imports the pipeline, text2image, serving or the CLI."""
+    edges, _ = _graph()
+    problems = [f"{module} imports {target}" for module, targets in edges.items() if _within(module, BACKENDS)
+                for target in targets if any(_within(target, above) for above in ABOVE_BACKENDS)]
     assert not problems, problems
 
 

@@ -1,4 +1,4 @@
-"""Deep-feature caching (issue 15) in torch, against DeepCache's own code (PyPI ``DeepCache`` 0.1.1).
+"""Deep-feature caching (DeepCache's cut on top of CAIR's) in torch, against DeepCache's own code (PyPI ``DeepCache`` 0.1.1).
 
 The oracle is DeepCache's ``DeepCacheSDHelper``, which caches module outputs of a plain diffusers
 UNet; its pipeline module does not import with today's diffusers, so its non-uniform schedule

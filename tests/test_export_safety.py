@@ -18,7 +18,8 @@ from diffusers import UNet2DConditionModel
 
 import cair_export.core.export as export_module
 from cair_export.cli import main
-from cair_export.core.export import ExportConfig, export_lock, export_model
+from cair_export.core.export import ExportConfig, export_model
+from cair_export.core.folder_transaction import export_lock
 from cair_export.core.models import load_model
 from cair_export.core.models.presets import PRESETS
 from cair_runtime.errors import InvalidInputError
@@ -126,7 +127,7 @@ def test_second_export_to_the_same_folder_fails_at_once(tmp_path, capsys, one_li
     """One process holds the target's lock (as a running export does); the CLI export fails in one line."""
     out = tmp_path / "engine"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cair_export.core.export import export_lock\n"
+        [sys.executable, "-c", "import sys, time; from cair_export.core.folder_transaction import export_lock\n"
                                "with export_lock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
          str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
     try:

@@ -9,8 +9,9 @@ import pytest
 from cair_export.core.graphs import CairGraph, cache_specs, graph_specs
 from cair_export.core.models import load_model
 from cair_export.core.precision import convert_graph_precision, lower_exported_graphs, precision_islands
-from cair_export.core.precision import validate_graph_precision
 from cair_export.core.reference import CrossAttentionCache
+from cair_export.core.validation import ValidationReport, torch_outputs, validate_graphs
+from cair_export.core.verify import TOLERANCES
 
 SHAPES = [{"batch": 1, "latent_height": 8, "latent_width": 12, "text_len": 77}]
 
@@ -23,10 +24,19 @@ def _graphs(preset):
     return {kind: CairGraph(model.unet, cache, io) for kind, io in ios.items()}
 
 
+def _validate(preset, folder, dtype, executor):
+    """The export's validation loop on the lowered ``folder/<kind>.onnx`` against the fp32 torch modules."""
+    graphs = _graphs(preset)
+    expected = torch_outputs(graphs, SHAPES, progress=lambda m: None)
+    report = ValidationReport()
+    executors = validate_graphs({kind: graph.io for kind, graph in graphs.items()}, folder, SHAPES, expected,
+                                TOLERANCES[dtype], lambda m: None, report, executor=executor)
+    return report, executors
+
+
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sd21", "tiny-sdxl"])
 def test_fp16_islands_are_in_the_onnx_and_accuracy_holds(exported, tmp_path, preset):
     folder = exported(preset)
-    files = {}
     for kind in ("planning", "fidelity"):
         original = onnx.load(str(folder / f"{kind}.onnx"))
         softmax = sum(node.op_type == "Softmax" for node in original.graph.node)
@@ -42,14 +52,12 @@ def test_fp16_islands_are_in_the_onnx_and_accuracy_holds(exported, tmp_path, pre
         converted = onnx.load(str(tmp_path / f"{kind}.onnx"))
         io = [*converted.graph.input, *converted.graph.output]
         assert {value.type.tensor_type.elem_type for value in io} == {onnx.TensorProto.FLOAT}  # IO stays float32
-        files[kind] = f"{kind}.onnx"
     # onnxruntime CPU executes it (upcasting fp16 ops it lacks kernels for); the reference
     # evaluator rounds every op in fp16, the stricter check.
     for executor in ("auto", "reference"):
-        validation = validate_graph_precision(_graphs(preset), tmp_path, SHAPES, "fp16", files=files,
-                                              progress=lambda m: None, executor=executor)
-        assert validation["failures"] == [], validation["failures"]
-        assert max(check["relative"] for check in validation["checks"]) < 2e-2
+        report, _ = _validate(preset, tmp_path, "fp16", executor)
+        assert report.failures == [], report.failures
+        assert max(check["relative"] for check in report.checks) < 2e-2
 
 
 def test_bf16_keeps_convolutions_fp32_under_opset_17_and_runs_in_the_reference_evaluator(exported, tmp_path):
@@ -59,11 +67,9 @@ def test_bf16_keeps_convolutions_fp32_under_opset_17_and_runs_in_the_reference_e
         assert report["dtype"] == "bfloat16"
         assert report["kept_fp32_ops"]["Conv"] > 0  # ONNX Conv takes bfloat16 only from opset 22
         assert precision_islands(tmp_path / f"{kind}.onnx")["softmax_low"] == 0
-    validation = validate_graph_precision(_graphs("tiny-sd21"), tmp_path, SHAPES, "bf16",
-                                          files={"planning": "planning.onnx", "fidelity": "fidelity.onnx"},
-                                          progress=lambda m: None)
-    assert validation["failures"] == []
-    assert "onnx.reference" in validation["executors"]["planning"]  # onnxruntime CPU has no bf16 Gemm
+    report, executors = _validate("tiny-sd21", tmp_path, "bf16", "auto")
+    assert report.failures == []
+    assert "onnx.reference" in executors["planning"]  # onnxruntime CPU has no bf16 Gemm
 
 
 def test_lower_exported_graphs_replaces_the_folder_graphs(exported, tmp_path):
@@ -99,7 +105,7 @@ def test_compare_checks_fp16_graphs_against_the_fp32_reference(exported, tmp_pat
     """An fp16 folder (as `cair-export export --dtype fp16` writes it) compared with its fp32 export."""
     import dataclasses
 
-    from cair_export.deploy.folder import write_manifest
+    from cair_export.core.engine_manifest import write_manifest
     from cair_export.deploy.compare import compare_engines, format_table
     from cair_runtime.errors import InvalidInputError
     from cair_runtime.manifest import load_manifest, record_file

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cair_export.assets import ASSETS_DIR, asset_path
 from cair_export.lab.shapes import classifier as shape_classifier
 from cair_export.lab.shapes import data
 
-ASSETS = Path(__file__).resolve().parent.parent / "cair_export" / "lab" / "assets"
-PIPELINE = ASSETS / "shapes"
+PIPELINE = asset_path("shapes")
 MAX_ASSET_BYTES = 20 * 1024 * 1024
 
 
@@ -80,7 +79,7 @@ def test_held_out_prompts_are_never_drawn_for_training():
 
 
 def test_assets_are_small_and_safetensors():
-    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    files = [p for p in ASSETS_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= MAX_ASSET_BYTES
     weights = [p for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}]
     assert weights and all(p.suffix == ".safetensors" for p in weights), weights

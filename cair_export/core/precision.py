@@ -2,7 +2,7 @@
 
 TensorRT builds strongly typed (the precision builder flags were deprecated in 10.12 and removed
 in 11), so precision must already be in the ONNX. This pass rewrites the fp32 graph the exporter
-validated; it does not re-trace. What stays fp32 (DESIGN.md section 5):
+validated; it does not re-trace. What stays fp32, each for the reason given:
 
 - attention scores ``QK^T`` and their softmax (SD-2.x overflows in fp16 otherwise: black images);
 - normalisations (LayerNormalization; GroupNorm, which the TorchScript exporter emits as
@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from cair_export.core.onnx_io import TensorWriter, read_tensor
-from cair_export.core.verify import TOLERANCES, compare_outputs, named_outputs, run_module, run_session
 from cair_runtime.errors import InvalidInputError
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -347,68 +346,6 @@ def precision_islands(path: str | Path) -> dict[str, int]:
     return dict(counts)
 
 
-# --- validation against the torch model ----------------------------------------------------------
-
-
-def run_onnx(path: str | Path, inputs: Mapping[str, np.ndarray], executor: str = "auto"
-             ) -> tuple[dict[str, np.ndarray], str]:
-    """Execute a graph on the CPU; return its outputs by name and which executor ran it.
-
-    onnxruntime's CPU provider first. It runs fp16 nodes that lack a CPU fp16 kernel in fp32
-    (its InsertCastTransformer), so it checks the graph, not fp16 rounding. Where onnxruntime
-    refuses the graph (bf16 has almost no CPU kernels), onnx's reference evaluator runs it in
-    numpy with the declared types: slow, for tiny models. ``executor="reference"`` uses it directly,
-    for true fp16 rounding.
-    """
-    from cair_runtime.backends.onnxruntime import make_session
-
-    if executor == "reference":
-        return _run_reference_evaluator(path, inputs), "onnx.reference"
-    try:
-        session = make_session(path)
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors/Fail
-        reason = str(error).splitlines()[0][:200]
-        return _run_reference_evaluator(path, inputs), f"onnx.reference (onnxruntime CPU refused: {reason})"
-    return run_session(session, inputs), "onnxruntime CPU"
-
-
-def _run_reference_evaluator(path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
-
-    evaluator = ReferenceEvaluator(str(path))
-    outputs = [np.asarray(o, dtype=np.float32) for o in evaluator.run(None, dict(inputs))]
-    return named_outputs(evaluator.output_names, outputs, f"onnx.reference on {Path(path).name}")
-
-
-def validate_graph_precision(graphs: Mapping[str, Any], folder: Path, shapes: list[dict[str, int]], dtype: str,
-                             tolerance: float | None = None, files: Mapping[str, str] | None = None,
-                             progress: Callable[[str], None] = print, executor: str = "auto") -> dict[str, Any]:
-    """Run each low-precision graph against its fp32 torch module (``cair_export.core.graphs.CairGraph``).
-
-    Relative error is max abs error over max abs reference value per output; fails beyond
-    ``tolerance`` (default ``TOLERANCES[dtype]``). Returns checks, executors used and failures.
-    """
-    from cair_export.core.graphs import make_inputs
-
-    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
-    report: dict[str, Any] = {"dtype": DTYPES[dtype], "tolerance": tolerance, "checks": [], "executors": {},
-                              "failures": []}
-    for kind, graph in graphs.items():
-        path = folder / (files[kind] if files else f"{kind}.onnx")
-        for seed, dims in enumerate(shapes):
-            progress(f"validating {DTYPES[dtype]} {kind} at batch={dims['batch']} "
-                     f"latent={dims['latent_height']}x{dims['latent_width']}")
-            inputs = make_inputs(graph.io, dims, seed=200 + seed)
-            actual, used = run_onnx(path, inputs, executor)
-            report["executors"][kind] = used
-            for check in compare_outputs(actual, run_module(graph, inputs), tolerance, f"{DTYPES[dtype]} {kind}"):
-                report["checks"].append({"graph": kind, "dims": dims, "output": check.output,
-                                         "max_abs": check.max_abs, "relative": check.relative})
-                if not check.ok:
-                    report["failures"].append(f"{check.problem(kind)} at {dims}")
-    return report
-
-
 def lower_exported_graphs(kinds: Iterable[str], folder: Path, dtype: str, progress: Callable[[str], None] = print
                           ) -> tuple[list[str], dict[str, Any]]:
     """The export's precision step: rewrite ``folder/<kind>.onnx`` in place in ``dtype``, one tensor at a time.
@@ -416,7 +353,7 @@ def lower_exported_graphs(kinds: Iterable[str], folder: Path, dtype: str, progre
     Returns the files now making up the graphs (``<kind>.onnx`` and its ``.onnx.data``) and the
     conversion report (per graph: nodes lowered and kept, islands counted in the ONNX). Other files
     the old graphs pointed into (the export's shared weights) are left for the caller. Validation
-    against the fp32 torch model is the export's (``cair_export.core.export.validate_graphs``).
+    against the fp32 torch model is the export's (``cair_export.core.validation.validate_graphs``).
     """
     report: dict[str, Any] = {"dtype": DTYPES[dtype], "graphs": {}}
     files: list[str] = []

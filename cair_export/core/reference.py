@@ -4,7 +4,7 @@ This is the oracle every exported graph and the runtime are checked against, and
 PyTorch implementation in its own right (``CrossAttentionCache`` works on any diffusers
 ``UNet2DConditionModel``).
 
-Semantics (DESIGN.md section 1, T-GATE's ``tgate_processor``): steps 1..n run the full UNet with
+Semantics (those of T-GATE's ``tgate_processor``, whose cross-attention caching CAIR follows): steps 1..n run the full UNet with
 classifier-free guidance at batch 2B (unconditional half first). At step n every ``attn2`` output
 (after ``to_out``, before the residual add) is kept, merged as the mean of the two halves. Steps
 n+1..T run at batch B without guidance; each ``attn2`` returns its kept tensor and SDXL's added

@@ -12,7 +12,8 @@ Latent sizes must be multiples of the UNet's upsampling factor: diffusers branch
 ``size % factor`` (``forward_upsample_size``), which ``torch.export`` cannot keep symbolic, so the
 packages are exported for the multiples only and the runtime refuses other sizes with a message.
 
-Weights once (DESIGN.md section 11): the packages are compiled without their weights
+Weights once (fidelity's weights are nearly all planning's: two whole packages would hold the UNet
+twice): the packages are compiled without their weights
 (``aot_inductor.package_constants_in_so=False``); the UNet's weights are written once beside them,
 ``aoti_weights.safetensors`` keyed by the constants' FQNs (fidelity's are a subset of planning's),
 and the runtime gives the same device tensors to both packages (``load_constants(...,
@@ -252,8 +253,7 @@ def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 
     and run faster, for measuring one configuration (``scripts/gpu_measure.py``). ``deep_branch_id``
     adds DeepCache's shallow graph cut at that branch (deep intervals k > 1).
     """
-    import json
-
+    from cair_export.core.engine_manifest import model_record
     from cair_export.core.graphs import cache_specs, graph_dims, graph_specs
     from cair_runtime.manifest import SCHEMA_VERSION, Dim, GraphSpec
 
@@ -266,9 +266,7 @@ def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 
     ios = graph_specs(model, caches, fidelity_guidance, branch)
     return Manifest(
         schema_version=SCHEMA_VERSION, producer={"torch": torch.__version__},
-        model={"name": model.name, "source": model.source, "family": model.family, "dtype": "float32",
-               "vae_scale_factor": model.vae_scale_factor, "cache_step_hint": 5,
-               "unet_config": json.loads(json.dumps(dict(model.unet.config), default=str))},
+        model=model_record(model),
         scheduler_config=model.scheduler_config, fidelity_guidance=fidelity_guidance, dims=dims,
         graphs={kind: GraphSpec(kind, f"{kind}.pt2", io.inputs, io.outputs, format="aoti") for kind, io in ios.items()},
         caches=caches, files=(), deep_branch=None if branch is None else branch.as_dict())

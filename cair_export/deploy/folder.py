@@ -1,7 +1,7 @@
 """Updates of an engine folder's files and manifest, in one step as far as a reader can tell.
 
 Shared by the TensorRT and AOTInductor builds (``build.py``, ``aoti.py``): new files are staged,
-moved into place, and ``manifest.json`` is replaced last with an atomic rename.
+moved into place, and ``manifest.json`` is replaced last (``core.engine_manifest.write_manifest``).
 """
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from cair_runtime.files import write_atomically
-from cair_runtime.manifest import MANIFEST_NAME, EngineRecord, Manifest, record_file, stamp_verified
-
-
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Replace ``manifest.json`` in one step (``write_atomically``: a temporary file beside it, then a rename)."""
-    write_atomically(folder / MANIFEST_NAME, lambda file: file.write(manifest.to_json().encode()))
+from cair_export.core.engine_manifest import write_manifest
+from cair_runtime.manifest import EngineRecord, Manifest, record_file, stamp_verified
 
 
 def install_engines(folder: Path, manifest: Manifest, staged: Mapping[str, Path],

@@ -121,10 +121,10 @@ def schedule_macs(manifest: Any, steps: int, height: int, width: int) -> Callabl
 
 def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the calibration; returns the schedule section (with its evidence) it wrote or would write."""
-    from cair_export.core.export import export_lock
+    from cair_export.core.engine_manifest import write_manifest
+    from cair_export.core.folder_transaction import export_lock
     from cair_export.lab.profile import read_prompts
-    from cair_runtime.manifest import MANIFEST_NAME, load_manifest
-    from cair_runtime.files import write_atomically
+    from cair_runtime.manifest import load_manifest
     from cair_runtime.text2image import CairText2Image
 
     if config.steps < 2:
@@ -201,7 +201,7 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
         with export_lock(folder):  # not while an export replaces the folder
             current = load_manifest(folder, verify="none")  # the newest manifest, in case it changed meanwhile
             updated = dataclasses.replace(current, schedule=section)
-            write_atomically(folder / MANIFEST_NAME, lambda file: file.write(updated.to_json().encode()))
+            write_manifest(folder, updated)
     return section
 
 

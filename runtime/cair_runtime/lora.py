@@ -2,7 +2,7 @@
 say which graph initializer each one replaces.
 
 A LoRA on a weight ``W`` (out x in[, kh, kw]) adds ``scale * (alpha / rank) * up @ down``
-(DESIGN.md section 10; peft's ``LoraLayer.get_delta_weight``). The exporter records in the
+(peft's ``LoraLayer.get_delta_weight``). The exporter records in the
 manifest's ``lora.targets`` where each model weight lives in each graph: the initializer, its
 layout (``same``, or ``transposed`` for the TorchScript exporter's MatMul weights) and its bytes in a
 weights file. The fidelity graph has no cross-attention K/V/Q/out weights (``attn2``): their

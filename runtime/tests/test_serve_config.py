@@ -7,7 +7,7 @@ import pytest
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.serve.config import ScalingConfig, ServiceConfig, as_args, parse_config
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "serving"
 
 
 def test_strings_and_yaml_scalars_give_the_same_configs():

@@ -11,15 +11,8 @@ from typing import Any
 
 import torch
 
-from cair_export.core.models.presets import (
-    PRESETS,
-    SCHEDULER_SD15,
-    SHIPPED_MODELS,
-    TINY_VAE,
-    TINY_WORDS,
-    Preset,
-    shipped_model_path,
-)
+from cair_export.assets import SHIPPED_MODELS, asset_path
+from cair_export.core.models.presets import PRESETS, SCHEDULER_SD15, TINY_VAE, TINY_WORDS, Preset
 from cair_export.core.sizes import vae_scale_factor
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.manifest import DEFAULT_VAE_SCALE_FACTOR
@@ -103,7 +96,7 @@ def load_model(name_or_path: str, device: str = "cpu", with_pipeline: bool = Fal
     if name_or_path in PRESETS:
         return _build_preset(PRESETS[name_or_path], device, with_pipeline)
     if name_or_path in SHIPPED_MODELS:
-        path = Path(str(shipped_model_path(name_or_path)))
+        path = asset_path(name_or_path)
         if not (path / "model_index.json").is_file():
             raise InvalidInputError(f"the shipped model {name_or_path!r} is missing from {path}; reinstall cair-export")
         model = _load_folder(path, device, with_pipeline)
@@ -123,7 +116,7 @@ def model_folder(name_or_path: str) -> Path | None:
     if name_or_path in PRESETS:
         return None
     if name_or_path in SHIPPED_MODELS:
-        return Path(str(shipped_model_path(name_or_path)))
+        return asset_path(name_or_path)
     return Path(name_or_path)
 
 

@@ -74,17 +74,6 @@ TINY_WORDS = ("a", "above", "at", "background", "below", "black", "blue", "botto
               "gray", "green", "in", "large", "left", "of", "on", "orange", "purple", "red", "right", "small",
               "square", "star", "the", "top", "triangle", "white", "yellow")
 
-# Trained models shipped inside the package (diffusers pipeline folders, safetensors).
-SHIPPED_MODELS = {
-    "shapes": "lab/assets/shapes",  # the project's own text-to-image model: scripts/train_shapes.py
-}
-
-
-def shipped_model_path(name: str):
-    """Folder of a shipped model (an importlib.resources Traversable)."""
-    return resources.files("cair_export").joinpath(SHIPPED_MODELS[name])
-
-
 def _arch(name: str) -> dict[str, Any]:
     text = resources.files("cair_export.core.models.arch").joinpath(f"{name}-unet.json").read_text()
     config = json.loads(text)

@@ -5,6 +5,6 @@
 - `classifier`: the CNN that names shape, colour, background, size and position of an image,
   used to measure prompt following (`scripts/eval_shapes_quality.py`).
 
-The trained StableDiffusionPipeline folder ships in `cair_export/lab/assets/shapes/` and the classifier
-in `cair_export/lab/assets/shapes_classifier/`; `scripts/train_shapes.py` rebuilds both.
+The trained StableDiffusionPipeline folder ships as the asset `shapes` and the classifier as
+`shapes_classifier` (`cair_export.assets` knows where they lie); `scripts/train_shapes.py` rebuilds both.
 """

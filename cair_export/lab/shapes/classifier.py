@@ -2,7 +2,7 @@
 
 One convolutional trunk, one linear head per attribute (shape, colour, background, size,
 position). It is trained on generator images (`scripts/train_shapes.py`) and shipped as
-`cair_export/lab/assets/shapes_classifier/` (model.safetensors + config.json).
+the asset ``shapes_classifier`` (``cair_export.assets``: model.safetensors + config.json).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cair_export.assets import asset_path
 from cair_export.lab.shapes import data
 from cair_runtime.errors import InvalidInputError
 
@@ -26,7 +27,7 @@ HEADS: dict[str, tuple[str, ...]] = {
     "size": data.SIZES,
     "position": data.POSITIONS,
 }
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes_classifier"
+DEFAULT_PATH = asset_path("shapes_classifier")
 
 
 class ShapeClassifier(nn.Module):

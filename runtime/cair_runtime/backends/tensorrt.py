@@ -134,7 +134,7 @@ class DeviceBuffer:
 class TensorRTBackend:
     """planning.plan and fidelity.plan on CUDA device ``device_id``: the engines, shared by every context."""
 
-    schedules = False  # planning and fidelity only: no guidance stop before T, no shallow graph (issue 15)
+    schedules = False  # planning and fidelity only: no guidance stop before T, no deep-feature caching
 
     def __init__(self, folder: str | Path, manifest: Manifest, device_id: int = 0, cuda_graphs: bool = False,
                  max_concurrency: int | None = None):
