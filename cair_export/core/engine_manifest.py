@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cair_export.core.graphs import GraphIO
+from cair_export.core.graphs import UNET_KINDS, GraphIO
 from cair_export.core.models import LoadedModel
 from cair_export.core.precision import DTYPES
 from cair_runtime.files import write_atomically
@@ -79,8 +79,9 @@ def lora_targets(model: LoadedModel, unet_digests: dict | None, work: Path, weig
     below_branch = [weight.removesuffix(".weight") for weight in unet_digests
                     if weight.removesuffix(".weight") not in shallow_paths]
     targets = {kind: weight_targets(unet_digests, work, weights["graphs"][kind], weights["file"], "unet",
-                                    skip={"planning": (), "fidelity": cached, "shallow": cached + below_branch}[kind])
-               for kind in ("planning", "fidelity", "shallow") if kind in weights["graphs"]}
+                                    skip={"planning": (), "fidelity": cached, "shallow": cached + below_branch,
+                                          "shallow_planning": below_branch}[kind])
+               for kind in UNET_KINDS if kind in weights["graphs"]}
     for index, encoder in enumerate(model.text_encoders):
         kind = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
         targets[kind] = weight_targets(weight_digests(encoder.model), work, text_weights[kind]["graphs"][kind],

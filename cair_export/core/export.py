@@ -23,6 +23,7 @@ from cair_export.core.deep_feature import deep_branch
 from cair_export.core.engine_manifest import export_manifest, lora_targets, write_manifest
 from cair_export.core.folder_transaction import check_output_dir, folder_transaction
 from cair_export.core.graphs import (
+    UNET_KINDS,
     CairGraph,
     GraphIO,
     TextEncoderGraph,
@@ -188,7 +189,6 @@ def _export_onnx(graph: CairGraph, io: GraphIO, inputs: dict[str, np.ndarray], f
     return files
 
 
-UNET_KINDS = ("planning", "fidelity", "shallow")
 UNET_FILES = tuple(f"{kind}.onnx" for kind in UNET_KINDS) + (SHARED_WEIGHTS,)
 
 

@@ -23,6 +23,8 @@ from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
 
 TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)
+# The UNet graphs, in the order each one's handoff check needs the one before.
+UNET_KINDS = ("planning", "fidelity", "shallow", "shallow_planning")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from cair_export.core.graphs import CairGraph, GraphIO, make_inputs
+from cair_export.core.graphs import UNET_KINDS, CairGraph, GraphIO, make_inputs
 from cair_export.core.memory import free_memory
 from cair_export.core.verify import OutputCheck, compare_outputs, named_outputs, run_module, run_session
 from cair_runtime.backends.onnxruntime import make_session, shared_weights, switch_feeds
@@ -79,6 +79,10 @@ def torch_outputs(graphs: dict[str, CairGraph], shapes: list[dict[str, int]],
         handed = {**expected["planning", 0], **expected["chained", 0]}
         expected["chained", 1] = run_module(graphs["shallow"], handoff_inputs(graphs["shallow"].io, shapes[0],
                                                                               handed, seed=9))
+    if "shallow_planning" in graphs:  # ("chained", 2): a guided shallow step on planning's deep feature
+        progress(f"torch reference: planning -> guided shallow handoff at {dims_text(shapes[0])}")
+        expected["chained", 2] = run_module(graphs["shallow_planning"], handoff_inputs(
+            graphs["shallow_planning"].io, shapes[0], expected["planning", 0], seed=10))
     return expected
 
 
@@ -108,7 +112,7 @@ def validate_graphs(ios: dict[str, GraphIO], folder: Path, shapes: list[dict[str
         raise ValueError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     initializers = shared_weights(folder, weights)
     executors, planned, chained = {}, None, None
-    for kind in sorted(ios, key=("planning", "fidelity", "shallow").index):  # each handoff needs the graph before
+    for kind in sorted(ios, key=UNET_KINDS.index):  # each handoff needs the graph before
         io = ios[kind]  # one session at a time: lowered graphs get private fp32 copies on the CPU
         run, executors[kind] = _graph_runner(folder / f"{kind}.onnx", initializers.get(kind), executor)
         for index, dims in enumerate(shapes):
@@ -126,6 +130,11 @@ def validate_graphs(ios: dict[str, GraphIO], folder: Path, shapes: list[dict[str
             actual = run(handoff_inputs(io, shapes[0], {**planned, **chained}, seed=9))
             report.add("chained", shapes[0], compare_outputs(actual, expected["chained", 1], tolerance,
                                                              f"{label}chained shallow"))
+        if kind == "shallow_planning":
+            progress(f"validating {label}planning -> guided shallow handoff at {dims_text(shapes[0])}")
+            actual = run(handoff_inputs(io, shapes[0], planned, seed=10))
+            report.add("chained", shapes[0], compare_outputs(actual, expected["chained", 2], tolerance,
+                                                             f"{label}chained guided shallow"))
         del run
         free_memory()
     return executors
