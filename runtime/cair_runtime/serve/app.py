@@ -99,6 +99,7 @@ class CairImageService:
         # Admission: the images this replica holds (queued for a batch or running). Requests wait here,
         # where a finished batch is followed by the next at once; past the limit they get a 503 at once.
         self.held_images = 0
+        self.reading_bodies = 0  # requests whose body is still arriving (each holds a Serve slot)
         self.images_per_s = self._measure_speed()
         self.max_held_images = scaling.max_ongoing_images or self._derived_limit()
         self.draining = False
@@ -161,6 +162,7 @@ class CairImageService:
 
     def _queue(self) -> dict[str, Any]:
         return {"held_images": self.held_images, "max_held_images": self.max_held_images,
+                "reading_bodies": self.reading_bodies,
                 "images_per_s_at_start": round(self.images_per_s, 2), "draining": self.draining}
 
     def _start_draining(self) -> None:  # from the drain watcher's thread
@@ -197,11 +199,14 @@ class CairImageService:
                 chunks.append(chunk)
             return b"".join(chunks)
 
+        self.reading_bodies += 1
         try:
             return await asyncio.wait_for(read(), self.config.body_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s",
                            code="body_timeout") from None
+        finally:
+            self.reading_bodies -= 1
 
     def _measure_speed(self) -> float:
         """Images per second of full engine batches at the default size and 25 steps, timed on the request
