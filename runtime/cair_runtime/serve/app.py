@@ -6,6 +6,12 @@ steps, cache step, guidance, scheduler) and run as engine batches of at most ``m
 images, in a worker thread so the event loop keeps taking requests. Every image draws its noise
 from its own seed, so an image never depends on what else shared its batch.
 
+Requests wait in the replica, not at Serve's proxy: Serve's router polls a full replica with a
+backoff of up to 0.5 s, and the replica would idle between its batches. So Serve's per-replica limit
+is set above the replica's own, and the replica bounds its queue itself (``max_held_images``,
+derived from its speed measured at start), answering a JSON 503 with ``Retry-After`` past it.
+``/health`` and ``/ready`` are answered by the event loop, never behind the images.
+
     serve run cair_runtime.serve.app:build_app engine_dir=engines/shapes
 """
 
