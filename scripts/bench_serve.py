@@ -67,20 +67,21 @@ def _post(url: str, body: dict, timeout: float) -> tuple[int | str, float]:
     return status, time.perf_counter() - started
 
 
-def _tree_cpu_s(pid: int) -> float:
+def _tree_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of a process and everything under it, by process name (``ray::ProxyActor``, ...)."""
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return float("nan")
-    total = 0.0
+        return {}
+    by_name: dict[str, float] = collections.defaultdict(float)
     for process in processes:
         try:
             times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
+            by_name[process.name()] += times.user + times.system + times.children_user + times.children_system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return dict(by_name)
 
 
 def _summary(latencies: list[float], images: int, wall_s: float, cpu_s: float, statuses: dict) -> dict:
@@ -100,7 +101,7 @@ class Server:
              *flags], stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
 
-    def cpu_s(self) -> float:
+    def cpu_s(self) -> dict[str, float]:
         """CPU seconds used so far by cair-serve and every process under it (Ray's, the replicas, the proxy)."""
         return _tree_cpu_s(self.process.pid)
 
@@ -151,10 +152,11 @@ def bench_server(server: Server, bodies: list[dict], level: int, timeout: float)
         list(pool.map(lambda body: _post(url, body, timeout), bodies[:level]))  # warm-up: connections, batch shapes
         cpu0, started = server.cpu_s(), time.perf_counter()
         answers = list(pool.map(lambda body: _post(url, body, timeout), bodies))
-        wall_s, cpu_s = time.perf_counter() - started, server.cpu_s() - cpu0
+        wall_s, cpu1 = time.perf_counter() - started, server.cpu_s()
+    cpu_by_process = {name: round(cpu1[name] - cpu0.get(name, 0.0), 2) for name in cpu1}
     ok = [latency for status, latency in answers if status == 200]
     statuses = dict(sorted(collections.Counter(str(status) for status, _ in answers).items()))
-    return _summary(ok, len(ok), wall_s, cpu_s, statuses)
+    return {**_summary(ok, len(ok), wall_s, sum(cpu_by_process.values()), statuses), "cpu_s_by_process": cpu_by_process}
 
 
 CONFIGS = {  # name: (flags, environment of the server)
