@@ -146,17 +146,26 @@ def bench_direct(pipeline, bodies: list[dict]) -> dict:
                     {"200": len(bodies)})
 
 
+def _replica_counts(server: Server) -> dict:
+    """The answering replica's counts from ``/health`` (with one replica: the replica's)."""
+    with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
+        return json.loads(response.read())["this_replica"]
+
+
 def bench_server(server: Server, bodies: list[dict], level: int, timeout: float) -> dict:
     url = server.url + "/v1/images/generations"
     with ThreadPoolExecutor(level) as pool:
         list(pool.map(lambda body: _post(url, body, timeout), bodies[:level]))  # warm-up: connections, batch shapes
-        cpu0, started = server.cpu_s(), time.perf_counter()
+        counts0, cpu0, started = _replica_counts(server), server.cpu_s(), time.perf_counter()
         answers = list(pool.map(lambda body: _post(url, body, timeout), bodies))
-        wall_s, cpu1 = time.perf_counter() - started, server.cpu_s()
+        wall_s, cpu1, counts1 = time.perf_counter() - started, server.cpu_s(), _replica_counts(server)
     cpu_by_process = {name: round(cpu1[name] - cpu0.get(name, 0.0), 2) for name in cpu1}
+    batches = counts1["engine_batches"] - counts0["engine_batches"]
     ok = [latency for status, latency in answers if status == 200]
     statuses = dict(sorted(collections.Counter(str(status) for status, _ in answers).items()))
-    return {**_summary(ok, len(ok), wall_s, sum(cpu_by_process.values()), statuses), "cpu_s_by_process": cpu_by_process}
+    return {**_summary(ok, len(ok), wall_s, sum(cpu_by_process.values()), statuses), "cpu_s_by_process": cpu_by_process,
+            "images_per_engine_batch": (counts1["images"] - counts0["images"]) / batches if batches else None,
+            "held_images_limit": counts1.get("max_held_images")}
 
 
 CONFIGS = {  # name: (flags, environment of the server)
