@@ -222,6 +222,11 @@ def _assert_openai_error(status: int, headers: Message, payload: object, code: s
     return payload["error"]
 
 
+def test_ray_token_file_is_private(server):
+    token = Path.home() / ".ray" / "auth_token"  # Ray 2.60 writes it for a new local cluster
+    assert token.is_file() and token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
+
+
 def test_every_error_has_the_openai_shape(server):
     status, headers, payload = _call(server.url + "/no/such/path")
     assert status == 404
@@ -291,8 +296,13 @@ def test_overload_is_503_with_retry_after_and_timeouts_cancel(server):
     with ThreadPoolExecutor(len(burst) + 1) as pool:
         started = time.monotonic()
         heavy_answer = pool.submit(_generate, server, heavy)
-        time.sleep(1.0)  # the heavy request is running
-        answers = list(pool.map(lambda body: _generate(server, body), burst))
+        _wait_for(lambda: _queue(server)["held_images"] == heavy["n"], "the heavy request runs")
+        burst_answers = [pool.submit(_generate, server, body) for body in burst]
+        # While the heavy request holds the engine nothing finishes: the replica fills up, and says so.
+        _wait_for(lambda: _queue(server)["held_images"] == MAX_IMAGES_HELD, "the replica is full")
+        ready = _call(server.url + "/ready")
+        assert ready[0] == 503 and _assert_openai_error(*ready, "overloaded")
+        answers = [answer.result() for answer in burst_answers]
         status, _, payload = heavy_answer.result()
         heavy_s = time.monotonic() - started
     assert status == 504 and payload["error"]["type"] == "timeout" and "cancelled" in payload["error"]["message"]
