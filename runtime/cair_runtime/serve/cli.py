@@ -80,7 +80,10 @@ def _drain(control, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     state: dict = {}
     while time.monotonic() < deadline:
-        state = ray.get(control.state.remote(), timeout=10)
+        try:
+            state = ray.get(control.state.remote(), timeout=10)
+        except ray.exceptions.GetTimeoutError:  # a busy machine: ask again
+            continue
         if state["drained"]:
             return
         time.sleep(0.25)

@@ -71,7 +71,9 @@ def watch_drain(replica: str, status: Callable[[], tuple[int, float]], on_drain:
                 if ray.get(control.report.remote(replica, *status()), timeout=10) and not drained_seen:
                     drained_seen = True
                     on_drain()
-            except Exception:  # the control actor is gone (the server is stopping): nothing more to report
+            except ray.exceptions.GetTimeoutError:  # a busy machine: report again
+                continue
+            except ray.exceptions.RayError:  # the control actor is gone (the server is stopping)
                 return
             time.sleep(POLL_S)
 
