@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Serve's limit on requests of any kind a replica is handed at once (default: "
                             "--max-ongoing-images plus room for probes and bodies still arriving)")
     scale.add_argument("--max-queued-requests", type=int,
-                       help=f"requests waiting at the proxy beyond those; more get 503 (default {scaling.max_queued_requests})")
+                       help="requests waiting at the proxy beyond those; more get 503 "
+                            f"(default {scaling.max_queued_requests})")
     scale.add_argument("--retry-after-s", type=float, help=f"Retry-After of a 503 (default {scaling.retry_after_s:g})")
     scale.add_argument("--replica-cpus", type=float, help=f"Ray CPUs per replica (default {scaling.replica_cpus:g})")
     scale.add_argument("--replica-gpus", type=float,

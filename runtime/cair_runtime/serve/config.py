@@ -58,8 +58,9 @@ CONNECTION_HEADROOM = 256  # Serve slots beyond the images held: probes, /v1/mod
 
 _INTEGERS = {"threads", "max_concurrency", "max_batch_size", "max_images", "max_steps", "replicas",
              "max_ongoing_images", "max_ongoing_requests", "max_queued_requests"}
-_OPTIONAL = {"graph_optimization", "max_batch_size", "max_images", "autoscale",  # None: the backend's or engine's default
-             "max_ongoing_images", "max_ongoing_requests"}  # None: derived
+# None: the backend's or the engine's default, or a derived value
+_OPTIONAL = {"graph_optimization", "max_batch_size", "max_images", "autoscale", "max_ongoing_images",
+             "max_ongoing_requests"}
 _BOOLEANS = {"share_weights"}
 _NUMBERS = {"batch_wait_ms", "request_timeout_s", "body_timeout_s", "retry_after_s", "replica_cpus", "replica_gpus",
             "queue_wait_s"}
