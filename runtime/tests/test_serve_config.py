@@ -12,9 +12,11 @@ DEPLOY = Path(__file__).resolve().parents[2] / "serving"
 
 def test_strings_and_yaml_scalars_give_the_same_configs():
     from_strings = parse_config({"engine_dir": "e", "max_batch_size": "2", "batch_wait_ms": "5", "providers": "A,B",
-                                 "autoscale": "1,4", "replica_gpus": "1", "max_images": "none"})
+                                 "autoscale": "1,4", "replica_gpus": "1", "max_images": "none",
+                                 "max_ongoing_images": "8", "queue_wait_s": "3"})
     from_yaml = parse_config({"engine_dir": "e", "max_batch_size": 2, "batch_wait_ms": 5, "providers": ["A", "B"],
-                              "autoscale": [1, 4], "replica_gpus": 1, "max_images": None})
+                              "autoscale": [1, 4], "replica_gpus": 1, "max_images": None,
+                              "max_ongoing_images": 8, "queue_wait_s": 3})
     assert from_strings == from_yaml
     service, scaling = from_strings
     assert service.max_batch_size == 2 and service.providers == ("A", "B") and scaling.autoscale == (1, 4)
@@ -30,7 +32,9 @@ def test_defaults_and_refusals():
                          ({"engine_dir": "e", "threads": None}, "threads needs a value"),
                          ({"engine_dir": "e", "autoscale": "3,1"}, "autoscale 3,1"),
                          ({"engine_dir": "e", "request_timeout_s": "nan"}, "request_timeout_s nan"),
-                         ({"engine_dir": "e", "max_steps": 0, "max_ongoing_requests": 0}, "max_ongoing_requests 0")):
+                         ({"engine_dir": "e", "max_steps": 0, "max_ongoing_requests": 0}, "max_ongoing_requests 0"),
+                         ({"engine_dir": "e", "body_timeout_s": 0}, "body_timeout_s 0.0 must be positive"),
+                         ({"engine_dir": "e", "autoscale": "1,4"}, "autoscale needs max_ongoing_images")):
         with pytest.raises(InvalidInputError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             parse_config(args)
 
@@ -51,3 +55,13 @@ def test_share_weights_is_a_boolean_setting():
     assert parse_config({"engine_dir": "e", "share_weights": False})[0].share_weights is False
     with pytest.raises(InvalidInputError, match="share_weights 'maybe' is not true or false"):
         parse_config({"engine_dir": "e", "share_weights": "maybe"})
+
+
+def test_serve_slots_leave_room_beside_the_images_held():
+    """Serve's per-replica limit sits above the replica's own image limit, so requests wait in the replica
+    (where a freed slot is taken at once) rather than at the proxy, and probes and slow bodies find room."""
+    from cair_runtime.serve.config import CONNECTION_HEADROOM, MAX_DERIVED_IMAGES, serve_slots
+
+    assert serve_slots(ScalingConfig()) == MAX_DERIVED_IMAGES + CONNECTION_HEADROOM
+    assert serve_slots(ScalingConfig(max_ongoing_images=24)) == 24 + CONNECTION_HEADROOM
+    assert serve_slots(ScalingConfig(max_ongoing_images=24, max_ongoing_requests=30)) == 30

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import secrets
 import time
@@ -31,17 +32,24 @@ _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 
 class ApiError(Exception):
-    """A request the API refuses or cannot finish: an HTTP status and an OpenAI-shaped JSON error body."""
+    """A request the API refuses or cannot finish: an HTTP status and an OpenAI-shaped JSON error body.
+
+    ``kind`` is the body's ``type`` and ``code`` its ``code`` (a stable word a client can branch on,
+    e.g. ``overloaded``, ``draining``); ``retry_after_s`` adds a ``Retry-After`` header (every 503 has one).
+    """
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 problems: Sequence[tuple[str | None, str]] = (), headers: dict[str, str] | None = None):
+                 problems: Sequence[tuple[str | None, str]] = (), headers: dict[str, str] | None = None,
+                 code: str | None = None, retry_after_s: float | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
         self.problems = list(problems) or [(param, message)]
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = f"{max(1, math.ceil(retry_after_s))}"  # whole seconds (RFC 9110)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None,
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code,
                           "problems": [{"param": param, "message": message} for param, message in self.problems]}}
 
 

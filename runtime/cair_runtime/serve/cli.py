@@ -2,18 +2,22 @@
 
 Starts (or joins, with ``--address``) a Ray cluster, starts Serve's HTTP proxy on ``--host``/``--port``
 and runs the application of ``cair_runtime.serve.app``. SIGTERM and SIGINT drain: the replicas
-finish the requests they hold, then Serve and Ray shut down. Bad flags or a bad engine folder are
-one line and exit code 2, before Ray starts.
+answer new requests with a 503 and ``Retry-After`` while they finish the ones they accepted, then
+Serve and Ray shut down. Bad flags or a bad engine folder are one line and exit code 2, before Ray
+starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import socket
 import sys
 import threading
+import time
+from pathlib import Path
 
 from cair_runtime.backends import BACKENDS
 from cair_runtime.cli import OneLineArgumentParser, run_command
@@ -51,6 +55,42 @@ def _check_port(host: str, port: int) -> None:
                                     "or stop what uses it") from None
 
 
+def _start_ray(args: argparse.Namespace) -> None:
+    """Start (or join) Ray; files a local Ray writes (its session folder, its token file) are private to this user."""
+    import ray
+
+    if args.address:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=args.verbose)
+        return
+    previous = os.umask(0o077)  # inherited by the processes ray.init starts: its logs and sockets too
+    try:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose)
+    finally:
+        os.umask(previous)
+    token = Path.home() / ".ray" / "auth_token"  # written by an earlier Ray with the default umask (0644)
+    if token.is_file() and token.stat().st_uid == os.getuid():
+        token.chmod(0o600)
+
+
+def _drain(control, timeout_s: float) -> None:
+    """Wait until every replica saw the drain, holds nothing and has been quiet (at most ``timeout_s``)."""
+    import ray
+
+    control.start.remote()
+    deadline = time.monotonic() + timeout_s
+    state: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            state = ray.get(control.state.remote(), timeout=10)
+        except ray.exceptions.GetTimeoutError:  # a busy machine: ask again
+            continue
+        if state["drained"]:
+            return
+        time.sleep(0.25)
+    print(f"cair-serve: drain not finished after {timeout_s:g} s ({state.get('held', '?')} images held); stopping",
+          flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     service, scaling = _configs(args)  # checked: every bad setting in one line
     model = _check_engine(service)
@@ -60,17 +100,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ray import serve
 
         from cair_runtime.serve.app import make_app
+        from cair_runtime.serve.drain import start_control
     except ImportError as error:
         raise MissingDependencyError(f"cair-serve needs Ray Serve ({error}); "
                                      "pip install 'cair-runtime[serve]'") from None
 
-    ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
-             include_dashboard=False, log_to_driver=args.verbose)
+    _start_ray(args)
     stop = threading.Event()  # handlers set after ray.init, which installs its own
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.start(http_options={"host": args.host, "port": args.port,
+                                      "keep_alive_timeout_s": service.body_timeout_s})
+            control = start_control()
             serve.run(make_app(service, scaling), name="cair", route_prefix="/", blocking=False)
         except Exception as error:  # a replica that cannot load the engine, a proxy that cannot bind...
             summary = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
@@ -82,8 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "SIGTERM or Ctrl-C drains and stops", flush=True)
         while not stop.wait(1.0):
             pass
-        print("cair-serve: draining (finishing the requests held) and stopping", flush=True)
-        # Deleting the application first lets each replica finish what it holds (Serve's graceful
+        print("cair-serve: draining (finishing the requests accepted; new ones get 503) and stopping", flush=True)
+        _drain(control, service.request_timeout_s + service.body_timeout_s + 10)
+        # Deleting the application first lets each replica finish anything still held (Serve's graceful
         # replica shutdown) while the proxies still deliver the answers; shutdown() alone drops them.
         serve.delete("cair")
         serve.shutdown()
@@ -110,10 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     count = scale.add_mutually_exclusive_group()
     count.add_argument("--replicas", type=int, help=f"fixed number of replicas (default {scaling.replicas})")
     count.add_argument("--autoscale", metavar="MIN,MAX", help="autoscale between MIN and MAX replicas")
+    scale.add_argument("--max-ongoing-images", type=int,
+                       help="images a replica holds, queued or running; a request past that gets 503 (default: "
+                            "what the replica measures it finishes in --queue-wait-s)")
+    scale.add_argument("--queue-wait-s", type=float,
+                       help=f"the longest a request should wait in a replica (default {scaling.queue_wait_s:g})")
     scale.add_argument("--max-ongoing-requests", type=int,
-                       help=f"requests a replica holds at once (default {scaling.max_ongoing_requests})")
+                       help="Serve's limit on requests of any kind a replica is handed at once (default: "
+                            "--max-ongoing-images plus room for probes and bodies still arriving)")
     scale.add_argument("--max-queued-requests", type=int,
-                       help=f"requests waiting beyond those; more get 503 (default {scaling.max_queued_requests})")
+                       help="requests waiting at the proxy beyond those; more get 503 "
+                            f"(default {scaling.max_queued_requests})")
     scale.add_argument("--retry-after-s", type=float, help=f"Retry-After of a 503 (default {scaling.retry_after_s:g})")
     scale.add_argument("--replica-cpus", type=float, help=f"Ray CPUs per replica (default {scaling.replica_cpus:g})")
     scale.add_argument("--replica-gpus", type=float,
@@ -130,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"most steps a request may ask for (default {service.max_steps})")
     requests.add_argument("--request-timeout-s", type=float,
                           help=f"cancel a request after this long, 504 (default {service.request_timeout_s:g})")
+    requests.add_argument("--body-timeout-s", type=float,
+                          help="answer 408 to a request whose body has not arrived after this long; also the "
+                               f"idle keep-alive limit of a connection (default {service.body_timeout_s:g})")
     runtime = parser.add_argument_group("runtime (as cair-run)")
     runtime.add_argument("--backend", choices=BACKENDS, help="what runs the UNet graphs (default onnxruntime)")
     runtime.add_argument("--providers",

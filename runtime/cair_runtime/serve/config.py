@@ -30,6 +30,7 @@ class ServiceConfig:
     max_images: int | None = None  # limit on a request's n; None = the engine's max batch
     max_steps: int = 100  # limit on a request's steps
     request_timeout_s: float = 300.0  # a request still running after this is cancelled (504)
+    body_timeout_s: float = 10.0  # a request body not fully received after this is answered 408 (frees its slot)
 
 
 @dataclass(frozen=True)
@@ -38,18 +39,31 @@ class ScalingConfig:
 
     replicas: int = 1  # fixed replica count (ignored when autoscale is set)
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; Serve scales on ongoing requests
-    max_ongoing_requests: int = 16  # requests a replica holds at once (queued for a batch or running)
-    max_queued_requests: int = 64  # requests waiting at each proxy beyond that; more get 503
+    # Images a replica holds (queued for a batch or running); a request that would go past gets a JSON 503
+    # with Retry-After. None: the images the replica measures (at start) it finishes in queue_wait_s.
+    max_ongoing_images: int | None = None
+    queue_wait_s: float = 10.0  # with max_ongoing_images None: the longest a request should wait in a replica
+    # Serve's per-replica limit on requests of any kind handed to it at once (images held, /health, bodies
+    # still arriving). None: max_ongoing_images (or its largest derived value) plus CONNECTION_HEADROOM, so
+    # that requests wait inside the replica, where a freed slot is taken at once, and not at the proxy.
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 64  # requests waiting at each proxy beyond those; more get Serve's 503
     retry_after_s: float = 5.0  # Retry-After of those 503 responses
     replica_cpus: float = 1.0  # Ray CPUs each replica reserves
     replica_gpus: float = 0.0  # Ray GPUs each replica reserves (1 on a GPU cluster)
 
 
+MAX_DERIVED_IMAGES = 1000  # the largest derived max_ongoing_images: a held request is a prompt and a future
+CONNECTION_HEADROOM = 256  # Serve slots beyond the images held: probes, /v1/models, bodies still arriving
+
 _INTEGERS = {"threads", "max_concurrency", "max_batch_size", "max_images", "max_steps", "replicas",
-             "max_ongoing_requests", "max_queued_requests"}
-_OPTIONAL = {"graph_optimization", "max_batch_size", "max_images", "autoscale"}  # None: the backend's or engine's default
+             "max_ongoing_images", "max_ongoing_requests", "max_queued_requests"}
+# None: the backend's or the engine's default, or a derived value
+_OPTIONAL = {"graph_optimization", "max_batch_size", "max_images", "autoscale", "max_ongoing_images",
+             "max_ongoing_requests"}
 _BOOLEANS = {"share_weights"}
-_NUMBERS = {"batch_wait_ms", "request_timeout_s", "retry_after_s", "replica_cpus", "replica_gpus"}
+_NUMBERS = {"batch_wait_ms", "request_timeout_s", "body_timeout_s", "retry_after_s", "replica_cpus", "replica_gpus",
+            "queue_wait_s"}
 
 
 def _integer(name: str, value: Any) -> int:
@@ -118,6 +132,7 @@ def check_config(service: ServiceConfig, scaling: ScalingConfig) -> None:
     for name, value, low in (("max_batch_size", service.max_batch_size, 1), ("max_images", service.max_images, 1),
                              ("max_steps", service.max_steps, 1),
                              ("max_concurrency", service.max_concurrency, 1), ("replicas", scaling.replicas, 1),
+                             ("max_ongoing_images", scaling.max_ongoing_images, 1),
                              ("max_ongoing_requests", scaling.max_ongoing_requests, 1),
                              ("max_queued_requests", scaling.max_queued_requests, 1)):
         if value is not None and value < low:
@@ -126,14 +141,25 @@ def check_config(service: ServiceConfig, scaling: ScalingConfig) -> None:
                         ("replica_cpus", scaling.replica_cpus), ("replica_gpus", scaling.replica_gpus)):
         if not math.isfinite(value) or value < 0:
             problems.append(f"{name} {value} must be a non-negative number")
-    if not math.isfinite(service.request_timeout_s) or service.request_timeout_s <= 0:
-        problems.append(f"request_timeout_s {service.request_timeout_s} must be positive")
+    for name, value in (("request_timeout_s", service.request_timeout_s), ("body_timeout_s", service.body_timeout_s),
+                        ("queue_wait_s", scaling.queue_wait_s)):
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"{name} {value} must be positive")
     if scaling.autoscale is not None:
         low, high = scaling.autoscale
         if not 0 <= low <= high or high < 1:
             problems.append(f"autoscale {low},{high} must be MIN,MAX with 0 <= MIN <= MAX and MAX >= 1")
+        if scaling.max_ongoing_images is None:  # the autoscaler's target must be known before any replica measures
+            problems.append("autoscale needs max_ongoing_images (the replica queue it keeps half full)")
     if problems:
         raise InvalidInputError("; ".join(problems))
+
+
+def serve_slots(scaling: ScalingConfig) -> int:
+    """Serve's max_ongoing_requests per replica: the images it may hold plus room for everything else."""
+    if scaling.max_ongoing_requests is not None:
+        return scaling.max_ongoing_requests
+    return (scaling.max_ongoing_images or MAX_DERIVED_IMAGES) + CONNECTION_HEADROOM
 
 
 def as_args(service: ServiceConfig, scaling: ScalingConfig) -> dict[str, Any]:
