@@ -119,7 +119,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     config = CalibrateConfig(Path(args.engine_dir), Path(args.prompts), max_prompts=args.max_prompts, steps=args.steps,
                              guidance_scale=args.guidance_scale, seed=args.seed, threshold=args.threshold,
                              min_psnr=args.min_psnr, deep_intervals=args.deep_intervals, threads=args.threads,
-                             write=not args.dry_run)
+                             max_probes=args.max_probes, write=not args.dry_run)
     section = calibrate(config, progress=progress)
     if args.json:
         Path(args.json).write_text(json.dumps({**run_stamp(_command_line()), **section}, indent=2) + "\n")
@@ -302,8 +302,8 @@ def _add_calibrate(sub) -> None:
     from cair_export.lab.calibrate import DEEP_INTERVALS, DEFAULT_MIN_PSNR
     from cair_export.lab.quality_metrics import DEFAULT_THRESHOLD
 
-    calibrate = sub.add_parser("calibrate", help="choose an engine folder's default schedule (n, m, k) from its own "
-                                                 "runs and write it into the manifest")
+    calibrate = sub.add_parser("calibrate", help="choose an engine folder's default schedule (n, m, k, k_p) from its "
+                                                 "own runs and write it into the manifest")
     calibrate.add_argument("engine_dir", help="an exported engine folder with its pipeline (text encoder, VAE)")
     _add_prompt_run(calibrate, "T to choose at")
     calibrate.add_argument("--max-prompts", type=positive_int_arg, default=16,
@@ -313,7 +313,9 @@ def _add_calibrate(sub) -> None:
     calibrate.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR,
                            help=f"quality bound: probe PSNR (dB) against the baseline images (default {DEFAULT_MIN_PSNR:g})")
     calibrate.add_argument("--deep-intervals", type=int_list, default=DEEP_INTERVALS,
-                           help="k candidates on engines with a shallow graph (default 1,2,3,4,5)")
+                           help="k and k_p candidates on engines with the shallow graphs (default 1,2,3,4,5)")
+    calibrate.add_argument("--max-probes", type=positive_int_arg,
+                           help="stop after this many probes, cheapest first (default: until one reaches the bound)")
     calibrate.add_argument("--threads", type=int_arg, default=0, help="onnxruntime intra-op threads (0: its default)")
     calibrate.add_argument("--json", help="write the schedule and its evidence as JSON here")
     calibrate.add_argument("--dry-run", action="store_true", help="report only; leave the manifest as it is")

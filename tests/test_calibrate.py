@@ -57,19 +57,26 @@ def test_convergence_on_the_engine_equals_the_torch_profiler(calibrated, exporte
 
 
 def test_the_rule_picks_the_cheapest_schedule_over_the_bound(calibrated):
+    """The walk probes the candidates cheapest first and stops at the first over the bound: that one
+    is the cheapest candidate over the bound, since every cheaper one was probed and fell short."""
     folder, section = calibrated
     evidence = section["evidence"]
     rows = evidence["candidates"]
-    cfg_grid = candidates(evidence["converged_step"], STEPS, True, True, (1, 2))
-    assert [Schedule.from_record(r) for r in rows] == cfg_grid
-    qualified = [r for r in rows if r["psnr_db"] >= evidence["min_psnr"]]
-    assert qualified and evidence["met"]
-    cheapest = min(r["gmacs_per_image"] for r in qualified)
-    assert section["cache_step"] == evidence["converged_step"] or section["cache_step"] == min(
-        STEPS, 2 * evidence["converged_step"])
-    chosen = next(r for r in rows if (r["cache_step"], r["guidance_stop"], r["deep_interval"]) ==
-                  (section["cache_step"], section["guidance_stop"], section["deep_interval"]))
-    assert chosen["gmacs_per_image"] == cheapest and chosen["meets_bound"]
+    grid = candidates(evidence["converged_step"], STEPS, True, True, (1, 2), guided_shallow=True)
+    assert evidence["candidate_count"] == len(grid) and any(s.planning_interval > 1 for s in grid)
+    assert any(s.cache_step == STEPS and s.planning_interval == 2 for s in grid)  # DeepCache's own point
+    probed = [Schedule.from_record(r) for r in rows]
+    assert set(probed) <= set(grid) and len(set(probed)) == len(probed)
+    costs = [r["gmacs_per_image"] for r in rows]
+    assert costs == sorted(costs)
+    assert evidence["met"]
+    chosen = Schedule.from_record(section)
+    first = next(r for r in rows if r["meets_bound"])
+    assert all(not r["meets_bound"] for r in rows if r["gmacs_per_image"] < first["gmacs_per_image"])
+    assert Schedule.from_record(first).cache_step == chosen.cache_step and first["gmacs_per_image"] == min(
+        r["gmacs_per_image"] for r in rows if r["meets_bound"])
+    assert all(r["gmacs_per_image"] <= first["gmacs_per_image"] for r in rows)  # nothing dearer was probed
+    assert evidence["frontier"] and all(r in rows for r in evidence["frontier"])
     # The written manifest carries the section, and it passes the schema.
     assert load_manifest(folder).schedule == json.loads(json.dumps(section))
 
@@ -85,22 +92,24 @@ def test_candidate_macs_are_the_models_own_count(calibrated):
     assert manifest_count == model_count
     for row in section["evidence"]["candidates"]:
         expected = generation_macs(model_count, STEPS, row["cache_step"], fidelity_guidance="cfg",
-                                   guidance_stop=row["guidance_stop"], deep_interval=row["deep_interval"])
+                                   guidance_stop=row["guidance_stop"], deep_interval=row["deep_interval"],
+                                   planning_interval=row["planning_interval"])
         assert row["gmacs_per_image"] * 1e9 == pytest.approx(expected["conv_linear"]["cair_total"])
 
 
 def test_runs_use_the_calibrated_schedule_for_what_they_leave_unset(calibrated):
     folder, section = calibrated
-    n, m, k = section["cache_step"], section["guidance_stop"], section["deep_interval"]
+    n, m, k, k_p = (section[key] for key in ("cache_step", "guidance_stop", "deep_interval", "planning_interval"))
     with CairText2Image(folder) as pipe:
         default = pipe("a red circle", num_inference_steps=STEPS, seed=3)
         explicit = pipe("a red circle", num_inference_steps=STEPS, seed=3, cache_step=n, guidance_stop=m,
-                        deep_interval=k, skip_mode="uniform")
-        baseline = pipe("a red circle", num_inference_steps=STEPS, seed=3, cache_step=STEPS)
-        assert pipe.engine.resolve_schedule({"steps": STEPS}) == Schedule(STEPS, n, m, k, "uniform")
+                        deep_interval=k, planning_interval=k_p, skip_mode="uniform")
+        baseline = pipe("a red circle", num_inference_steps=STEPS, seed=3, cache_step=STEPS, planning_interval=1)
+        assert pipe.engine.resolve_schedule({"steps": STEPS}) == Schedule(STEPS, n, m, k, "uniform",
+                                                                          planning_interval=k_p)
     np.testing.assert_array_equal(default.latents, explicit.latents)
     assert default.parameters[0]["cache_step"] == n
-    if (n, m, k) != (STEPS, STEPS, 1):
+    if (n, m, k, k_p) != (STEPS, STEPS, 1, 1):
         assert not np.array_equal(default.latents, baseline.latents)
 
 

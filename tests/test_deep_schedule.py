@@ -106,6 +106,32 @@ def test_runtime_schedules_match_the_reference(exported, preset, branch):
         assert 0 < result.timings.shallow_s < result.timings.fidelity_s
 
 
+@pytest.mark.parametrize("preset, branch", [("tiny-sd15", 1), ("tiny-sdxl", 3)])
+def test_guided_shallow_steps_match_the_reference(exported, preset, branch):
+    """Planning interval k_p: DeepCache's own guided shallow steps before n, on the guided shallow graph.
+    n = m = T with k_p = k is DeepCache's loop (the reference equals DeepCacheSDHelper bit for bit:
+    test_deep_feature.py); with n < T the caches at n mix the last full step's and the last step's."""
+    options = DEEP if preset == "tiny-sd15" else {"fidelity_guidance": "cfg", "deep_branch": branch, "validate": False}
+    engine = CairEngine(exported(preset, **options))
+    x = _inputs(engine)
+    for n, m, k, k_p, mode in [(STEPS, STEPS, 1, 3, "uniform"), (STEPS, STEPS, 1, 2, "non-uniform"),
+                               (5, 7, 3, 2, "uniform"), (6, 6, 2, 4, "uniform")]:
+        schedule = dict(cache_step=n, guidance_stop=m, deep_interval=k, planning_interval=k_p, skip_mode=mode)
+        result = engine.denoise(**x, num_inference_steps=STEPS, guidance_scale=GUIDANCE, scheduler="ddim", **schedule)
+        expected = _reference(preset, x, branch, **schedule)
+        assert _relative(result.latents, expected) <= 1e-4, schedule
+        plan = engine.resolve_schedule({"steps": STEPS, **schedule}).plan(STEPS)
+        assert result.timings.planning_shallow_steps == sum(e.kind == "shallow_planning" for e in plan) > 0
+        assert result.timings.planning_steps == n
+
+
+def test_planning_interval_needs_the_guided_shallow_graph(exported):
+    plain = CairEngine(exported("tiny-sd15"))
+    with pytest.raises(InvalidInputError, match="guided shallow graph") as error:
+        plain.denoise(**_inputs(plain, batch=1), num_inference_steps=STEPS, cache_step=4, planning_interval=2)
+    assert error.value.field == "planning_interval"
+
+
 def test_image_to_image_schedules_match_the_reference(exported):
     """Image to image with a guidance stop and a deep interval: n, m and k count the steps that run (7 of 10)."""
     engine = CairEngine(exported("tiny-sd15", **DEEP))

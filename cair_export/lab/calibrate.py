@@ -1,4 +1,4 @@
-"""``cair-export calibrate``: an engine folder's default schedule (n, m, k), chosen from its own runs.
+"""``cair-export calibrate``: an engine folder's default schedule (n, m, k, k_p), chosen from its own runs.
 
 Everything is measured on the engine itself, through the torch-free runtime (onnxruntime on the
 CPU), with the prompts of a file and fixed seeds (prompt p from ``np.random.default_rng(seed + p)``):
@@ -9,15 +9,20 @@ CPU), with the prompts of a file and fixed seeds (prompt p from ``np.random.defa
    Per prompt and module the relative L2 change from the previous step, averaged over modules and
    then over prompts; the converged step n_c is the first step whose mean change is below
    ``threshold`` (``recommend_cache_step``, the profiler's rule, default 5 %).
-2. **Quality probe**: the same prompts and seeds through every candidate schedule: n in
-   {n_c, 2 n_c} (capped at T), m in {n, (n + T) / 2, T} on an engine with per-half caches
-   (``--fidelity-guidance cfg``; else m = n), k in 1..5 on an engine with a shallow graph (else 1),
-   uniform placement. Each is scored by the PSNR of its decoded images against the baseline
-   images of the same seeds (pooled over images: ``10 log10(255^2 / mean squared error)``).
-3. **The rule**: the recommended schedule is the candidate with the fewest UNet MACs per image
-   (conv + linear, ``cair_export.core.macs``) whose probe PSNR is at least ``min_psnr``; a tie
-   goes to the higher PSNR. When none reaches it, the baseline schedule (n = m = T, k = 1) is
-   written, and the report says so.
+2. **The candidates**: n in {n_c, 2 n_c} (capped at T), m in {n, (n + T) / 2, T} on an engine
+   with per-half caches (``--fidelity-guidance cfg``; else m = n), k in 1..5 on an engine with a
+   shallow graph (else 1), and the planning interval k_p in 1..5 on an engine with the guided
+   shallow graph (else 1), where n = T (DeepCache's own schedules) joins the n values; uniform
+   placement. Up to about 150 schedules: too many to probe each.
+3. **The walk**: the candidates in order of UNet MACs per image (conv + linear,
+   ``cair_export.core.macs``, counted without running anything), cheapest first; each probed runs
+   the same prompts and seeds and is scored by the PSNR of its decoded images against the baseline
+   images (pooled over images: ``10 log10(255^2 / mean squared error)``). The first whose PSNR
+   reaches ``min_psnr`` is the recommendation (among equally cheap ones, the higher PSNR), and the
+   walk stops there: it is the cheapest candidate over the bound, found without probing the dearer
+   ones. When none reaches it (or ``max_probes`` run out), the baseline schedule (n = m = T) is
+   written, and the report says so. The evidence lists every probe and the frontier among them
+   (no probed schedule both cheaper and better).
 
 The schedule, the rule and the evidence (convergence series, every candidate's PSNR and MACs) go
 into ``manifest.json``'s ``schedule`` section, atomically; runs take it for whatever they leave
@@ -59,7 +64,8 @@ class CalibrateConfig:
     seed: int = 0
     threshold: float = DEFAULT_THRESHOLD  # convergence: mean relative change of the cross-attention output
     min_psnr: float = DEFAULT_MIN_PSNR  # quality probe: dB against the baseline images
-    deep_intervals: tuple[int, ...] = DEEP_INTERVALS  # k candidates (engines with a shallow graph)
+    deep_intervals: tuple[int, ...] = DEEP_INTERVALS  # k and k_p candidates (engines with the shallow graphs)
+    max_probes: int | None = None  # stop the walk after this many probes (None: until one is over the bound)
     threads: int = 0  # onnxruntime intra-op threads (0: its default)
     write: bool = True  # False: report only, the manifest stays as it is
 
@@ -92,14 +98,28 @@ class _Convergence:
         return steps, [float(np.mean(self.changes[step])) for step in steps]
 
 
-def candidates(converged: int, steps: int, cfg: bool, shallow: bool, deep_intervals: tuple[int, ...]) -> list[Schedule]:
-    """The probe's grid (see the module docstring), baseline excluded, in a stable order."""
+def candidates(converged: int, steps: int, cfg: bool, shallow: bool, deep_intervals: tuple[int, ...],
+               guided_shallow: bool = False) -> list[Schedule]:
+    """The candidate schedules (see the module docstring), baseline excluded, in a stable order."""
     grid = []
-    for n in sorted({converged, min(steps, 2 * converged)} - {steps}):  # n = T is the baseline itself
+    planning_intervals = deep_intervals if guided_shallow else (1,)
+    for n in sorted({converged, min(steps, 2 * converged)} | ({steps} if guided_shallow else set())):
         stops = sorted({n, (n + steps) // 2, steps}) if cfg else [n]
         for m in stops:
-            grid += [Schedule(steps, n, m, k) for k in (deep_intervals if shallow else (1,))]
+            for k in (deep_intervals if shallow and n < steps else (1,)):
+                grid += [Schedule(steps, n, m, k, planning_interval=k_p) for k_p in planning_intervals
+                         if (n, k_p) != (steps, 1)]  # n = T with k_p = 1 is the baseline itself
     return grid
+
+
+def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The probed schedules no other probed one beats on both MACs and PSNR, cheapest first."""
+    def beaten(row: dict[str, Any]) -> bool:
+        return any(other["gmacs_per_image"] <= row["gmacs_per_image"] and other["psnr_db"] >= row["psnr_db"]
+                   and (other["gmacs_per_image"], other["psnr_db"]) != (row["gmacs_per_image"], row["psnr_db"])
+                   for other in rows)
+
+    return sorted((row for row in rows if not beaten(row)), key=lambda row: row["gmacs_per_image"])
 
 
 def schedule_macs(manifest: Any, steps: int, height: int, width: int) -> Callable[[Schedule], float]:
@@ -114,7 +134,8 @@ def schedule_macs(manifest: Any, steps: int, height: int, width: int) -> Callabl
     def macs(candidate: Schedule) -> float:
         return generation_macs(per_graph, steps, candidate.cache_step, fidelity_guidance=manifest.fidelity_guidance,
                                guidance_stop=candidate.guidance_stop, deep_interval=candidate.deep_interval,
-                               skip_mode=candidate.skip_mode)["conv_linear"]["cair_total"]
+                               skip_mode=candidate.skip_mode,
+                               planning_interval=candidate.planning_interval)["conv_linear"]["cair_total"]
 
     return macs
 
@@ -142,6 +163,7 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
     started = time.perf_counter()
     steps, seeds = config.steps, image_seeds(config.seed, len(prompts))
     cfg, shallow = manifest.fidelity_guidance == "cfg", "shallow" in manifest.graphs
+    guided_shallow = "shallow_planning" in manifest.graphs
     with CairText2Image(folder, threads=config.threads) as pipe:
         batch = pipe.engine.manifest.dim("batch").max
 
@@ -168,25 +190,32 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
         height, width = reference.shape[1:3]
         macs = schedule_macs(manifest, steps, height, width)
         baseline_macs = macs(baseline_schedule)
-        grid = candidates(converged, steps, cfg, shallow, tuple(sorted(set(config.deep_intervals))))
-        rows = []
-        for index, candidate in enumerate(grid, 1):
+        grid = candidates(converged, steps, cfg, shallow, tuple(sorted(set(config.deep_intervals))), guided_shallow)
+        costs = {candidate: macs(candidate) for candidate in grid}
+        walk = sorted(grid, key=costs.__getitem__)  # stable: equal costs keep the grid's order
+        rows, stop_at = [], None
+        for index, candidate in enumerate(walk, 1):
+            cost = costs[candidate]
+            if (stop_at is not None and cost > stop_at) or (config.max_probes and index > config.max_probes):
+                break  # everything left is dearer than a schedule over the bound (or the budget is spent)
             images, seconds = generate(candidate)
-            value, cost = psnr(images, reference), macs(candidate)  # psnr over the whole stack: pooled MSE
+            value = psnr(images, reference)  # over the whole stack: pooled MSE
             rows.append({**candidate.parameters(), "psnr_db": value, "gmacs_per_image": cost / 1e9,
                          "speedup_bound": baseline_macs / cost, "seconds": seconds,
                          "meets_bound": value >= config.min_psnr})
-            progress(f"probe {index}/{len(grid)}: n={candidate.cache_step} m={candidate.guidance_stop} "
-                     f"k={candidate.deep_interval}: {value:.1f} dB, {rows[-1]['speedup_bound']:.2f}x fewer MACs "
-                     f"({time.perf_counter() - started:.0f} s so far)")
+            if rows[-1]["meets_bound"] and stop_at is None:
+                stop_at = cost  # probe the equally cheap ones too, then stop
+            progress(f"probe {index} of at most {len(walk)}: {candidate.label()}: {value:.1f} dB, "
+                     f"{rows[-1]['speedup_bound']:.2f}x fewer MACs ({time.perf_counter() - started:.0f} s so far)")
     qualified = [row for row in rows if row["meets_bound"]]
     chosen = min(qualified, key=lambda row: (row["gmacs_per_image"], -row["psnr_db"])) if qualified else None
     pick = Schedule.from_record(chosen) if chosen else baseline_schedule
     section = {
         **pick.parameters(),
-        "rule": f"fewest UNet MACs per image among the probed schedules whose images reach {config.min_psnr:g} dB "
-                f"PSNR against the baseline's (n = T); n from the step where the cross-attention output changes "
-                f"by less than {config.threshold:g} per step; the baseline when none reaches it",
+        "rule": f"fewest UNet MACs per image among the candidate schedules whose images reach {config.min_psnr:g} "
+                f"dB PSNR against the baseline's (n = T), probed cheapest first until one does; n from the step "
+                f"where the cross-attention output changes by less than {config.threshold:g} per step; the "
+                f"baseline when none reaches it",
         "evidence": {
             "date": datetime.datetime.now().isoformat(timespec="minutes"), "prompts_file": str(config.prompts),
             "prompts": len(prompts), "seed": config.seed, "guidance_scale": config.guidance_scale,
@@ -194,7 +223,8 @@ def calibrate(config: CalibrateConfig, progress: Callable[[str], None] = print) 
             "convergence": {"steps": evaluations, "mean_relative_change": mean_change},
             "converged_step": converged, "baseline_gmacs_per_image": baseline_macs / 1e9,
             "speedup_bound": chosen["speedup_bound"] if chosen else 1.0, "met": chosen is not None,
-            "candidates": rows, "seconds": time.perf_counter() - started,
+            "candidates": rows, "candidate_count": len(grid), "frontier": frontier(rows),
+            "seconds": time.perf_counter() - started,
         },
     }
     if config.write:
@@ -211,13 +241,16 @@ def format_calibration(section: dict[str, Any], written: bool) -> str:
     lines = [f"converged step n_c = {evidence['converged_step']} (cross-attention output change < "
              f"{evidence['threshold']:g}), {evidence['prompts']} probe images at {evidence['width']}x"
              f"{evidence['height']}, bound {evidence['min_psnr']:g} dB",
-             f"{'n':>3s} {'m':>3s} {'k':>2s} {'PSNR dB':>8s} {'GMACs/img':>10s} {'bound':>6s}"]
+             f"{len(evidence['candidates'])} of {evidence.get('candidate_count', len(evidence['candidates']))} "
+             "candidates probed, cheapest first",
+             f"{'n':>3s} {'m':>3s} {'k':>2s} {'k_p':>3s} {'PSNR dB':>8s} {'GMACs/img':>10s} {'bound':>6s}"]
     for row in evidence["candidates"]:
         lines.append(f"{row['cache_step']:3d} {row['guidance_stop']:3d} {row['deep_interval']:2d} "
-                     f"{row['psnr_db']:8.2f} {row['gmacs_per_image']:10.3f} {row['speedup_bound']:5.2f}x"
-                     f"{'' if row['meets_bound'] else '  below the bound'}")
+                     f"{row.get('planning_interval', 1):3d} {row['psnr_db']:8.2f} {row['gmacs_per_image']:10.3f} "
+                     f"{row['speedup_bound']:5.2f}x{'' if row['meets_bound'] else '  below the bound'}")
     verdict = "" if evidence["met"] else " (no probed schedule reached the bound: the baseline)"
     lines.append(f"recommended: n={section['cache_step']} m={section['guidance_stop']} k={section['deep_interval']} "
-                 f"({section['skip_mode']}) at T={section['steps']}, {evidence['speedup_bound']:.2f}x fewer UNet MACs"
+                 f"k_p={section.get('planning_interval', 1)} ({section['skip_mode']}) at T={section['steps']}, "
+                 f"{evidence['speedup_bound']:.2f}x fewer UNet MACs"
                  f"{verdict}; {'written to the manifest' if written else 'not written (--dry-run)'}")
     return "\n".join(lines)

@@ -248,7 +248,7 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     def gmacs(s: Schedule) -> float:
         return generation_macs(per_graph, config.steps, s.cache_step, fidelity_guidance=export.fidelity_guidance,
                                guidance_stop=s.guidance_stop, deep_interval=s.deep_interval,
-                               skip_mode=s.skip_mode)["conv_linear"]["cair_total"] / 1e9
+                               skip_mode=s.skip_mode, planning_interval=s.planning_interval)["conv_linear"]["cair_total"] / 1e9
 
     scoring = _Scoring(truth, real_features, classifier)
     rows, first_batch, plain_check = [], {}, None

@@ -26,30 +26,34 @@ SCHEDULE = "CAIR schedule"  # the combined schedules of --schedules
 DEEPCACHE = "DeepCache"  # DeepCacheSDHelper on the diffusers pipeline: n = 0, guided every step (m = T)
 TGATE = "T-GATE (tgate)"
 PARETO_METHODS = (CAIR, SCHEDULE, DEEPCACHE)  # T-GATE gives CAIR's images (docs/quality.md): left out
-SCHEDULE_SYNTAX = "N:M:K[:MODE] (M: a step, n or T; MODE: uniform or non-uniform; a field may be a set {a,b,...})"
+SCHEDULE_SYNTAX = ("N:M:K[:MODE[:KP]] (N: a step or T; M: a step, n or T; MODE: uniform or non-uniform; KP: the "
+                   "planning interval, default 1; a field may be a set {a,b,...})")
 
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One point of the ``--schedules`` grid, the CLI's ``N:M:K[:MODE]``, before T is known."""
+    """One point of the ``--schedules`` grid, the CLI's ``N:M:K[:MODE[:KP]]``, before T is known."""
 
-    cache_step: int  # n: steps 1..n plan (full UNet, CFG) and cache the cross-attention
+    cache_step: int | None  # n: steps 1..n plan (full UNet, CFG) and cache the cross-attention; None: T
     guidance_stop: int | None = None  # m in n..T: guided (batch 2B) up to step m; None: T
     deep_interval: int = 1  # k: after n, a full fidelity step every k-th, shallow steps between
-    skip_mode: str = "uniform"  # where the full steps go, DeepCache's "uniform" or "non-uniform"
+    skip_mode: str = "uniform"  # where the full steps go (both phases), DeepCache's "uniform" or "non-uniform"
+    planning_interval: int = 1  # k_p: before n, a full planning step every k_p-th, guided shallow ones between
 
     def schedule(self, steps: int) -> Schedule:
-        """The runtime's schedule at T = ``steps`` (checked): m filled in (None: T), and k = 1,
-        uniform, where no shallow step can run (k = 1 or n = T)."""
+        """The runtime's schedule at T = ``steps`` (checked): n and m filled in (None: T), k = 1 where
+        no shallow fidelity step can run (n = T), and uniform where no shallow step runs at all."""
+        n = steps if self.cache_step is None else self.cache_step
         stop = steps if self.guidance_stop is None else self.guidance_stop
-        if self.deep_interval == 1 or self.cache_step == steps:
-            return Schedule(steps, self.cache_step, stop)
-        return Schedule(steps, self.cache_step, stop, self.deep_interval, self.skip_mode)
+        k = 1 if n == steps else self.deep_interval
+        mode = self.skip_mode if max(k, self.planning_interval) > 1 else "uniform"
+        return Schedule(steps, n, stop, k, mode, planning_interval=self.planning_interval)
 
     def as_dict(self) -> dict[str, Any]:
         """The row fields that name the point (peers' rows, whose n may be 0)."""
         return {"cache_step": self.cache_step, "guidance_stop": self.guidance_stop,
-                "deep_interval": self.deep_interval, "skip_mode": self.skip_mode}
+                "deep_interval": self.deep_interval, "skip_mode": self.skip_mode,
+                "planning_interval": self.planning_interval}
 
 
 def _field(item: str, text: str, what: str) -> list[str]:
@@ -94,9 +98,10 @@ def _items(text: str) -> list[str]:
 
 
 def parse_schedules(text: str) -> tuple[GridPoint, ...]:
-    """``N:M:K[:MODE],...`` -> schedules in order, duplicates dropped.
+    """``N:M:K[:MODE[:KP]],...`` -> schedules in order, duplicates dropped.
 
-    M is a step, ``n`` (= N: guidance stops at the cache step) or ``T`` (all steps guided). A field
+    N is a step or ``T`` (no fidelity step: with KP > 1, DeepCache's own schedule). M is a step,
+    ``n`` (= N: guidance stops at the cache step) or ``T`` (all steps guided). A field
     may be a set ``{a,b,...}``: the item stands for the product, less the combinations with m < n
     (``{3,10}:{n,5,T}:2`` is 3:3:2, 3:5:2, 3:T:2, 10:10:2, 10:T:2). n, m <= T is checked when T is known.
     """
@@ -106,25 +111,32 @@ def parse_schedules(text: str) -> tuple[GridPoint, ...]:
         raise InvalidInputError(f"no schedule in {text!r}; expected {SCHEDULE_SYNTAX}", field="schedules")
     for item in items:
         fields = item.split(":")
-        if len(fields) not in (3, 4):
+        if len(fields) not in (3, 4, 5):
             raise InvalidInputError(f"schedule {item!r} has {len(fields)} fields; expected {SCHEDULE_SYNTAX}",
                                     field="schedules")
-        ns = [_whole(item, v, "cache step N") for v in _field(item, fields[0], "cache step N")]
+        ns = [None if v == "T" else _whole(item, v, "cache step N (a step or T)")
+              for v in _field(item, fields[0], "cache step N")]
         ms = _field(item, fields[1], "guidance stop M")
         ks = [_whole(item, v, "deep interval K") for v in _field(item, fields[2], "deep interval K")]
-        modes = _field(item, fields[3], "skip mode") if len(fields) == 4 else ["uniform"]
+        modes = _field(item, fields[3], "skip mode") if len(fields) >= 4 else ["uniform"]
+        kps = [_whole(item, v, "planning interval KP") for v in _field(item, fields[4], "planning interval KP")] \
+            if len(fields) == 5 else [1]
         for mode in modes:
             if mode not in SKIP_MODES:
                 raise InvalidInputError(f"schedule {item!r}: skip mode {mode!r} is unknown; expected one of "
                                         f"{', '.join(SKIP_MODES)}", field="schedules")
-        for n, m, k, mode in itertools.product(ns, ms, ks, modes):
+        for n, m, k, mode, kp in itertools.product(ns, ms, ks, modes, kps):
             stop = n if m == "n" else None if m == "T" else _whole(item, m, "guidance stop M (a step, n or T)")
-            if stop is not None and stop < n:
+            if n is None and stop is not None:  # n = T: guidance to the end
+                if len(ns) == len(ms) == 1:
+                    raise InvalidInputError(f"schedule {item!r}: with N = T the guidance stop is T too", field="schedules")
+                continue
+            if stop is not None and n is not None and stop < n:
                 if len(ns) == len(ms) == 1:  # asked for explicitly: an error, not a silent drop
                     raise InvalidInputError(f"schedule {item!r}: guidance stop {stop} is before cache step {n}; "
                                             "use n <= m <= T", field="schedules")
                 continue
-            schedules[GridPoint(n, stop, k, mode)] = None
+            schedules[GridPoint(n, stop, k, mode, kp)] = None
     if not schedules:
         raise InvalidInputError(f"schedules {text!r} leave nothing once m < n is dropped", field="schedules")
     return tuple(schedules)
@@ -141,7 +153,8 @@ def row_label(row: dict[str, Any]) -> str:
     if row["method"] in (CAIR, TGATE):
         return f"{'CAIR' if row['method'] == CAIR else 'T-GATE'} n={n}"
     mode = " (non-uniform)" if row["skip_mode"] == "non-uniform" else ""
-    return f"n={n} m={m} k={k}{mode}"
+    planning = f" k_p={row['planning_interval']}" if row.get("planning_interval", 1) > 1 else ""
+    return f"n={n} m={m} k={k}{planning}{mode}"
 
 
 def _as_good(a: dict[str, Any], b: dict[str, Any]) -> bool:
