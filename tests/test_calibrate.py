@@ -121,7 +121,7 @@ def test_backends_without_schedules_keep_only_the_calibrated_n(calibrated):
 
 
 def test_other_step_counts_scale_n_and_m():
-    manifest = SimpleNamespace(fidelity_guidance="cfg", model={}, schedule={
+    manifest = SimpleNamespace(fidelity_guidance="cfg", model={}, graphs={"shallow": None}, schedule={
         "steps": 25, "cache_step": 6, "guidance_stop": 15, "deep_interval": 3, "skip_mode": "uniform"})
 
     def defaults(run):

@@ -130,8 +130,9 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     # branch, whose caches it writes (the others keep the last full planning step's).
     shallow_planning = GraphIO(
         "shallow_planning",
-        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *deep_feature("2*batch"),
-                *added("2*batch")),
+        # The text only where a module outside the branch reads it (else the exporter drops the input).
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, *((text,) if kept else ()),
+                *deep_feature("2*batch"), *added("2*batch")),
         outputs=(latent("noise_pred", "2*batch", config.out_channels),
                  *(spec for spec in cache_tensors(fidelity_batch) if spec.name in kept)),
     )
@@ -180,7 +181,7 @@ class CairGraph(torch.nn.Module):
             self.cache.mode = "record"
             outputs = {spec.name for spec in self.io.outputs}
             noise_pred = shallow_unet(self.unet, self.branch, named["sample"], named["timestep"], named[DEEP_FEATURE],
-                                      named["encoder_hidden_states"], added)
+                                      named.get("encoder_hidden_states"), added)
             return (noise_pred, *(value for site, value in zip(self.cache.sites, self.cache.values)
                                   if site.name in outputs))
         self.cache.mode = "replay"

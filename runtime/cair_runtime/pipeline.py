@@ -433,8 +433,9 @@ class CairEngine:
             # Unguided fidelity runs unconditionally: the negative (unconditional) added conditions.
             unguided_inputs = {"text_embeds": negative_text_embeds, "time_ids": time_ids}
         context.set_inputs("planning", planning_inputs)
-        if schedule.planning_interval > 1:  # guided shallow steps read the same text and conditions
-            context.set_inputs("shallow_planning", planning_inputs)
+        if schedule.planning_interval > 1:  # guided shallow steps read the same text and conditions (what they take)
+            takes = {spec.name for spec in self.manifest.graphs["shallow_planning"].inputs}
+            context.set_inputs("shallow_planning", {k: v for k, v in planning_inputs.items() if k in takes})
         if added is not None:
             for kind in later:
                 context.set_inputs(kind, guided_inputs if cfg_fidelity else unguided_inputs)
