@@ -13,7 +13,7 @@ import numpy as np
 
 from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
-from cair_runtime.checks import is_finite_number, is_integer
+from cair_runtime.checks import check_finite_result, check_guidance_scale, is_finite_number, is_integer
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
@@ -235,8 +235,7 @@ class CairEngine:
                                     f"{strength} runs of {num_inference_steps}; use 1 <= n <= {steps_run}, with n = "
                                     f"{steps_run} for the plain baseline", field="cache_step")
         check_cache_step(int(cache_step), steps_run)
-        if not is_finite_number(guidance_scale):
-            raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
+        check_guidance_scale(guidance_scale)
         try:
             schedule = make_scheduler(scheduler, self.manifest.scheduler_config)
         except InvalidInputError as error:
@@ -462,7 +461,9 @@ class CairEngine:
                     None if cache_observer is None else functools.partial(cache_observer, first_image=start))
                 chunks.append(result.latents)
                 timings.add(result.timings)
-        return DenoiseResult(np.concatenate(chunks), timings)
+        latents = np.concatenate(chunks)
+        check_finite_result(latents, "denoised latents")
+        return DenoiseResult(latents, timings)
 
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added, num_inference_steps,
                        schedule, guidance_scale, scheduler_name, generators: Generators, callback,

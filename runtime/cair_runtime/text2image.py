@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cair_runtime.backends.pool import CallGate
-from cair_runtime.checks import is_integer
+from cair_runtime.checks import check_finite_result, is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.manifest import size_problem
 from cair_runtime.files import write_atomically
@@ -381,6 +381,7 @@ class CairText2Image:
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
+        check_finite_result(decoded, "decoded images")
         vae_s = time.perf_counter() - started
         images = (decoded.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
         parameters = [{

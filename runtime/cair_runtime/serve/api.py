@@ -119,6 +119,10 @@ class RequestValidator:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ApiError(400, f"the body is not valid JSON ({error}); send a JSON object") from None
+        except (ValueError, RecursionError) as error:  # a number of over 4300 digits; nesting past the stack
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+            raise ApiError(400, f"the body is JSON this server does not read ({reason}); send a flat JSON "
+                                "object of strings and numbers") from None
         if not isinstance(payload, dict):
             raise ApiError(400, f"the body is a JSON {type(payload).__name__}; send a JSON object with a prompt")
         problems: list[tuple[str | None, str]] = []
