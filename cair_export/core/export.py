@@ -121,6 +121,9 @@ def supported_opsets() -> range:
     return range(MIN_OPSET, min(newest, onnx.defs.onnx_opset_version()) + 1)
 
 
+MAX_EXPORT_SIDE = 4096  # px; SDXL's native size is 1024
+
+
 def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, int]:
     """Validate user options; return the (height, width) in pixels."""
     check_export_options(config)
@@ -150,6 +153,11 @@ def check_export_options(config: ExportConfig) -> None:
         raise InvalidInputError(f"dtype {config.dtype!r} is unknown; expected fp32, fp16 or bf16")
     if config.max_batch < 1:
         raise InvalidInputError(f"max batch {config.max_batch} must be at least 1")
+    for label, value in (("height", config.height), ("width", config.width)):
+        if value is not None and not 1 <= value <= MAX_EXPORT_SIDE:
+            raise InvalidInputError(f"{label} {value} px is outside 1..{MAX_EXPORT_SIDE} px (the graphs are checked at "
+                                    "sizes around it; larger ones need more memory than an export can have): give "
+                                    f"--{label} as the pixel size you will generate", field=label)
     check_lora_list(list(config.loras))
     if config.deep_branch is not None and (not isinstance(config.deep_branch, int) or config.deep_branch < 0):
         raise InvalidInputError(f"deep branch {config.deep_branch!r} must be a non-negative integer "
