@@ -563,7 +563,8 @@ def _move_into_place(work: Path, target: Path, overwrite: bool, existed: bool) -
     """Rename the finished folder to ``target``; what is there is replaced only as ``check_output_dir`` allows.
 
     A folder that appeared during the export is left alone unless ``overwrite`` says otherwise. An
-    old folder is moved aside and removed only after the new one is in.
+    old folder is moved aside and removed only after the new one is in; a link to a folder is
+    replaced (the link removed, the folder it pointed to left untouched).
     """
     appeared = InvalidInputError(f"output folder {target} appeared while exporting and was left as it is; "
                                  "the new export was discarded; remove it or pass --overwrite, and export again")
@@ -584,7 +585,10 @@ def _move_into_place(work: Path, target: Path, overwrite: bool, existed: bool) -
         with contextlib.suppress(OSError):
             rename_noreplace(old, target)  # put the old one back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # the target was a link to a folder: the link goes, the folder it named stays as it is
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _release_unet(model: LoadedModel, progress: Callable[[str], None]) -> None:
