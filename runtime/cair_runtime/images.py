@@ -14,6 +14,7 @@ the user's machine does not travel in a published image.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ def _from_file(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # Pillow's decompression-bomb warning: the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
             width, height = opened.size  # from the header: nothing decoded yet
             if max(width, height) > MAX_IMAGE_SIDE:
                 raise _refuse(f"image {path.name} is {width}x{height} px; images are read up to {MAX_IMAGE_SIDE} px "

@@ -373,7 +373,8 @@ def resolve_loras(folder: str | Path, manifest_lora: Mapping[str, Any] | None, w
             if not abs(factor) <= _FLOAT32_MAX:
                 raise _error(f"{where}: scale {scale:g} x alpha {alpha:g} / rank {rank} = {factor:g} is beyond "
                              "float32's range; use a smaller scale (or fix the adapter's alpha)")
-            delta = np.float32(factor) * lora_delta(parts.down, parts.up, shape)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, with its name
+                delta = np.float32(factor) * lora_delta(parts.down, parts.up, shape)
             deltas[model, weight] = deltas[model, weight] + delta if (model, weight) in deltas else delta
         adapters.append({"file": path.name, "sha256": file_sha256(path), "scale": scale})
     overrides: dict[str, dict[str, np.ndarray]] = {}
@@ -385,7 +386,8 @@ def resolve_loras(folder: str | Path, manifest_lora: Mapping[str, Any] | None, w
             count = int(np.prod(site.shape))
             base = maps[site.file][site.offset:site.offset + 4 * count].view(np.float32).reshape(site.shape)
             change = delta if site.layout == "same" else delta.T
-            fused = np.ascontiguousarray(base + change)
+            with np.errstate(over="ignore", invalid="ignore"):
+                fused = np.ascontiguousarray(base + change)
             if not np.isfinite(fused).all():
                 raise _error(f"the adapters' fused {model} weight {weight} overflows float32 "
                              f"({int(np.count_nonzero(~np.isfinite(fused)))} NaN or infinite values): their values or "
