@@ -54,7 +54,7 @@ from cair_export.core.verify import FP32_RELATIVE_TOLERANCE, OutputCheck, compar
 from cair_runtime.backends.onnxruntime import make_session, shared_weights, switch_feeds
 from cair_runtime.errors import CairError, InvalidInputError, ValidationError
 from cair_runtime.files import check_folder_writable, rename_noreplace
-from cair_runtime.lora import check_lora_list
+from cair_runtime.lora import check_lora_list, read_lora_file
 from cair_runtime.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -158,7 +158,8 @@ def check_export_options(config: ExportConfig) -> None:
             raise InvalidInputError(f"{label} {value} px is outside 1..{MAX_EXPORT_SIDE} px (the graphs are checked at "
                                     "sizes around it; larger ones need more memory than an export can have): give "
                                     f"--{label} as the pixel size you will generate", field=label)
-    check_lora_list(list(config.loras))
+    for path, _scale in check_lora_list(list(config.loras)):
+        read_lora_file(path)  # truncated, inconsistent or NaN/inf: refused before any model is loaded
     if config.deep_branch is not None and (not isinstance(config.deep_branch, int) or config.deep_branch < 0):
         raise InvalidInputError(f"deep branch {config.deep_branch!r} must be a non-negative integer "
                                 "(DeepCache's cache_branch_id: 3 * block + layer)", field="deep_branch")
