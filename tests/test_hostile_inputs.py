@@ -476,8 +476,8 @@ def test_cair_export_prompt_files(shapes, tmp_path, capsys, one_line_error, kind
 
 
 EXPORTS = [
-    (["--height", "100000"], "height 100000 px is outside 1..4096 px"),
-    (["--width", "100000"], "width 100000 px is outside 1..4096 px"),
+    (["--height", "100000"], "height 100000 px is above 4096 px"),
+    (["--width", "100000"], "width 100000 px is above 4096 px"),
     (["--lora", "{truncated}"], "truncated"),
     (["--lora", "{nan}"], "holds 1 NaN or infinite values"),
     (["--lora", "{loop}"], "a symbolic link loop"),

@@ -154,8 +154,8 @@ def check_export_options(config: ExportConfig) -> None:
     if config.max_batch < 1:
         raise InvalidInputError(f"max batch {config.max_batch} must be at least 1")
     for label, value in (("height", config.height), ("width", config.width)):
-        if value is not None and not 1 <= value <= MAX_EXPORT_SIDE:
-            raise InvalidInputError(f"{label} {value} px is outside 1..{MAX_EXPORT_SIDE} px (the graphs are checked at "
+        if value is not None and value > MAX_EXPORT_SIDE:  # non-positive ones: check_export_config names the factor
+            raise InvalidInputError(f"{label} {value} px is above {MAX_EXPORT_SIDE} px (the graphs are checked at "
                                     "sizes around it; larger ones need more memory than an export can have): give "
                                     f"--{label} as the pixel size you will generate", field=label)
     for path, _scale in check_lora_list(list(config.loras)):
