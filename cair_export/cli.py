@@ -12,10 +12,10 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from cair_runtime.cli import OneLineArgumentParser, run_command
+from cair_runtime.interrupts import Terminated, stop_on_signals
 
 
 def progress(message: str) -> None:
@@ -460,36 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: unwinds like KeyboardInterrupt, so that every ``finally`` cleans up."""
-
-
-def _stop_on_signals():
-    """SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` (once); returns what restores the handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # only the main thread may set handlers
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def stop(signum, frame):
-        for number in signals:  # a second signal must not interrupt the cleanup
-            signal.signal(number, signal.SIG_IGN)
-        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
-
-    previous = {number: signal.getsignal(number) for number in signals}
-    for number in signals:
-        if previous[number] is not signal.SIG_IGN:  # a shell's background job ignores SIGINT: keep that
-            signal.signal(number, stop)
-
-    def restore() -> None:
-        for number, handler in previous.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(number, handler)
-
-    return restore
-
-
 def main(argv: list[str] | None = None) -> int:
-    restore = _stop_on_signals()
+    restore = stop_on_signals()
     try:
         return run_command(build_parser(), argv)  # SIGINT: one line and 130 there
     except Terminated:

@@ -55,7 +55,7 @@ from cair_export.core.validation import (
 from cair_export.core.verify import FP32_RELATIVE_TOLERANCE
 from cair_runtime.backends.onnxruntime import make_session
 from cair_runtime.errors import InvalidInputError, ValidationError
-from cair_runtime.lora import check_lora_list
+from cair_runtime.lora import check_lora_list, read_lora_file
 from cair_runtime.manifest import Dim, Manifest, size_problem, stamp_verified
 
 MIN_OPSET = 17  # LayerNormalization stays one op
@@ -87,6 +87,9 @@ def supported_opsets() -> range:
     return range(MIN_OPSET, min(newest, onnx.defs.onnx_opset_version()) + 1)
 
 
+MAX_EXPORT_SIDE = 4096  # px; SDXL's native size is 1024
+
+
 def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, int]:
     """Validate user options; return the (height, width) in pixels."""
     check_export_options(config)
@@ -116,7 +119,13 @@ def check_export_options(config: ExportConfig) -> None:
         raise InvalidInputError(f"dtype {config.dtype!r} is unknown; expected fp32, fp16 or bf16")
     if config.max_batch < 1:
         raise InvalidInputError(f"max batch {config.max_batch} must be at least 1")
-    check_lora_list(list(config.loras))
+    for label, value in (("height", config.height), ("width", config.width)):
+        if value is not None and value > MAX_EXPORT_SIDE:  # non-positive ones: check_export_config names the factor
+            raise InvalidInputError(f"{label} {value} px is above {MAX_EXPORT_SIDE} px (the graphs are checked at "
+                                    "sizes around it; larger ones need more memory than an export can have): give "
+                                    f"--{label} as the pixel size you will generate", field=label)
+    for path, _scale in check_lora_list(list(config.loras)):
+        read_lora_file(path)  # truncated, inconsistent or NaN/inf: refused before any model is loaded
     if config.deep_branch is not None and (not isinstance(config.deep_branch, int) or config.deep_branch < 0):
         raise InvalidInputError(f"deep branch {config.deep_branch!r} must be a non-negative integer "
                                 "(DeepCache's cache_branch_id: 3 * block + layer)", field="deep_branch")

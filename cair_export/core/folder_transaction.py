@@ -179,4 +179,7 @@ def _move_into_place(work: Path, target: Path, overwrite: bool, existed: bool) -
         with contextlib.suppress(OSError):
             rename_noreplace(old, target)  # put the old one back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # the target was a link to a folder: the link goes, the folder it named stays as it is
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ import torch
 
 from cair_export.core.models import LoadedModel
 from cair_runtime.errors import InvalidInputError, MissingDependencyError
-from cair_runtime.lora import check_lora_list, file_sha256
+from cair_runtime.lora import check_lora_list, file_sha256, read_lora_file
 
 
 def fuse_loras(model: LoadedModel, loras: Sequence[tuple[str | Path, float]]) -> list[dict[str, Any]]:
@@ -26,6 +26,8 @@ def fuse_loras(model: LoadedModel, loras: Sequence[tuple[str | Path, float]]) ->
     checked = check_lora_list(list(loras))
     if not checked:
         return []
+    for path, _scale in checked:
+        read_lora_file(path)  # a truncated or inconsistent file, or NaN/inf values: one error before diffusers reads it
     if not model.has_pipeline:
         raise InvalidInputError(f"--lora needs a whole pipeline (text encoder, UNet, VAE); {model.name} is a UNet "
                                 "alone", field="loras")
@@ -55,7 +57,20 @@ def fuse_loras(model: LoadedModel, loras: Sequence[tuple[str | Path, float]]) ->
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in checked])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()  # drops the LoRA layers, keeps the fused weights
+    _check_fused_weights(pipe, checked)
     return [{"file": path.name, "sha256": file_sha256(path), "scale": scale} for path, scale in checked]
+
+
+def _check_fused_weights(pipe: Any, checked: Sequence[tuple[Path, float]]) -> None:
+    """Fused weights that overflowed (large values or scales) would export a model that draws black images."""
+    for label in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, label, None)
+        for name, parameter in ([] if module is None else module.named_parameters()):
+            if not bool(torch.isfinite(parameter).all()):
+                scales = ", ".join(f"{path.name}:{scale:g}" for path, scale in checked)
+                raise InvalidInputError(f"fusing LoRA {scales} makes {label} weight {name} NaN or infinite (float32 "
+                                        "overflow): the adapters' values or scales are too large; use smaller scales",
+                                        field="loras")
 
 
 def _load_text_encoder_adapter(model: torch.nn.Module, adapter_name: str, adapter_state_dict: dict, peft_config: Any,

@@ -51,12 +51,30 @@ class ProfileConfig:
     width: int | None = None
 
 
+MAX_PROMPT_FILE_BYTES = 16 * 1024 * 1024  # a prompt file is text; anything larger (or endless, /dev/zero) is refused
+
+
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
-    """Prompts of a text file: one a line, blank lines and '#' comments skipped."""
+    """Prompts of a UTF-8 text file: one a line, blank lines and '#' comments skipped.
+
+    At most ``MAX_PROMPT_FILE_BYTES`` are read, so a device or an endless pipe ends in an error.
+    """
+    fix = "pass a UTF-8 text file, one prompt a line"
     try:
-        lines = Path(path).read_text().splitlines()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
     except OSError as error:
-        raise InvalidInputError(f"cannot read prompt file {path}: {error.strerror}; pass a text file, one prompt a line") from None
+        raise InvalidInputError(f"cannot read prompt file {path}: {error.strerror}; {fix}") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise InvalidInputError(f"prompt file {path} holds more than {MAX_PROMPT_FILE_BYTES // 2**20} MiB; {fix}")
+    if b"\0" in data:
+        offset = data.index(b"\0")
+        raise InvalidInputError(f"prompt file {path} holds NUL bytes from offset {offset} (a binary file); {fix}")
+    try:
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"prompt file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                                f"{error.start}); save it as UTF-8 ({fix})") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise InvalidInputError(f"prompt file {path} has no prompts; write one prompt a line")

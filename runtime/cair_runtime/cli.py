@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from cair_runtime.backends import BACKENDS
 from cair_runtime.errors import CairError, InvalidInputError
 from cair_runtime.files import check_writable, write_atomically
+from cair_runtime.interrupts import Terminated, stop_on_signals
 from cair_runtime.schedulers import SCHEDULER_NAMES
 from cair_runtime.schedule import SCHEDULE_FIELDS, SKIP_MODES
 
@@ -291,7 +293,14 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv)
+    restore = stop_on_signals()  # SIGTERM unwinds too: no temporary PNG left behind
+    try:
+        return run_command(build_parser(), argv)
+    except Terminated:
+        print("cair-run: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        restore()
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -41,5 +41,9 @@ class ValidationError(CairError):
     """An exported graph does not compute what the source model computes, within tolerance."""
 
 
+class NonFiniteResultError(CairError):
+    """A generation produced NaN or infinite values (an overflow in the model): no image is made of them."""
+
+
 class EngineClosedError(CairError):
     """An engine or pipeline was used after ``close()``."""

@@ -13,16 +13,27 @@ from cair_runtime.errors import InvalidInputError
 
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    An ``OSError`` (a full disk, a file size limit) leaves nothing behind and becomes an
+    ``InvalidInputError`` naming the path and the reason; so does any interruption's clean-up.
+    """
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise InvalidInputError(f"cannot write {path}: {error.strerror or error}; choose a writable folder",
+                                field="output") from None
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk or quota, a file size limit, a folder gone read-only
+            raise InvalidInputError(f"cannot write {path}: {error.strerror or error}; nothing was written there: "
+                                    "free some space or choose another folder", field="output") from None
         raise
 
 

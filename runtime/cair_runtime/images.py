@@ -5,10 +5,16 @@ RGB by repeating its channel: nothing is lost or invented. Every other mode is r
 name: RGBA and LA need a background chosen for their transparency, palette and 16-bit images a
 conversion the caller should see (diffusers' pipelines would pass such images on unconverted
 and fail later, or not at all).
+
+A file's EXIF orientation is applied as Pillow's ``ImageOps.exif_transpose`` does (as diffusers'
+``load_image``): a portrait photo stored sideways is read upright. Its size is checked from the
+header before anything is decoded. Parameters name a file by its name only: an absolute path of
+the user's machine does not travel in a published image.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,7 @@ import numpy as np
 
 from cair_runtime.errors import InvalidInputError
 
+MAX_IMAGE_SIDE = 8192  # px; read from the header and refused before decoding (no engine here takes more)
 _FIX = ("convert it to 8-bit RGB first (e.g. PIL's image.convert('RGB'), over a background of your choice for "
         "transparency)")
 
@@ -29,16 +36,24 @@ def load_image(image: Any) -> tuple[np.ndarray, str]:
     if isinstance(image, np.ndarray):
         return _from_array(image), "array"
     if isinstance(image, (str, Path)):
-        return _from_file(Path(image)), str(image)
+        return _from_file(Path(image)), Path(image).name
     raise _refuse(f"image must be a file path or an (H, W, 3) uint8 numpy array, got {type(image).__name__}")
 
 
 def _from_file(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # Pillow's decompression-bomb warning: the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            width, height = opened.size  # from the header: nothing decoded yet
+            if max(width, height) > MAX_IMAGE_SIDE:
+                raise _refuse(f"image {path.name} is {width}x{height} px; images are read up to {MAX_IMAGE_SIDE} px "
+                              "a side (the output has the image's size): resize it")
             opened.load()  # decode now: a truncated or corrupt file fails here, not later
+            opened = ImageOps.exif_transpose(opened)  # upright, as diffusers' load_image
             mode, size = opened.mode, opened.size
             if mode == "L":
                 return np.array(opened.convert("RGB"))
@@ -49,6 +64,10 @@ def _from_file(path: Path) -> np.ndarray:
         raise _refuse(f"{path} is not an image file Pillow can read (PNG, JPEG, ...)") from None
     except Image.DecompressionBombError as error:
         raise _refuse(f"image {path} is too large to read safely ({error})") from None
+    except ValueError as error:  # Pillow's limit on text and colour-profile chunks (1 MB), and the like
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise _refuse(f"cannot read image {path}: {reason} (a text or colour-profile chunk over Pillow's limit); "
+                      "save it again without its metadata") from None
     except OSError as error:  # missing, a folder, unreadable, truncated
         reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
         raise _refuse(f"cannot read image {path}: {reason}") from None

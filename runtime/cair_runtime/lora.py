@@ -18,8 +18,10 @@ in the original LDM naming, DoRA, rsLoRA, per-module alpha patterns) is refused 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import stat
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ MODEL_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 LAYOUTS = ("same", "transposed")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _error(message: str) -> InvalidInputError:
@@ -82,8 +85,17 @@ def check_lora_file(path: str | Path) -> Path:
                      "can run code); convert it in a trusted environment")
     if path.suffix.lower() not in LORA_SUFFIXES:
         raise _error(f"LoRA {path} is not a .safetensors file; give a safetensors adapter")
-    if not path.is_file():
-        raise _error(f"LoRA file {path} does not exist")
+    try:
+        mode = path.stat().st_mode  # follows links: a loop fails here with ELOOP
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            raise _error(f"LoRA file {path} does not exist") from None
+        reason = "a symbolic link loop" if error.errno == errno.ELOOP else error.strerror or type(error).__name__
+        raise _error(f"LoRA file {path} cannot be read: {reason}") from None
+    if stat.S_ISDIR(mode):
+        raise _error(f"LoRA {path} is a folder; give the adapter's .safetensors file inside it")
+    if not stat.S_ISREG(mode):
+        raise _error(f"LoRA {path} is not a regular file (a pipe, device or socket); give a .safetensors file")
     try:
         with open(path, "rb") as handle:
             head = handle.read(8)
@@ -95,18 +107,62 @@ def check_lora_file(path: str | Path) -> Path:
     return path
 
 
-def read_lora_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors (as float32) and header metadata of a safetensors file, through ``safetensors.numpy``."""
-    from safetensors import safe_open
+# safetensors dtype -> numpy dtype of its bytes; BF16 is read as its 16 bits and widened (numpy has no bfloat16).
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "i1", "U8": "u1"}
 
-    try:
-        with safe_open(str(path), framework="np") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: np.asarray(handle.get_tensor(key), dtype=np.float32) for key in handle.keys()}
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own and TypeError for bf16 in numpy
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise _error(f"cannot read LoRA {path}: {reason}") from None
-    return tensors, metadata
+
+def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 is float32's upper half: shift its 16 bits into place (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_lora_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors (as float32) and header metadata of a safetensors file; every value finite, or refused.
+
+    Reads the format itself (an 8-byte header length, a JSON header, the tensors' bytes), so that
+    bfloat16 files, common for adapters, are read exactly and a truncated or inconsistent file is
+    one error naming what is wrong.
+    """
+    def refuse(reason: str) -> InvalidInputError:
+        return _error(f"cannot read LoRA {path}: {reason}; the file is truncated or not a safetensors adapter")
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 2 <= length <= size - 8:
+            raise refuse(f"its header claims {length} bytes of a {size}-byte file")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError):
+            raise refuse("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise refuse("its __metadata__ is not an object")
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size > 8 + length else np.zeros(0, np.uint8)
+    start = 8 + length
+    tensors = {}
+    for key, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"]), entry["data_offsets"]
+            count = int(np.prod(shape, dtype=np.int64))
+            valid = all(type(n) is int and n >= 0 for n in (*shape, begin, end)) and end - begin == count * dtype.itemsize
+        except (KeyError, TypeError, ValueError):
+            raise refuse(f"tensor {key!r} has dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}; "
+                         f"expected one of {', '.join(_DTYPES)} with a shape and data offsets") from None
+        if not valid or start + end > size:
+            raise refuse(f"tensor {key!r} ({entry['dtype']} {list(shape)}) lies at bytes {begin}..{end} of a data "
+                         f"section of {size - start}")
+        raw = data[start + begin:start + end].view(dtype).reshape(shape)
+        value = _bfloat16_to_float32(raw) if entry["dtype"] == "BF16" else raw.astype(np.float32)
+        if not np.isfinite(value).all():
+            bad = int(np.count_nonzero(~np.isfinite(value)))
+            raise _error(f"LoRA {path.name} tensor {key!r} holds {bad} NaN or infinite values (of {value.size}, "
+                         "as float32); the adapter is broken: fix or replace the file")
+        tensors[key] = value
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 # --- which module each key names ---------------------------------------------------------------
@@ -313,7 +369,12 @@ def resolve_loras(folder: str | Path, manifest_lora: Mapping[str, Any] | None, w
                 raise _error(f"{where} has up {parts.up.shape} x down {parts.down.shape}, which does not make the "
                              f"weight's shape {shape}")
             alpha = parts.alpha if parts.alpha is not None else alphas.get(model, float(rank))
-            delta = np.float32(scale * alpha / rank) * lora_delta(parts.down, parts.up, shape)
+            factor = scale * alpha / rank
+            if not abs(factor) <= _FLOAT32_MAX:
+                raise _error(f"{where}: scale {scale:g} x alpha {alpha:g} / rank {rank} = {factor:g} is beyond "
+                             "float32's range; use a smaller scale (or fix the adapter's alpha)")
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, with its name
+                delta = np.float32(factor) * lora_delta(parts.down, parts.up, shape)
             deltas[model, weight] = deltas[model, weight] + delta if (model, weight) in deltas else delta
         adapters.append({"file": path.name, "sha256": file_sha256(path), "scale": scale})
     overrides: dict[str, dict[str, np.ndarray]] = {}
@@ -325,7 +386,13 @@ def resolve_loras(folder: str | Path, manifest_lora: Mapping[str, Any] | None, w
             count = int(np.prod(site.shape))
             base = maps[site.file][site.offset:site.offset + 4 * count].view(np.float32).reshape(site.shape)
             change = delta if site.layout == "same" else delta.T
-            overrides.setdefault(site.kind, {})[site.initializer] = np.ascontiguousarray(base + change)
+            with np.errstate(over="ignore", invalid="ignore"):
+                fused = np.ascontiguousarray(base + change)
+            if not np.isfinite(fused).all():
+                raise _error(f"the adapters' fused {model} weight {weight} overflows float32 "
+                             f"({int(np.count_nonzero(~np.isfinite(fused)))} NaN or infinite values): their values or "
+                             "scales are too large; use smaller scales")
+            overrides.setdefault(site.kind, {})[site.initializer] = fused
     key = tuple((a["sha256"], a["scale"]) for a in adapters)
     return LoraSet(key, overrides, tuple(adapters))
 

@@ -389,6 +389,25 @@ def _lora_problems(manifest: Manifest) -> list[str]:
     return problems
 
 
+def _model_problems(manifest: Manifest) -> list[str]:
+    """The model's numbers the runtime computes with: hand-edited ones are refused here, not met as a crash."""
+    problems = []
+    model, config = manifest.model, manifest.scheduler_config
+    for where, value, low, high in (("model vae_scale_factor", model.get("vae_scale_factor", DEFAULT_VAE_SCALE_FACTOR), 1, 64),
+                                    ("model cache_step_hint", model.get("cache_step_hint", 1), 1, 10**6),
+                                    ("scheduler_config num_train_timesteps", config.get("num_train_timesteps", 1000),
+                                     1, 10**6),
+                                    ("scheduler_config steps_offset", config.get("steps_offset", 0), 0, 10**6)):
+        if not is_integer(value) or not low <= value <= high:
+            problems.append(f"{where} {value!r} must be an integer in {low}..{high}")
+    for name in ("beta_start", "beta_end"):
+        if name in config and not (is_finite_number(config[name]) and 0 < config[name] < 1):
+            problems.append(f"scheduler_config {name} {config[name]!r} must be a number in (0, 1)")
+    if not isinstance(model.get("dtype", "float32"), str):
+        problems.append(f"model dtype {model.get('dtype')!r} must be a string")
+    return problems
+
+
 def _schema_problems(manifest: Manifest) -> list[str]:
     """What the dataclasses cannot say: required and known graphs, enumerations, shapes, the pipeline."""
     problems = [f"no {kind} graph" for kind in GRAPH_KINDS if kind not in manifest.graphs]
@@ -398,8 +417,8 @@ def _schema_problems(manifest: Manifest) -> list[str]:
     problems += _deep_branch_problems(manifest) + _schedule_problems(manifest) + _switch_problems(manifest)
     if manifest.fidelity_guidance not in FIDELITY_GUIDANCE:
         problems.append(f"fidelity_guidance {manifest.fidelity_guidance!r} is not one of {', '.join(FIDELITY_GUIDANCE)}")
-    return problems + _shape_problems(manifest) + _pipeline_problems(manifest) + _weights_problems(manifest) \
-        + _lora_problems(manifest)
+    return problems + _model_problems(manifest) + _shape_problems(manifest) + _pipeline_problems(manifest) \
+        + _weights_problems(manifest) + _lora_problems(manifest)
 
 
 def _deep_branch_problems(manifest: Manifest) -> list[str]:

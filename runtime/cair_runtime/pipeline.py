@@ -14,7 +14,7 @@ import numpy as np
 
 from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
-from cair_runtime.checks import is_finite_number, is_integer
+from cair_runtime.checks import check_finite_result, check_guidance_scale, is_integer
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
@@ -29,11 +29,6 @@ MAX_IMAGES_PER_CALL = 64  # a cap, so a typo cannot queue hours of work; make se
 def check_image_count(count: int) -> None:
     if not 1 <= count <= MAX_IMAGES_PER_CALL:
         raise InvalidInputError(f"{count} images in one call; the limit is 1..{MAX_IMAGES_PER_CALL} (make several calls)")
-
-
-def check_guidance_scale(guidance_scale: Any) -> None:
-    if not is_finite_number(guidance_scale):
-        raise InvalidInputError(f"guidance scale {guidance_scale!r} must be a finite number", field="guidance_scale")
 
 
 @dataclass
@@ -395,7 +390,9 @@ class CairEngine:
                     None if cache_observer is None else functools.partial(cache_observer, first_image=start))
                 chunks.append(result.latents)
                 timings.add(result.timings)
-        return DenoiseResult(np.concatenate(chunks), timings)
+        latents = np.concatenate(chunks)
+        check_finite_result(latents, "denoised latents")
+        return DenoiseResult(latents, timings)
 
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added,
                        schedule: Schedule, scheduler: Scheduler, guidance_scale, generators: Generators, callback,

@@ -22,14 +22,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cair_runtime.backends.pool import CallGate
-from cair_runtime.checks import is_integer
+from cair_runtime.checks import check_finite_result, check_guidance_scale, is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.manifest import size_problem
 from cair_runtime.files import write_atomically
 from cair_runtime.lora import LoraSet
 from cair_runtime.images import load_image
 from cair_runtime.noise import image_generators, image_seeds, standard_normal
-from cair_runtime.pipeline import CairEngine, StageTimings, check_guidance_scale, check_image_count
+from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count
 from cair_runtime.schedule import DEFAULT_STEPS, Schedule, schedule_request
 
 
@@ -375,6 +375,7 @@ class CairText2Image:
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
+        check_finite_result(decoded, "decoded images")
         vae_s = time.perf_counter() - started
         images = (decoded.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
         parameters = [{

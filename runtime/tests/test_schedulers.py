@@ -169,6 +169,43 @@ def test_full_loop_cosine_betas(name, monkeypatch):
     assert_matches(name, {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 25, monkeypatch)
 
 
+def test_karras_dpm_with_cosine_betas_is_refused_up_front():
+    # diffusers' DPMSolverMultistepScheduler fails inside step() (IndexError) at 7, 13 or 50 steps
+    oracle = diffusers_scheduler("dpm++2m-karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"})
+    oracle.set_timesteps(7)
+    with pytest.raises(IndexError):
+        x = torch.zeros(SHAPE)
+        for t in oracle.timesteps:
+            x = oracle.step(x, t, x).prev_sample
+    with pytest.raises(InvalidInputError, match="squaredcos_cap_v2"):
+        make_scheduler("dpm++2m-karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"})
+
+
+def test_karras_sigma_max_beyond_the_model_is_refused_up_front():
+    config = {**SD15, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True, "sigma_max": 80.0}
+    oracle = diffusers_scheduler(None, config)
+    oracle.set_timesteps(10)
+    with pytest.raises(IndexError):
+        x = torch.zeros(SHAPE)
+        for t in oracle.timesteps:
+            x = oracle.step(x, t, x).prev_sample
+    for name in (None, "unipc"):
+        with pytest.raises(InvalidInputError, match="same training timestep 999"):
+            make_scheduler(name, config).set_timesteps(10)
+
+
+# sigma_min/sigma_max of a model's config (an Euler config, or hand-set): diffusers' Karras sigmas honour them
+@pytest.mark.parametrize("num_steps", [10, 25])
+@pytest.mark.parametrize("sigmas", [{"sigma_min": 0.1, "sigma_max": 10.0}, {"sigma_min": 0.002},
+                                    {"sigma_max": 12.0}, {"sigma_min": 0.05, "sigma_max": 5.0}])
+@pytest.mark.parametrize("model", MODEL_CONFIGS)
+@pytest.mark.parametrize("name", ["dpm++2m-karras", "unipc", "euler"])
+def test_full_loop_karras_sigma_range(name, model, sigmas, num_steps, monkeypatch):
+    config = {**MODEL_CONFIGS[model], "use_karras_sigmas": True, **sigmas}
+    assert_matches(name, config, num_steps, monkeypatch)
+    assert_matches(None, {**config, "_class_name": ORACLES[name][0]}, num_steps, monkeypatch)
+
+
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpm++2m", "dpm++2m-karras", "unipc"])
 def test_full_loop_sample_prediction(name, monkeypatch):
     assert_matches(name, {**SD15, "prediction_type": "sample"}, 25, monkeypatch)

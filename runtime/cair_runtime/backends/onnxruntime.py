@@ -68,6 +68,7 @@ def make_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
                                 f"expected one of {', '.join(GRAPH_OPTIMIZATION)}")
     if not is_integer(threads) or threads < 0:
         raise InvalidInputError(f"threads {threads!r} must be a non-negative integer (0: onnxruntime's default)")
+    ort.disable_telemetry_events()  # besides ORT_DISABLE_TELEMETRY (cair_runtime/__init__.py), which stops it at import
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # sequential graphs: one inter-op thread

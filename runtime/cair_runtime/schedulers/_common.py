@@ -66,7 +66,14 @@ def make_betas(
 ) -> np.ndarray:
     """The training betas (float32), as every diffusers scheduler's ``__init__`` builds them."""
     if trained_betas is not None:
-        return np.asarray(trained_betas, dtype=np.float32)
+        try:
+            betas = np.asarray(trained_betas, dtype=np.float32)
+        except (TypeError, ValueError):
+            betas = np.empty(0, dtype=np.float32)
+        if betas.shape != (num_train_timesteps,) or not ((betas > 0) & (betas < 1)).all():
+            raise InvalidInputError(f"scheduler option trained_betas must be {num_train_timesteps} numbers in (0, 1) "
+                                    "(one per training timestep); re-export with the model's scheduler config")
+        return betas
     check_choice("beta_schedule", beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
     if beta_schedule == "linear":
         return _torch_linspace_float32(beta_start, beta_end, num_train_timesteps)
@@ -282,6 +289,12 @@ class DiscreteScheduler:
             timesteps = sigma_to_t(sigmas, log_sigmas)
             if round_karras_timesteps:
                 timesteps = timesteps.round()
+            if len(timesteps) > 1 and int(timesteps[0]) == int(timesteps[1]):
+                # the first step's lookup takes the second occurrence and the loop runs past the end
+                # (diffusers fails inside step() with an IndexError)
+                raise InvalidInputError(f"the Karras sigmas from {sigmas[0]:.4g} down put the first steps of "
+                                        f"{num_inference_steps} on the same training timestep {int(timesteps[0])}; "
+                                        "lower sigma_max to the model's range or use a scheduler without Karras sigmas")
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)

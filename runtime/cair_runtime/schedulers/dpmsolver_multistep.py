@@ -4,6 +4,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cair_runtime.errors import InvalidInputError
 from cair_runtime.schedulers._common import (
     UNPORTED_SIGMA_OPTIONS, DiscreteScheduler, check_choice, predict_x0, sigma_to_alpha_sigma_t, sigma_to_lambda
 )
@@ -29,14 +30,21 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
     }
 
     def __init__(self, solver_order: int = 2, solver_type: str = "midpoint", use_karras_sigmas: bool = False,
-                 **schedule: Any) -> None:
+                 sigma_min: float | None = None, sigma_max: float | None = None, **schedule: Any) -> None:
         check_choice("solver_order", solver_order, (1, 2))
         super().__init__(**schedule)
+        if use_karras_sigmas and self.beta_schedule == "squaredcos_cap_v2":
+            # The cosine schedule's last sigma (about 2e4) puts most Karras timesteps on 998; the step
+            # lookup then runs past the end (diffusers' own loop fails the same way, inside step()).
+            raise InvalidInputError("Karras sigmas (dpm++2m-karras) do not work with this model's squaredcos_cap_v2 "
+                                    "betas: most timesteps fall on the same training step; use dpm++2m, unipc or ddim")
         # diffusers maps the solver types of other multistep solvers onto "midpoint"
         check_choice("solver_type", solver_type, ("midpoint", "heun", "logrho", "bh1", "bh2"))
         self.solver_order = solver_order
         self.solver_type = "heun" if solver_type == "heun" else "midpoint"
         self.use_karras_sigmas = use_karras_sigmas
+        # diffusers' _convert_to_karras reads sigma_min/sigma_max from the config (a model's Euler config has them)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.sigmas = np.empty(0, dtype=np.float32)
         self.model_outputs: list[np.ndarray | None] = [None] * solver_order
         self.lower_order_nums = 0
@@ -45,7 +53,7 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the timesteps (int64, descending) and sigmas; clears the multistep history."""
         # diffusers rounds the Karras timesteps except under the cosine schedule
-        self._set_multistep_schedule(num_inference_steps, self.use_karras_sigmas,
+        self._set_multistep_schedule(num_inference_steps, self.use_karras_sigmas, self.sigma_min, self.sigma_max,
                                      round_karras_timesteps=self.beta_schedule != "squaredcos_cap_v2")
         self.model_outputs = [None] * self.solver_order
         self.lower_order_nums = 0

@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from cair_runtime.checks import is_finite_number, is_integer
+from cair_runtime.checks import check_guidance_scale, is_finite_number, is_integer
 from cair_runtime.errors import CairError
 from cair_runtime.schedulers import SCHEDULER_NAMES
 from cair_runtime.noise import image_seeds
-from cair_runtime.pipeline import check_guidance_scale
 from cair_runtime.schedule import SKIP_MODES, Schedule
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers; anything larger is refused unread
@@ -124,6 +123,10 @@ class RequestValidator:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ApiError(400, f"the body is not valid JSON ({error}); send a JSON object") from None
+        except (ValueError, RecursionError) as error:  # a number of over 4300 digits; nesting past the stack
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+            raise ApiError(400, f"the body is JSON this server does not read ({reason}); send a flat JSON "
+                                "object of strings and numbers") from None
         if not isinstance(payload, dict):
             raise ApiError(400, f"the body is a JSON {type(payload).__name__}; send a JSON object with a prompt")
         problems: list[tuple[str | None, str]] = []

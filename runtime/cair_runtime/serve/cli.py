@@ -47,6 +47,8 @@ def _check_engine(service: ServiceConfig) -> str:
 
 def _check_port(host: str, port: int) -> None:
     """A port that is taken or an address that is not this machine's: say so before Ray starts."""
+    if not 1 <= port <= 65535:
+        raise InvalidInputError(f"--port {port} is outside 1..65535; pick a free TCP port", field="port")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         try:
             sock.bind((host, port))
