@@ -11,10 +11,10 @@ two infer requests of that one compiled model, so the process holds each weight 
 quantized by ``cair-export quantize`` has int8 graphs (OpenVINO IR) recorded as ``openvino``
 engines; ``precision="int8"`` runs those.
 
-Per call a context owns one infer request per graph kind and numpy buffers wrapped as OpenVINO
-tensors (``shared_memory=True``): the cache buffers are set as planning's output tensors and as
-fidelity's (and shallow's) input tensors, so planning writes them in place and fidelity reads them
-in place; no copy per step. Only the latents go in and ``noise_pred`` comes out each step.
+Per call a context owns one infer request per graph kind. The cache tensors the planning request
+wrote at step n become the fidelity (and shallow) request's input tensors, and fidelity's deep
+feature the shallow request's: shared memory, no copy per step. Only the latents go in (wrapped,
+not copied) and ``noise_pred`` comes out each step.
 
 Compiled models are cached on disk (OpenVINO's ``CACHE_DIR``) beside the engine, in a folder
 keyed by the OpenVINO version and the sha256 of the graph and its weights: a second start loads
@@ -43,6 +43,10 @@ from cair_runtime.manifest import Manifest
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # precision -> OpenVINO's INFERENCE_PRECISION_HINT (int8 graphs keep their non-quantized ops in fp32)
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# The switch graph's ``If`` branches: with the CPU plugin's runtime cache on, a request's first inference
+# returned NaN caches and noise_pred (OpenVINO 2026.4.1, tiny-sd15); with it off every inference matched
+# onnxruntime. The cost on the loop is measured in docs/openvino.md.
+_SWITCH_CONFIG = {"CPU_RUNTIME_CACHE_CAPACITY": 0}
 CACHE_FOLDER = "openvino_cache"  # beside the graphs, one subfolder per OpenVINO version and graph
 
 ov = None  # the openvino module, imported when an OpenVinoBackend is built
@@ -85,12 +89,14 @@ def choose_precision(requested: str, capabilities: Sequence[str]) -> tuple[str, 
     return requested, requested
 
 
-def cache_key(manifest: Manifest, file: str, version: str) -> str:
-    """The compile cache's subfolder for ``file``: OpenVINO's version and the sha256 of the graph and the weights
-    files (a changed weight file, e.g. a re-export with a fused adapter, gets a fresh cache)."""
+def cache_key(manifest: Manifest, file: str, version: str, config: Mapping[str, Any] = {}) -> str:
+    """The compile cache's subfolder for ``file``: OpenVINO's version, the sha256 of the graph and the weights
+    files (a changed weight file, e.g. a re-export with a fused adapter, gets a fresh cache) and the compile
+    config (OpenVINO's own cache key leaves some CPU properties out, e.g. the runtime cache capacity)."""
     digests = sorted(record.sha256 for record in manifest.files
-                     if record.path == file or record.path.endswith((".bin", ".data")))
-    key = hashlib.sha256(" ".join([file, *digests]).encode()).hexdigest()[:16]
+                     if record.path == file or record.path.endswith((".bin", ".data", ".xml")))
+    settings = [f"{name}={value}" for name, value in sorted(config.items())]
+    key = hashlib.sha256(" ".join([file, *digests, *settings]).encode()).hexdigest()[:16]
     return f"{version.split('-')[0]}/{key}"
 
 
@@ -145,7 +151,8 @@ class OpenVinoBackend:
         self.compiled: dict[str, Any] = {}
         for kind, file in self.files.items():
             same = next((k for k in self.compiled if self.files[k] == file), None)
-            self.compiled[kind] = self.compiled[same] if same else self.compile(file)
+            switch = self.switch is not None and file == self.switch["file"]
+            self.compiled[kind] = self.compiled[same] if same else self.compile(file, _SWITCH_CONFIG if switch else {})
         self.kinds = frozenset(self.compiled)
         for kind in self.compiled:
             self._check_io(kind)
@@ -164,11 +171,11 @@ class OpenVinoBackend:
             files["planning"] = files["fidelity"] = self.switch["file"]
         return files
 
-    def compile(self, file: str) -> Any:
+    def compile(self, file: str, extra: Mapping[str, Any] = {}) -> Any:
         """Compile one graph of the folder with the backend's precision and threads (cached on disk when allowed)."""
-        config = dict(self.config)
+        config = {**self.config, **extra}
         if self.cache_root is not None:
-            config["CACHE_DIR"] = str(self.cache_root / cache_key(self.manifest, file, self.version))
+            config["CACHE_DIR"] = str(self.cache_root / cache_key(self.manifest, file, self.version, config))
         try:
             return self.core.compile_model(str(self.folder / file), "CPU", config)
         except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError with a multi-line report
@@ -210,84 +217,67 @@ def _writable(root: Path) -> bool:
 
 
 class OpenVinoContext:
-    """One generation's infer requests and buffers; caches and the deep feature are shared tensors, not copies."""
+    """One generation's infer requests; the caches and the deep feature pass between them as tensors, not copies.
+
+    Outputs live in the tensors each request allocates (user-set output tensors are not written
+    reliably through the switch graph's ``If`` on a request's first inference with OpenVINO 2026.4):
+    at the switch the planning request's cache tensors become the fidelity (and shallow) request's
+    input tensors, and after each fidelity step its deep-feature tensor becomes the shallow request's
+    input. ``set_tensor`` with another request's tensor shares its memory: a pointer hand-off.
+    """
 
     def __init__(self, backend: OpenVinoBackend):
         self.backend = backend
+        manifest = backend.manifest
         self.requests = {kind: compiled.create_infer_request() for kind, compiled in backend.compiled.items()}
-        self.caches: dict[str, np.ndarray] = {}  # cache name -> buffer planning writes and fidelity reads
-        self._outputs: dict[str, np.ndarray] = {}  # kind -> noise_pred buffer
-        self._deep: np.ndarray | None = None  # fidelity writes it, shallow reads it
-        self._deep_written = False
-        self._fixed: dict[str, np.ndarray] = {}  # arrays the requests' tensors wrap: kept alive while set
-        self._dims: dict[str, int] | None = None
-        self._cache_inputs = {cache.name: cache.name for cache in backend.manifest.caches}
+        self.caches: dict[str, Any] = {}  # cache name -> the tensor fidelity reads (planning's, or merged)
+        self._cache_names = [cache.name for cache in manifest.caches]
+        self._deep_name = manifest.deep_branch["name"] if manifest.deep_branch else None
+        self._deep: Any = None  # the deep feature shallow reads (fidelity's output tensor, or merged)
+        self._kept: dict[str, np.ndarray] = {}  # arrays the requests' tensors wrap: kept alive while set
+        self._cache_inputs = {name: name for name in self._cache_names}
         if backend.switch is not None:  # the condition and placeholders, fixed for the context's life
             self._cache_inputs = dict(backend.switch["cache_inputs"])
             for kind in ("planning", "fidelity"):
-                for name, array in switch_feeds(backend.manifest, kind).items():
+                for name, array in switch_feeds(manifest, kind).items():
                     self._set(kind, name, array)
 
     def _set(self, kind: str, name: str, array: np.ndarray) -> None:
-        """Give ``kind``'s request this buffer as its tensor ``name`` (input or output), without a copy."""
+        """Give ``kind``'s request this array as its input tensor ``name``, without a copy."""
         array = np.require(array, requirements="C")  # not ascontiguousarray: it makes a 0-d condition 1-d
-        self._fixed[f"{kind}/{name}"] = array
+        self._kept[f"{kind}/{name}"] = array
         self.requests[kind].set_tensor(name, ov.Tensor(array, shared_memory=True))
 
-    def _bind_deep(self, array: np.ndarray) -> None:
-        name = self.backend.manifest.deep_branch["name"]
-        self._deep, self._deep_written = array, False
-        self._set("fidelity", name, array)
-        self._set("shallow", name, array)
-
     def prepare(self, dims: Mapping[str, int]) -> None:
-        dims = dict(dims)
-        if dims == self._dims:
-            return
-        manifest = self.backend.manifest
-        cache_names = {cache.name for cache in manifest.caches}
-        for spec in manifest.graphs["planning"].outputs:
-            if spec.name in cache_names:
-                self.caches[spec.name] = np.empty(spec.resolve(dims), np.dtype(spec.dtype))
-                self._set("planning", spec.name, self.caches[spec.name])
-        for kind in self.requests:
-            spec = manifest.graphs[kind].outputs[0]  # noise_pred
-            self._outputs[kind] = np.empty(spec.resolve(dims), np.dtype(spec.dtype))
-            self._set(kind, spec.name, self._outputs[kind])
-        if "shallow" in self.requests:
-            spec = manifest.graphs["fidelity"].outputs[1]
-            self._bind_deep(np.empty(spec.resolve(dims), np.dtype(spec.dtype)))
-        self._dims = dims
+        pass  # the requests allocate their outputs for the shapes they are given
 
     def switch_to_fidelity(self) -> None:
-        # The buffers planning wrote become fidelity's (and shallow's) input tensors: no copy.
-        self._bind_caches(self.caches)
+        # The tensors planning wrote at step n become fidelity's (and shallow's) inputs: no copy.
+        planning = self.requests["planning"]
+        self._bind_caches({name: planning.get_tensor(name) for name in self._cache_names})
+        self._deep = None
 
-    def _bind_caches(self, caches: Mapping[str, np.ndarray]) -> None:
-        for name, array in caches.items():
-            self._set("fidelity", self._cache_inputs[name], array)
+    def _bind_caches(self, caches: Mapping[str, Any]) -> None:
+        self.caches = dict(caches)
+        for name, tensor in caches.items():
+            self.requests["fidelity"].set_tensor(self._cache_inputs[name], tensor)
         if "shallow" in self.requests:
             for spec in self.backend.manifest.graphs["shallow"].inputs:
                 if spec.name in caches:
-                    self._set("shallow", spec.name, caches[spec.name])
+                    self.requests["shallow"].set_tensor(spec.name, caches[spec.name])
 
     def merge_halves(self) -> None:
         """The guidance stop: per-half caches (and deep feature) -> their means; fidelity and shallow at batch B."""
-        def mean(array: np.ndarray) -> np.ndarray:
-            uncond, cond = np.split(array, 2)  # (2B, ...): unconditional half first
-            return (uncond + cond) / np.float32(2)
+        def mean(tensor: Any) -> Any:
+            uncond, cond = np.split(tensor.data, 2)  # (2B, ...): unconditional half first
+            merged = (uncond + cond) / np.float32(2)
+            self._kept[f"merged/{id(merged)}"] = merged
+            return ov.Tensor(merged, shared_memory=True)
 
-        self._bind_caches({name: mean(array) for name, array in self.caches.items()})
-        for kind, array in self._outputs.items():
-            if kind != "planning":
-                self._outputs[kind] = np.empty((array.shape[0] // 2, *array.shape[1:]), array.dtype)
-                self._set(kind, "noise_pred", self._outputs[kind])
-        if self._deep is not None:
-            # A guidance stop at n (no fidelity step yet) merges a buffer nothing wrote: the next evaluation is
-            # full and writes it, so a fresh half-size buffer is all it needs.
-            half = (self._deep.shape[0] // 2, *self._deep.shape[1:])
-            self._bind_deep(mean(self._deep) if self._deep_written else np.empty(half, self._deep.dtype))
-        self._dims = None  # the next prepare sets full-size buffers again
+        self._bind_caches({name: mean(tensor) for name, tensor in self.caches.items()})
+        if self._deep is not None:  # None at a guidance stop at n: the next evaluation is full and writes it
+            self._deep = mean(self._deep)
+            self.requests["shallow"].set_tensor(self._deep_name, self._deep)
 
     def set_inputs(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
         for name, array in arrays.items():
@@ -299,14 +289,16 @@ class OpenVinoContext:
         request.set_tensor("sample", ov.Tensor(sample, shared_memory=True))
         request.set_tensor("timestep", ov.Tensor(timestep, shared_memory=True))
         request.infer()
-        self._deep_written = self._deep_written or kind == "fidelity"
-        # noise_pred only; the next run overwrites the buffer and multistep schedulers keep past outputs: copy.
-        return self._outputs[kind].copy()
+        if kind == "fidelity" and "shallow" in self.requests:
+            self._deep = request.get_tensor(self._deep_name)  # the shallow steps until the next full one read it
+            self.requests["shallow"].set_tensor(self._deep_name, self._deep)
+        # noise_pred only; the next run overwrites the tensor and multistep schedulers keep past outputs: copy.
+        return request.get_tensor("noise_pred").data.copy()
 
     def read_caches(self) -> dict[str, np.ndarray]:
-        return {name: array.copy() for name, array in self.caches.items()}
+        planning = self.requests["planning"]
+        return {name: planning.get_tensor(name).data.copy() for name in self._cache_names}
 
     def close(self) -> None:
-        self.requests, self.caches, self._outputs, self._fixed = {}, {}, {}, {}
+        self.requests, self.caches, self._kept = {}, {}, {}
         self._deep = None
-        self._dims = None
