@@ -191,3 +191,35 @@ def test_cli_runs_openvino_and_refuses_misplaced_flags(exported, tmp_path, capsy
     one_line_error(code, capsys.readouterr().err, "--precision", "openvino")
     code = cli.main([str(folder), "x", "-o", str(out), "--backend", "openvino", "--share-weights"])
     one_line_error(code, capsys.readouterr().err, "--share-weights")
+
+
+@pytest.mark.parametrize("mode", ["weights", "hybrid"])
+def test_quantized_graphs_run_close_to_fp32_with_provenance(exported, tmp_path, mode):
+    pytest.importorskip("nncf", reason="cair-export quantize needs NNCF: pip install '.[quantize]'")
+    import shutil
+
+    from cair_export.deploy.quantize import QuantizeConfig, quantize_folder
+
+    folder = tmp_path / "engine"
+    shutil.copytree(exported("tiny-sd15"), folder)
+    quantize_folder(folder, QuantizeConfig(mode=mode, generations=2, steps=6, subset_size=8), progress=lambda _: None)
+    manifest = load_manifest(folder)  # sha256 of the new files checked
+    records = {record.graph: record for record in manifest.engines if record.backend == "openvino"}
+    assert set(records) == {"planning", "fidelity"}
+    for record in records.values():
+        assert record.properties["precision"] == "int8" and record.properties["mode"] == mode
+        assert record.properties["nncf"] and record.properties["openvino"]
+        assert (record.properties["calibration"] is None) == (mode == "weights")
+        assert (folder / record.file).is_file() and (folder / record.file).with_suffix(".bin").is_file()
+    with CairEngine(folder) as reference, CairEngine(folder, "openvino", precision="int8", cache_dir=tmp_path) as int8:
+        assert int8.backend.files["planning"] == "planning.int8.xml"
+        kwargs = dict(**_embeddings(int8, batch=1, seed=9), num_inference_steps=6, cache_step=2, seed=4)
+        expected, got = reference.denoise(**kwargs).latents, int8.denoise(**kwargs).latents
+        assert 0 < _relative(got, expected) < 0.1  # int8 (not bit-equal), yet close; quality: docs/openvino.md
+
+
+def test_int8_without_quantized_graphs_is_refused(exported, tmp_path):
+    from cair_runtime.errors import EngineMismatchError
+
+    with pytest.raises(EngineMismatchError, match="cair-export quantize"):
+        CairEngine(exported("tiny-sd15"), "openvino", precision="int8", cache_dir=tmp_path)

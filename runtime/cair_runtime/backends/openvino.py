@@ -165,7 +165,9 @@ class OpenVinoBackend:
             if not {"planning", "fidelity"} <= set(records):
                 raise EngineMismatchError(f"{self.folder} has no int8 graphs; quantize it with "
                                           "`cair-export quantize ENGINE_DIR`, or use --precision fp32, bf16 or auto")
-            return {kind: records[kind].file for kind in self.manifest.schedule_graphs if kind in records}
+            # quantized: planning and fidelity; a shallow graph stays the fp32 ONNX
+            return {kind: records[kind].file if kind in records else graph.file
+                    for kind, graph in self.manifest.schedule_graphs.items()}
         files = {kind: graph.file for kind, graph in self.manifest.schedule_graphs.items()}
         if self.switch is not None:
             files["planning"] = files["fidelity"] = self.switch["file"]
