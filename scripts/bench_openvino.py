@@ -7,11 +7,14 @@ measured 25-step generation per precision at n = 5 (same embeddings, seed) whose
 give the PSNR against onnxruntime fp32; OpenVINO's start-up without and with its compile cache;
 the fraction of the CPU's bf16 peak reached (``--peak-gflops``, see docs/openvino.md).
 
+``ep ENGINE``: onnxruntime's OpenVINO execution provider against OpenVINO's own API on one graph.
+
 ``shapes``: images of the shipped ``shapes`` model per precision from the same seeds: PSNR against
 the onnxruntime fp32 images and the attribute classifier's accuracy.
 
     python scripts/bench_openvino.py speed /tmp/sd21 --rounds 3 --threads 2
     python scripts/bench_openvino.py shapes --num-images 200 --threads 2
+    PYTHONPATH=DIR:$PYTHONPATH python scripts/bench_openvino.py ep /tmp/sd21   # DIR: onnxruntime-openvino
 """
 
 from __future__ import annotations
@@ -174,9 +177,16 @@ def cmd_shapes(args) -> dict:
     from cair_export.lab.evaluate import classify_with_features, held_out_prompts
     from cair_export.lab.quality_metrics import attribute_accuracy, psnr
     from cair_export.lab.shapes import classifier as shape_classifier
+    from cair_runtime.manifest import load_manifest
     from cair_runtime.text2image import CairText2Image
 
     folder = ensure_engine("shapes", Path(args.engines_dir) / "shapes", ExportConfig(max_batch=args.batch))
+    if "int8" in args.precisions and not any(r.backend == "openvino" for r in load_manifest(folder).engines):
+        from cair_export.deploy.quantize import QuantizeConfig, quantize_folder
+
+        started = time.perf_counter()
+        quantize_folder(folder, QuantizeConfig(threads=args.threads))  # hybrid, 4 generations of 25 steps
+        print(f"  quantized in {time.perf_counter() - started:.0f} s", flush=True)
     classifier = shape_classifier.load_classifier(shape_classifier.DEFAULT_PATH)
     prompts, truth = held_out_prompts(args.num_images)
     pipelines = {"onnxruntime fp32": CairText2Image(folder, threads=args.threads)}
@@ -212,6 +222,60 @@ def cmd_shapes(args) -> dict:
     return report
 
 
+def cmd_ep(args) -> dict:
+    """onnxruntime's OpenVINO execution provider against OpenVINO's own API on one UNet graph, alternating.
+
+    Needs the onnxruntime-openvino build importable as ``onnxruntime`` (it replaces the CPU build: run
+    with its install folder first on PYTHONPATH).
+    """
+    import onnxruntime as ort
+    import openvino as ov
+
+    from cair_runtime.manifest import load_manifest
+
+    if "OpenVINOExecutionProvider" not in ort.get_available_providers():
+        raise SystemExit("this onnxruntime has no OpenVINOExecutionProvider: put onnxruntime-openvino first on "
+                         "PYTHONPATH (pip install --target DIR onnxruntime-openvino)")
+    manifest = load_manifest(args.engine_dir)
+    graph = manifest.graphs[args.graph]
+    latent = args.height // manifest.vae_scale_factor
+    dims = {"batch": 1, "latent_height": latent, "latent_width": latent, "text_len": manifest.dim("text_len").opt}
+    rng = np.random.default_rng(0)
+    feeds = {spec.name: (np.array([500.0], np.float32) if spec.name == "timestep" else
+                         rng.standard_normal(spec.resolve(dims), dtype=np.float32)) for spec in graph.inputs}
+    path = str(Path(args.engine_dir) / graph.file)
+    runners, built = {}, {}
+    for precision, hint in (("fp32", "f32"), ("bf16", "bf16")):
+        if precision not in args.precisions:
+            continue
+        started = time.perf_counter()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        session = ort.InferenceSession(path, options, providers=["OpenVINOExecutionProvider"], provider_options=[{
+            "device_type": "CPU", "num_of_threads": str(args.threads),
+            "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": hint}})}])
+        built[f"ep {precision}"] = time.perf_counter() - started
+        runners[f"ep {precision}"] = lambda session=session: session.run(None, feeds)
+        started = time.perf_counter()
+        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                         "INFERENCE_NUM_THREADS": args.threads,
+                                                         "PERFORMANCE_HINT": "LATENCY"})
+        built[f"api {precision}"] = time.perf_counter() - started
+        request = compiled.create_infer_request()
+        runners[f"api {precision}"] = lambda request=request: request.infer(feeds)
+    outputs = {name: run() for name, run in runners.items()}  # warm-up
+    del outputs
+    times = {name: [] for name in runners}
+    for round_ in range(args.rounds):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+            print(f"  round {round_ + 1}: {name} {times[name][-1]:.2f} s", flush=True)
+    return {"graph": args.graph, "latent": latent, "onnxruntime": ort.__version__, "openvino": ov.get_version(),
+            "load": load(), "build_s": built, "median_s": {n: statistics.median(v) for n, v in times.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -233,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--batch", type=int, default=8)
     shapes.add_argument("--steps", type=int, default=25)
     shapes.add_argument("--cache-step", type=int, default=5)
-    for sub in (speed, shapes):
+    ep = commands.add_parser("ep", help="onnxruntime's OpenVINO EP against OpenVINO's API on one graph")
+    ep.add_argument("engine_dir")
+    ep.add_argument("--graph", default="fidelity")
+    ep.add_argument("--height", type=int, default=256)
+    ep.add_argument("--rounds", type=int, default=3)
+    for sub in (speed, shapes, ep):
         sub.add_argument("--threads", type=int, default=2)
         sub.add_argument("--precisions", default="fp32,bf16", help="OpenVINO precisions, comma separated")
         sub.add_argument("--json", help="write the figures here")
@@ -242,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "speed" and args.gmacs_planning and not args.peak_gflops:
         parser.error("--gmacs-planning needs --peak-gflops (the CPU's bf16 peak)")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    report = cmd_speed(args) if args.command == "speed" else cmd_shapes(args)
+    report = {"speed": cmd_speed, "shapes": cmd_shapes, "ep": cmd_ep}[args.command](args)
     text = json.dumps(report, indent=2, default=float)
     print(text)
     if args.json:
