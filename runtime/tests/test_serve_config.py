@@ -51,3 +51,13 @@ def test_share_weights_is_a_boolean_setting():
     assert parse_config({"engine_dir": "e", "share_weights": False})[0].share_weights is False
     with pytest.raises(InvalidInputError, match="share_weights 'maybe' is not true or false"):
         parse_config({"engine_dir": "e", "share_weights": "maybe"})
+
+
+def test_precision_is_the_openvino_backends_choice():
+    service, _ = parse_config({"engine_dir": "e", "backend": "openvino", "precision": "bf16"})
+    assert service.precision == "bf16"
+    assert parse_config({"engine_dir": "e", "backend": "openvino"})[0].precision is None  # auto
+    for args, needle in (({"engine_dir": "e", "precision": "bf16"}, "openvino backend's choice"),
+                         ({"engine_dir": "e", "backend": "openvino", "precision": "fp16"}, "must be one of")):
+        with pytest.raises(InvalidInputError, match=needle):
+            parse_config(args)
