@@ -49,16 +49,16 @@ def load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def engines(folder: str, precisions: list[str], threads: int, two_graphs: bool):
+def engines(folder: str, precisions: list[str], threads: int, switch_graph: bool):
     from cair_runtime.pipeline import CairEngine
 
     made = {"onnxruntime fp32": CairEngine(folder, threads=threads, max_concurrency=1)}
     for precision in precisions:
         made[f"openvino {precision}"] = CairEngine(folder, "openvino", precision=precision, threads=threads,
                                                    max_concurrency=1)
-        if two_graphs:
-            made[f"openvino {precision} two graphs"] = CairEngine(folder, "openvino", precision=precision,
-                                                                  threads=threads, max_concurrency=1, one_graph=False)
+        if switch_graph:
+            made[f"openvino {precision} switch graph"] = CairEngine(folder, "openvino", precision=precision,
+                                                                    threads=threads, max_concurrency=1, one_graph=True)
     return made
 
 
@@ -139,7 +139,7 @@ def cmd_speed(args) -> dict:
     latent = args.height // manifest.vae_scale_factor
     text_len = manifest.dim("text_len").opt
     print(f"load before: {load()}; CPU flags: {' '.join(cpu_flags())}", flush=True)
-    made = engines(args.engine_dir, args.precisions, args.threads, args.two_graphs)
+    made = engines(args.engine_dir, args.precisions, args.threads, args.switch_graph)
     report = {"engine": args.engine_dir, "threads": args.threads, "latent": latent, "cpu_flags": cpu_flags(),
               "load_before": load(), "notes": {n: e.backend.precision_note for n, e in made.items()
                                                if hasattr(e.backend, "precision_note")}}
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--steps", type=int, default=25)
     speed.add_argument("--cache-step", type=int, default=5)
     speed.add_argument("--deep-interval", type=int, default=3)
-    speed.add_argument("--two-graphs", action="store_true", help="also OpenVINO on planning.onnx + fidelity.onnx")
+    speed.add_argument("--switch-graph", action="store_true", help="also OpenVINO on the switch graph (unet.onnx)")
     speed.add_argument("--generate", action="store_true", help="also one measured generation per engine (PSNR)")
     speed.add_argument("--startup", action="store_true", help="also the start-up without and with the compile cache")
     speed.add_argument("--gmacs-planning", type=float, help="GMACs of one planning evaluation (cair-export macs)")

@@ -6,8 +6,10 @@ accumulation on CPUs with bf16 matrix units (AMX, AVX512-BF16) when asked: ``pre
 says which and why). Inputs and outputs stay float32 whatever the precision, so the loop, the
 latents and the scheduler math are unchanged.
 
-A folder with a switch graph (``unet.onnx``) compiles it once: planning and fidelity steps run on
-two infer requests of that one compiled model, so the process holds each weight once. A folder
+Planning and fidelity run as two compiled graphs (``planning.onnx``, ``fidelity.onnx``), each with
+its own copy of the weights. ``one_graph=True`` compiles the switch graph (``unet.onnx``) once instead
+(two infer requests of one compiled model, each weight once), but OpenVINO 2026.4.1 computes it
+wrongly on its first inference (see ``_SWITCH_CONFIG``), so it is for measuring only. A folder
 quantized by ``cair-export quantize`` has int8 graphs (OpenVINO IR) recorded as ``openvino``
 engines; ``precision="int8"`` runs those.
 
@@ -43,9 +45,10 @@ from cair_runtime.manifest import Manifest
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # precision -> OpenVINO's INFERENCE_PRECISION_HINT (int8 graphs keep their non-quantized ops in fp32)
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
-# The switch graph's ``If`` branches: with the CPU plugin's runtime cache on, a request's first inference
-# returned NaN caches and noise_pred (OpenVINO 2026.4.1, tiny-sd15); with it off every inference matched
-# onnxruntime. The cost on the loop is measured in docs/openvino.md.
+# The switch graph's ``If`` branches: with the CPU plugin's runtime cache on, the first inference returned
+# NaN caches and noise_pred (OpenVINO 2026.4.1, tiny-sd15); with it off the NaNs go, but the first
+# generation on a freshly compiled shapes switch graph still differed from onnxruntime (latents off by up
+# to 2.3; later ones matched to 4e-5). Hence two graphs by default (docs/openvino.md).
 _SWITCH_CONFIG = {"CPU_RUNTIME_CACHE_CAPACITY": 0}
 CACHE_FOLDER = "openvino_cache"  # beside the graphs, one subfolder per OpenVINO version and graph
 
@@ -126,7 +129,7 @@ class OpenVinoBackend:
     schedules = True  # guidance stop and shallow steps, as on onnxruntime
 
     def __init__(self, folder: str | Path, manifest: Manifest, precision: str = "auto", threads: int = 0,
-                 max_concurrency: int | None = None, one_graph: bool = True, cache_dir: str | Path | None = None,
+                 max_concurrency: int | None = None, one_graph: bool = False, cache_dir: str | Path | None = None,
                  compile_cache: bool = True):
         _import_openvino()
         if not is_integer(threads) or threads < 0:
