@@ -181,6 +181,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from cair_export.deploy.quantize import QuantizeConfig, quantize_folder
+
+    config = QuantizeConfig(mode=args.mode, generations=args.generations, steps=args.steps,
+                            cache_step=args.cache_step, subset_size=args.subset_size, threads=args.threads)
+    quantize_folder(args.engine_dir, config, progress=progress)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from cair_export.deploy.compare import compare_engines, format_table
     from cair_runtime.errors import ValidationError
@@ -377,6 +386,22 @@ def _add_build(sub) -> None:
     build.set_defaults(func=cmd_build)
 
 
+def _add_quantize(sub) -> None:
+    quantize = sub.add_parser("quantize", help="int8 planning and fidelity graphs for the openvino backend (NNCF)")
+    quantize.add_argument("engine_dir", help="an exported engine folder (cair-export export)")
+    quantize.add_argument("--mode", choices=("weights", "hybrid"), default="hybrid",
+                          help="weights: int8 weights only; hybrid (default): also int8 activations in the "
+                               "attention products, calibrated on the folder's own generations")
+    quantize.add_argument("--generations", type=positive_int_arg, default=4,
+                          help="calibration generations through the runtime (default 4)")
+    quantize.add_argument("--steps", type=positive_int_arg, default=25, help="steps of each (default 25)")
+    quantize.add_argument("--cache-step", type=positive_int_arg, help="n of each (default: the folder's)")
+    quantize.add_argument("--subset-size", type=positive_int_arg, default=64,
+                          help="calibration inputs per graph NNCF uses (default 64)")
+    quantize.add_argument("--threads", type=int, default=0, help="intra-op threads of the calibration runs")
+    quantize.set_defaults(func=cmd_quantize)
+
+
 def _add_compare(sub) -> None:
     compare = sub.add_parser("compare", help="compare every built engine with the fp32 onnxruntime reference")
     compare.add_argument("engine_dir", help="an engine folder with built engines or low-precision graphs")
@@ -454,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_macs(sub, presets)
     _add_build(sub)
+    _add_quantize(sub)
     _add_compare(sub)
     _add_profile(sub)
     _add_evaluate(sub)

@@ -82,9 +82,19 @@ def _backend_options(args: argparse.Namespace, with_providers: bool = False) -> 
                                         ("--two-graphs", args.two_graphs),
                                         ("--providers", with_providers and args.providers != DEFAULT_PROVIDERS),
                                         ("--threads", with_providers and args.threads != 0)) if given]
+    if args.backend == "openvino":  # it takes the thread count and the switch/two-graph choice too
+        ignored = [flag for flag in ignored if flag not in ("--two-graphs", "--threads")]
     if args.backend != "onnxruntime" and ignored:
         raise InvalidInputError(f"{', '.join(ignored)} configure onnxruntime, not the {args.backend} backend; "
                                 "drop them or use --backend onnxruntime")
+    if args.precision is not None and args.backend != "openvino":
+        raise InvalidInputError(f"--precision chooses the openvino backend's precision, not the {args.backend} "
+                                "backend's (its precision is the export's); drop it or use --backend openvino")
+    if args.backend == "openvino":
+        if args.device_id is not None:
+            raise InvalidInputError("--device-id selects a GPU; the openvino backend runs on the CPU: drop it")
+        options = {"precision": args.precision or "auto"}  # two graphs: its default (docs/openvino.md)
+        return {**options, "threads": args.threads} if with_providers else options
     if args.device_id is not None and args.device_id < 0:
         raise InvalidInputError(f"--device-id {args.device_id} must be a GPU index (0, 1, ...)")
     if args.backend == "aoti":
@@ -254,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "class, as the PNG parameters record it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy noise (default 0)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="what runs the UNet graphs: onnxruntime (default), tensorrt or aoti (after cair-export build)")
+                        help="what runs the UNet graphs: onnxruntime (default), tensorrt or aoti (after cair-export "
+                             "build), or openvino (every graph, on the CPU; pip install 'cair-runtime[openvino]')")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"),
+                        help="openvino backend: compute precision; auto (default) is bf16 on CPUs with bf16 matrix "
+                             "units, else fp32; int8 runs the graphs of `cair-export quantize` (docs/openvino.md)")
     parser.add_argument("--device-id", type=int, metavar="N",
                         help="GPU to run on: onnxruntime's CUDA/TensorRT providers (every session), the TensorRT "
                              "backend, or cuda:N for AOTInductor packages compiled for CUDA")

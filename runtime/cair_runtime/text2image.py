@@ -113,7 +113,8 @@ class CairText2Image:
 
     The UNet graphs run on ``backend``; the text encoder(s) and the VAE decoder (once per call)
     run in onnxruntime with ``providers`` and ``threads`` (one budget: every session's intra-op
-    pool). Thread-safe: share one instance between request threads. The text encoders and the
+    pool; on the openvino backend they are compiled by OpenVINO like the UNet, at its precision). Thread-safe:
+    share one instance between request threads. The text encoders and the
     VAE are plain ``InferenceSession.run`` calls (thread-safe in onnxruntime); the UNet loop runs
     in a per-call context from the engine's pool (``max_concurrency``, see ``CairEngine``).
     Keywords beyond these go to ``CairEngine`` (``max_concurrency``, ``verify``, ``loras``) and the
@@ -126,6 +127,8 @@ class CairText2Image:
 
         if backend == "onnxruntime":
             backend_options = {"providers": providers, "threads": threads, **backend_options}
+        elif backend == "openvino":  # one thread budget for every graph, as on onnxruntime
+            backend_options = {"threads": threads, **backend_options}
         loras = backend_options.pop("loras", None)
         self.engine = CairEngine(folder, backend, **backend_options)
         self._calls = CallGate(f"the pipeline of {folder}")  # close() waits for calls in flight
@@ -138,6 +141,9 @@ class CairText2Image:
 
         def session(kind: str, overrides: dict[str, np.ndarray] | None = None):
             import onnxruntime as ort
+
+            if hasattr(self.engine.backend, "session") and not overrides:  # OpenVINO: every graph on it
+                return self.engine.backend.session(kind)
 
             # Run once per call: no idle spinning that would take the UNet's cores.
             return make_session(Path(folder) / manifest.graphs[kind].file, providers, threads=threads,
@@ -385,6 +391,7 @@ class CairText2Image:
             **schedule.parameters(),  # resolved: running these parameters again gives this image
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),
             "model": self.model_name, "height": images.shape[1], "width": images.shape[2],
+            **({"precision": engine.backend.precision} if hasattr(engine.backend, "precision") else {}),
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
             **({} if pixels is None else {"image": image_name}),
         } for k in range(count)]

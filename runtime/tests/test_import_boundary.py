@@ -1,4 +1,4 @@
-"""The runtime stays light: importing any of it loads no torch, diffusers, transformers or onnx;
+"""The runtime stays light: importing any of it loads no torch, diffusers, transformers, onnx or openvino;
 only the serving layer's app and CLI load Ray (``pip install 'cair-runtime[serve]'``)."""
 
 import json
@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "diffusers", "transformers", "onnx", "cair_export")
+HEAVY = ("torch", "diffusers", "transformers", "onnx", "cair_export", "openvino", "nncf")
 RUNTIME_MODULES = ("cair_runtime", "cair_runtime.cli", "cair_runtime.pipeline", "cair_runtime.manifest",
                    "cair_runtime.text2image", "cair_runtime.files", "cair_runtime.schedulers",
                    "cair_runtime.backends", "cair_runtime.backends.onnxruntime", "cair_runtime.backends.tensorrt",
-                   "cair_runtime.backends.aoti", "cair_runtime.serve", "cair_runtime.serve.api",
+                   "cair_runtime.backends.aoti", "cair_runtime.backends.openvino", "cair_runtime.serve", "cair_runtime.serve.api",
                    "cair_runtime.serve.config", "cair_runtime.serve.cli")
 SERVING = ("ray", "fastapi", "starlette", "uvicorn")
 

@@ -65,3 +65,13 @@ def test_serve_slots_leave_room_beside_the_images_held():
     assert serve_slots(ScalingConfig()) == MAX_DERIVED_IMAGES + CONNECTION_HEADROOM
     assert serve_slots(ScalingConfig(max_ongoing_images=24)) == 24 + CONNECTION_HEADROOM
     assert serve_slots(ScalingConfig(max_ongoing_images=24, max_ongoing_requests=30)) == 30
+
+
+def test_precision_is_the_openvino_backends_choice():
+    service, _ = parse_config({"engine_dir": "e", "backend": "openvino", "precision": "bf16"})
+    assert service.precision == "bf16"
+    assert parse_config({"engine_dir": "e", "backend": "openvino"})[0].precision is None  # auto
+    for args, needle in (({"engine_dir": "e", "precision": "bf16"}, "openvino backend's choice"),
+                         ({"engine_dir": "e", "backend": "openvino", "precision": "fp16"}, "must be one of")):
+        with pytest.raises(InvalidInputError, match=needle):
+            parse_config(args)

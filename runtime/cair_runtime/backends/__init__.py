@@ -3,8 +3,8 @@
 A backend holds what every generation shares (sessions, engines, weights); a context holds what one
 generation writes, and keeps the cross-attention caches on the device: planning writes them into
 buffers the context allocated, fidelity reads the same buffers. Per step only the latents (in) and
-``noise_pred`` (out) cross between host and device. Optional backends (TensorRT, AOTInductor)
-are imported only when asked for, so their packages (tensorrt, torch) are never loaded otherwise.
+``noise_pred`` (out) cross between host and device. Optional backends (TensorRT, AOTInductor, OpenVINO)
+are imported only when asked for, so their packages (tensorrt, torch, openvino) are never loaded otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.manifest import Manifest
 
-BACKENDS = ("onnxruntime", "tensorrt", "aoti")
+BACKENDS = ("onnxruntime", "tensorrt", "aoti", "openvino")
 
 
 class BackendContext(Protocol):
@@ -73,4 +73,8 @@ def make_backend(name: str, folder: str | Path, manifest: Manifest, **options: A
         from cair_runtime.backends.aoti import AotiBackend
 
         return AotiBackend(folder, manifest, **options)
+    if name == "openvino":
+        from cair_runtime.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(folder, manifest, **options)
     raise InvalidInputError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -83,6 +83,8 @@ class CairImageService:
         if config.backend == "onnxruntime":
             options = {"providers": config.providers, "threads": config.threads,
                        "graph_optimization": config.graph_optimization, "share_weights": config.share_weights}
+        elif config.backend == "openvino":
+            options = {"threads": config.threads, "precision": config.precision or "auto"}
         self.config, self.scaling = config, scaling
         self.pipeline = CairText2Image(config.engine_dir, config.backend, max_concurrency=config.max_concurrency,
                                        **options)

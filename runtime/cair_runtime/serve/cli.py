@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--providers",
                          help="onnxruntime execution providers, comma separated (default CPUExecutionProvider)")
     runtime.add_argument("--threads", type=int, help="intra-op threads, 0 = onnxruntime's default")
+    runtime.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"),
+                         help="openvino backend: compute precision (default auto: bf16 on CPUs with bf16 units)")
     runtime.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"))
     runtime.add_argument("--share-weights", action="store_true", default=None,
                          help="onnxruntime: both UNet sessions on one memory-mapped copy of the weights (about half "

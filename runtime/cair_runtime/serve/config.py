@@ -19,9 +19,10 @@ class ServiceConfig:
     """One replica: the engine it loads and how it takes requests."""
 
     engine_dir: str  # folder written by `cair-export export` (a pipeline export)
-    backend: str = "onnxruntime"  # what runs the UNet graphs: onnxruntime, tensorrt, aoti
+    backend: str = "onnxruntime"  # what runs the UNet graphs: onnxruntime, tensorrt, aoti, openvino
+    precision: str | None = None  # openvino: fp32, bf16, int8 or auto (None: auto); other backends: the export's
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers
-    threads: int = 0  # onnxruntime intra-op threads per session, 0 = its default
+    threads: int = 0  # onnxruntime (openvino) intra-op threads per session, 0 = its default
     graph_optimization: str | None = None  # onnxruntime level for the UNet graphs (None: the backend's default)
     share_weights: bool = False  # onnxruntime: both UNet sessions on one memory-mapped copy of the weights
     max_concurrency: int = 1  # engine batches a replica runs at once, each in its own engine context
@@ -59,7 +60,7 @@ CONNECTION_HEADROOM = 256  # Serve slots beyond the images held: probes, /v1/mod
 _INTEGERS = {"threads", "max_concurrency", "max_batch_size", "max_images", "max_steps", "replicas",
              "max_ongoing_images", "max_ongoing_requests", "max_queued_requests"}
 # None: the backend's or the engine's default, or a derived value
-_OPTIONAL = {"graph_optimization", "max_batch_size", "max_images", "autoscale", "max_ongoing_images",
+_OPTIONAL = {"graph_optimization", "precision", "max_batch_size", "max_images", "autoscale", "max_ongoing_images",
              "max_ongoing_requests"}
 _BOOLEANS = {"share_weights"}
 _NUMBERS = {"batch_wait_ms", "request_timeout_s", "body_timeout_s", "retry_after_s", "replica_cpus", "replica_gpus",
@@ -151,6 +152,11 @@ def check_config(service: ServiceConfig, scaling: ScalingConfig) -> None:
             problems.append(f"autoscale {low},{high} must be MIN,MAX with 0 <= MIN <= MAX and MAX >= 1")
         if scaling.max_ongoing_images is None:  # the autoscaler's target must be known before any replica measures
             problems.append("autoscale needs max_ongoing_images (the replica queue it keeps half full)")
+    if service.precision is not None and service.backend != "openvino":
+        problems.append(f"precision {service.precision} is the openvino backend's choice; drop it or use backend "
+                        "openvino")
+    if service.precision not in (None, "auto", "fp32", "bf16", "int8"):
+        problems.append(f"precision {service.precision} must be one of auto, fp32, bf16, int8")
     if problems:
         raise InvalidInputError("; ".join(problems))
 
