@@ -48,6 +48,10 @@ WEIGHTS_FILE = "aoti_weights.safetensors"
 # No weights inside the .so: the packages take WEIGHTS_FILE's tensors when loaded ("Experimental" in torch 2.13).
 NO_EMBEDDED_WEIGHTS = {"aot_inductor.package_constants_in_so": False}
 
+# The graphs AOTInductor packages: its backend wires the deep feature from fidelity to shallow steps,
+# not from planning to guided shallow ones (schedules with a planning interval run on onnxruntime).
+AOTI_KINDS = ("planning", "fidelity", "shallow")
+
 
 class PrecisionGraph(torch.nn.Module):
     """A ``CairGraph`` with float32 IO around a ``dtype`` UNet; caches stay in ``dtype``."""
@@ -215,6 +219,8 @@ def _compile_into(unet: torch.nn.Module, staging: Path, manifest: Manifest, fact
             raise ManifestError(f"the model's cross-attention modules ({len(names)}) do not match the manifest's "
                                 f"caches ({len(manifest.caches)}); build from the model the folder was exported from")
         for kind, spec in manifest.schedule_graphs.items():
+            if kind not in AOTI_KINDS:
+                continue
             io = GraphIO(kind, spec.inputs, spec.outputs)  # the manifest's IO: the single description
             graph = PrecisionGraph(CairGraph(unet, cache, io, branch), TORCH_DTYPES[dtype])
             progress(f"compiling {kind} with AOTInductor on {device} ({dtype}); minutes on a CPU")
@@ -263,7 +269,7 @@ def aoti_manifest(model: LoadedModel, height: int, width: int, max_batch: int = 
     with CrossAttentionCache(model.unet, fidelity_guidance) as cache:
         caches = cache_specs(cache.sites)
     branch = None if deep_branch_id is None else deep_branch(model.unet, deep_branch_id)
-    ios = graph_specs(model, caches, fidelity_guidance, branch)
+    ios = {kind: io for kind, io in graph_specs(model, caches, fidelity_guidance, branch).items() if kind in AOTI_KINDS}
     return Manifest(
         schema_version=SCHEMA_VERSION, producer={"torch": torch.__version__},
         model=model_record(model),

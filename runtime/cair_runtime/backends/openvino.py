@@ -162,16 +162,17 @@ class OpenVinoBackend:
 
     def _graph_files(self) -> dict[str, str]:
         """Per UNet graph kind the file to compile: the switch graph for planning and fidelity when there is one,
-        the quantized IR for int8."""
+        the quantized IR for int8. Not the guided shallow graph: its contexts do not wire planning's deep feature
+        to it, so schedules with a planning interval are refused here (``Schedule.check_runs_on``)."""
+        graphs = {kind: graph for kind, graph in self.manifest.schedule_graphs.items() if kind != "shallow_planning"}
         if self.precision == "int8":
             records = {record.graph: record for record in self.manifest.engines if record.backend == "openvino"}
             if not {"planning", "fidelity"} <= set(records):
                 raise EngineMismatchError(f"{self.folder} has no int8 graphs; quantize it with "
                                           "`cair-export quantize ENGINE_DIR`, or use --precision fp32, bf16 or auto")
             # quantized: planning and fidelity; a shallow graph stays the fp32 ONNX
-            return {kind: records[kind].file if kind in records else graph.file
-                    for kind, graph in self.manifest.schedule_graphs.items()}
-        files = {kind: graph.file for kind, graph in self.manifest.schedule_graphs.items()}
+            return {kind: records[kind].file if kind in records else graph.file for kind, graph in graphs.items()}
+        files = {kind: graph.file for kind, graph in graphs.items()}
         if self.switch is not None:
             files["planning"] = files["fidelity"] = self.switch["file"]
         return files
