@@ -449,11 +449,12 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--threads", type=int_arg, default=0, help="intra-op threads (0: library default)")
     evaluate.add_argument("--tgate-images", type=int_arg, default=100, help="images per n for T-GATE (0: skip; default 100)")
     evaluate.add_argument("--tgate-cache-steps", type=int_list, help="n values for T-GATE (default: the same as CAIR)")
-    evaluate.add_argument("--schedules", type=schedules_arg, default=(), metavar="N:M:K[:MODE],...",
+    evaluate.add_argument("--schedules", type=schedules_arg, default=(), metavar="N:M:K[:MODE[:KP]],...",
                           help="also measure these schedules on an export with fidelity CFG and --deep-branch, with "
-                               "CAIR alone (the --cache-steps at m = n, k = 1) from that export; M: a step, n or T; "
-                               "MODE: uniform (default) or non-uniform; a field may be a set, {3,5}:{n,T}:{1,2} is "
-                               "the product less m < n. Writes the Pareto report")
+                               "CAIR alone (the --cache-steps at m = n, k = 1) from that export; N: a step or T; M: a "
+                               "step, n or T; MODE: uniform (default) or non-uniform; KP: the planning interval "
+                               "(default 1; T:T:1:uniform:3 is DeepCache at interval 3); a field may be a set, "
+                               "{3,5}:{n,T}:{1,2} is the product less m < n. Writes the Pareto report")
     evaluate.add_argument("--deep-branch", type=int_arg, default=0, metavar="B",
                           help="DeepCache's branch: where the shallow graph cuts, and DeepCache's cache_branch_id "
                                "(default 0)")
