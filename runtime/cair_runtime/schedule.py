@@ -14,15 +14,16 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from cair_runtime.checks import is_finite_number, is_integer
 from cair_runtime.errors import InvalidInputError
 
-if TYPE_CHECKING:  # the manifest imports this module for its schedule section
-    from cair_runtime.manifest import Manifest
+# The manifest imports this module (its calibrated schedule is a Schedule), so the engine folder's
+# manifest is taken as it comes here (``cair_runtime.manifest.Manifest``), not imported.
+Manifest = Any
 
 
 def check_cache_step(cache_step: int, num_inference_steps: int) -> None:
