@@ -493,7 +493,7 @@ def test_cair_export_refusals(adapters, tmp_path, capsys, one_line_error, argv, 
 
 
 def test_overwrite_onto_a_link_to_a_folder_leaves_no_old_link(shapes, tmp_path):
-    from cair_export.core.export import _move_into_place
+    from cair_export.core.folder_transaction import _move_into_place
 
     old_engine = tmp_path / "v1"
     shutil.copytree(shapes, old_engine)

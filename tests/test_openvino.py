@@ -52,7 +52,9 @@ def test_fp32_latents_match_onnxruntime(exported, case, tmp_path):
     with CairEngine(folder) as reference, CairEngine(folder, "openvino", precision="fp32", cache_dir=tmp_path) as engine:
         assert engine.backend.precision == "fp32"
         # two graphs by default: OpenVINO 2026.4.1 computes the switch graph's first inference wrongly
-        assert engine.backend.files == {kind: graph.file for kind, graph in engine.manifest.schedule_graphs.items()}
+        # (and not the guided shallow graph, whose deep feature its contexts do not wire)
+        assert engine.backend.files == {kind: graph.file for kind, graph in engine.manifest.schedule_graphs.items()
+                                        if kind != "shallow_planning"}
         for scheduler in ("ddim", "euler-ancestral"):
             kwargs = dict(**_embeddings(engine), num_inference_steps=7, scheduler=scheduler, seed=3, **schedule)
             expected, got = reference.denoise(**kwargs).latents, engine.denoise(**kwargs).latents

@@ -100,6 +100,7 @@ def test_cli_writes_png_with_parameters(exported, tmp_path, capsys):
     # The schedule as it ran, defaults filled in (m = n on merged caches, k = 1): replaying it gives this image.
     assert parameters == {"prompt": "a red circle", "negative_prompt": "blue", "seed": 8, "steps": 4,
                           "cache_step": 2, "guidance_stop": 2, "deep_interval": 1, "skip_mode": "uniform",
+                          "planning_interval": 1,
                           "guidance_scale": 7.5, "scheduler": "dpm++2m", "model": "tiny-sd21",
                           "height": 64, "width": 64}
 

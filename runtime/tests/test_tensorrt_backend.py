@@ -62,7 +62,7 @@ def test_missing_tensorrt_names_the_install(monkeypatch, tmp_path):
         import_tensorrt()
     with pytest.raises(MissingDependencyError, match="tensorrt"):
         make_backend("tensorrt", tmp_path, _manifest([_record(), _record("fidelity")]))
-    assert BACKENDS == ("onnxruntime", "tensorrt", "aoti")
+    assert BACKENDS == ("onnxruntime", "tensorrt", "aoti", "openvino")
 
 
 def test_aoti_record_checks_are_pure():
