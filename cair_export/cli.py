@@ -40,6 +40,16 @@ def positive_int_arg(text: str) -> int:
     return value
 
 
+def branch_arg(text: str) -> int | None:
+    """``--deep-branch``: DeepCache's branch id, or ``none`` for no shallow graphs."""
+    if text.strip().lower() == "none":
+        return None
+    value = int_arg(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a branch id 0 or above, or none, got {value}")
+    return value
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -211,7 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_outputs(args.output)
     figures = run_demo(DemoConfig(model=args.model, engines_dir=Path(args.engines_dir), output=Path(args.output),
                                   steps=args.steps, cache_step=args.cache_step, guidance_scale=args.guidance_scale,
-                                  seed=args.seed, repeats=args.repeats), progress=progress)
+                                  seed=args.seed, repeats=args.repeats,
+                                  calibration_prompts=args.calibration_prompts), progress=progress)
     print(format_table(figures))
     return 0
 
@@ -275,12 +286,13 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--width", type=int_arg, help="pixel width the graphs are tuned for (default: native)")
     export.add_argument("--opset", type=int_arg, default=17,
                         help="ONNX opset, from 17 to the newest torch's exporter supports (default 17)")
-    export.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none",
-                        help="after step n: 'none' halves the batch (CAIR), 'cfg' keeps per-half caches, so runs "
-                             "choose a guidance stop m in n..T")
-    export.add_argument("--deep-branch", type=int_arg, metavar="B",
-                        help="also export the shallow graph for deep-feature caching, cut at DeepCache's branch B "
-                             "(3 * block + layer; 0 recomputes the least); default: none")
+    export.add_argument("--fidelity-guidance", choices=("cfg", "none"), default="cfg",
+                        help="'cfg' (default): caches per CFG half, so runs choose any guidance stop m in n..T; "
+                             "'none': merged caches, m = n only (a fidelity graph for batch B, same weights)")
+    export.add_argument("--deep-branch", type=branch_arg, default=0, metavar="B|none",
+                        help="DeepCache's branch B the shallow graphs cut at (3 * block + layer; default 0, "
+                             "DeepCache's own default, recomputes the least); 'none' leaves them out (no deep or "
+                             "planning interval above 1)")
     export.add_argument("--cache-step-hint", type=positive_int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
     export.add_argument("--max-batch", type=positive_int_arg, default=4, help="largest prompt batch (default 4)")
@@ -332,7 +344,8 @@ def _add_calibrate(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    demo = sub.add_parser("demo", help="export the shipped model and show baseline vs CAIR images and speed")
+    demo = sub.add_parser("demo", help="export the shipped model and show the baseline, CAIR and the calibrated "
+                                       "schedule: images, speed, MAC bound and PSNR")
     demo.add_argument("--model", default="shapes", help="shipped model, preset or pipeline folder (default shapes)")
     demo.add_argument("--engines-dir", default="engines", help="where the export goes (default engines/)")
     demo.add_argument("--output", default="cair-demo.png", help="the side-by-side grid (default cair-demo.png)")
@@ -341,6 +354,9 @@ def _add_demo(sub) -> None:
     demo.add_argument("--guidance-scale", type=float, default=7.5)
     demo.add_argument("--seed", type=int_arg, default=0)
     demo.add_argument("--repeats", type=positive_int_arg, default=3, help="timed runs per prompt and configuration (default 3)")
+    demo.add_argument("--calibration-prompts", type=int_arg, default=16, metavar="N",
+                      help="probe images when the folder has no calibrated schedule yet: calibrate it once on N "
+                           "prompts (default 16; 0: no calibrated column)")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -352,9 +368,10 @@ def _add_macs(sub, presets: str) -> None:
     macs.add_argument("--height", type=int_arg, help="pixel height (default: native)")
     macs.add_argument("--width", type=int_arg, help="pixel width (default: native)")
     macs.add_argument("--batch", type=positive_int_arg, default=1, help="prompts per generation (default 1)")
-    macs.add_argument("--fidelity-guidance", choices=("none", "cfg"), default="none")
+    macs.add_argument("--fidelity-guidance", choices=("cfg", "none"), default="cfg",
+                      help="the export's layout the graphs are counted in (default cfg, as cair-export export)")
     macs.add_argument("--guidance-stop", type=int_arg, metavar="M",
-                      help="guidance stop m, n..T (with --fidelity-guidance cfg; default T there, n elsewhere)")
+                      help="guidance stop m, n..T (default n; m > n needs --fidelity-guidance cfg)")
     macs.add_argument("--deep-interval", type=positive_int_arg, default=1, metavar="K",
                       help="after n, a full fidelity step every K-th and shallow steps between (default 1)")
     macs.add_argument("--planning-interval", type=positive_int_arg, default=1, metavar="K_P",

@@ -14,14 +14,18 @@ from cair_export.core.models import load_model
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """``exported(preset, with_pipeline=False, **config)`` -> engine folder, exported once and reused."""
+    """``exported(preset, with_pipeline=False, **config)`` -> engine folder, exported once and reused.
+
+    Keyed by the whole ``ExportConfig``: options spelled out at their defaults share the default export.
+    """
     folders: dict[tuple, Path] = {}
 
     def get(preset: str, with_pipeline: bool = False, **config) -> Path:
-        key = (preset, with_pipeline, tuple(sorted(config.items())))
+        options = ExportConfig(**config)
+        key = (preset, with_pipeline, options)
         if key not in folders:
             out = tmp_path_factory.mktemp("engines") / preset
-            export_model(load_model(preset, with_pipeline=with_pipeline), out, ExportConfig(**config),
+            export_model(load_model(preset, with_pipeline=with_pipeline), out, options,
                          progress=logging.getLogger("export").info)
             folders[key] = out
         return folders[key]

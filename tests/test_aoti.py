@@ -96,7 +96,7 @@ def test_aoti_backend_matches_reference(aoti_folder, preset, scheduler):
 def test_aoti_packages_are_recorded_with_provenance(aoti_folder):
     manifest = load_manifest(aoti_folder("tiny-sd21"))  # sha256 of the packages checked here
     records = {record.graph: record for record in manifest.engines}
-    assert set(records) == {"planning", "fidelity"} and {r.backend for r in records.values()} == {"aoti"}
+    assert set(records) == {"planning", "fidelity", "shallow"} and {r.backend for r in records.values()} == {"aoti"}
     assert records["planning"].properties["device"] == "cpu"
     assert records["planning"].properties["latent_multiple"] == 4  # three UNet levels: 2**2
     assert {"planning.pt2", "fidelity.pt2"} <= {f.path for f in manifest.files}
@@ -128,7 +128,8 @@ def test_packages_run_on_one_set_of_weights(aoti_folder):
 
     for kind, model in models.items():
         backend.models[kind] = lambda *args, kind=kind, model=model: record(*args, kind=kind, model=model)
-    engine.denoise(**_inputs(engine), num_inference_steps=2, cache_step=1, scheduler="ddim")  # planning, fidelity
+    engine.denoise(**_inputs(engine), num_inference_steps=3, cache_step=1, deep_interval=2,
+                   scheduler="ddim")  # planning, fidelity, shallow
     before = {kind: models[kind](*seen[kind])[0].clone() for kind in models}
     shared = "cair.unet.conv_out.weight"
     assert shared in fqns["fidelity"]
@@ -149,6 +150,7 @@ def test_fed_weights_compute_what_embedded_ones_do_bit_for_bit(aoti_folder, tmp_
 
     from torch._inductor.package import load_package
 
+    from cair_export.core.deep_feature import deep_branch
     from cair_export.core.graphs import make_inputs
 
     folder = aoti_folder("tiny-sd21")
@@ -156,8 +158,9 @@ def test_fed_weights_compute_what_embedded_ones_do_bit_for_bit(aoti_folder, tmp_
     model = load_model("tiny-sd21")
     spec = manifest.graphs["planning"]
     io = GraphIO("planning", spec.inputs, spec.outputs)
+    branch = deep_branch(model.unet, manifest.deep_branch["branch"])  # planning also emits the deep feature
     with CrossAttentionCache(model.unet.eval(), manifest.fidelity_guidance) as cache:
-        graph = PrecisionGraph(CairGraph(model.unet, cache, io), torch.float32)
+        graph = PrecisionGraph(CairGraph(model.unet, cache, io, branch), torch.float32)
         program, _ = export_graph(graph, io, manifest, upsample_factor(manifest.model["unet_config"]), "cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -176,7 +179,8 @@ def test_fed_weights_compute_what_embedded_ones_do_bit_for_bit(aoti_folder, tmp_
 
 
 def test_caches_are_handed_over_as_device_tensors(aoti_folder):
-    """Fidelity receives the very tensors planning returned at step n: no copy, no host round trip."""
+    """Guided fidelity receives the very tensors planning returned at step n (no copy, no host round
+    trip); after the guidance stop, their halves' means, computed on the device."""
     engine = CairEngine(aoti_folder("tiny-sd21"), backend="aoti")
     backend = engine.backend
     seen = {}
@@ -189,14 +193,20 @@ def test_caches_are_handed_over_as_device_tensors(aoti_folder):
             return outputs
 
         backend.models[kind] = record
-    # Other shapes than the trace shape, batch 3: the dims are dynamic.
-    engine.denoise(**_inputs(engine, batch=3, size=(16, 8)), num_inference_steps=4, cache_step=2, scheduler="ddim")
-    step_n_caches = seen["planning"][-1][1][1:]
+    # Other shapes than the trace shape, batch 3: the dims are dynamic. Step 3 guided, step 4 not.
+    engine.denoise(**_inputs(engine, batch=3, size=(16, 8)), num_inference_steps=4, cache_step=2, guidance_stop=3,
+                   scheduler="ddim")
+    outputs = [spec.name for spec in engine.manifest.graphs["planning"].outputs]
+    step_n_caches = [seen["planning"][-1][1][outputs.index(cache.name)] for cache in engine.manifest.caches]
     first = len(engine.manifest.graphs["fidelity"].inputs) - len(engine.manifest.caches)
     names = [spec.name for spec in engine.manifest.graphs["fidelity"].inputs]
-    for args, _ in seen["fidelity"]:
-        fed = [args[names.index(cache.name)] for cache in engine.manifest.caches]
-        assert all(a is b for a, b in zip(fed, step_n_caches)) and first >= 2
+    (guided, _), (unguided, _) = seen["fidelity"]
+    fed = [guided[names.index(cache.name)] for cache in engine.manifest.caches]
+    assert all(a is b for a, b in zip(fed, step_n_caches)) and first >= 2
+    for cache, planned in zip(engine.manifest.caches, step_n_caches):
+        merged = unguided[names.index(cache.name)]
+        assert isinstance(merged, torch.Tensor) and merged.shape[0] == 3
+        torch.testing.assert_close(merged, planned.reshape(2, 3, *planned.shape[1:]).mean(0), rtol=1e-6, atol=1e-7)
     (context,) = engine.pool.contexts
     assert all(isinstance(value, torch.Tensor) for value in context.caches.values())
 
@@ -302,22 +312,14 @@ def test_torch_reference_cair_on_cuda_matches_cpu():  # pragma: no cover - GPU m
     assert _relative(results["cuda"], results["cpu"]) <= CUDA_BOUNDS["fp32"]
 
 
-@pytest.fixture(scope="session")
-def aoti_deep_folder(exported, tmp_path_factory):
-    """tiny-sd21 with per-half caches and a shallow graph, its three AOTInductor packages built in."""
-    folder = tmp_path_factory.mktemp("aoti-deep") / "tiny-sd21"
-    shutil.copytree(exported("tiny-sd21", fidelity_guidance="cfg", deep_branch=1), folder)
-    with torch._inductor.config.patch(QUICK_CPU_COMPILE):
-        build_engines(folder, BuildConfig(backend="aoti"), progress=lambda m: None)
-    return folder
-
-
-def test_aoti_runs_schedules_as_onnxruntime_does(aoti_deep_folder):
+def test_aoti_runs_schedules_as_onnxruntime_does(aoti_folder):
     """Guidance stop (halves merged on the device), deep interval and both skip modes, at an odd batch
-    (B = 1: fidelity runs at 2 before the stop and 1 after it): the same latents as onnxruntime's."""
-    manifest = load_manifest(aoti_deep_folder)
+    (B = 1: fidelity runs at 2 before the stop and 1 after it): the same latents as onnxruntime's, on
+    the default export (per-half caches, the shallow graphs)."""
+    folder = aoti_folder("tiny-sd21")
+    manifest = load_manifest(folder)
     assert {r.graph for r in manifest.engines if r.backend == "aoti"} == {"planning", "fidelity", "shallow"}
-    aoti, ort = CairEngine(aoti_deep_folder, backend="aoti"), CairEngine(aoti_deep_folder)
+    aoti, ort = CairEngine(folder, backend="aoti"), CairEngine(folder)
     assert aoti.backend.kinds == {"planning", "fidelity", "shallow"}
     x = _inputs(aoti)
     for n, m, k, mode in [(3, 6, 3, "uniform"), (2, 2, 2, "uniform"), (3, 5, 3, "non-uniform"), (4, 10, 1, "uniform")]:

@@ -32,8 +32,9 @@ def test_profiles_evaluate_the_manifest_dims(exported):
     assert planning["sample"] == ((2, 4, 4, 4), (2, 4, 8, 8), (8, 4, 16, 16))  # planning batch = 2*batch
     assert planning["encoder_hidden_states"] == ((2, 77, 1024), (2, 77, 1024), (8, 77, 1024))
     fidelity = tensor_profiles(manifest.graphs["fidelity"], dims)
-    # cache_000 is level 0 (latent_height*latent_width tokens); the mid block's is level 2.
-    assert fidelity["cache_000"] == ((1, 16, 32), (1, 64, 32), (4, 256, 32))
+    # cache_000 is level 0 (latent_height*latent_width tokens); the mid block's is level 2. One cache
+    # per CFG half (the default export): batch 2*batch, as planning's.
+    assert fidelity["cache_000"] == ((2, 16, 32), (2, 64, 32), (8, 256, 32))
     mid = next(cache for cache in manifest.caches if cache.module.startswith("mid_block"))
     assert mid.tokens == "cdiv(latent_height,4)*cdiv(latent_width,4)"
     assert [shape[1] for shape in fidelity[mid.name]] == [1, 4, 16]  # cdiv(4,4)**2, cdiv(8,4)**2, cdiv(16,4)**2

@@ -20,7 +20,7 @@ from cair_runtime.schedule import Schedule
 from cair_runtime.text2image import CairText2Image
 
 STEPS = 6
-DEEP = {"fidelity_guidance": "cfg", "deep_branch": 1}
+LEAN = {"fidelity_guidance": "none", "deep_branch": None}  # merged caches, no shallow graphs
 PROMPTS = ["a red circle", "a blue square on a white background", "a cat"]
 
 
@@ -33,9 +33,9 @@ def prompt_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibrated(exported, prompt_file, tmp_path_factory):
-    """A copy of the tiny-sd15 pipeline export (fidelity CFG, shallow graph), calibrated at T = 8."""
+    """A copy of the default tiny-sd15 pipeline export (per-half caches, shallow graphs), calibrated at T = 8."""
     folder = tmp_path_factory.mktemp("calibrated") / "engine"
-    shutil.copytree(exported("tiny-sd15", with_pipeline=True, **DEEP), folder)
+    shutil.copytree(exported("tiny-sd15", with_pipeline=True), folder)
     section = calibrate(CalibrateConfig(folder, prompt_file, steps=STEPS, min_psnr=20.0, deep_intervals=(1, 2)),
                         progress=lambda message: None)
     return folder, section
@@ -49,7 +49,7 @@ def test_convergence_on_the_engine_equals_the_torch_profiler(calibrated, exporte
     profile = profile_model(ProfileConfig(model="tiny-sd15", prompts=prompt_file, steps=STEPS, batch=4, **size),
                             progress=lambda message: None)
     torch_series = profile["series"]["outputs"]["relative"]
-    merged = calibrate(CalibrateConfig(exported("tiny-sd15", with_pipeline=True), prompt_file, steps=STEPS,
+    merged = calibrate(CalibrateConfig(exported("tiny-sd15", with_pipeline=True, **LEAN), prompt_file, steps=STEPS,
                                        write=False), progress=lambda message: None)
     for engine_series in (section["evidence"]["convergence"], merged["evidence"]["convergence"]):
         assert engine_series["steps"] == torch_series["steps"] == list(range(2, profile["evaluations"] + 1))
@@ -85,10 +85,11 @@ def test_candidate_macs_are_the_models_own_count(calibrated):
     """MACs counted on the manifest's UNet config equal those of the model the folder was exported from."""
     folder, section = calibrated
     height, width = section["evidence"]["height"], section["evidence"]["width"]
+    branch = load_manifest(folder).deep_branch["branch"]
     model_count = count_graph_macs(load_model("tiny-sd15", device="meta"), height, width, fidelity_guidance="cfg",
-                                   deep_branch_id=1)
+                                   deep_branch_id=branch)
     manifest_count = count_graph_macs(manifest_model(load_manifest(folder)), height, width, fidelity_guidance="cfg",
-                                      deep_branch_id=1)
+                                      deep_branch_id=branch)
     assert manifest_count == model_count
     for row in section["evidence"]["candidates"]:
         expected = generation_macs(model_count, STEPS, row["cache_step"], fidelity_guidance="cfg",
@@ -138,9 +139,9 @@ def test_other_step_counts_scale_n_and_m():
 
 def test_a_schedule_the_folder_cannot_run_is_refused(exported, tmp_path):
     folder = tmp_path / "engine"
-    shutil.copytree(exported("tiny-sd15", with_pipeline=True), folder)  # merged caches, no shallow graph
+    shutil.copytree(exported("tiny-sd15", with_pipeline=True, **LEAN), folder)  # merged caches, no shallow graph
     manifest = load_manifest(folder)
-    for bad, needle in (({"cache_step": 5, "guidance_stop": 8, "deep_interval": 1}, "--fidelity-guidance cfg"),
+    for bad, needle in (({"cache_step": 5, "guidance_stop": 8, "deep_interval": 1}, "--fidelity-guidance none"),
                         ({"cache_step": 5, "guidance_stop": 5, "deep_interval": 2}, "shallow graph"),
                         ({"cache_step": 9, "guidance_stop": 9, "deep_interval": 1}, r"cache step 9 is outside 1\.\.8")):
         section = {"steps": 8, "skip_mode": "uniform", **bad}
@@ -163,11 +164,18 @@ def test_calibrate_from_the_cli(exported, prompt_file, tmp_path, capsys, one_lin
     assert (folder / MANIFEST_NAME).read_bytes() == before  # --dry-run leaves the manifest alone
     written = json.loads((tmp_path / "calibration.json").read_text())
     assert written["evidence"]["prompts"] == 2 and written["steps"] == 25
-    # Without a shallow graph and with merged caches, the only candidates are CAIR alone at n_c and 2 n_c.
-    converged = written["evidence"]["converged_step"]
+    # The default export runs every candidate; the walk probes them cheapest first and stops at the first
+    # over the bound, so every cheaper probe fell short.
+    evidence = written["evidence"]
+    converged = evidence["converged_step"]
     assert converged < 25  # shapes' cross-attention settles (10 % at step 5 in docs/convergence.md)
-    assert [(r["cache_step"], r["guidance_stop"], r["deep_interval"]) for r in written["evidence"]["candidates"]] \
-        == [(n, n, 1) for n in sorted({converged, min(25, 2 * converged)} - {25})]
+    assert evidence["candidate_count"] == len(candidates(converged, 25, True, True, (1, 2, 3, 4, 5), True))
+    rows = evidence["candidates"]
+    costs = [r["gmacs_per_image"] for r in rows]
+    assert costs == sorted(costs) and rows
+    chosen = min((r for r in rows if r["meets_bound"]), key=lambda r: r["gmacs_per_image"], default=None)
+    assert chosen is None or all(not r["meets_bound"] for r in rows if r["gmacs_per_image"] < chosen["gmacs_per_image"])
+    assert written["cache_step"] == (25 if chosen is None else chosen["cache_step"])
     for argv, needles in ((["calibrate", str(tmp_path / "missing"), "--prompts", str(prompt_file)], ("does not exist",)),
                           (["calibrate", str(folder), "--prompts", str(tmp_path / "none.txt")], ("cannot read",)),
                           (["calibrate", str(folder), "--prompts", str(prompt_file), "--deep-intervals", "0,2"],

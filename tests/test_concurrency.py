@@ -137,11 +137,22 @@ def test_context_memory_is_stated(shapes):
 
     with CairText2Image(shapes) as pipeline:
         engine = pipeline.engine
+        manifest = engine.manifest
         dims = {"batch": 2, "latent_height": 8, "latent_width": 8}
-        caches = sum(2 * eval_dim(cache.tokens, dims) * cache.channels * 4 for cache in engine.manifest.caches)
-        noise_pred = (2 * 2 + 2) * engine.in_channels * 8 * 8 * 4  # planning at 2B, fidelity at B
-        text = 2 * 2 * engine.manifest.dim("text_len").opt * engine.context_dim * 4  # (2B, L, D)
-        assert engine.context_nbytes(**dims) == caches + noise_pred + text
+        # The default export: a cache per CFG half (2B), the four UNet graphs (planning, fidelity and
+        # the two shallow ones) each with its own noise_pred at 2B, the deep feature once per graph
+        # that writes it (planning's and fidelity's, read in place by the shallow graphs), the text
+        # (2B, L, D) for each graph that reads it.
+        assert manifest.fidelity_guidance == "cfg" and set(manifest.schedule_graphs) == {
+            "planning", "fidelity", "shallow", "shallow_planning"}
+        caches = sum(2 * 2 * eval_dim(cache.tokens, dims) * cache.channels * 4 for cache in manifest.caches)
+        noise_pred = 4 * (2 * 2) * engine.in_channels * 8 * 8 * 4
+        readers = sum("encoder_hidden_states" in {spec.name for spec in graph.inputs}
+                      for graph in manifest.schedule_graphs.values())
+        text = readers * 2 * 2 * manifest.dim("text_len").opt * engine.context_dim * 4
+        branch = manifest.deep_branch
+        deep = 2 * (2 * 2) * branch["channels"] * (8 // 2 ** branch["level"]) ** 2 * 4
+        assert engine.context_nbytes(**dims) == caches + noise_pred + text + deep
 
 
 def test_device_id_and_thread_budget_reach_every_session(shapes, monkeypatch):
@@ -160,8 +171,9 @@ def test_device_id_and_thread_budget_reach_every_session(shapes, monkeypatch):
     monkeypatch.setattr(backend_module.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     CairText2Image(shapes, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], threads=1, device_id=1).close()
-    # planning and fidelity steps share the switch graph's one session
-    assert sorted(name for name, *_ in made) == ["text_encoder.onnx", "unet.onnx", "vae_decoder.onnx", "vae_encoder.onnx"]
+    # planning and fidelity steps share the switch graph's one session; the shallow graphs have their own
+    assert sorted(name for name, *_ in made) == ["shallow.onnx", "shallow_planning.onnx", "text_encoder.onnx", "unet.onnx",
+                                                 "vae_decoder.onnx", "vae_encoder.onnx"]
     for name, threads, providers, options in made:
         assert threads == 1 and providers == ["CUDAExecutionProvider", "CPUExecutionProvider"], name
         assert options == [{"device_id": "1"}, {}], name

@@ -16,7 +16,8 @@ from cair_runtime.pipeline import CairEngine
 
 STEPS = 10
 GUIDANCE = 2.0  # the fp32 parity bound of test_runtime_parity.py
-DEEP = {"fidelity_guidance": "cfg", "deep_branch": 1}  # the validated tiny-sd15 export every test here shares
+DEEP = {"deep_branch": 1}  # the validated tiny-sd15 export every test here shares (a shallow graph with cross-attention)
+LEAN = {"fidelity_guidance": "none", "deep_branch": None}  # merged caches, no shallow graphs
 _models = {}
 
 
@@ -87,13 +88,13 @@ def test_manifests_without_the_section_load_and_half_a_section_is_refused(export
     (broken / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="shallow graph and a deep_branch section come together"):
         load_manifest(broken, verify="none")
-    assert load_manifest(exported("tiny-sd15"), verify="size").deep_branch is None
+    assert load_manifest(exported("tiny-sd15", **LEAN), verify="size").deep_branch is None
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # m = n once averaged a deep-feature buffer nothing had written
 @pytest.mark.parametrize("preset, branch", [("tiny-sd15", 1), ("tiny-sdxl", 3)])
 def test_runtime_schedules_match_the_reference(exported, preset, branch):
-    options = DEEP if preset == "tiny-sd15" else {"fidelity_guidance": "cfg", "deep_branch": branch, "validate": False}
+    options = DEEP if preset == "tiny-sd15" else {"deep_branch": branch, "validate": False}
     engine = CairEngine(exported(preset, **options))
     x = _inputs(engine)
     for n, m, k, mode in [(3, 6, 3, "uniform"), (2, 2, 2, "uniform"), (3, 5, 3, "non-uniform")]:
@@ -111,7 +112,7 @@ def test_guided_shallow_steps_match_the_reference(exported, preset, branch):
     """Planning interval k_p: DeepCache's own guided shallow steps before n, on the guided shallow graph.
     n = m = T with k_p = k is DeepCache's loop (the reference equals DeepCacheSDHelper bit for bit:
     test_deep_feature.py); with n < T the caches at n mix the last full step's and the last step's."""
-    options = DEEP if preset == "tiny-sd15" else {"fidelity_guidance": "cfg", "deep_branch": branch, "validate": False}
+    options = DEEP if preset == "tiny-sd15" else {"deep_branch": branch, "validate": False}
     engine = CairEngine(exported(preset, **options))
     x = _inputs(engine)
     for n, m, k, k_p, mode in [(STEPS, STEPS, 1, 3, "uniform"), (STEPS, STEPS, 1, 2, "non-uniform"),
@@ -126,7 +127,7 @@ def test_guided_shallow_steps_match_the_reference(exported, preset, branch):
 
 
 def test_planning_interval_needs_the_guided_shallow_graph(exported):
-    plain = CairEngine(exported("tiny-sd15"))
+    plain = CairEngine(exported("tiny-sd15", **LEAN))
     with pytest.raises(InvalidInputError, match="guided shallow graph") as error:
         plain.denoise(**_inputs(plain, batch=1), num_inference_steps=STEPS, cache_step=4, planning_interval=2)
     assert error.value.field == "planning_interval"
@@ -145,7 +146,7 @@ def test_image_to_image_schedules_match_the_reference(exported):
     assert t_start == STEPS - steps_run
     noised = scheduler.add_noise(torch.from_numpy(image_latents), torch.from_numpy(x["latents"]),
                                  scheduler.timesteps[t_start:t_start + 1]).numpy()
-    for n, m, k in [(2, 4, 2), (3, None, 3)]:  # None: m defaults to the steps that run, 7
+    for n, m, k in [(2, 4, 2), (3, None, 3)]:  # None: m defaults to n
         stop = {} if m is None else {"guidance_stop": m}
         result = engine.denoise(**x, image_latents=image_latents, strength=strength, num_inference_steps=STEPS,
                                 cache_step=n, deep_interval=k, guidance_scale=GUIDANCE, scheduler="ddim", **stop)
@@ -161,8 +162,8 @@ def test_image_to_image_schedules_match_the_reference(exported):
 
 
 def test_m_equal_n_and_k_1_are_todays_runs_bit_for_bit(exported):
-    """Explicit m and k = 1 give the same bytes as the call without them (n = m on a plain export, m = T with CFG)."""
-    for options, stop in (({}, 4), (DEEP, STEPS)):
+    """Explicit m = n and k = 1 give the same bytes as the call without them, on merged and per-half caches."""
+    for options, stop in ((LEAN, 4), (DEEP, 4)):
         engine = CairEngine(exported("tiny-sd15", **options))
         x = _inputs(engine)
         for scheduler in ("ddim", "dpm++2m"):
@@ -173,7 +174,7 @@ def test_m_equal_n_and_k_1_are_todays_runs_bit_for_bit(exported):
 
 
 def test_bad_schedules_are_one_line_errors_with_their_field(exported):
-    plain = CairEngine(exported("tiny-sd15"))
+    plain = CairEngine(exported("tiny-sd15", **LEAN))
     deep = CairEngine(exported("tiny-sd15", **DEEP))
     x = _inputs(plain, batch=1)
     cases = [(deep, {"cache_step": 4, "guidance_stop": 3}, "guidance_stop"),

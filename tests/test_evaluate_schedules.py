@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from cair_export.core.export import ExportConfig, export_model
 from cair_export.core.macs import (count_deepcache_macs, count_graph_macs, deepcache_generation_macs,
                                    generation_macs)
 from cair_export.core.models import load_model
-from cair_export.lab.evaluate import EvaluateConfig, engine_folder, evaluate
+from cair_export.lab.evaluate import EvaluateConfig, engine_folder, evaluate, lean_export
 from cair_export.lab.schedules import (CAIR, DEEPCACHE, SCHEDULE, GridPoint, cheaper_and_as_good, cheapest_within,
                                        dominates, format_schedules_markdown, pareto_analysis, pareto_front,
                                        parse_schedules)
@@ -130,9 +131,9 @@ def engines(tmp_path_factory):
     model = load_model("shapes", with_pipeline=True)
     config = EvaluateConfig(engines_dir=folder, max_batch=4)
     log = logging.getLogger("export").info
-    export_model(model, engine_folder(config, False), ExportConfig(max_batch=4, validate=False), progress=log)
-    export_model(model, engine_folder(config, True), ExportConfig(max_batch=4, validate=False, fidelity_guidance="cfg",
-                                                                  deep_branch=0), progress=log)
+    export_model(model, engine_folder(config, False), dataclasses.replace(lean_export(config), validate=False),
+                 progress=log)
+    export_model(model, engine_folder(config, True), ExportConfig(max_batch=4, validate=False), progress=log)
     return folder
 
 

@@ -12,6 +12,7 @@ import torch
 
 from cair_export.core import export as export_module
 from cair_export.core import onnx_io
+from cair_export.core.deep_feature import deep_branch
 from cair_export.core.export import ExportConfig, export_model
 from cair_export.core.graphs import CairGraph, make_inputs
 from cair_export.core.models import load_model
@@ -34,7 +35,8 @@ def _graph_io(path):
 def test_export_writes_manifest_and_both_graphs(exported, preset):
     folder = exported(preset)
     manifest = load_manifest(folder)
-    assert {record.path for record in manifest.files} >= {"planning.onnx", "fidelity.onnx", "validation.json"}
+    assert {record.path for record in manifest.files} >= {"planning.onnx", "fidelity.onnx", "shallow.onnx",
+                                                          "shallow_planning.onnx", "validation.json"}
     unet = load_model(preset).unet
     sites = cross_attention_sites(unet)
     assert [c.module for c in manifest.caches] == [s.module for s in sites]
@@ -43,7 +45,7 @@ def test_export_writes_manifest_and_both_graphs(exported, preset):
         assert inputs == [t.name for t in graph.inputs]
         assert outputs == [t.name for t in graph.outputs]
     planning = manifest.graphs["planning"]
-    assert [t.name for t in planning.outputs] == ["noise_pred"] + [c.name for c in manifest.caches]
+    assert [t.name for t in planning.outputs] == ["noise_pred"] + [c.name for c in manifest.caches] + ["deep_feature"]
     sdxl = preset == "tiny-sdxl"
     expected_extra = ["text_embeds", "time_ids"] if sdxl else []
     assert [t.name for t in planning.inputs] == ["sample", "timestep", "encoder_hidden_states", *expected_extra]
@@ -89,12 +91,14 @@ def test_graphs_match_torch_at_shapes_unlike_the_trace(exported, preset):
     folder = exported(preset)
     model = load_model(preset)
     manifest = load_manifest(folder)
-    with CrossAttentionCache(model.unet) as cache:
+    branch = deep_branch(model.unet, manifest.deep_branch["branch"])
+    with CrossAttentionCache(model.unet, manifest.fidelity_guidance) as cache:
         from cair_export.core.graphs import cache_specs, graph_specs
-        ios = graph_specs(model, cache_specs(cache.sites), "none")
+        ios = graph_specs(model, cache_specs(cache.sites), manifest.fidelity_guidance, branch)
+        assert set(ios) == {"planning", "fidelity", "shallow", "shallow_planning"}  # the default export's
         for kind, io in ios.items():
             session = ort.InferenceSession(str(folder / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
-            graph = CairGraph(model.unet, cache, io)
+            graph = CairGraph(model.unet, cache, io, branch)
             for seed, (batch, h, w) in enumerate([(3, 12, 16), (1, 6, 10)]):
                 inputs = make_inputs(io, {"batch": batch, "latent_height": h, "latent_width": w,
                                           "text_len": manifest.dim("text_len").opt}, seed=seed)
@@ -110,7 +114,7 @@ def test_graphs_match_torch_at_shapes_unlike_the_trace(exported, preset):
 def test_validation_report_is_written(exported):
     checks = json.loads((exported("tiny-sd21") / "validation.json").read_text())
     graphs = {c["graph"] for c in checks}
-    assert graphs == {"planning", "fidelity", "chained"}
+    assert graphs == {"planning", "fidelity", "shallow", "shallow_planning", "chained"}
     shapes = {(c["dims"]["batch"], c["dims"]["latent_height"], c["dims"]["latent_width"]) for c in checks}
     assert len(shapes) >= 2 and any(h != w for _, h, w in shapes)
     assert all(c["relative"] <= 1e-4 for c in checks)
@@ -155,15 +159,15 @@ def test_overwrite_replaces_an_engine_folder_atomically(tmp_path, monkeypatch):
 
 
 def test_unet_graphs_store_their_weights_once(tmp_path, monkeypatch):
-    """Both graphs point into one weights file, about the UNet's size; per-graph side files are gone."""
+    """Every UNet graph points into one weights file, about the UNet's size; per-graph side files are gone."""
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1024)  # as for a large model: side files first
     out = tmp_path / "engine"
     model = load_model("tiny-sd15")
     export_model(model, out, progress=lambda message: None)
     manifest = load_manifest(out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [VERIFIED_NAME, "fidelity.onnx", "manifest.json", "planning.onnx", "unet.onnx",
-                     "unet_weights.bin", "validation.json"]
+    assert names == [VERIFIED_NAME, "fidelity.onnx", "manifest.json", "planning.onnx", "shallow.onnx",
+                     "shallow_planning.onnx", "unet.onnx", "unet_weights.bin", "validation.json"]
     assert {r.path for r in manifest.files} == set(names) - {"manifest.json", VERIFIED_NAME}
     unet_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
     assert (out / "unet_weights.bin").stat().st_size <= 1.1 * unet_bytes
@@ -171,7 +175,7 @@ def test_unet_graphs_store_their_weights_once(tmp_path, monkeypatch):
     planning, fidelity = (manifest.weights["graphs"][kind] for kind in ("planning", "fidelity"))
     assert {entry[0] for entry in fidelity.values()} <= {entry[0] for entry in planning.values()}
     assert set(fidelity) - set(planning)  # renamed ones exist, and were matched by content
-    for kind in ("planning", "fidelity", "unet"):  # unet: the switch graph, planning's initializers
+    for kind in ("planning", "fidelity", "shallow", "shallow_planning", "unet"):  # unet: the switch graph
         proto = onnx.load(str(out / f"{kind}.onnx"), load_external_data=False)
         external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"unet_weights.bin"}
@@ -241,7 +245,7 @@ def test_low_precision_export_checks_the_lowered_graphs_and_stores_them_once(exp
     assert manifest.model["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
     precision = json.loads((folder / "precision.json").read_text())
     checks = precision["validation"]["checks"]
-    assert {check["graph"] for check in checks} == {"planning", "fidelity", "chained"}
+    assert {check["graph"] for check in checks} == {"planning", "fidelity", "shallow", "shallow_planning", "chained"}
     tolerance = TOLERANCES[dtype]
     assert precision["validation"]["failures"] == [] and all(check["tolerance"] == tolerance for check in checks)
     rows = json.loads((folder / "validation.json").read_text())

@@ -140,7 +140,8 @@ def test_kohya_layout_matches_diffusers_conversion(exported, lora_file, tmp_path
     engine = CairEngine(exported("tiny-sd15", with_pipeline=True))
     kohya = engine.resolve_loras([(path, SCALE)])
     peft = engine.resolve_loras([(lora_file("tiny-sd15"), SCALE)])
-    assert kohya.overrides.keys() == peft.overrides.keys() == {"planning", "fidelity", "text_encoder"}
+    assert kohya.overrides.keys() == peft.overrides.keys() == {"planning", "fidelity", "shallow", "shallow_planning",
+                                                                "text_encoder"}
     for kind, values in peft.overrides.items():
         assert values.keys() == kohya.overrides[kind].keys()
         for name, value in values.items():

@@ -64,7 +64,9 @@ def test_fp32_latents_match_onnxruntime(exported, case, tmp_path):
 def test_caches_are_the_requests_own_tensors_across_the_switch(exported, tmp_path):
     folder = exported("tiny-sd21", fidelity_guidance="cfg", deep_branch=1)
     with CairEngine(folder, "openvino", precision="fp32", cache_dir=tmp_path) as engine:
-        engine.denoise(**_embeddings(engine, batch=1), num_inference_steps=5, cache_step=2, deep_interval=2)
+        # guided to T: the per-half caches are read as written (a guidance stop would merge them)
+        engine.denoise(**_embeddings(engine, batch=1), num_inference_steps=5, cache_step=2, guidance_stop=5,
+                       deep_interval=2)
         (context,) = engine.pool.contexts
         for cache in engine.manifest.caches:
             # what planning wrote at step n is the very memory fidelity reads: no copy per step

@@ -6,27 +6,31 @@ import numpy as np
 import onnx
 import pytest
 
+from cair_export.core.deep_feature import deep_branch
 from cair_export.core.graphs import CairGraph, cache_specs, graph_specs
 from cair_export.core.models import load_model
 from cair_export.core.precision import convert_graph_precision, lower_exported_graphs, precision_islands
 from cair_export.core.reference import CrossAttentionCache
 from cair_export.core.validation import ValidationReport, torch_outputs, validate_graphs
 from cair_export.core.verify import TOLERANCES
+from cair_runtime.manifest import load_manifest
 
 SHAPES = [{"batch": 1, "latent_height": 8, "latent_width": 12, "text_len": 77}]
 
 
-def _graphs(preset):
-    """The torch modules the ONNX graphs were traced from (fp32: the oracle)."""
+def _graphs(preset, source):
+    """The torch modules the planning and fidelity graphs of the export ``source`` were traced from (fp32: the oracle)."""
+    manifest = load_manifest(source, verify="none")
     model = load_model(preset)
-    cache = CrossAttentionCache(model.unet).__enter__()
-    ios = graph_specs(model, cache_specs(cache.sites), "none")
-    return {kind: CairGraph(model.unet, cache, io) for kind, io in ios.items()}
+    branch = deep_branch(model.unet, manifest.deep_branch["branch"]) if manifest.deep_branch else None
+    cache = CrossAttentionCache(model.unet, manifest.fidelity_guidance).__enter__()
+    ios = graph_specs(model, cache_specs(cache.sites), manifest.fidelity_guidance, branch)
+    return {kind: CairGraph(model.unet, cache, ios[kind], branch) for kind in ("planning", "fidelity")}
 
 
-def _validate(preset, folder, dtype, executor):
+def _validate(preset, source, folder, dtype, executor):
     """The export's validation loop on the lowered ``folder/<kind>.onnx`` against the fp32 torch modules."""
-    graphs = _graphs(preset)
+    graphs = _graphs(preset, source)
     expected = torch_outputs(graphs, SHAPES, progress=lambda m: None)
     report = ValidationReport()
     executors = validate_graphs({kind: graph.io for kind, graph in graphs.items()}, folder, SHAPES, expected,
@@ -55,7 +59,7 @@ def test_fp16_islands_are_in_the_onnx_and_accuracy_holds(exported, tmp_path, pre
     # onnxruntime CPU executes it (upcasting fp16 ops it lacks kernels for); the reference
     # evaluator rounds every op in fp16, the stricter check.
     for executor in ("auto", "reference"):
-        report, _ = _validate(preset, tmp_path, "fp16", executor)
+        report, _ = _validate(preset, folder, tmp_path, "fp16", executor)
         assert report.failures == [], report.failures
         assert max(check["relative"] for check in report.checks) < 2e-2
 
@@ -67,7 +71,7 @@ def test_bf16_keeps_convolutions_fp32_under_opset_17_and_runs_in_the_reference_e
         assert report["dtype"] == "bfloat16"
         assert report["kept_fp32_ops"]["Conv"] > 0  # ONNX Conv takes bfloat16 only from opset 22
         assert precision_islands(tmp_path / f"{kind}.onnx")["softmax_low"] == 0
-    report, executors = _validate("tiny-sd21", tmp_path, "bf16", "auto")
+    report, executors = _validate("tiny-sd21", folder, tmp_path, "bf16", "auto")
     assert report.failures == []
     assert "onnx.reference" in executors["planning"]  # onnxruntime CPU has no bf16 Gemm
 

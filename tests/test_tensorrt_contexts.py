@@ -155,7 +155,8 @@ def trt_folder(exported, tmp_path, monkeypatch):
     import shutil
 
     folder = tmp_path / "tiny-sd21"
-    shutil.copytree(exported("tiny-sd21"), folder)
+    # merged caches, no shallow graphs: the layout TensorRT runs at batch B after n (the fakes compute that)
+    shutil.copytree(exported("tiny-sd21", fidelity_guidance="none", deep_branch=None), folder)
     manifest = load_manifest(folder)
     properties = {"tensorrt": "10.99.0", "gpu": "Fake GPU", "compute_capability": "9.0", "precision": "fp32"}
     for kind in ("planning", "fidelity"):

@@ -64,10 +64,12 @@ def test_an_export_is_reused_only_for_the_same_model_graphs_batch_and_size(expor
     assert "no VAE encoder" in stale_reason(before_img2img, model, ExportConfig(), with_pipeline=True)
     unet_only = dataclasses.replace(manifest, pipeline=None)
     assert "no text encoder" in stale_reason(unet_only, model, ExportConfig(), with_pipeline=True)
-    # The schedule grid's export (fidelity CFG, a deep branch) and the plain one are not interchangeable.
-    assert "fidelity guidance 'none', not 'cfg'" in stale_reason(manifest, model, ExportConfig(fidelity_guidance="cfg"),
+    # The default export (per-half caches, deep branch 0) and the lean one are not interchangeable.
+    assert "fidelity guidance 'cfg', not 'none'" in stale_reason(manifest, model, ExportConfig(fidelity_guidance="none"),
                                                                  with_pipeline=True)
-    assert "deep branch is None, not 0" in stale_reason(manifest, model, ExportConfig(deep_branch=0), with_pipeline=True)
+    assert "deep branch is 0, not None" in stale_reason(manifest, model, ExportConfig(deep_branch=None),
+                                                        with_pipeline=True)
     deep = dataclasses.replace(manifest, deep_branch={"branch": 1})
-    assert "deep branch is 1, not None" in stale_reason(deep, model, ExportConfig(), with_pipeline=True)
-    assert "deep branch is 1, not 0" in stale_reason(deep, model, ExportConfig(deep_branch=0), with_pipeline=True)
+    assert "deep branch is 1, not 0" in stale_reason(deep, model, ExportConfig(), with_pipeline=True)
+    lean = dataclasses.replace(manifest, deep_branch=None)
+    assert "deep branch is None, not 0" in stale_reason(lean, model, ExportConfig(), with_pipeline=True)

@@ -68,14 +68,14 @@ class ExportConfig:
     height: int | None = None  # pixels the graphs are tuned for (opt); None = the model's native size
     width: int | None = None
     opset: int = MIN_OPSET
-    fidelity_guidance: str = "none"  # "none": batch B, no CFG after step n; "cfg": keep both halves
+    fidelity_guidance: str = "cfg"  # "cfg": per-half caches (any guidance stop m); "none": merged, m = n only
     cache_step_hint: int = 5  # default n the runtime uses, for the default 25 steps
     max_batch: int = 4  # prompts per call the graphs accept (the graphs see 2x this in planning)
     validate: bool = True  # run every graph in onnxruntime against the torch module
     tolerance: float = FP32_RELATIVE_TOLERANCE  # max abs error / max abs reference value
     dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": compute precision in the UNet graphs (fp32 islands); IO float32
     loras: tuple[tuple[str, float], ...] = ()  # (safetensors file, scale) adapters fused before tracing, in order
-    deep_branch: int | None = None  # DeepCache's cache_branch_id: also export the shallow graph; None: no deep caching
+    deep_branch: int | None = 0  # DeepCache's cache_branch_id for the shallow graphs; None: no deep caching
 
 
 def supported_opsets() -> range:

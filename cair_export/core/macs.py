@@ -217,7 +217,7 @@ def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int
     """
     check_cache_step(cache_step, steps)
     if guidance_stop is None:
-        guidance_stop = default_guidance_stop(cache_step, steps, fidelity_guidance == "cfg")
+        guidance_stop = default_guidance_stop(cache_step)
     if max(deep_interval, planning_interval) > 1 and "shallow" not in per_graph:
         raise ValueError("a deep or planning interval above 1 needs the shallow graphs' counts "
                          "(count_graph_macs deep_branch_id)")

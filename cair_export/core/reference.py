@@ -197,7 +197,7 @@ def cair_denoise(
     else:
         cfg = fidelity_guidance == "cfg"
         if guidance_stop is None:
-            guidance_stop = default_guidance_stop(cache_step, steps_run, cfg)
+            guidance_stop = default_guidance_stop(cache_step)
         if guidance_stop > cache_step and not cfg:
             raise InvalidInputError(f"guidance stop {guidance_stop} > cache step {cache_step} needs per-half caches: "
                                     "pass fidelity_guidance='cfg'", field="guidance_stop")

@@ -232,10 +232,11 @@ def evaluate(config: EvaluateConfig, progress: Callable[[str], None] = print) ->
     progress(f"real drawings: classifier accuracy (all five) {real['accuracy']['all']:.1%}, "
              f"real-vs-real FID floor {real['fid_real_vs_real']:.3f} ({config.num_images} per side)")
 
-    # The grid needs per-half caches (m > n) and the shallow graph (k > 1): its own export, beside the plain one.
+    # The grid needs per-half caches (m > n) and the shallow graphs (k > 1), the default export; CAIR alone
+    # runs on the lean one (merged caches, no shallow graphs), checked against the grid's export below.
     scheduled = bool(config.schedules)
-    export = (ExportConfig(max_batch=config.max_batch, fidelity_guidance="cfg", deep_branch=config.deep_branch)
-              if scheduled else ExportConfig(max_batch=config.max_batch))
+    export = (ExportConfig(max_batch=config.max_batch, deep_branch=config.deep_branch)
+              if scheduled else lean_export(config))
     folder = ensure_engine(config.model, engine_folder(config, scheduled), export, progress=progress)
     size = data.IMAGE_SIZE
     meta = load_model(config.model, device="meta")
@@ -299,6 +300,13 @@ MACS_NOTE = ("CAIR rows and the combined schedules: `generation_macs` over `coun
              "plain export, whose totals at m = n, k = 1 are the same.")
 
 
+def lean_export(config: EvaluateConfig):
+    """CAIR alone's export: merged caches (m = n), no shallow graphs."""
+    from cair_export.core.export import ExportConfig
+
+    return ExportConfig(max_batch=config.max_batch, fidelity_guidance="none", deep_branch=None)
+
+
 def engine_folder(config: EvaluateConfig, scheduled: bool) -> Path:
     """``engines_dir/<model>-b<max_batch>``, and ``...-cfg-deep<B>`` for the schedule grid's export."""
     name = f"{Path(config.model).name}-b{config.max_batch}"
@@ -312,8 +320,7 @@ def _check_plain_engine(config: EvaluateConfig, prompts: list[str], first_batch:
     from cair_export.lab.engines import ensure_engine
     from cair_runtime.text2image import CairText2Image
 
-    plain = ensure_engine(config.model, engine_folder(config, False), ExportConfig(max_batch=config.max_batch),
-                          progress=progress)
+    plain = ensure_engine(config.model, engine_folder(config, False), lean_export(config), progress=progress)
     count = min(config.max_batch, config.num_images)
     worst = 0
     with CairText2Image(plain, threads=config.threads) as pipeline:

@@ -248,14 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cache step n, 1..T; T = baseline (default: the folder's calibrated schedule, else the "
                              "export's hint)")
     parser.add_argument("--guidance-stop", type=int, metavar="M",
-                        help="guidance stop m, n..T: guided fidelity steps up to m (engines exported with "
-                             "--fidelity-guidance cfg; default: calibrated, else T there and n elsewhere)")
+                        help="guidance stop m, n..T: guided fidelity steps up to m (m > n: not on engines exported "
+                             "with --fidelity-guidance none; default: calibrated, else n)")
     parser.add_argument("--deep-interval", type=int, metavar="K",
-                        help="after n, a full fidelity step every K-th and shallow steps between (engines exported "
-                             "with --deep-branch; default: calibrated, else 1: every step full)")
+                        help="after n, a full fidelity step every K-th and shallow steps between (not on engines "
+                             "exported with --deep-branch none; default: calibrated, else 1: every step full)")
     parser.add_argument("--planning-interval", type=int, metavar="K_P",
                         help="in steps 1..n, a full planning step every K_P-th and guided shallow steps between "
-                             "(DeepCache's own steps; folders exported with --deep-branch; default: calibrated, else 1)")
+                             "(DeepCache's own steps; not on --deep-branch none; default: calibrated, else 1)")
     parser.add_argument("--skip-mode", choices=SKIP_MODES,
                         help="where the full steps fall: uniform or DeepCache's non-uniform (default: calibrated, "
                              "else uniform)")

@@ -170,9 +170,16 @@ class CairEngine:
         """Bytes one context holds for a call of this size: caches, noise_pred and per-call inputs."""
         dims = {"batch": batch, "latent_height": latent_height, "latent_width": latent_width,
                 "text_len": self.manifest.dim("text_len").opt}
-        caches = {cache.name for cache in self.manifest.caches}  # one buffer for both graphs
-        specs = {spec.name if spec.name in caches else (kind, spec.name): spec
-                 for kind, graph in self.manifest.unet_graphs.items()
+        caches = {cache.name for cache in self.manifest.caches}  # one buffer for every graph
+        deep = self.manifest.deep_branch["name"] if self.manifest.deep_branch else None
+        writer = {"shallow": "fidelity", "shallow_planning": "planning"}  # a shallow graph reads its writer's buffer
+
+        def key(kind: str, name: str) -> Any:
+            if name in caches:
+                return name
+            return (writer.get(kind, kind), name) if name == deep else (kind, name)
+
+        specs = {key(kind, spec.name): spec for kind, graph in self.manifest.schedule_graphs.items()
                  for spec in (*graph.inputs, *graph.outputs) if spec.name not in ("sample", "timestep")}
         return sum(int(np.prod(spec.resolve(dims))) * np.dtype(spec.dtype).itemsize for spec in specs.values())
 

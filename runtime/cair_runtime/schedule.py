@@ -130,12 +130,10 @@ PLANNING_KINDS = ("planning", "shallow_planning")  # the evaluations of steps 1.
 DEFAULT_STEPS = 25  # T when a request names none, as diffusers' pipelines
 
 
-def default_guidance_stop(cache_step: int, steps_run: int, per_half_caches: bool, calibrated: int | None = None) -> int:
-    """The guidance stop m a request leaves unset: merged caches stop guidance at n itself; per-half
-    caches keep it up to the calibrated stop, else T, and never stop before n."""
-    if not per_half_caches:
-        return cache_step
-    return max(cache_step, steps_run if calibrated is None else calibrated)
+def default_guidance_stop(cache_step: int, calibrated: int | None = None) -> int:
+    """The guidance stop m a request leaves unset: the folder's calibrated stop, never before n;
+    else n itself (CAIR: guidance stops where the caches are taken, on any export)."""
+    return cache_step if calibrated is None else max(cache_step, calibrated)
 
 
 def steps_run(steps: int, strength: Any = None) -> int:
@@ -245,14 +243,15 @@ class Schedule:
         cfg = manifest.fidelity_guidance == "cfg"
         if m > n and not cfg:
             raise InvalidInputError(f"guidance stop {m} > cache step {n} needs per-half caches; this engine merges "
-                                    "them at n: re-export with --fidelity-guidance cfg", field="guidance_stop")
+                                    "them at n: re-export without --fidelity-guidance none", field="guidance_stop")
         if k > 1 and "shallow" not in manifest.graphs:
             raise InvalidInputError(f"deep interval {k} needs the shallow graph, which this folder lacks; re-export "
-                                    "with --deep-branch B (or use --deep-interval 1)", field="deep_interval")
+                                    "without --deep-branch none (or use --deep-interval 1)", field="deep_interval")
         planning_shallow = self.planning_interval > 1
         if planning_shallow and "shallow_planning" not in manifest.graphs:
             raise InvalidInputError(f"planning interval {self.planning_interval} needs the guided shallow graph, which "
-                                    "this folder lacks; re-export it with --deep-branch B (or use --planning-interval 1)",
+                                    "this folder lacks; re-export it without --deep-branch none (or use "
+                                    "--planning-interval 1)",
                                     field="planning_interval")
         if backend is None:
             return
@@ -289,9 +288,8 @@ class Schedule:
             default = cls.defaults(manifest, backend, steps_run(steps, strength))
             n = asked.get("cache_step", default.cache_step)
             if "guidance_stop" not in asked and is_integer(n):
-                calibrated = default.guidance_stop if manifest.schedule is not None else None
-                asked["guidance_stop"] = default_guidance_stop(
-                    n, default.steps_run, manifest.fidelity_guidance == "cfg", calibrated)
+                fixed = manifest.schedule is not None or _guided_to_end(manifest, backend)
+                asked["guidance_stop"] = default_guidance_stop(n, default.guidance_stop if fixed else None)
             request = cls(**{**dataclasses.asdict(default), **asked, "steps": steps, "strength": strength})
         request.check_runs_on(manifest, backend)
         return request
@@ -300,17 +298,17 @@ class Schedule:
     def defaults(cls, manifest: Manifest, backend: Any, run: int) -> Schedule:
         """What a run of ``run`` steps leaves unset takes (as a schedule of T = ``run``): the folder's
         calibrated schedule (``manifest.schedule``, n and m scaled to the same fraction of the run),
-        else n = the export's hint, m per ``default_guidance_stop`` and k = 1.
+        else n = the export's hint, m = n and k = 1.
 
         A backend that runs planning and fidelity only (no ``schedules``) keeps the calibrated n and
-        drops m and k, as do engines built without the shallow graph for k.
+        drops k, as do engines built without the shallow graph for k; on per-half caches it cannot
+        stop guidance before T (no merge of the halves), so m = T there.
         """
-        cfg = manifest.fidelity_guidance == "cfg"
         calibrated = manifest.schedule
         if calibrated is None or (backend is not None and not backend.schedules):
             n = min(int(manifest.model.get("cache_step_hint", 5)), run) if calibrated is None else \
                 _scaled(calibrated, run)[0]
-            return cls(run, n, default_guidance_stop(n, run, cfg))
+            return cls(run, n, run if _guided_to_end(manifest, backend) else n)
         n, m = _scaled(calibrated, run)
 
         def runs(kind: str) -> bool:
@@ -318,6 +316,11 @@ class Schedule:
 
         return cls(run, n, m, int(calibrated["deep_interval"]) if runs("shallow") else 1, str(calibrated["skip_mode"]),
                    planning_interval=int(calibrated.get("planning_interval", 1)) if runs("shallow_planning") else 1)
+
+
+def _guided_to_end(manifest: Manifest, backend: Any) -> bool:
+    """Per-half caches on a backend that cannot merge them: fidelity runs guided to T."""
+    return manifest.fidelity_guidance == "cfg" and backend is not None and not backend.schedules
 
 
 SCHEDULE_FIELDS = tuple(field.name for field in dataclasses.fields(Schedule))
