@@ -35,14 +35,3 @@ def test_demo_exports_once_and_writes_grid(tmp_path):
     assert any("reusing" in m for m in messages)
     assert not any("exporting" in m or "calibrating" in m for m in messages)
 
-
-def test_demo_without_calibration_shows_two_columns(tmp_path, exported):
-    import shutil
-
-    engines = tmp_path / "engines"
-    shutil.copytree(exported("tiny-sd21", with_pipeline=True), engines / "tiny-sd21")
-    config = DemoConfig(model="tiny-sd21", engines_dir=engines, output=tmp_path / "grid.png", steps=3, cache_step=1,
-                        repeats=1, calibration_prompts=0)
-    figures = run_demo(config, progress=lambda message: None)
-    assert list(figures["columns"]) == ["baseline", "cair"]
-    assert load_manifest(engines / "tiny-sd21").schedule is None

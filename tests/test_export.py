@@ -187,7 +187,7 @@ def test_export_records_its_verification_so_the_first_load_hashes_nothing(tmp_pa
     import cair_runtime.manifest as manifest_module
 
     out = tmp_path / "engine"
-    export_model(load_model("tiny-sd15"), out, progress=lambda message: None)
+    export_model(load_model("tiny-sd15"), out, ExportConfig(validate=False), progress=lambda message: None)
     hashed, original = [], manifest_module.sha256_file
     monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path.name) or original(path))
     CairEngine(out).close()
@@ -198,7 +198,8 @@ def test_every_file_an_export_writes_is_listed_with_its_sha256(tmp_path, monkeyp
     """Pipeline graphs' external data (SDXL's second text encoder is 2.8 GB) and tokenizers included."""
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1024)  # every graph with a side file, as large ones
     out = tmp_path / "engine"
-    export_model(load_model("tiny-sd15", with_pipeline=True), out, progress=lambda message: None)
+    export_model(load_model("tiny-sd15", with_pipeline=True), out, ExportConfig(validate=False),
+                 progress=lambda message: None)  # validation.json: test_validation_report_is_written
     manifest = load_manifest(out, verify="full")
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json", VERIFIED_NAME}
     # the text encoder's tensors live in its weights file (run-time LoRA reads base values there)
