@@ -133,9 +133,12 @@ def test_macs_cli_json_counts_a_deep_schedule(capsys):
                  "--deep-branch", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["deep_interval"] == 3 and report["deep_branch"] == 1
+    merged = generation_macs(count_graph_macs(load_model("tiny-sd21", device="meta"), 64, 64, fidelity_guidance="none",
+                                              deep_branch_id=1), 25, 5, deep_interval=3)
     for convention in ("conv_linear", "with_attention"):
-        row = report[convention]  # counted as exported by default (per-half caches: fidelity and shallow at 2B)
-        assert row["cair_total"] == 5 * row["planning"] + (7 * row["fidelity"] + 13 * row["shallow"]) / 2
+        row = report[convention]  # fidelity and shallow per unguided evaluation (batch B), whatever the layout
+        assert row["cair_total"] == 5 * row["planning"] + 7 * row["fidelity"] + 13 * row["shallow"]
+        assert {key: row[key] for key in merged[convention]} == merged[convention]
 
 
 def test_deepcache_macs_match_its_own_helper_under_the_flop_counter():

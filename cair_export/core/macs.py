@@ -206,7 +206,8 @@ def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int
                     per_image: GraphMacs | None = None, *, fidelity_guidance: str = "none",
                     guidance_stop: int | None = None, deep_interval: int = 1,
                     skip_mode: str = "uniform", planning_interval: int = 1) -> dict[str, dict[str, float]]:
-    """Per convention: planning, fidelity (and shallow), baseline_total (T*P + E) and cair_total.
+    """Per convention: planning (and shallow_planning) per evaluation at 2B, fidelity (and shallow) per
+    unguided evaluation at B, baseline_total (T*P + E) and cair_total.
 
     cair_total follows the schedule (``cair_runtime.schedule.Schedule.plan``): n*P, then each
     fidelity or shallow evaluation at its batch (2B before the guidance stop m, B after; MACs are
@@ -227,12 +228,13 @@ def generation_macs(per_graph: dict[str, GraphMacs], steps: int, cache_step: int
     table = {}
     for convention in CONVENTIONS:
         planning = getattr(per_graph["planning"], convention)
-        per_kind = {kind: getattr(count, convention) for kind, count in per_graph.items()}
+        # Planning-phase graphs were counted at their batch 2B; the others at the export's fidelity
+        # batch, reported per unguided evaluation (batch B) and doubled where guided.
+        per_kind = {kind: getattr(count, convention) // (1 if kind in PLANNING_KINDS else exported_halves)
+                    for kind, count in per_graph.items()}
         once = getattr(per_image, convention) if per_image is not None else 0
         baseline = steps * planning + once
-        # Planning-phase graphs were counted at their batch 2B; the others at the export's fidelity batch.
-        cair = once + sum(per_kind[e.kind] if e.kind in PLANNING_KINDS else
-                          per_kind[e.kind] // exported_halves * (2 if e.guided else 1) for e in plan)
+        cair = once + sum(per_kind[e.kind] * (2 if e.guided and e.kind not in PLANNING_KINDS else 1) for e in plan)
         table[convention] = {"planning": planning, **per_kind, "baseline_total": baseline,
                              "cair_total": cair, "speedup_bound": baseline / cair}
     return table
