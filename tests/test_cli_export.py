@@ -92,13 +92,17 @@ def test_usage_errors_are_one_line():
 
 
 def test_local_unet_folder_exports(tmp_path, capsys):
-    """A UNet folder in diffusers layout (safetensors) exports like a preset."""
+    """A UNet folder in diffusers layout (safetensors) exports like a preset; the flags that leave parts out."""
     folder = _tiny_unet_folder(tmp_path / "unet")
-    code, _, err = _run(capsys, "export", str(folder), str(tmp_path / "out"))
+    code, _, err = _run(capsys, "export", str(folder), str(tmp_path / "out"), "--fidelity-guidance", "none",
+                        "--deep-branch", "none")
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["model"]["source"] == str(folder)
     assert "validating planning -> fidelity handoff" in err
+    # merged caches (batch B), no shallow graphs: the lean layout
+    assert manifest["fidelity_guidance"] == "none" and manifest.get("deep_branch") is None
+    assert set(manifest["graphs"]) == {"planning", "fidelity"}
 
 
 def test_export_cli_writes_engine_folder(tmp_path):
@@ -106,7 +110,8 @@ def test_export_cli_writes_engine_folder(tmp_path):
     result = subprocess.run(["cair-export", "export", "tiny-sd21", str(tmp_path / "engine")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert {"manifest.json", "planning.onnx", "fidelity.onnx"} <= {p.name for p in (tmp_path / "engine").iterdir()}
+    assert {"manifest.json", "planning.onnx", "fidelity.onnx", "shallow.onnx", "shallow_planning.onnx"} <= {
+        p.name for p in (tmp_path / "engine").iterdir()}  # the default: every schedule runs on it
 
 
 def test_exported_model_is_found_again_from_its_manifest(tmp_path):
