@@ -113,7 +113,8 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dic
     labels = {"baseline": f"baseline (n = T = {steps})", "cair": f"CAIR (n = {config.cache_step})"}
     if manifest.schedule is not None:
         schedules["calibrated"] = pipeline.engine.resolve_schedule({"steps": steps})
-        labels["calibrated"] = f"calibrated ({schedules['calibrated'].label().removeprefix(f'T={steps} ')})"
+        labels["calibrated"] = f"calibrated ({schedules['calibrated'].label().removeprefix(f'T={steps} ')})".replace(
+            " (uniform)", "")
     settings = {"guidance_scale": config.guidance_scale}
     pipeline(DEMO_PROMPTS[0], cache_step=1, num_inference_steps=2)  # warm-up: session initialisation
 
@@ -162,11 +163,13 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dic
 
 
 def format_table(figures: dict) -> str:
+    width = max(len(column["label"]) for column in figures["columns"].values()) + 2
     lines = [f"{figures['model']}: {figures['steps']} steps (grid: {figures['grid']})",
-             f"{'':34s}{'latency/image':>14s}{'speed-up':>10s}{'MAC bound':>11s}{'end to end':>12s}{'PSNR (dB)':>11s}"]
+             f"{'':{width}s}{'latency/image':>14s}{'speed-up':>10s}{'MAC bound':>11s}{'end to end':>12s}"
+             f"{'PSNR (dB)':>11s}"]
     for name, column in figures["columns"].items():
         quality = "-" if name == "baseline" else f"{statistics.mean(column['psnr_db']):.1f}"
-        lines.append(f"{column['label'][:34]:34s}{column['seconds']:13.3f}s{column['speedup']:9.2f}x"
+        lines.append(f"{column['label']:{width}s}{column['seconds']:13.3f}s{column['speedup']:9.2f}x"
                      f"{column['mac_bound']:10.2f}x{column['mac_bound_end_to_end']:11.2f}x{quality:>11s}")
     lines.append("MAC bound: conv+linear MACs of the baseline over the schedule's, the UNet loop alone and end to end "
                  "(text encoder and VAE included); PSNR: mean over the prompts, against the baseline's image")
