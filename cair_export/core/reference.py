@@ -168,7 +168,7 @@ def cair_denoise(
 
     The schedule (``cair_runtime.schedule.Schedule.plan``): guidance continues after n up to the
     guidance stop m (``fidelity_guidance="cfg"``: per-half caches, which become their mean at m;
-    default m = T with "cfg", n without); after n (from the first step when ``cache_step`` is
+    default m = n); after n (from the first step when ``cache_step`` is
     None) a full evaluation every ``deep_interval``-th and shallow ones between (DeepCache's
     ``deep_branch_id``, uniform or non-uniform ``skip_mode``); before n a full planning evaluation
     every ``planning_interval``-th and guided shallow ones between, reading the text (DeepCache's own
