@@ -141,7 +141,7 @@ def test_a_schedule_the_folder_cannot_run_is_refused(exported, tmp_path):
     folder = tmp_path / "engine"
     shutil.copytree(exported("tiny-sd15", with_pipeline=True, **LEAN), folder)  # merged caches, no shallow graph
     manifest = load_manifest(folder)
-    for bad, needle in (({"cache_step": 5, "guidance_stop": 8, "deep_interval": 1}, "--fidelity-guidance none"),
+    for bad, needle in (({"cache_step": 5, "guidance_stop": 8, "deep_interval": 1}, "--fidelity-guidance cfg"),
                         ({"cache_step": 5, "guidance_stop": 5, "deep_interval": 2}, "shallow graph"),
                         ({"cache_step": 9, "guidance_stop": 9, "deep_interval": 1}, r"cache step 9 is outside 1\.\.8")):
         section = {"steps": 8, "skip_mode": "uniform", **bad}

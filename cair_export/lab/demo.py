@@ -109,8 +109,9 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dic
     pipeline = CairText2Image(folder)
     manifest = pipeline.engine.manifest
     steps = config.steps
-    schedules = {"baseline": Schedule(steps, steps, steps), "cair": Schedule(steps, config.cache_step, config.cache_step)}
-    labels = {"baseline": f"baseline (n = T = {steps})", "cair": f"CAIR (n = {config.cache_step})"}
+    n = config.cache_step
+    schedules = {"baseline": Schedule(steps, steps, steps), "cair": Schedule(steps, n, n)}
+    labels = {"baseline": f"baseline (n = T = {steps})", "cair": f"CAIR (n = {n})"}
     if manifest.schedule is not None:
         schedules["calibrated"] = pipeline.engine.resolve_schedule({"steps": steps})
         labels["calibrated"] = f"calibrated ({schedules['calibrated'].label().removeprefix(f'T={steps} ')})".replace(
@@ -150,10 +151,11 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dic
     baseline_s = statistics.median(latency["baseline"])
     columns = {}
     for name, schedule in schedules.items():
-        bounds = [generation_macs(per_graph, steps, schedule.cache_step, image, fidelity_guidance=manifest.fidelity_guidance,
-                                  guidance_stop=schedule.guidance_stop, deep_interval=schedule.deep_interval,
-                                  skip_mode=schedule.skip_mode, planning_interval=schedule.planning_interval
-                                  )["conv_linear"]["speedup_bound"] for image in (None, per_image)]
+        bounds = [generation_macs(per_graph, steps, schedule.cache_step, image,
+                                  fidelity_guidance=manifest.fidelity_guidance, guidance_stop=schedule.guidance_stop,
+                                  deep_interval=schedule.deep_interval, skip_mode=schedule.skip_mode,
+                                  planning_interval=schedule.planning_interval)["conv_linear"]["speedup_bound"]
+                  for image in (None, per_image)]
         seconds = statistics.median(latency[name])
         columns[name] = {"label": labels[name], "schedule": schedule.parameters(), "seconds": seconds,
                          "speedup": baseline_s / seconds, "mac_bound": bounds[0], "mac_bound_end_to_end": bounds[1],

@@ -243,15 +243,17 @@ class Schedule:
         cfg = manifest.fidelity_guidance == "cfg"
         if m > n and not cfg:
             raise InvalidInputError(f"guidance stop {m} > cache step {n} needs per-half caches; this engine merges "
-                                    "them at n: re-export without --fidelity-guidance none", field="guidance_stop")
+                                    "them at n: re-export with the default --fidelity-guidance cfg",
+                                    field="guidance_stop")
         if k > 1 and "shallow" not in manifest.graphs:
             raise InvalidInputError(f"deep interval {k} needs the shallow graph, which this folder lacks; re-export "
-                                    "without --deep-branch none (or use --deep-interval 1)", field="deep_interval")
+                                    "with the default --deep-branch 0 (or use --deep-interval 1)",
+                                    field="deep_interval")
         planning_shallow = self.planning_interval > 1
         if planning_shallow and "shallow_planning" not in manifest.graphs:
             raise InvalidInputError(f"planning interval {self.planning_interval} needs the guided shallow graph, which "
-                                    "this folder lacks; re-export it without --deep-branch none (or use "
-                                    "--planning-interval 1)",
+                                    "this folder lacks; re-export it with the default --deep-branch 0 (or "
+                                    "use --planning-interval 1)",
                                     field="planning_interval")
         if backend is None:
             return
