@@ -356,7 +356,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--repeats", type=positive_int_arg, default=3, help="timed runs per prompt and configuration (default 3)")
     demo.add_argument("--calibration-prompts", type=int_arg, default=16, metavar="N",
                       help="probe images when the folder has no calibrated schedule yet: calibrate it once on N "
-                           "prompts (default 16; 0: no calibrated column)")
+                           "prompts (default 16; 0: do not calibrate, so an uncalibrated folder shows two columns)")
     demo.set_defaults(func=cmd_demo)
 
 

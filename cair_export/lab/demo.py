@@ -43,7 +43,7 @@ class DemoConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     repeats: int = 3  # timed runs per prompt and configuration; the median is reported
-    calibration_prompts: int = 16  # probe images when the folder has no calibrated schedule yet (0: no third column)
+    calibration_prompts: int = 16  # probe images when the folder has no calibrated schedule yet (0: do not calibrate)
 
 
 def make_grid(rows: list[tuple[str, list[np.ndarray]]], labels: tuple[str, ...], scale: int = 3):
@@ -95,7 +95,7 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> dic
     if config.calibration_prompts < 0:
         from cair_runtime.errors import InvalidInputError
 
-        raise InvalidInputError(f"calibration prompts {config.calibration_prompts} must be 0 (no calibrated column) "
+        raise InvalidInputError(f"calibration prompts {config.calibration_prompts} must be 0 (do not calibrate) "
                                 "or more")
     folder = ensure_engine(config.model, config.engines_dir / Path(config.model).name, progress=progress)
     if load_manifest(folder, verify="none").schedule is None and config.calibration_prompts > 0:
