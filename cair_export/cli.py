@@ -41,13 +41,8 @@ def positive_int_arg(text: str) -> int:
 
 
 def branch_arg(text: str) -> int | None:
-    """``--deep-branch``: DeepCache's branch id, or ``none`` for no shallow graphs."""
-    if text.strip().lower() == "none":
-        return None
-    value = int_arg(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a branch id 0 or above, or none, got {value}")
-    return value
+    """``--deep-branch``: DeepCache's branch id (checked with the other export options), or ``none``."""
+    return None if text.strip().lower() == "none" else int_arg(text)
 
 
 def int_list(text: str) -> tuple[int, ...]:

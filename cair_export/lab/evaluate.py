@@ -316,7 +316,6 @@ def engine_folder(config: EvaluateConfig, scheduled: bool) -> Path:
 def _check_plain_engine(config: EvaluateConfig, prompts: list[str], first_batch: dict[int, np.ndarray],
                         progress: Callable[[str], None]) -> dict[str, Any]:
     """CAIR alone on the schedule engine (m = n, k = 1) against the plain engine, over the first batch of images."""
-    from cair_export.core.export import ExportConfig
     from cair_export.lab.engines import ensure_engine
     from cair_runtime.text2image import CairText2Image
 
