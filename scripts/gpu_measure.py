@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="deep intervals k at n = the first cache step, comma-separated (default 3; '' skips)")
     parser.add_argument("--deep-branch", type=int, default=0, help="DeepCache's branch of the shallow graph (default 0)")
     parser.add_argument("--skip-aoti", action="store_true", help="measure (a), (b) and torch (d) only")
-    parser.add_argument("--work-dir", help="where the AOTInductor folder goes (default: a temporary folder)")
+    parser.add_argument("--work-dir", help="where the AOTInductor folder goes (default: a temporary folder); "
+                        "a folder compiled there before is reused")
+    parser.add_argument("--compile-only", action="store_true", help="compile the AOTInductor folder and stop")
+    parser.add_argument("--max-concurrency", type=int, help="AOTInductor runners per package (default: the runtime's)")
     parser.add_argument("--json", required=True, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -139,15 +142,21 @@ def main(argv: list[str] | None = None) -> int:
             added_cond=added, negative_added_cond=negative_added, deep_branch_id=branch, deep_interval=k)
 
     if not args.skip_aoti:
-        work = Path(args.work_dir or tempfile.mkdtemp(prefix="cair-aoti-"))
-        log(f"compiling AOTInductor packages (static shapes: batch 1, {args.size}x{args.size}) into {work}")
-        compiled = time.perf_counter()
-        export_aoti_folder(model, work / f"{args.model}-{args.size}", args.size, args.size, device=device,
-                           dtype=args.dtype, max_batch=1, static=True, progress=log,
-                           inductor_configs=QUICK_CPU_COMPILE if device == "cpu" else None, deep_branch_id=branch)
-        results["aoti_compile_s"] = time.perf_counter() - compiled
-        save()
-        engine = CairEngine(work / f"{args.model}-{args.size}", backend="aoti", device=device)
+        folder = Path(args.work_dir or tempfile.mkdtemp(prefix="cair-aoti-")) / f"{args.model}-{args.size}-{args.dtype}"
+        if (folder / "manifest.json").exists():
+            log(f"reusing the AOTInductor folder {folder}")
+        else:
+            log(f"compiling AOTInductor packages (static shapes: batch 1, {args.size}x{args.size}) into {folder}")
+            compiled = time.perf_counter()
+            export_aoti_folder(model, folder, args.size, args.size, device=device, dtype=args.dtype, max_batch=1,
+                               static=True, progress=log, deep_branch_id=branch,
+                               inductor_configs=QUICK_CPU_COMPILE if device == "cpu" else None)
+            results["aoti_compile_s"] = time.perf_counter() - compiled
+            save()
+        if args.compile_only:
+            return 0
+        log(f"loading the packages on {device}")
+        engine = CairEngine(folder, backend="aoti", device=device, max_concurrency=args.max_concurrency)
         for n in [args.steps, *cache_steps]:
             configs[("aoti", n)] = lambda n=n: engine.denoise(
                 embeds[0], embeds[1], latents=noise, num_inference_steps=args.steps, cache_step=n,
