@@ -14,6 +14,9 @@ Two suites:
   deep interval k (uniform). The runtime runs ``engines/sd21-256``, or ``engines/sd21-256-deep``
   (exported with the shallow graph) when a deep row is selected; both are exported on first use.
   ``--sd21-model tiny-sd21`` runs the suite on the tiny preset (a quick check of the script).
+  ``--schedules N:M:K[:MODE[:KP]],...`` (the grammar of ``cair-export evaluate --schedules``) adds
+  runtime rows of whole schedules (guidance stop m, planning interval k_p) on the default export
+  (``engines/sd21-256-schedules``: per-half caches, both shallow graphs).
 
 Every configuration gets its own model copy (T-GATE and DeepCache patch module forwards for good).
 Round 0 is a warm-up; then ``--repeats`` rounds run every configuration once in turn, so drift on
@@ -24,7 +27,12 @@ the machine hits them alike; the median is reported. A peer that fails records i
 Every row reports its MAC bound (conv+linear): CAIR rows their schedule's (n, k;
 ``generation_macs``), DeepCache rows DeepCache's own (``deepcache_generation_macs``), T-GATE rows
 that of CAIR at the same n; efficiency = speed-up / bound. With deep rows the sd21 report ends
-with the deep-feature caching target, met or missed (``TARGET``).
+with the deep-feature caching target, met or missed (``TARGET``); with ``--schedules``, with the
+schedules' target (``FRONTIER_TARGET``), judged with each schedule's and DeepCache's accuracy on
+``shapes`` read from ``--accuracy-from`` (``cair-export evaluate``'s JSON, 1,000 images a row).
+
+    python scripts/bench.py --suite sd21 --threads 2 --sd21-only 'diffusers UNet loop,DeepCache,n=25' \
+        --deep-intervals 3,4 --schedules '10:T:{4,5}:uniform:3,14:T:4:uniform:4' --json ... --markdown ...
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cair_export.cli import int_list
+from cair_export.cli import int_list, schedules_arg
 from cair_export.lab.harness import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +79,8 @@ class Config:
 
     @property
     def deep_interval(self) -> int:
+        if self.bound and self.bound[0] == "schedule":  # ("schedule", n, m, k, mode, k_p)
+            return self.bound[3]
         return self.bound[-1] if self.bound else 1
 
 
@@ -213,13 +223,25 @@ def runtime_name(n: int, k: int = 1) -> str:
     return f"runtime (onnxruntime) n={n}" + (f" k={k} (uniform)" if k > 1 else "")
 
 
+def schedule_name(schedule: Any) -> str:
+    """A runtime row of a whole schedule: ``runtime (onnxruntime) n=10 m=25 k=4 kp=3 (uniform)``."""
+    return (f"runtime (onnxruntime) n={schedule.cache_step} m={schedule.guidance_stop} k={schedule.deep_interval} "
+            f"kp={schedule.planning_interval} ({schedule.skip_mode})")
+
+
+def schedule_key(schedule: Any) -> tuple:
+    return ("schedule", schedule.cache_step, schedule.guidance_stop, schedule.deep_interval, schedule.skip_mode,
+            schedule.planning_interval)
+
+
 def deepcache_name(k: int, branch: int) -> str:
     return f"DeepCache (cache_interval {k}, branch {branch})"
 
 
 def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int, engines: Path, threads: int,
                  only: set[str] | None, deep_intervals: list[int], deep_cache_step: int,
-                 branch: int) -> list[Config]:
+                 branch: int, schedules: tuple = ()) -> list[Config]:
+    """``schedules``: ``GridPoint`` values (``cair_export.lab.schedules``), each a runtime row of its own."""
     import torch
 
     from cair_export.core.export import ExportConfig
@@ -297,7 +319,7 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
 
     engine = None
 
-    def runtime(n: int, k: int = 1):
+    def runtime(n: int, k: int = 1, schedule=None):
         def make():
             nonlocal engine
             from cair_runtime.pipeline import CairEngine
@@ -305,9 +327,10 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
             if isinstance(folder, Exception):
                 raise folder
             engine = engine or CairEngine(folder, threads=threads)
+            fields = {"schedule": schedule} if schedule else {"cache_step": n, "deep_interval": k,
+                                                              "skip_mode": "uniform"}
             return lambda: engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(),
-                                          num_inference_steps=steps, cache_step=n, deep_interval=k,
-                                          skip_mode="uniform", guidance_scale=7.5, scheduler="ddim")
+                                          num_inference_steps=steps, guidance_scale=7.5, scheduler="ddim", **fields)
         return make
 
     rows = [("diffusers UNet loop, eager, plain", "torch", loop(steps), None, None)]
@@ -319,14 +342,25 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
     rows += [(runtime_name(deep_cache_step, k), "runtime", runtime(deep_cache_step, k), deep_cache_step,
               ("cair", deep_cache_step, k)) for k in deep_intervals]
     rows = [row for row in rows if only is None or any(key in row[0] for key in only)]
+    for point in schedules:  # named on the command line: not filtered by --sd21-only
+        schedule = point.schedule(steps)
+        rows.append((schedule_name(schedule), "runtime", runtime(schedule.cache_step, schedule=schedule),
+                     schedule.cache_step, schedule_key(schedule)))
 
     # The engine first, before the torch UNet is loaded (an export holds a model copy of its own):
-    # with a deep row, one exported with the shallow graph, which every runtime row then shares.
+    # with a deep row, one exported with the shallow graph, which every runtime row then shares;
+    # with whole schedules, the default export (per-half caches and both shallow graphs).
     deep = any(group == "runtime" and bound and bound[-1] > 1 for _, group, _, _, bound in rows)
     folder: Path | Exception | None = None
     if any(group == "runtime" for _, group, _, _, _ in rows):
-        config = ExportConfig(height=size, width=size, max_batch=1, deep_branch=branch if deep else None)
-        name = f"{Path(model_name).name}-{size}" + ("-deep" if deep else "")
+        if schedules:
+            config = ExportConfig(height=size, width=size, max_batch=1, deep_branch=branch)
+            suffix = "-schedules"
+        else:
+            config = ExportConfig(height=size, width=size, max_batch=1, fidelity_guidance="none",
+                                  deep_branch=branch if deep else None)
+            suffix = "-deep" if deep else ""
+        name = f"{Path(model_name).name}-{size}{suffix}"
         try:
             folder = ensure_engine(model_name, engines / name, config, with_pipeline=False,
                                    progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
@@ -402,7 +436,8 @@ def summarise(configs: list[Config], steps: int, bounds: dict[tuple, float],
     """
     baselines = {}
     for config in configs:
-        if config.times and config.group not in baselines and (config.group == "torch" or config.cache_step == steps):
+        plain = config.group == "torch" or (config.cache_step == steps and config.bound == ("cair", steps, 1))
+        if config.times and config.group not in baselines and plain:
             baselines[config.group] = statistics.median(config.times)
     rows = []
     for config in configs:
@@ -469,8 +504,11 @@ def markdown_table(rows: list[dict[str, Any]], graph_macs: dict[str, float] | No
                   "|---|" + "---|" * len(names)]
         lines += [f"| {row['name']} | " + " | ".join(f"{row['stages_s'][name]:.4f}" for name in names) + " |"
                   for row in staged]
-    if graph_macs and staged:
-        lines += step_table(staged, graph_macs)
+    # Per-kind step times for rows whose phases run one graph kind each (a schedule's planning phase mixes
+    # full and guided shallow steps, its fidelity phase guided and unguided ones).
+    single = [row for row in staged if tuple(row.get("bound") or ())[:1] != ("schedule",)]
+    if graph_macs and single:
+        lines += step_table(single, graph_macs)
     medians = {row["name"]: row["median_s"] for row in rows if "median_s" in row}
     for n in sorted({row["cache_step"] for row in rows if row["cache_step"]}):
         cair = medians.get(f"runtime (onnxruntime) n={n}")
@@ -507,15 +545,19 @@ def step_table(rows: list[dict[str, Any]], graph_macs: dict[str, float]) -> list
 
 def mac_bounds(model: Any, size: int, steps: int, keys: set[tuple], per_graph: dict[str, Any],
                per_image: Any = None) -> dict[tuple, float]:
-    """The conv+linear MAC bound of each ``Config.bound`` key: ("cair", n, k) from ``per_graph``
-    (``count_graph_macs``, with the shallow graph for k > 1), and ("deepcache", branch, k);
-    ``per_image``: E for end-to-end bounds (CAIR keys)."""
+    """The conv+linear MAC bound of each ``Config.bound`` key: ("cair", n, k) and ("schedule", n, m, k,
+    mode, k_p) from ``per_graph`` (``count_graph_macs``, with the shallow graphs for k or k_p > 1), and
+    ("deepcache", branch, k); ``per_image``: E for end-to-end bounds (CAIR keys)."""
     from cair_export.core.macs import count_deepcache_macs, deepcache_generation_macs, generation_macs
 
     bounds: dict[tuple, float] = {}
     for key in sorted(key for key in keys if key[0] == "cair"):
         _, n, k = key
         bounds[key] = generation_macs(per_graph, steps, n, per_image, deep_interval=k)["conv_linear"]["speedup_bound"]
+    for key in (key for key in keys if key[0] == "schedule"):
+        _, n, m, k, mode, k_p = key
+        bounds[key] = generation_macs(per_graph, steps, n, per_image, guidance_stop=m, deep_interval=k,
+                                      skip_mode=mode, planning_interval=k_p)["conv_linear"]["speedup_bound"]
     for branch in sorted({key[1] for key in keys if key[0] == "deepcache"}):
         deepcache = count_deepcache_macs(model, size, size, branch)
         for key in keys:
@@ -549,6 +591,7 @@ def deep_target(rows: list[dict[str, Any]], steps: int, cache_step: int) -> dict
 
     def baseline(group):
         return next((row for row in rows if row["group"] == group and measured(row) and row["deep_interval"] == 1
+                     and tuple(row.get("bound") or ())[:1] != ("schedule",)
                      and (group == "torch" or row["cache_step"] == steps)), None)
 
     def per_round(row, base):
@@ -559,7 +602,7 @@ def deep_target(rows: list[dict[str, Any]], steps: int, cache_step: int) -> dict
     per_interval = []
     for row in rows:
         if row["group"] != "runtime" or row["cache_step"] != cache_step or row["deep_interval"] == 1 \
-                or not measured(row):
+                or tuple(row.get("bound") or ())[:1] != ("cair",) or not measured(row):
             continue
         k = row["deep_interval"]
         peer = deepcache.get(k, {}).get("speedup")
@@ -630,6 +673,107 @@ def target_lines(target: dict[str, Any]) -> list[str]:
     return lines
 
 
+# What the schedules that combine both peers' cuts must reach on the sd21 suite: speed that follows their
+# MACs, and more speed than DeepCache where the schedule is at least as accurate (on shapes).
+FRONTIER_TARGET = ("sd21 UNet at 256 px, 25 steps: the runtime reaches >= 95% of each schedule's MAC bound; the "
+                   "fastest schedule at least 3.0x over the runtime's n = T at >= 95% of its bound, and ahead of "
+                   "the best eager DeepCache speed-up in the same run among DeepCache intervals no more accurate "
+                   "on shapes (shape and colour accuracy, 1,000 images).")
+FRONTIER_SPEEDUP = 3.0
+
+
+def shapes_accuracy(path: Path | None) -> dict[tuple, dict[str, float]]:
+    """Shape and colour accuracy on ``shapes`` per schedule key (and ("deepcache", k)), from
+    ``cair-export evaluate``'s JSON; empty without one."""
+    if path is None or not path.exists():
+        return {}
+    accuracy = {}
+    for row in json.loads(path.read_text())["rows"]:
+        if not row.get("accuracy"):
+            continue
+        if row["method"] == "DeepCache":
+            key = ("deepcache", row["deep_interval"])
+        else:
+            key = ("schedule", row["cache_step"], row["guidance_stop"], row["deep_interval"], row["skip_mode"],
+                   row["planning_interval"])
+        accuracy[key] = {name: row["accuracy"][name] for name in ("shape", "colour")}
+    return accuracy
+
+
+def frontier_target(rows: list[dict[str, Any]], accuracy: dict[tuple, dict[str, float]]) -> dict[str, Any]:
+    """The schedules' target: each schedule row's efficiency (>= 95%), and the fastest schedule's speed-up
+    (>= 3.0x over runtime n = T, at >= 95%) against the best DeepCache row of this run that is no more
+    accurate on shapes than it (shape and colour). Rows whose median lies above ``PLAUSIBLE_EFFICIENCY``
+    of their bound are marked noise and meet nothing."""
+    deepcache = [row for row in rows if row["group"] == "torch" and (row.get("bound") or [None])[0] == "deepcache"
+                 and "median_s" in row]
+    entries = []
+    for row in rows:
+        if (row.get("bound") or [None])[0] != "schedule" or "median_s" not in row:
+            continue
+        own = accuracy.get(tuple(row["bound"]))
+        peers = [peer for peer in deepcache if own and (acc := accuracy.get(("deepcache", peer["deep_interval"])))
+                 and acc["shape"] <= own["shape"] and acc["colour"] <= own["colour"]]
+        peer = max(peers, key=lambda peer: peer["speedup"], default=None)
+        entries.append({"name": row["name"], "speedup": row["speedup"], "mac_bound": row["mac_bound"],
+                        "efficiency": row["efficiency"], "accuracy": own, "median_s": row["median_s"],
+                        "deepcache": peer and {"name": peer["name"], "speedup": peer["speedup"],
+                                               "median_s": peer["median_s"],
+                                               "efficiency": peer["efficiency"],
+                                               "accuracy": accuracy[("deepcache", peer["deep_interval"])]},
+                        "noise": (row["efficiency"] or 0) > PLAUSIBLE_EFFICIENCY})
+    for entry in entries:
+        entry["efficient"] = entry["efficiency"] is not None and entry["efficiency"] >= TARGET_EFFICIENCY
+    fastest = max((entry for entry in entries if not entry["noise"]), key=lambda entry: entry["speedup"], default=None)
+    checks = {}
+    if fastest:
+        peer = fastest["deepcache"]
+        checks = {"every_schedule_efficient": all(entry["efficient"] and not entry["noise"] for entry in entries),
+                  "speedup": fastest["speedup"] >= FRONTIER_SPEEDUP, "efficiency": fastest["efficient"],
+                  "beats_deepcache": bool(peer) and fastest["speedup"] > peer["speedup"]}
+    return {"target": FRONTIER_TARGET, "entries": entries, "fastest": fastest, "checks": checks,
+            "met": bool(checks) and all(checks.values())}
+
+
+def frontier_lines(target: dict[str, Any]) -> list[str]:
+    def percent(value):
+        return f"{value:.0%}" if value is not None else "-"
+
+    def accuracy(value):
+        return f"{value['shape']:.1%} / {value['colour']:.1%}" if value else "not measured"
+
+    lines = ["### Target: the schedules", "", f"> {target['target']}", "",
+             "| schedule | speed-up over runtime n=T | MAC bound | efficiency (>= 95%) | shapes: shape / colour "
+             "| best DeepCache no more accurate (speed-up over eager, efficiency; shape / colour) | ahead | "
+             "seconds: schedule / that DeepCache |",
+             "|---|---|---|---|---|---|---|---|"]
+    for entry in target["entries"]:
+        peer = entry["deepcache"]
+        versus = (f"{peer['name']}: {peer['speedup']:.2f}x ({percent(peer['efficiency'])}; "
+                  f"{accuracy(peer['accuracy'])})" if peer else "none measured")
+        ahead = "-" if not peer else "yes" if entry["speedup"] > peer["speedup"] else "no"
+        noise = " (noise)" if entry["noise"] else ""
+        seconds = f"{entry['median_s']:.2f} / {peer['median_s']:.2f}" if peer and peer.get("median_s") else "-"
+        lines.append(f"| {entry['name']} | {entry['speedup']:.2f}x | {entry['mac_bound']:.2f}x | "
+                     f"{percent(entry['efficiency'])}{noise} | {accuracy(entry['accuracy'])} | {versus} | {ahead} | "
+                     f"{seconds} |")
+    fastest, checks = target["fastest"], target["checks"]
+    if not fastest:
+        return [*lines, "", "**Target: MISSED** (no schedule row was measured)."]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    lines += ["", f"Every schedule at >= 95% of its bound: {verdict(checks['every_schedule_efficient'])}. "
+                  f"Fastest schedule: {fastest['name']}, {fastest['speedup']:.2f}x (>= {FRONTIER_SPEEDUP:.1f}x: "
+                  f"{verdict(checks['speedup'])}) at {percent(fastest['efficiency'])} of its bound "
+                  f"({verdict(checks['efficiency'])}); ahead of DeepCache at no better accuracy: "
+                  f"{verdict(checks['beats_deepcache'])} (speed-ups, each over its own baseline: the runtime's n = T "
+                  "and diffusers' eager loop; the seconds column compares the two directly).", "",
+              f"**Target: {verdict(target['met'])}.**"]
+    return lines
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
     import resource
@@ -659,6 +803,8 @@ def render(results: dict[str, Any]) -> str:
                   *markdown_table(result["rows"], result["graph_macs"])]
         if result.get("target"):
             lines += ["", *target_lines(result["target"])]
+        if result.get("frontier_target"):
+            lines += ["", *frontier_lines(result["frontier_target"])]
         loads = [load for row in result["rows"] for load in row.get("load_1min", [])]
         if loads:
             lines += ["", f"The machine's 1-minute load average as the measured runs began: {min(loads):.1f} to "
@@ -697,6 +843,12 @@ def main() -> int:
     parser.add_argument("--deep-cache-step", type=int, default=5, help="sd21: n of the runtime's deep rows (default 5)")
     parser.add_argument("--deep-branch", type=int, default=0, help="sd21: DeepCache's cache_branch_id, for DeepCache "
                                                                    "and the runtime's shallow graph (default 0)")
+    parser.add_argument("--schedules", type=schedules_arg, default=(), metavar="N:M:K[:MODE[:KP]],...",
+                        help="sd21: runtime rows of whole schedules (cair-export evaluate's grammar), on the default "
+                             "export; the report ends with the schedules' target")
+    parser.add_argument("--accuracy-from", type=Path, default=ROOT / "docs" / "schedules_kp.json",
+                        help="cair-export evaluate JSON with the schedules' and DeepCache's accuracy on shapes "
+                             "(default docs/schedules_kp.json)")
     parser.add_argument("--size", type=int, default=256, help="sd21 pixel size (default 256)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads, torch and onnxruntime (0: default)")
     parser.add_argument("--engines-dir", type=Path, default=ROOT / "engines")
@@ -710,6 +862,8 @@ def main() -> int:
         for result in results["suites"].values():
             if result.get("target"):
                 result["target"] = deep_target(result["rows"], result["steps"], result["target"]["cache_step"])
+            if result.get("frontier_target"):
+                result["frontier_target"] = frontier_target(result["rows"], shapes_accuracy(args.accuracy_from))
         return write_report(results, args.json, args.markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -728,9 +882,11 @@ def main() -> int:
             model, size = load_model(args.sd21_model, device="meta"), args.size
             only = set(args.sd21_only.split(",")) if args.sd21_only else None
             configs = sd21_configs(args.sd21_model, args.steps, cache_steps, size, args.engines_dir, args.threads,
-                                   only, list(args.deep_intervals), args.deep_cache_step, args.deep_branch)
+                                   only, list(args.deep_intervals), args.deep_cache_step, args.deep_branch,
+                                   args.schedules)
         keys = {config.bound for config in configs if config.bound}
-        deep = any(key[0] == "cair" and key[-1] > 1 for key in keys)
+        deep = any((key[0] == "cair" and key[-1] > 1) or (key[0] == "schedule" and max(key[3], key[5]) > 1)
+                   for key in keys)
         per_graph = count_graph_macs(model, size, size, deep_branch_id=args.deep_branch if deep else None)
         bounds = mac_bounds(model, size, args.steps, keys, per_graph)
         end_to_end = None
@@ -745,8 +901,11 @@ def main() -> int:
         results["suites"][suite] = {"model": args.model if suite == "shapes" else args.sd21_model, "size": size,
                                     "steps": args.steps, "repeats": repeats, "rows": rows,
                                     "graph_macs": {kind: macs.conv_linear for kind, macs in per_graph.items()}}
-        if suite == "sd21" and any(row["group"] == "runtime" and row["deep_interval"] > 1 for row in rows):
+        if suite == "sd21" and any(row["group"] == "runtime" and row["deep_interval"] > 1
+                                   and tuple(row["bound"] or ())[:1] == ("cair",) for row in rows):
             results["suites"][suite]["target"] = deep_target(rows, args.steps, args.deep_cache_step)
+        if suite == "sd21" and args.schedules:
+            results["suites"][suite]["frontier_target"] = frontier_target(rows, shapes_accuracy(args.accuracy_from))
     results["peak_rss_gb"] = peak_rss_gb()
 
     return write_report(results, args.json, args.markdown)
