@@ -90,6 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch, dtype=args.dtype, deep_branch=args.deep_branch,
+                          max_prompt_chunks=args.max_prompt_chunks,
                           loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
     check_export_options(config)
@@ -291,6 +292,9 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--cache-step-hint", type=positive_int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
     export.add_argument("--max-batch", type=positive_int_arg, default=4, help="largest prompt batch (default 4)")
+    export.add_argument("--max-prompt-chunks", type=positive_int_arg, default=4, metavar="C",
+                        help="longest prompt in text-encoder windows of 75 tokens, each encoded on its own and "
+                             "concatenated (default 4: 300 tokens; 1: truncate at 75, the text axis fixed)")
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="compute precision in the UNet graphs (attention scores, softmax, norms stay fp32; "
                              "IO float32)")

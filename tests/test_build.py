@@ -27,10 +27,11 @@ def _has_gpu_tensorrt() -> str | None:
 def test_profiles_evaluate_the_manifest_dims(exported):
     manifest = load_manifest(exported("tiny-sd21"))
     dims = profile_dims(manifest, BuildConfig())
-    assert [(d.min, d.opt, d.max) for d in dims.values()] == [(1, 1, 4), (4, 8, 16), (4, 8, 16), (77, 77, 77)]
+    assert [(d.min, d.opt, d.max) for d in dims.values()] == [(1, 1, 4), (4, 8, 16), (4, 8, 16), (77, 77, 308)]
     planning = tensor_profiles(manifest.graphs["planning"], dims)
     assert planning["sample"] == ((2, 4, 4, 4), (2, 4, 8, 8), (8, 4, 16, 16))  # planning batch = 2*batch
-    assert planning["encoder_hidden_states"] == ((2, 77, 1024), (2, 77, 1024), (8, 77, 1024))
+    # Long prompts: one text-encoder window to the export's --max-prompt-chunks (4) of them.
+    assert planning["encoder_hidden_states"] == ((2, 77, 1024), (2, 77, 1024), (8, 308, 1024))
     fidelity = tensor_profiles(manifest.graphs["fidelity"], dims)
     # cache_000 is level 0 (latent_height*latent_width tokens); the mid block's is level 2. One cache
     # per CFG half (the default export): batch 2*batch, as planning's.

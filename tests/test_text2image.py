@@ -98,7 +98,7 @@ def test_cli_writes_png_with_parameters(exported, tmp_path, capsys):
     assert [im.size for im in images] == [(64, 64)] * 2
     parameters = json.loads(images[1].text["parameters"])
     # The schedule as it ran, defaults filled in (m = n on merged caches, k = 1): replaying it gives this image.
-    assert parameters == {"prompt": "a red circle", "negative_prompt": "blue", "seed": 8, "steps": 4,
+    assert parameters == {"prompt": "a red circle", "negative_prompt": "blue", "prompt_chunks": 1, "seed": 8, "steps": 4,
                           "cache_step": 2, "guidance_stop": 2, "deep_interval": 1, "skip_mode": "uniform",
                           "planning_interval": 1,
                           "guidance_scale": 7.5, "scheduler": "dpm++2m", "model": "tiny-sd21",
@@ -118,13 +118,13 @@ def test_cli_bad_sizes_and_outputs(exported, tmp_path, capsys, one_line_error):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_warns_once_for_a_long_prompt(exported, tmp_path):
+def test_cli_warns_once_for_a_truncated_prompt(exported, tmp_path):
     folder = exported("tiny-sdxl", with_pipeline=True)
     prompt = " ".join(["red"] * 80)
-    result = subprocess.run(["cair-run", str(folder), prompt, "-o", str(tmp_path / "a.png"), "--steps", "2"],
-                            capture_output=True, text=True)
+    result = subprocess.run(["cair-run", str(folder), prompt, "-o", str(tmp_path / "a.png"), "--steps", "2",
+                             "--prompt-chunks", "1"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("warning: prompt longer than 77 tokens") == 1
+    assert result.stderr.count("warning: prompt longer than 1 window(s) of 75 tokens") == 1
 
 
 def test_unet_only_folder_refuses_prompts(exported, tmp_path, capsys, one_line_error):

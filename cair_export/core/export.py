@@ -76,6 +76,7 @@ class ExportConfig:
     dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": compute precision in the UNet graphs (fp32 islands); IO float32
     loras: tuple[tuple[str, float], ...] = ()  # (safetensors file, scale) adapters fused before tracing, in order
     deep_branch: int | None = 0  # DeepCache's cache_branch_id for the shallow graphs; None: no deep caching
+    max_prompt_chunks: int = 4  # longest prompt, in text-encoder windows (75 tokens each): the text axis's max
 
 
 def supported_opsets() -> range:
@@ -88,6 +89,7 @@ def supported_opsets() -> range:
 
 
 MAX_EXPORT_SIDE = 4096  # px; SDXL's native size is 1024
+MAX_PROMPT_CHUNKS = 16  # 1,200 tokens: far beyond what a prompt holds, while the graphs' text axis stays bounded
 
 
 def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, int]:
@@ -126,6 +128,9 @@ def check_export_options(config: ExportConfig) -> None:
                                     f"--{label} as the pixel size you will generate", field=label)
     for path, _scale in check_lora_list(list(config.loras)):
         read_lora_file(path)  # truncated, inconsistent or NaN/inf: refused before any model is loaded
+    if not isinstance(config.max_prompt_chunks, int) or not 1 <= config.max_prompt_chunks <= MAX_PROMPT_CHUNKS:
+        raise InvalidInputError(f"max prompt chunks {config.max_prompt_chunks!r} must be 1 to {MAX_PROMPT_CHUNKS} "
+                                "(1: prompts truncated to one text-encoder window)", field="max_prompt_chunks")
     if config.deep_branch is not None and (not isinstance(config.deep_branch, int) or config.deep_branch < 0):
         raise InvalidInputError(f"deep branch {config.deep_branch!r} must be a non-negative integer "
                                 "(DeepCache's cache_branch_id: 3 * block + layer)", field="deep_branch")
@@ -150,16 +155,17 @@ def _trace_dims(dims: tuple[Dim, ...], up_factor: int) -> dict[str, int]:
 
 
 def _validation_dims(dims: tuple[Dim, ...], up_factor: int) -> list[dict[str, int]]:
-    """Shapes other than the trace shape: the opt size at batch 1, and batch 2 at a smaller, non-square size.
+    """Shapes other than the trace shape: the opt size at batch 1, and batch 2 at a smaller, non-square size
+    with a two-window text (where the export takes long prompts).
 
-    The second checks the dynamic batch and latent axes at about a quarter of the opt size's cost
+    The second checks the dynamic batch, latent and text axes at about a quarter of the opt size's cost
     (for SDXL at 1024 px a batch-2 planning check at the opt size is four 1024 px UNet evaluations).
     """
     by_name = {dim.name: dim for dim in dims}
     opt = {dim.name: dim.opt for dim in dims}
-    height, width = by_name["latent_height"], by_name["latent_width"]
+    height, width, text = by_name["latent_height"], by_name["latent_width"], by_name["text_len"]
     small = dict(opt, batch=min(2, by_name["batch"].max), latent_height=height.min,
-                 latent_width=min(width.min + up_factor, width.max))
+                 latent_width=min(width.min + up_factor, width.max), text_len=min(2 * text.opt, text.max))
     if small["latent_width"] == small["latent_height"]:  # keep it non-square
         small["latent_height"] = min(height.min + 2 * up_factor, height.max)
     return [opt, small]
@@ -350,7 +356,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         fused = fuse_loras(model, config.loras)
     unet = model.unet.eval()
     up_factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    dims = graph_dims(model, height, width, config.max_batch)
+    dims = graph_dims(model, height, width, config.max_batch, config.max_prompt_chunks)
     shapes = _validation_dims(dims, up_factor)
     files: list[str] = []
     report = ValidationReport() if config.validate else None

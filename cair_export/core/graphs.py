@@ -59,14 +59,16 @@ def shallow_caches(caches: tuple[CacheSpec, ...], branch: DeepBranch) -> tuple[C
     return tuple(cache for cache in caches if kept(cache.module))
 
 
-def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int) -> tuple[Dim, ...]:
-    """Symbolic dims with min/opt/max; latent sizes from half to twice the chosen pixel size."""
+def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int,
+               prompt_chunks: int = 1) -> tuple[Dim, ...]:
+    """Symbolic dims with min/opt/max; latent sizes from half to twice the chosen pixel size; the
+    text from one text-encoder window to ``prompt_chunks`` of them (long prompts, encoded in chunks)."""
     latent_height, latent_width = height // model.vae_scale_factor, width // model.vae_scale_factor
     return (
         Dim("batch", 1, 1, max_batch),
         Dim("latent_height", max(1, latent_height // 2), latent_height, latent_height * 2),
         Dim("latent_width", max(1, latent_width // 2), latent_width, latent_width * 2),
-        Dim("text_len", model.text_len, model.text_len, model.text_len),
+        Dim("text_len", model.text_len, model.text_len, model.text_len * prompt_chunks),
     )
 
 

@@ -15,6 +15,7 @@ batch 2B after step n, with separate caches for the two halves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
@@ -93,9 +94,12 @@ class CrossAttentionCache:
 
     ``mode`` is "compute" (plain cross-attention), "record" (compute and keep each output, merged
     per ``fidelity_guidance``) or "replay" (return the kept outputs without computing).
+    ``controlnets``: their ``attn2`` modules are cached too, after the UNet's, named
+    ``control{j}_cache_{i:03d}`` (their module paths relative to net j).
     """
 
-    def __init__(self, unet: torch.nn.Module, fidelity_guidance: str = "none"):
+    def __init__(self, unet: torch.nn.Module, fidelity_guidance: str = "none",
+                 controlnets: Sequence[torch.nn.Module] = ()):
         if fidelity_guidance not in FIDELITY_GUIDANCE:
             raise InvalidInputError(
                 f"fidelity guidance {fidelity_guidance!r} is unknown; expected one of {', '.join(FIDELITY_GUIDANCE)}"
@@ -105,6 +109,12 @@ class CrossAttentionCache:
         self.sites = cross_attention_sites(unet)
         if not self.sites:
             raise InvalidInputError("the UNet has no cross-attention (attn2) modules; CAIR has nothing to cache")
+        self.owners: list[torch.nn.Module] = [unet] * len(self.sites)  # the module each site's path is relative to
+        for j, net in enumerate(controlnets):
+            own = [dataclasses.replace(site, name=f"control{j}_cache_{i:03d}")
+                   for i, site in enumerate(cross_attention_sites(net))]
+            self.sites += own
+            self.owners += [net] * len(own)
         self.values: list[torch.Tensor | None] = [None] * len(self.sites)
         self.mode = "compute"
         self._installed: contextlib.AbstractContextManager | None = None
@@ -116,8 +126,13 @@ class CrossAttentionCache:
         return mean_of_halves(output)
 
     def __enter__(self) -> CrossAttentionCache:
-        self._installed = installed_processors(self.unet, self.sites,
-                                               lambda index, inner: _CachingProcessor(inner, self, index))
+        stack = contextlib.ExitStack()
+        for owner in dict.fromkeys(self.owners):  # each model once, its sites with their global indices
+            indices = [i for i, site_owner in enumerate(self.owners) if site_owner is owner]
+            stack.enter_context(installed_processors(
+                owner, [self.sites[i] for i in indices],
+                lambda index, inner, indices=indices: _CachingProcessor(inner, self, indices[index])))
+        self._installed = stack
         self._installed.__enter__()
         return self
 
@@ -157,6 +172,9 @@ def cair_denoise(
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
     start_index: int | None = None,
+    controlnets: Sequence[torch.nn.Module] = (),
+    control_images: Sequence[torch.Tensor] = (),
+    control: Any = None,
 ) -> torch.Tensor:
     """Sample with CAIR (and DeepCache's deep-feature caching) over a diffusers scheduler; returns the final latents.
 
@@ -179,6 +197,12 @@ def cair_denoise(
     diffusers' img2img pipelines do; ``latents`` are then the image latents already noised to that
     timestep (``prepare_latents``; not scaled by ``init_noise_sigma``), and n, m and the deep
     schedule count the ``num_inference_steps - start_index`` steps that run (T above means those).
+
+    ControlNet (``cair_export.core.controlnet``): ``controlnets`` with one control image each
+    (B, C, H, W) in [0, 1] and a ``ControlRequest`` (scales, start/end, guess mode; default: scale 1
+    over every step). Every evaluation runs every net (at scale 0 outside its start/end, as diffusers
+    does) and adds their summed residuals to the UNet's; the nets' ``attn2`` are cached at n like the
+    UNet's. No deep or planning interval with ControlNets.
     """
     scheduler.set_timesteps(num_inference_steps)
     timesteps, steps_run = scheduler.timesteps, num_inference_steps
@@ -204,8 +228,20 @@ def cair_denoise(
         # The schedule of the steps that run (image to image: T is those).
         plan = Schedule(steps_run, cache_step, guidance_stop, deep_interval, skip_mode,
                         planning_interval=planning_interval).plan(evaluations)
-        caching = CrossAttentionCache(unet, fidelity_guidance)
+        caching = CrossAttentionCache(unet, fidelity_guidance, controlnets)
     planning = sum(evaluation.kind == "planning" for evaluation in plan)
+    keep = None
+    if controlnets:
+        from cair_export.core.controlnet import ControlRequest, control_residuals, controlnet_keep
+
+        if len(control_images) != len(controlnets):
+            raise InvalidInputError(f"{len(control_images)} control images for {len(controlnets)} ControlNets; give "
+                                    "one each", field="control_image")
+        if deep_interval > 1 or planning_interval > 1:
+            raise InvalidInputError("deep-feature caching (a deep or planning interval above 1) does not take "
+                                    "ControlNets yet; use intervals of 1", field="deep_interval")
+        control = control or ControlRequest.make(len(controlnets))
+        keep = controlnet_keep(evaluations, control.starts, control.ends)
     branch = None
     if deep_interval > 1 or planning_interval > 1:
         if deep_branch_id is None:
@@ -251,7 +287,13 @@ def cair_denoise(
                 noise = shallow_unet(unet, branch, latent_input, t, deep_feature, context, conditions)
             else:
                 recorded.clear()
-                noise = unet(latent_input, t, context, added_cond_kwargs=conditions, return_dict=False)[0]
+                residuals = {}
+                if keep is not None:
+                    down, mid = control_residuals(controlnets, control_images, control, keep[i], latent_input, t,
+                                                  context, conditions, evaluation.guided)
+                    residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+                noise = unet(latent_input, t, context, added_cond_kwargs=conditions, return_dict=False,
+                             **residuals)[0]
                 deep_feature = recorded[-1] if recorded else None
             if evaluation.guided:
                 noise_uncond, noise_text = noise.chunk(2)
@@ -263,17 +305,60 @@ def cair_denoise(
 
 
 @torch.no_grad()
+@torch.no_grad()
+def chunked_prompt_embeds(pipe: Any, texts: list[str], chunks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Long prompts as A1111's web UI and compel encode them, in torch with the pipeline's own tokenizers
+    and text encoders: each text's tokens split into ``chunks`` windows of ``model_max_length - 2``, each
+    window wrapped in the start and end tokens, padded, encoded on its own, the windows' hidden states
+    concatenated along the text axis (SD: the last layer's; SDXL: the penultimate of both encoders,
+    concatenated on the channels) -> (len(texts), chunks * L, D), and SDXL's pooled embedding from the
+    first window (None for SD-1.x/2.x). One window is diffusers' ``encode_prompt``."""
+    sdxl = hasattr(pipe, "text_encoder_2")
+    encoders = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else [])
+    embeds, pooled = [], None
+    for index, (tokenizer, encoder) in enumerate(encoders):
+        length = tokenizer.model_max_length
+        window = length - 2
+        rows = []
+        for text in texts:
+            body = tokenizer(text, add_special_tokens=False).input_ids[:chunks * window]
+            for chunk in range(chunks):
+                part = body[chunk * window:(chunk + 1) * window]
+                ids = [tokenizer.bos_token_id, *part, tokenizer.eos_token_id]
+                rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
+        output = encoder(torch.tensor(rows, device=encoder.device), output_hidden_states=True)
+        hidden = output.hidden_states[-2] if sdxl else output[0]
+        embeds.append(hidden.reshape(len(texts), chunks * length, hidden.shape[-1]))
+        if sdxl and index == 1:
+            pooled = output[0][::chunks]  # CLIPTextModelWithProjection's text_embeds, each text's first window
+    return torch.cat(embeds, dim=-1), pooled
+
+
 def encode_prompts(pipe: Any, prompts: list[str], negative_prompts: list[str] | None, latents: torch.Tensor,
-                   num_images_per_prompt: int = 1):
+                   num_images_per_prompt: int = 1, prompt_chunks: int | None = None):
     """Guided conditions as the diffusers SD or SDXL pipeline computes them, for ``latents`` (N, C, h, w).
 
     Returns ``(prompt_embeds, negative_embeds, added_cond, negative_added_cond)``; the added
     conditions (SDXL's pooled ``text_embeds`` and ``time_ids``, from ``_get_add_time_ids`` with no
-    crop) are None for SD-1.x/2.x.
+    crop) are None for SD-1.x/2.x. ``prompt_chunks``: encode long prompts in that many windows
+    (``chunked_prompt_embeds``) instead of the pipeline's ``encode_prompt``.
     """
     sdxl = hasattr(pipe, "text_encoder_2")
-    encoded = pipe.encode_prompt(prompts, negative_prompt=negative_prompts, num_images_per_prompt=num_images_per_prompt,
-                                 do_classifier_free_guidance=True, **({} if sdxl else {"device": latents.device}))
+    if prompt_chunks is None:
+        encoded = pipe.encode_prompt(prompts, negative_prompt=negative_prompts,
+                                     num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=True,
+                                     **({} if sdxl else {"device": latents.device}))
+    else:
+        embeds, pooled = chunked_prompt_embeds(pipe, prompts, prompt_chunks)
+        if negative_prompts is None and sdxl and pipe.config.force_zeros_for_empty_prompt:
+            negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            negative, negative_pooled = chunked_prompt_embeds(pipe, negative_prompts or [""] * len(prompts),
+                                                              prompt_chunks)
+        encoded = tuple(None if value is None else value.repeat_interleave(num_images_per_prompt, dim=0)
+                        for value in (embeds, negative, pooled, negative_pooled))
+        if not sdxl:
+            encoded = encoded[:2]
     if not sdxl:
         return (*encoded, None, None)
     prompt_embeds, negative_embeds, pooled, negative_pooled = encoded
@@ -297,14 +382,17 @@ def cair_text_to_image(
     guidance_scale: float,
     num_images_per_prompt: int = 1,
     scheduler: Any = None,
+    prompt_chunks: int | None = None,
 ) -> torch.Tensor:
     """Reference CAIR text-to-image over a diffusers SD or SDXL pipeline: images in [0, 1], (N, 3, H, W).
 
     Prompt encoding, SDXL time ids and VAE post-processing are the pipeline's own
     (``encode_prompt``, ``_get_add_time_ids``, ``vae.decode``); the loop is ``cair_denoise``.
+    ``prompt_chunks``: long prompts in that many windows (``chunked_prompt_embeds``).
     """
     prompt_embeds, negative_embeds, added, negative_added = encode_prompts(
-        pipe, prompts, negative_prompts, latents, num_images_per_prompt=num_images_per_prompt)
+        pipe, prompts, negative_prompts, latents, num_images_per_prompt=num_images_per_prompt,
+        prompt_chunks=prompt_chunks)
     latents = cair_denoise(pipe.unet, scheduler or pipe.scheduler, latents, prompt_embeds, negative_embeds,
                            num_inference_steps=num_inference_steps, cache_step=cache_step,
                            guidance_scale=guidance_scale, added_cond=added, negative_added_cond=negative_added)

@@ -158,7 +158,7 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
         result = pipeline(
             args.prompt, args.negative_prompt, num_images_per_prompt=args.num_images, height=args.height,
             width=args.width, schedule=schedule, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-            seed=args.seed, callback=_Progress(not args.json), image=args.image)
+            seed=args.seed, callback=_Progress(not args.json), image=args.image, prompt_chunks=args.prompt_chunks)
     for message in dict.fromkeys(str(warning.message) for warning in caught):  # SDXL: once, not per encoder
         print(f"cair-run: warning: {message}", file=sys.stderr)
     paths = _image_paths(output, len(result.images))
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("engine_dir", help="folder written by `cair-export export`")
     parser.add_argument("prompt", nargs="?", help="text prompt (text-to-image; needs a pipeline export)")
     parser.add_argument("--negative-prompt", help="negative prompt (default: none)")
+    parser.add_argument("--prompt-chunks", type=int, metavar="C",
+                        help="encode the prompts in C text-encoder windows (75 tokens each for CLIP; 1: truncate at "
+                             "one; default: as many as the longer text needs, up to the export's --max-prompt-chunks)")
     parser.add_argument("--num-images", type=int, default=1,
                         help="images for the prompt (default 1); several are written as OUT-0.png, OUT-1.png, ...")
     parser.add_argument("--image", metavar="FILE",

@@ -166,6 +166,13 @@ class CairEngine:
         if self.pool.closed:
             raise EngineClosedError(f"the engine of {self.folder} was closed; create a new one to run it again")
 
+    @property
+    def text_lengths(self) -> tuple[int, int]:
+        """The shortest and longest prompt embeddings (tokens) the backend's graphs take: one text-encoder
+        window to the export's ``--max-prompt-chunks`` of them (AOTInductor packages: one window)."""
+        dim = self.manifest.dim("text_len")
+        return getattr(self.backend, "text_len_range", None) or (dim.min, dim.max)
+
     def context_nbytes(self, batch: int, latent_height: int, latent_width: int) -> int:
         """Bytes one context holds for a call of this size: caches, noise_pred and per-call inputs."""
         dims = {"batch": batch, "latent_height": latent_height, "latent_width": latent_width,
@@ -326,15 +333,18 @@ class CairEngine:
         prompt_embeds = _float_array("prompt embeddings", prompt_embeds, 3)
         batch = prompt_embeds.shape[0]
         check_image_count(batch)
-        expected = (batch, self.manifest.dim("text_len").opt, self.context_dim)
-        if prompt_embeds.shape != expected:
-            raise ShapeError(f"prompt embeddings have shape {prompt_embeds.shape}; the engine takes {expected} "
-                             "(batch, text_len, context width)")
+        shortest, longest = self.text_lengths
+        if prompt_embeds.shape[2] != self.context_dim or not shortest <= prompt_embeds.shape[1] <= longest:
+            span = str(shortest) if shortest == longest else f"{shortest} to {longest}"
+            raise ShapeError(f"prompt embeddings have shape {prompt_embeds.shape}; the engine takes (batch, text_len, "
+                             f"{self.context_dim}) with text_len {span}")
         if negative_prompt_embeds is None:
             negative_prompt_embeds = np.zeros_like(prompt_embeds)
         negative_prompt_embeds = _float_array("negative prompt embeddings", negative_prompt_embeds, 3)
-        if negative_prompt_embeds.shape != expected:
-            raise ShapeError(f"negative prompt embeddings have shape {negative_prompt_embeds.shape}; expected {expected}")
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ShapeError(f"negative prompt embeddings have shape {negative_prompt_embeds.shape}; expected "
+                             f"{prompt_embeds.shape}, the prompt embeddings' (pad the shorter text to the other's "
+                             "length)")
 
         if generators is None:
             generators = image_generators(image_seeds(seed, batch))
@@ -425,7 +435,7 @@ class CairEngine:
 
         dims = {"batch": batch, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
         self.check_dims({"batch": batch})
-        context.prepare({**dims, "text_len": self.manifest.dim("text_len").opt})
+        context.prepare({**dims, "text_len": prompt_embeds.shape[1]})
         # Uploaded once per generation: (2B, L, D), unconditional half first.
         planning_inputs = {"encoder_hidden_states": np.concatenate([negative_prompt_embeds, prompt_embeds])}
         guided_inputs, unguided_inputs = {}, {}

@@ -50,7 +50,14 @@ class Text2ImageResult:
 
 
 class _Tokenizer:
-    """A CLIP tokenizer from ``tokenizer.json``, padded and truncated as diffusers asks CLIPTokenizer to."""
+    """A CLIP tokenizer from ``tokenizer.json``; a prompt becomes windows of ``max_length`` ids.
+
+    Long prompts follow the convention of A1111's web UI and compel: the prompt's tokens (without
+    the start and end tokens) are split into chunks of ``max_length - 2`` (75), each wrapped in the
+    start and end tokens and padded to ``max_length``; the text encoder encodes each window on its
+    own and the UNet reads the windows' embeddings concatenated. One window is diffusers' own
+    tokenization (``padding="max_length"``, truncation keeping the end token).
+    """
 
     def __init__(self, path: Path, spec: dict[str, Any]):
         from tokenizers import Tokenizer
@@ -59,24 +66,43 @@ class _Tokenizer:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = int(spec["max_length"])
-        self.eos, self.pad = int(spec["eos_token_id"]), int(spec["pad_token_id"])
+        self.bos, self.eos, self.pad = int(spec["bos_token_id"]), int(spec["eos_token_id"]), int(spec["pad_token_id"])
 
-    def token_count(self, prompt: str) -> int:
-        """Tokens of ``prompt`` with the start and end tokens, before truncation."""
-        return len(self.tokenizer.encode(prompt).ids)
+    @property
+    def window(self) -> int:
+        """Prompt tokens per window: ``max_length`` less the start and end tokens."""
+        return self.max_length - 2
 
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        ids = np.full((len(prompts), self.max_length), self.pad, dtype=np.int64)
+    def _body(self, prompt: str) -> tuple[list[int], list[str]]:
+        """The prompt's ids and token strings without the start and end tokens the post-processor adds."""
+        encoding = self.tokenizer.encode(prompt)
+        ids, tokens = list(encoding.ids), list(encoding.tokens)
+        if ids and ids[0] == self.bos:
+            ids, tokens = ids[1:], tokens[1:]
+        if ids and ids[-1] == self.eos:
+            ids, tokens = ids[:-1], tokens[:-1]
+        return ids, tokens
+
+    def chunks_needed(self, prompt: str) -> int:
+        """Windows that hold all of ``prompt`` (at least one)."""
+        return max(1, -(-len(self._body(prompt)[0]) // self.window))
+
+    def __call__(self, prompts: Sequence[str], chunks: int = 1) -> np.ndarray:
+        """(len(prompts) * chunks, max_length) ids, prompt-major; tokens beyond ``chunks`` windows are
+        dropped with a ``PromptTruncatedWarning``, and windows a prompt does not fill hold only the start
+        and end tokens (an empty prompt's window)."""
+        ids = np.full((len(prompts), chunks, self.max_length), self.pad, dtype=np.int64)
         for row, prompt in enumerate(prompts):
-            encoding = self.tokenizer.encode(prompt)  # BOS ... EOS (the post-processor adds them)
-            tokens = encoding.ids
-            if len(tokens) > self.max_length:
-                dropped = "".join(encoding.tokens[self.max_length - 1:-1]).replace("</w>", " ").strip()
-                warnings.warn(f"prompt longer than {self.max_length} tokens, truncated; dropped: {dropped!r}",
-                              PromptTruncatedWarning, stacklevel=3)
-                tokens = tokens[:self.max_length - 1] + [self.eos]
-            ids[row, :len(tokens)] = tokens
-        return ids
+            body, tokens = self._body(prompt)
+            keep = chunks * self.window
+            if len(body) > keep:
+                dropped = "".join(tokens[keep:]).replace("</w>", " ").strip()
+                warnings.warn(f"prompt longer than {chunks} window(s) of {self.window} tokens, truncated; "
+                              f"dropped: {dropped!r}", PromptTruncatedWarning, stacklevel=3)
+            for chunk in range(chunks):
+                part = body[chunk * self.window:(chunk + 1) * self.window]
+                ids[row, chunk, :len(part) + 2] = [self.bos, *part, self.eos]
+        return ids.reshape(len(prompts) * chunks, self.max_length)
 
 
 def png_bytes(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
@@ -196,31 +222,56 @@ class CairText2Image:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+    @property
+    def max_prompt_chunks(self) -> int:
+        """The most text-encoder windows a prompt may take here (the export's ``--max-prompt-chunks``)."""
+        return self.engine.text_lengths[1] // self.text_encoders[0][1].max_length
+
+    def prompt_chunks(self, texts: Sequence[str]) -> int:
+        """Windows that hold every text of ``texts`` (all of a call's prompts and negative prompts share them)."""
+        return max(tokenizer.chunks_needed(text) for _, tokenizer, _ in self.text_encoders for text in texts)
+
     def check_prompt_length(self, prompt: str) -> None:
-        """Refuse (instead of truncating with a warning) a prompt longer than a text encoder takes."""
-        for _, tokenizer, _ in self.text_encoders:
-            count = tokenizer.token_count(prompt)
-            if count > tokenizer.max_length:
-                raise InvalidInputError(f"prompt has {count} tokens with the start and end tokens; the text encoder "
-                                        f"takes at most {tokenizer.max_length}: shorten it", field="prompt")
+        """Refuse (instead of truncating with a warning) a prompt longer than the folder's windows hold."""
+        needed, most = self.prompt_chunks([prompt]), self.max_prompt_chunks
+        if needed > most:
+            window = self.text_encoders[0][1].window
+            raise InvalidInputError(f"prompt has more than {most * window} tokens ({needed} windows of {window}); "
+                                    f"this engine takes at most {most}: shorten it, or re-export with "
+                                    "--max-prompt-chunks", field="prompt")
+
+    def resolve_prompt_chunks(self, texts: Sequence[str], prompt_chunks: int | None) -> int:
+        """The windows a call encodes its texts in: ``prompt_chunks`` if given (checked), else as many as
+        its longest text needs, up to the folder's most (longer texts are truncated with a warning)."""
+        most = self.max_prompt_chunks
+        if prompt_chunks is None:
+            return min(self.prompt_chunks(texts), most)
+        if not is_integer(prompt_chunks) or not 1 <= prompt_chunks <= most:
+            raise InvalidInputError(f"prompt chunks {prompt_chunks!r} must be an integer from 1 to {most} (this "
+                                    "engine's --max-prompt-chunks; 1 truncates at one text-encoder window)",
+                                    field="prompt_chunks")
+        return prompt_chunks
 
     @property
     def model_name(self) -> str:
         return str(self.engine.manifest.model.get("name"))
 
-    def encode_prompt(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Prompt embeddings (B, L, D) and, for SDXL, pooled text_embeds (B, P); as diffusers' encode_prompt."""
+    def encode_prompt(self, prompts: Sequence[str], chunks: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompt embeddings (B, chunks * L, D) and, for SDXL, pooled text_embeds (B, P); as diffusers'
+        encode_prompt for one window. With several, each window is encoded on its own and the
+        embeddings concatenated along the text axis; SDXL's pooled embedding is the first window's."""
         max_batch = self.engine.manifest.dim("batch").max
         embeds, pooled = [], None
         for spec, tokenizer, session in self.text_encoders:
-            ids = tokenizer(prompts)
+            ids = tokenizer(prompts, chunks)  # (B * chunks, L), prompt-major
             parts = [session.run(None, {"input_ids": ids[i:i + max_batch]}) for i in range(0, len(ids), max_batch)]
             outputs = {name: np.concatenate([p[index] for p in parts])
                        for index, name in enumerate(("last_hidden_state", "penultimate_hidden_state", "pooled"))}
-            embeds.append(outputs[spec["prompt_output"]])
+            hidden = outputs[spec["prompt_output"]]
+            embeds.append(hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2]))
             if spec["graph"] == self.pipeline.get("pooled_from"):
-                pooled = outputs["pooled"]
-        return np.concatenate(embeds, axis=-1), pooled  # SDXL: (B, L, 768 + 1280)
+                pooled = outputs["pooled"][::chunks]  # each prompt's first window
+        return np.concatenate(embeds, axis=-1), pooled  # SDXL: (B, chunks * L, 768 + 1280)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> images in [0, 1], (N, 3, H, W); as diffusers' VAE decode + postprocess."""
@@ -288,6 +339,7 @@ class CairText2Image:
         image: str | Path | np.ndarray | None = None,
         strength: float = 0.8,
         cache_observer: Callable[..., None] | None = None,
+        prompt_chunks: int | None = None,
         schedule: Schedule | None = None,
         **schedule_fields: Any,
     ) -> Text2ImageResult:
@@ -311,6 +363,11 @@ class CairText2Image:
         sample, then the noise added to it, then any ancestral noise, as diffusers' img2img
         pipelines with one generator per image; ``latents``, if given, is the added noise.
         ``cache_observer``: as for ``CairEngine.denoise`` (measuring tools).
+
+        Long prompts: every prompt and negative prompt of the call is encoded in ``prompt_chunks``
+        text-encoder windows (75 tokens each for CLIP; see ``_Tokenizer``); None: as many as the call's longest
+        text needs, up to the folder's ``max_prompt_chunks`` (longer texts are truncated with a
+        ``PromptTruncatedWarning``); 1: diffusers' truncation. The parameters record the count used.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -330,6 +387,7 @@ class CairText2Image:
         check_image_count(count)
         seeds = image_seeds(seed, count)
         engine = self.engine
+        chunks = self.resolve_prompt_chunks(prompts + (negatives or []), prompt_chunks)
         # The schedule first: a bad one (or a bad strength) fails before the image is read.
         schedule = engine.resolve_schedule(schedule_request(
             schedule, num_inference_steps, None if image is None else strength, schedule_fields))
@@ -348,20 +406,20 @@ class CairText2Image:
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
             return self._generate(prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
                                   guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
-                                  cache_observer)
+                                  cache_observer, chunks)
 
     def _generate(self, prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
                   guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
-                  cache_observer=None) -> Text2ImageResult:
+                  cache_observer=None, chunks=1) -> Text2ImageResult:
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
-        prompt_embeds, pooled = self.encode_prompt(prompts)
+        prompt_embeds, pooled = self.encode_prompt(prompts, chunks)
         if negatives is None and self.pipeline.get("force_zeros_for_empty_prompt"):
             negative_embeds = np.zeros_like(prompt_embeds)
             negative_pooled = None if pooled is None else np.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = self.encode_prompt(negatives or [""] * len(prompts))
+            negative_embeds, negative_pooled = self.encode_prompt(negatives or [""] * len(prompts), chunks)
         text_s = time.perf_counter() - started
 
         def per_image(array: np.ndarray | None) -> np.ndarray | None:  # prompt-major, as diffusers repeats
@@ -387,6 +445,7 @@ class CairText2Image:
         parameters = [{
             "prompt": prompts[k // num_images_per_prompt],
             "negative_prompt": None if negatives is None else negatives[k // num_images_per_prompt],
+            "prompt_chunks": chunks,
             **({"seed": seeds[k]} if latents is None else {"seed": None, "latents": "supplied by the caller"}),
             **schedule.parameters(),  # resolved: running these parameters again gives this image
             "guidance_scale": guidance_scale, "scheduler": scheduler or engine.manifest.scheduler_config.get("_class_name"),

@@ -118,6 +118,8 @@ class AotiBackend:
             check_aoti_record(record, self.device, torch.__version__)
         self.manifest = manifest
         self.latent_multiple = int(records["planning"].properties.get("latent_multiple", 1))
+        text = manifest.dim("text_len").opt
+        self.text_len_range = (text, text)  # the packages are compiled for one text window (long prompts: ONNX)
         self.vae_scale_factor = manifest.vae_scale_factor
         self.max_concurrency = default_concurrency(self.device) if max_concurrency is None else max_concurrency
         index = torch.device(self.device).index

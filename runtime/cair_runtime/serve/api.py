@@ -65,12 +65,15 @@ class ImageRequest:
     guidance_scale: float
     scheduler: str | None  # None: the model's own
     seed: int
+    prompt_chunks: int = 1  # text-encoder windows the prompt and negative prompt are encoded in
+
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch (everything but prompt, negative and seed)."""
         return (self.height, self.width, self.schedule, self.guidance_scale, self.scheduler,
-                self.negative_prompt is None)  # SDXL: no negative prompt (zeros) differs from ""
+                self.negative_prompt is None,  # SDXL: no negative prompt (zeros) differs from ""
+                self.prompt_chunks)  # a prompt's windows are its own, whatever shares its batch
 
     @property
     def seeds(self) -> list[int]:
@@ -79,14 +82,16 @@ class ImageRequest:
     def parameters(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
                 "size": f"{self.width}x{self.height}", **self.schedule.parameters(),
-                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed}
+                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed,
+                "prompt_chunks": self.prompt_chunks}
 
 
 class RequestValidator:
     """Checks request bodies against one engine (a ``CairText2Image``) and the service's limits."""
 
     FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_prompt", "steps", "cache_step",
-              "guidance_stop", "deep_interval", "planning_interval", "skip_mode", "guidance_scale", "seed", "scheduler")
+              "guidance_stop", "deep_interval", "planning_interval", "skip_mode", "guidance_scale", "seed", "scheduler",
+              "prompt_chunks")
 
     def __init__(self, pipeline: Any, max_images: int, max_steps: int):
         self.pipeline, self.engine = pipeline, pipeline.engine
@@ -96,7 +101,6 @@ class RequestValidator:
         height, width = (self.engine.manifest.dim(name) for name in ("latent_height", "latent_width"))
         self.default_size = (height.opt * factor, width.opt * factor)
         self.size_range = ((height.min * factor, height.max * factor), (width.min * factor, width.max * factor))
-        self.max_tokens = min(spec["max_length"] for spec, _, _ in pipeline.text_encoders)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says about the engine, beside the OpenAI model fields."""
@@ -107,7 +111,10 @@ class RequestValidator:
             "sizes": {"default": f"{default_w}x{default_h}", "min": f"{min_w}x{min_h}", "max": f"{max_w}x{max_h}",
                       "multiple_of": self.engine.vae_scale_factor},
             "max_batch": manifest.dim("batch").max, "max_images": self.max_images, "max_steps": self.max_steps,
-            "cache_step_hint": manifest.model.get("cache_step_hint"), "max_prompt_tokens": self.max_tokens,
+            "cache_step_hint": manifest.model.get("cache_step_hint"),
+            # Long prompts: windows of 75 tokens (cair_runtime.text2image._Tokenizer), at most this many.
+            "max_prompt_chunks": self.pipeline.max_prompt_chunks,
+            "max_prompt_tokens": self.pipeline.max_prompt_chunks * self.pipeline.text_encoders[0][1].window,
             "schedulers": list(SCHEDULER_NAMES), "default_scheduler": manifest.scheduler_config.get("_class_name"),
             "family": manifest.model.get("family"), "fidelity_guidance": manifest.fidelity_guidance,
             # The calibrated schedule requests run with (cair-export calibrate), without its evidence; None: n = the hint.
@@ -145,8 +152,14 @@ class RequestValidator:
                 return default
             return payload[name]
 
-        prompt = field("prompt", self._check_prompt, None, required=True)
-        negative = field("negative_prompt", lambda v: None if v is None else self._check_prompt(v), None)
+        most = self.pipeline.max_prompt_chunks
+        prompt_chunks = field("prompt_chunks", lambda v: None if v is None or (is_integer(v) and 1 <= v <= most) else
+                              f"must be an integer from 1 to {most} (text-encoder windows; 1 truncates at one), or null "
+                              "for as many as the prompt needs", None)
+        # Without prompt_chunks a prompt longer than the engine's windows is refused, not truncated.
+        check_length = prompt_chunks is None
+        prompt = field("prompt", lambda v: self._check_prompt(v, check_length), None, required=True)
+        negative = field("negative_prompt", lambda v: None if v is None else self._check_prompt(v, check_length), None)
         n = field("n", lambda v: None if is_integer(v) and 1 <= v <= self.max_images
                   else f"must be an integer from 1 to {self.max_images}", 1)
         size = field("size", self._check_size, None)
@@ -181,6 +194,8 @@ class RequestValidator:
                                                          "planning_interval": planning_interval})
                 check_guidance_scale(guidance)
                 self.engine.make_scheduler(scheduler, schedule)
+                prompt_chunks = self.pipeline.resolve_prompt_chunks([prompt] + ([negative] if negative else []),
+                                                                     prompt_chunks)
             except CairError as error:
                 param = getattr(error, "field", None) or "scheduler"
                 problems.append((param, f"{param}: {error}"))
@@ -194,11 +209,13 @@ class RequestValidator:
             width, height = int(match[1]), int(match[2])
         return ImageRequest(prompt=prompt, negative_prompt=negative, n=n, height=height, width=width,
                             schedule=schedule, guidance_scale=float(guidance), scheduler=scheduler,
-                            seed=secrets.randbelow(2**31) if seed is None else seed)
+                            seed=secrets.randbelow(2**31) if seed is None else seed, prompt_chunks=prompt_chunks)
 
-    def _check_prompt(self, value: Any) -> str | None:
+    def _check_prompt(self, value: Any, check_length: bool = True) -> str | None:
         if not isinstance(value, str):
             return "must be a string"
+        if not check_length:  # the request chose its windows: truncation was asked for
+            return None
         try:
             self.pipeline.check_prompt_length(value)  # the pipeline would truncate with a warning; an API refuses
         except CairError as error:

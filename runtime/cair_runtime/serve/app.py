@@ -306,7 +306,8 @@ class CairImageService:
         result = self.pipeline(
             [r.prompt for r in requests], negatives, height=first.height, width=first.width,
             schedule=first.schedule, guidance_scale=first.guidance_scale, scheduler=first.scheduler,
-            seed=[r.seeds[k] for r, (_, k) in zip(requests, chunk)], callback=stop_when_abandoned)
+            seed=[r.seeds[k] for r, (_, k) in zip(requests, chunk)], callback=stop_when_abandoned,
+            prompt_chunks=first.prompt_chunks)
         return [png_bytes(image, parameters) for image, parameters in zip(result.images, result.parameters)]
 
 
