@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cair_export.core.controlnet import ControlRequest, controlnet_keep, tiny_controlnet
+from cair_export.core.controlnet import tiny_controlnet
+from cair_runtime.control import ControlRequest, controlnet_keep, residual_scales
 from cair_export.core.models import load_model
 from cair_export.core.reference import CrossAttentionCache, cair_denoise, encode_prompts
 from cair_runtime.errors import InvalidInputError
@@ -79,8 +80,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
-@pytest.mark.parametrize("case", list(CASES))
+# SDXL adds the nets' added conditions (text_embeds, time_ids): one net, and guess mode's halves.
+@pytest.mark.parametrize("preset, case", [*(("tiny-sd15", case) for case in CASES),
+                                          ("tiny-sdxl", "one net"), ("tiny-sdxl", "guess mode")])
 def test_reference_at_T_is_diffusers_controlnet_pipeline(preset, case):
     nets, options = CASES[case]
     pipe, controlnets, images, latents = setup(preset, nets)
@@ -123,6 +125,31 @@ def test_after_n_the_nets_cross_attention_is_cached():
     per_half = reference(pipe, controlnets, images, latents, ControlRequest.make(2), cache_step=2,
                          fidelity_guidance="cfg", guidance_stop=4)
     assert relative(per_half, cached) > 0
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_residual_scales_reproduce_the_nets_own_scaling(guess_mode):
+    """What the exported graphs will do: run each net at scale 1 and multiply residual r of row b by
+    ``residual_scales``; equal to diffusers' conditioning scale and guess mode, halves included."""
+    from cair_export.core.controlnet import control_residuals
+
+    pipe, controlnets, images, latents = setup("tiny-sd15", 2)
+    request = ControlRequest.make(2, scale=[0.7, 1.3], end=[1.0, 0.4], guess_mode=guess_mode)
+    keep = controlnet_keep(STEPS, request.starts, request.ends)[3]  # net 1 is off at step 3
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 768)
+    images = [as_tensor(image) for image in images]
+    expected = control_residuals(controlnets, images, request, keep, sample, 500, context, None, guided=True)
+    down, mid = None, None
+    for j, (net, image) in enumerate(zip(controlnets, images)):
+        samples, middle = net(sample, 500, encoder_hidden_states=context, controlnet_cond=image.repeat(2, 1, 1, 1),
+                              return_dict=False)
+        factors = torch.from_numpy(residual_scales(keep, request, len(samples) + 1, 2, guided=True))[:, j]
+        samples = [s * factors[:, r].view(-1, 1, 1, 1) for r, s in enumerate(samples)]
+        middle = middle * factors[:, -1].view(-1, 1, 1, 1)
+        down = samples if down is None else [a + b for a, b in zip(down, samples)]
+        mid = middle if mid is None else mid + middle
+    for ours, theirs in zip([*down, mid], [*expected[0], expected[1]]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_controlnet_keep_is_diffusers_formula():

@@ -21,47 +21,12 @@ Nothing here runs at deployment: the runtime gets the same from the exported gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from cair_runtime.control import ControlRequest
 from cair_runtime.errors import InvalidInputError
-
-
-@dataclass(frozen=True)
-class ControlRequest:
-    """How a generation uses its ControlNets: one scale, start and end per net, and guess mode."""
-
-    scales: tuple[float, ...]
-    starts: tuple[float, ...]
-    ends: tuple[float, ...]
-    guess_mode: bool = False
-
-    @classmethod
-    def make(cls, count: int, scale: float | Sequence[float] = 1.0, start: float | Sequence[float] = 0.0,
-             end: float | Sequence[float] = 1.0, guess_mode: bool = False) -> ControlRequest:
-        """Broadcast single values to ``count`` nets, as diffusers does, and check them."""
-        def per_net(value, name):
-            values = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * count
-            if len(values) != count:
-                raise InvalidInputError(f"{len(values)} {name} values for {count} ControlNets; give one, or one each",
-                                        field=name)
-            return values
-
-        request = cls(per_net(scale, "control_scale"), per_net(start, "control_guidance_start"),
-                      per_net(end, "control_guidance_end"), bool(guess_mode))
-        for start_j, end_j in zip(request.starts, request.ends):
-            if not 0.0 <= start_j < end_j <= 1.0:
-                raise InvalidInputError(f"control guidance start {start_j} and end {end_j}: need 0 <= start < end <= 1",
-                                        field="control_guidance_start")
-        return request
-
-
-def controlnet_keep(evaluations: int, starts: Sequence[float], ends: Sequence[float]) -> list[list[float]]:
-    """Per evaluation i, per net: 1.0 where the net acts, 0.0 outside its start/end (diffusers' formula)."""
-    return [[1.0 - float(i / evaluations < start or (i + 1) / evaluations > end) for start, end in zip(starts, ends)]
-            for i in range(evaluations)]
 
 
 def control_residuals(controlnets: Sequence[torch.nn.Module], images: Sequence[torch.Tensor],

@@ -199,7 +199,7 @@ def cair_denoise(
     schedule count the ``num_inference_steps - start_index`` steps that run (T above means those).
 
     ControlNet (``cair_export.core.controlnet``): ``controlnets`` with one control image each
-    (B, C, H, W) in [0, 1] and a ``ControlRequest`` (scales, start/end, guess mode; default: scale 1
+    (B, C, H, W) in [0, 1] and a ``cair_runtime.control.ControlRequest`` (scales, start/end, guess mode; default: scale 1
     over every step). Every evaluation runs every net (at scale 0 outside its start/end, as diffusers
     does) and adds their summed residuals to the UNet's; the nets' ``attn2`` are cached at n like the
     UNet's. No deep or planning interval with ControlNets.
@@ -232,7 +232,8 @@ def cair_denoise(
     planning = sum(evaluation.kind == "planning" for evaluation in plan)
     keep = None
     if controlnets:
-        from cair_export.core.controlnet import ControlRequest, control_residuals, controlnet_keep
+        from cair_export.core.controlnet import control_residuals
+        from cair_runtime.control import ControlRequest, controlnet_keep
 
         if len(control_images) != len(controlnets):
             raise InvalidInputError(f"{len(control_images)} control images for {len(controlnets)} ControlNets; give "
