@@ -147,12 +147,12 @@ def cmd_macs(args: argparse.Namespace) -> int:
                 "planning_interval": args.planning_interval, "skip_mode": args.skip_mode}
     deep = max(args.deep_interval, args.planning_interval) > 1
     per_graph = count_graph_macs(model, height, width, batch=args.batch, fidelity_guidance=args.fidelity_guidance,
-                                 deep_branch_id=args.deep_branch if deep else None)
+                                 deep_branch_id=args.deep_branch if deep else None, prompt_chunks=args.prompt_chunks)
     table = generation_macs(per_graph, args.steps, args.cache_step, fidelity_guidance=args.fidelity_guidance,
                             **schedule)
     if args.json:
         print(json.dumps({"model": args.model, "height": height, "width": width, "batch": args.batch,
-                          "steps": args.steps, "cache_step": args.cache_step,
+                          "steps": args.steps, "cache_step": args.cache_step, "prompt_chunks": args.prompt_chunks,
                           "fidelity_guidance": args.fidelity_guidance, **schedule,
                           "deep_branch": args.deep_branch if deep else None, **table}, indent=2))
         return 0
@@ -160,7 +160,8 @@ def cmd_macs(args: argparse.Namespace) -> int:
     if deep:
         label += (f", k={args.deep_interval}, k_p={args.planning_interval} ({args.skip_mode}, "
                   f"branch {args.deep_branch})")
-    print(f"{args.model} at {width}x{height}, batch {args.batch}, T={args.steps}, n={args.cache_step}{label} "
+    text = f", text {args.prompt_chunks} windows" if args.prompt_chunks > 1 else ""
+    print(f"{args.model} at {width}x{height}, batch {args.batch}{text}, T={args.steps}, n={args.cache_step}{label} "
           f"(UNet only; G = 1e9 MACs)")
     shallow = ("shallow", "shallow_planning") if deep else ()
     print(f"{'convention':16s} {'planning':>10s} {'fidelity':>10s}"
@@ -367,6 +368,8 @@ def _add_macs(sub, presets: str) -> None:
     macs.add_argument("--height", type=int_arg, help="pixel height (default: native)")
     macs.add_argument("--width", type=int_arg, help="pixel width (default: native)")
     macs.add_argument("--batch", type=positive_int_arg, default=1, help="prompts per generation (default 1)")
+    macs.add_argument("--prompt-chunks", type=positive_int_arg, default=1, metavar="C",
+                      help="text length in text-encoder windows (long prompts; default 1: 77 tokens)")
     macs.add_argument("--fidelity-guidance", choices=("cfg", "none"), default="cfg",
                       help="the export's layout the graphs are counted in (default cfg, as cair-export export)")
     macs.add_argument("--guidance-stop", type=int_arg, metavar="M",

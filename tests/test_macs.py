@@ -176,3 +176,17 @@ def test_deepcache_macs_match_its_own_helper_under_the_flop_counter():
     full, shallow = counted["full"].conv_linear, counted["shallow"].conv_linear
     assert row["full_steps"] == 9 and row["deepcache_total"] == 9 * full + 16 * shallow
     assert row["speedup_bound"] == 25 * full / (9 * full + 16 * shallow)
+
+
+def test_long_prompts_cost_planning_only_their_key_and_value_projections(capsys):
+    """C text windows: each attn2's K and V projections read C * 77 tokens, in planning alone (2B rows);
+    fidelity never reads the text. The rest of the graph is unchanged (conv+linear)."""
+    model = load_model("tiny-sd21", device="meta")
+    one, four = (count_graph_macs(model, 64, 64, prompt_chunks=c) for c in (1, 4))
+    assert four["fidelity"] == one["fidelity"]
+    extra = sum(2 * 2 * (4 - 1) * model.text_len * module.to_k.in_features * module.to_k.out_features
+                for path, module in model.unet.named_modules() if path.endswith("attn2"))
+    assert four["planning"].conv_linear - one["planning"].conv_linear == extra
+    assert four["planning"].attention > one["planning"].attention  # QK^T and AV grow with the text too
+    assert main(["macs", "tiny-sd21", "--prompt-chunks", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_chunks"] == 4

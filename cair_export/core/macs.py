@@ -100,14 +100,16 @@ def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, 
 
 
 def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1,
-                     fidelity_guidance: str = "none", deep_branch_id: int | None = None) -> dict[str, GraphMacs]:
+                     fidelity_guidance: str = "none", deep_branch_id: int | None = None,
+                     prompt_chunks: int = 1) -> dict[str, GraphMacs]:
     """MACs of one planning evaluation (batch 2B) and one fidelity evaluation (batch B or 2B); with a
     deep branch, of one shallow evaluation too (the fidelity batch) and one guided shallow evaluation
-    (batch 2B, cross-attention computed: DeepCache's own shallow step)."""
+    (batch 2B, cross-attention computed: DeepCache's own shallow step). ``prompt_chunks``: the text
+    is that many text-encoder windows long (long prompts; only the graphs that read it change)."""
     unet = model.unet
     device = next(unet.parameters()).device
     dims = {"batch": batch, "latent_height": height // model.vae_scale_factor,
-            "latent_width": width // model.vae_scale_factor, "text_len": model.text_len}
+            "latent_width": width // model.vae_scale_factor, "text_len": model.text_len * prompt_chunks}
     branch = None if deep_branch_id is None else deep_branch(unet, deep_branch_id)
     results = {}
     with CrossAttentionCache(unet, fidelity_guidance) as cache:
@@ -181,9 +183,10 @@ def deepcache_generation_macs(per_evaluation: dict[str, GraphMacs], steps: int, 
     return table
 
 
-def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int = 1) -> GraphMacs:
+def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int = 1,
+                        prompt_chunks: int = 1) -> GraphMacs:
     """MACs of what runs once per generation: every text encoder over the prompts and negative prompts
-    (2B sequences) and the VAE decoder over B latents. Conv+linear as for the UNet; ``attention``
+    (2B sequences, each ``prompt_chunks`` windows) and the VAE decoder over B latents. Conv+linear as for the UNet; ``attention``
     holds the VAE's self-attention scores (the text encoders' CLIP attention is not hooked: its
     scores are 2 * 77 * 77 * width MACs per layer and sequence, about 12.8 / width of the layer's
     linear MACs with a 4x MLP: 1-2% at SD's widths 768-1280)."""
@@ -193,7 +196,7 @@ def count_pipeline_macs(model: LoadedModel, height: int, width: int, batch: int 
     conv_linear = attention = 0
     for encoder in model.text_encoders:
         with _counting(encoder.model) as totals:
-            encoder.model(torch.zeros(2 * batch, model.text_len, dtype=torch.long, device=device))
+            encoder.model(torch.zeros(2 * batch * prompt_chunks, model.text_len, dtype=torch.long, device=device))
         conv_linear, attention = conv_linear + totals["conv_linear"], attention + totals["attention"]
     latent = torch.zeros(batch, model.vae.config.latent_channels, height // model.vae_scale_factor,
                          width // model.vae_scale_factor, device=device)
