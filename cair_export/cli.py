@@ -90,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch, dtype=args.dtype, deep_branch=args.deep_branch,
-                          max_prompt_chunks=args.max_prompt_chunks,
+                          max_prompt_chunks=args.max_prompt_chunks, controlnets=tuple(args.controlnet or ()),
                           loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
     check_export_options(config)
@@ -299,6 +299,10 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="compute precision in the UNet graphs (attention scores, softmax, norms stay fp32; "
                              "IO float32)")
+    export.add_argument("--controlnet", action="append", metavar="FOLDER",
+                        help="a diffusers ControlNetModel folder (safetensors) fused into the UNet graphs, its "
+                             "cross-attention cached at n like the UNet's; repeat for several ('tiny[:SEED]': a "
+                             "seeded one for the tiny presets); no shallow or switch graph with ControlNets yet")
     export.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                         help="LoRA adapter (.safetensors, diffusers or kohya layout) fused into the UNet and text "
                              "encoder(s) before tracing, scale default 1; repeat for several")

@@ -174,3 +174,135 @@ def test_bad_control_inputs_to_the_reference():
         reference(pipe, controlnets, images[:1], latents, None)
     with pytest.raises(InvalidInputError, match="does not take ControlNets yet"):
         reference(pipe, controlnets, images, latents, None, cache_step=2, deep_interval=2, deep_branch_id=0)
+
+
+# --- the exported graphs (ControlNets fused with the UNet) and the runtime --------------------------------
+
+NETS = {"tiny-sd15": ("tiny:100", "tiny:101"), "tiny-sdxl": ("tiny:100",)}
+
+
+def runtime_case(exported, preset):
+    """The engine of ``preset`` with its ControlNets, the same nets in torch, embeddings, noise, images."""
+    from cair_runtime.pipeline import CairEngine
+
+    from cair_export.core.controlnet import load_controlnet
+
+    engine = CairEngine(exported(preset, with_pipeline=True, controlnets=NETS[preset], validate=False))
+    pipe = load_model(preset, with_pipeline=True).diffusers_pipeline()
+    controlnets = [load_controlnet(spec, pipe.unet) for spec in NETS[preset]]
+    images = [control_image(j) for j in range(len(controlnets))]
+    latents = torch.from_numpy(np.random.default_rng(7).standard_normal((1, 4, 8, 8), dtype=np.float32))
+    return engine, pipe, controlnets, images, latents
+
+
+def runtime_run(engine, pipe, images, latents, control, cache_step, **schedule):
+    with torch.no_grad():
+        embeds, negative, added, negative_added = encode_prompts(pipe, PROMPTS, None, latents)
+    extra = {} if added is None else {"text_embeds": added["text_embeds"].numpy(),
+                                      "negative_text_embeds": negative_added["text_embeds"].numpy()}
+    return engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(), num_inference_steps=STEPS,
+                          cache_step=cache_step, guidance_scale=5.0, scheduler="ddim",
+                          control_images=[as_tensor(image).numpy() for image in images], control=control,
+                          **schedule, **extra).latents
+
+
+@pytest.mark.parametrize("preset", list(NETS))
+def test_runtime_equals_diffusers_at_T_and_the_reference_below(exported, preset):
+    from diffusers import DDIMScheduler
+
+    engine, pipe, controlnets, images, latents = runtime_case(exported, preset)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    count = len(controlnets)
+    full = ControlRequest.make(count, scale=[0.8, 1.2][:count], start=[0.0, 0.2][:count], end=[1.0, 0.7][:count])
+    ours = runtime_run(engine, pipe, images, latents, full, STEPS)
+    theirs = diffusers_controlnet(pipe, controlnets, images, latents, full)
+    assert relative(torch.from_numpy(ours), theirs) <= 1e-4
+    for control, schedule in ((full, {}), (ControlRequest.make(count, scale=0.9, guess_mode=True), {}),
+                              (full, {"guidance_stop": 4})):
+        ours = runtime_run(engine, pipe, images, latents, control, 2, **schedule)
+        expected = reference(pipe, controlnets, images, latents, control, cache_step=2, fidelity_guidance="cfg",
+                             **schedule)
+        assert relative(torch.from_numpy(ours), expected) <= 1e-4, (control, schedule)
+
+
+def test_fidelity_graph_holds_no_controlnet_cross_attention_weights(exported):
+    import hashlib
+
+    import onnx
+
+    folder = exported("tiny-sd15", with_pipeline=True, controlnets=NETS["tiny-sd15"], validate=False)
+
+    def digests(name):
+        graph = onnx.load(str(folder / name), load_external_data=False)
+        return graph, {hashlib.sha256(onnx.numpy_helper.to_array(t, base_dir=str(folder)).astype(np.float32)
+                                      .tobytes()).hexdigest() for t in graph.graph.initializer}
+
+    def weight_digests(weight):  # Linear weights may be stored transposed (MatMul)
+        array = weight.detach().numpy()
+        return {hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in (array, array.T)}
+
+    planning, in_planning = digests("planning.onnx")
+    fidelity, in_fidelity = digests("fidelity.onnx")
+    from cair_export.core.controlnet import load_controlnet
+
+    unet = load_model("tiny-sd15").unet
+    for spec in NETS["tiny-sd15"]:
+        net = load_controlnet(spec, unet)
+        cross = [p for name, p in net.named_parameters() if ".attn2." in name and name.endswith("weight")]
+        assert cross and all(weight_digests(w) & in_planning and not weight_digests(w) & in_fidelity for w in cross)
+        # The rest of the net still runs after n: its zero convolutions are in both graphs.
+        assert weight_digests(net.controlnet_down_blocks[0].weight) & in_fidelity
+    inputs = [i.name for i in fidelity.graph.input]
+    assert "encoder_hidden_states" not in inputs and {"control_image_0", "control_image_1", "control_scales"} <= set(inputs)
+    assert any(i.name == "control0_cache_000" for i in fidelity.graph.input)
+
+
+def test_bad_control_inputs_to_the_runtime(exported):
+    from cair_runtime.errors import ShapeError
+
+    engine, pipe, controlnets, images, latents = runtime_case(exported, "tiny-sd15")
+    embeds = np.zeros((1, 77, 768), np.float32)
+    image = as_tensor(images[0]).numpy()
+    run = dict(latents=latents.numpy(), num_inference_steps=2, cache_step=1)
+    with pytest.raises(InvalidInputError, match="1 control images for the engine's 2 ControlNet"):
+        engine.denoise(embeds, control_images=[image], **run)
+    with pytest.raises(InvalidInputError, match="0 control images"):
+        engine.denoise(embeds, **run)
+    with pytest.raises(ShapeError, match=r"expected \(1, 3, 64, 64\)"):
+        engine.denoise(embeds, control_images=[image, image[:, :, :32]], **run)
+    with pytest.raises(InvalidInputError, match="ControlNets; the engine has 2"):
+        engine.denoise(embeds, control_images=[image, image], control=ControlRequest.make(1), **run)
+    from cair_runtime.pipeline import CairEngine
+
+    plain = CairEngine(exported("tiny-sd15", with_pipeline=True))
+    with pytest.raises(InvalidInputError, match="exported without a ControlNet"):
+        plain.denoise(embeds, control_images=[image], **run)
+
+
+def test_a_diffusers_controlnet_folder_exports_like_the_module(tmp_path, capsys, one_line_error):
+    """A ControlNetModel saved by diffusers (safetensors) is read as such; pickled weights are refused."""
+    from cair_export.cli import main as cair_export
+    from cair_export.core.controlnet import load_controlnet
+    from cair_export.core.export import ExportConfig, export_model
+    from cair_runtime.pipeline import CairEngine
+
+    model = load_model("tiny-sd15", with_pipeline=True)
+    load_controlnet("tiny:100", model.unet).save_pretrained(tmp_path / "net", safe_serialization=True)
+    export_model(model, tmp_path / "engine", ExportConfig(controlnets=(str(tmp_path / "net"),), validate=False),
+                 progress=lambda message: None)
+    from diffusers import DDIMScheduler
+
+    pipe = model.diffusers_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the runtime runs "ddim" below
+    _, _, images, latents = setup("tiny-sd15", 1)
+    control = ControlRequest.make(1, scale=1.1)
+    ours = runtime_run(CairEngine(tmp_path / "engine"), pipe, images, latents, control, 2)
+    expected = reference(pipe, [load_controlnet("tiny:100", pipe.unet)], images, latents, control, cache_step=2,
+                         fidelity_guidance="cfg")
+    assert relative(torch.from_numpy(ours), expected) <= 1e-4
+
+    (tmp_path / "net" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "net" / "diffusion_pytorch_model.bin")
+    capsys.readouterr()  # what loading the models above logged
+    code = cair_export(["export", "tiny-sd15", str(tmp_path / "other"), "--controlnet", str(tmp_path / "net")])
+    one_line_error(code, capsys.readouterr().err, "no .safetensors weights", "safetensors only")
+    assert not (tmp_path / "other").exists()

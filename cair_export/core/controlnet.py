@@ -66,6 +66,37 @@ def check_controlnet(unet: torch.nn.Module, net: torch.nn.Module) -> None:
                                     "another model", field="controlnet")
 
 
+TINY = "tiny"  # ``tiny`` or ``tiny:SEED``: a seeded ControlNet for the UNet (tiny presets, tests)
+
+
+def load_controlnet(spec: str, unet: torch.nn.Module) -> torch.nn.Module:
+    """A ControlNet for ``unet``: ``tiny[:SEED]`` (seeded, ``tiny_controlnet``) or a diffusers
+    ``ControlNetModel`` folder (``config.json`` and safetensors weights; pickles are refused). The
+    spec is kept on the module (``cair_source``) for the manifest."""
+    from pathlib import Path
+
+    if spec == TINY or spec.startswith(TINY + ":"):
+        seed = spec.partition(":")[2] or "100"
+        if not seed.isdigit():
+            raise InvalidInputError(f"ControlNet {spec!r}: the seed after 'tiny:' must be a whole number",
+                                    field="controlnet")
+        net = tiny_controlnet(unet, int(seed))
+    else:
+        folder = Path(spec)
+        if not (folder / "config.json").is_file():
+            raise InvalidInputError(f"ControlNet {spec!r} is not a diffusers ControlNetModel folder (no config.json); "
+                                    "give a folder, or tiny[:SEED]", field="controlnet")
+        if not any(folder.glob("*.safetensors")):
+            raise InvalidInputError(f"ControlNet {spec!r} has no .safetensors weights; cair-export reads safetensors "
+                                    "only (convert pickled weights in a trusted environment)", field="controlnet")
+        from diffusers import ControlNetModel
+
+        net = ControlNetModel.from_pretrained(folder, use_safetensors=True).eval()
+    check_controlnet(unet, net)
+    net.cair_source = spec
+    return net
+
+
 def tiny_controlnet(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A seeded ControlNet for a tiny UNet: the UNet's encoder architecture with its own random weights.
 

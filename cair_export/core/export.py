@@ -77,6 +77,7 @@ class ExportConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (safetensors file, scale) adapters fused before tracing, in order
     deep_branch: int | None = 0  # DeepCache's cache_branch_id for the shallow graphs; None: no deep caching
     max_prompt_chunks: int = 4  # longest prompt, in text-encoder windows (75 tokens each): the text axis's max
+    controlnets: tuple[str, ...] = ()  # ControlNets fused into the UNet graphs: folders, or tiny[:SEED] (tests)
 
 
 def supported_opsets() -> range:
@@ -295,6 +296,13 @@ def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig =
     out_dir = Path(out_dir)
     height, width = check_export_config(model, config)
     check_output_dir(out_dir, overwrite, model.folder)
+    if config.controlnets:
+        import dataclasses
+
+        from cair_export.core.controlnet import load_controlnet
+
+        model = dataclasses.replace(model, controlnets=tuple(load_controlnet(spec, model.unet)
+                                                             for spec in config.controlnets))
     with folder_transaction(out_dir, overwrite, model.folder) as work:
         manifest = _export_into(model, work, config, height, width, progress, release_unet)
     progress(f"wrote {out_dir}")
@@ -362,10 +370,13 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     report = ValidationReport() if config.validate else None
     expected = None
     branch = None if config.deep_branch is None else deep_branch(unet, config.deep_branch)
-    with CrossAttentionCache(unet, config.fidelity_guidance) as cache:
+    if model.controlnets and branch is not None:
+        progress("no shallow graphs: deep-feature caching does not take ControlNets yet")
+        branch = None
+    with CrossAttentionCache(unet, config.fidelity_guidance, model.controlnets) as cache:
         caches = cache_specs(cache.sites)
         ios = graph_specs(model, caches, config.fidelity_guidance, branch)
-        graphs = {kind: CairGraph(unet, cache, io, branch) for kind, io in ios.items()}
+        graphs = {kind: CairGraph(unet, cache, io, branch, model.controlnets) for kind, io in ios.items()}
         trace = _trace_dims(dims, up_factor)
         for kind, graph in graphs.items():
             progress(f"exporting {kind} graph (trace at {dims_text(trace)}, opset {config.opset})")
@@ -391,7 +402,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         files, weights = _lower_unet_graphs(work, config, unet_ios, shapes, expected, report, files, progress)
     elif report is not None:
         validate_graphs(unet_ios, work, shapes, expected, config.tolerance, progress, report, weights)
-    switch = _write_switch(work, caches, branch, config, progress)
+    switch = None if model.controlnets else _write_switch(work, caches, branch, config, progress)
     if switch is not None:
         files.append(switch["file"])
     pipeline, text_weights = None, {}

@@ -13,6 +13,7 @@ buffers are all derived from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +96,18 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     def cache_tensors(batch: str) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(c.name, "float32", (batch, c.tokens, c.channels)) for c in caches)
 
+    def control(batch: str) -> tuple[TensorSpec, ...]:
+        """ControlNet inputs: each net's control image at the pixel size, and the factor on every residual
+        of every net for each row (``cair_runtime.control.residual_scales``)."""
+        if not model.controlnets:
+            return ()
+        factor = model.vae_scale_factor
+        images = tuple(TensorSpec(f"control_image_{j}", "float32", (batch, net.config.conditioning_channels,
+                                                                   f"{factor}*latent_height", f"{factor}*latent_width"))
+                       for j, net in enumerate(model.controlnets))
+        residuals = len(model.controlnets[0].controlnet_down_blocks) + 1
+        return (*images, TensorSpec("control_scales", "float32", (batch, len(model.controlnets), residuals)))
+
     def deep_feature(batch: str) -> tuple[TensorSpec, ...]:
         if branch is None:
             return ()
@@ -106,7 +119,8 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     text = TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", config.cross_attention_dim))
     planning = GraphIO(
         "planning",
-        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *added("2*batch")),
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *added("2*batch"),
+                *control("2*batch")),
         # Caches come out already merged to batch B (or per half with fidelity CFG); with a branch,
         # the deep feature too, for the guided shallow steps.
         outputs=(latent("noise_pred", "2*batch", config.out_channels), *cache_tensors(fidelity_batch),
@@ -116,11 +130,13 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     fidelity = GraphIO(
         "fidelity",
         inputs=(latent("sample", fidelity_batch, config.in_channels), timestep,
-                *cache_tensors(fidelity_batch), *added(fidelity_batch)),
+                *cache_tensors(fidelity_batch), *added(fidelity_batch), *control(fidelity_batch)),
         outputs=(latent("noise_pred", fidelity_batch, config.out_channels), *deep),
     )
     if branch is None:
         return {"planning": planning, "fidelity": fidelity}
+    if model.controlnets:
+        raise ValueError("the shallow graphs do not take ControlNets yet (export without a deep branch)")
     kept = {cache.name for cache in shallow_caches(caches, branch)}
     shallow = GraphIO(
         "shallow",
@@ -151,6 +167,10 @@ def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.nd
             inputs[spec.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
         elif spec.name == "time_ids":  # plausible sizes and crops, in pixels
             inputs[spec.name] = rng.choice([0.0, 64.0, 512.0, 1024.0], size=shape).astype(np.float32)
+        elif spec.name.startswith("control_image_"):  # pixels / 255
+            inputs[spec.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
+        elif spec.name == "control_scales":  # conditioning scales, some off (0)
+            inputs[spec.name] = (rng.uniform(0, 2, size=shape) * rng.integers(0, 2, size=shape)).astype(np.float32)
         else:
             inputs[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     return inputs
@@ -160,11 +180,31 @@ class CairGraph(torch.nn.Module):
     """The UNet as one CAIR graph, with positional inputs in ``io`` order (for tracing)."""
 
     def __init__(self, unet: torch.nn.Module, cache: CrossAttentionCache, io: GraphIO,
-                 branch: DeepBranch | None = None):
+                 branch: DeepBranch | None = None, controlnets: tuple[torch.nn.Module, ...] = ()):
         super().__init__()
         self.unet, self.cache, self.io, self.branch = unet, cache, io, branch
+        # Fused with the UNet, as NVIDIA's TensorRT demo does: one graph a step, the nets' attn2 cached
+        # with the UNet's, every weight in the same shared file.
+        self.controlnets = torch.nn.ModuleList(controlnets)
         self.input_names = [spec.name for spec in io.inputs]
         self.num_caches = len(cache.sites)
+
+    def _residuals(self, named: dict[str, torch.Tensor], context: torch.Tensor | None,
+                   added: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """Every net at scale 1, each residual times its ``control_scales`` factor per row, summed over nets."""
+        if not len(self.controlnets):
+            return {}
+        down, mid = None, None
+        factors = named["control_scales"]  # (rows, nets, residuals)
+        for j, net in enumerate(self.controlnets):
+            samples, middle = net(named["sample"], named["timestep"], encoder_hidden_states=context,
+                                  controlnet_cond=named[f"control_image_{j}"], added_cond_kwargs=added,
+                                  return_dict=False)
+            samples = [s * factors[:, j, r].reshape(-1, 1, 1, 1) for r, s in enumerate(samples)]
+            middle = middle * factors[:, j, -1].reshape(-1, 1, 1, 1)
+            down = samples if down is None else [a + b for a, b in zip(down, samples)]
+            mid = middle if mid is None else mid + middle
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         named = dict(zip(self.input_names, inputs))
@@ -172,8 +212,9 @@ class CairGraph(torch.nn.Module):
         if self.io.kind == "planning":
             self.cache.mode = "record"
             if self.branch is None:
+                residuals = self._residuals(named, named["encoder_hidden_states"], added)
                 noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
-                                       added_cond_kwargs=added, return_dict=False)[0]
+                                       added_cond_kwargs=added, return_dict=False, **residuals)[0]
                 return (noise_pred, *self.cache.values)
             with recorded_deep_feature(self.unet, self.branch) as recorded:
                 noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
@@ -194,7 +235,9 @@ class CairGraph(torch.nn.Module):
             return (shallow_unet(self.unet, self.branch, named["sample"], named["timestep"], named[DEEP_FEATURE],
                                  None, added),)
         if self.branch is None:
-            return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0],)
+            residuals = self._residuals(named, None, added)
+            return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False,
+                              **residuals)[0],)
         with recorded_deep_feature(self.unet, self.branch) as recorded:
             noise_pred = self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0]
         return noise_pred, recorded[-1]

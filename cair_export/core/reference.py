@@ -95,7 +95,7 @@ class CrossAttentionCache:
     ``mode`` is "compute" (plain cross-attention), "record" (compute and keep each output, merged
     per ``fidelity_guidance``) or "replay" (return the kept outputs without computing).
     ``controlnets``: their ``attn2`` modules are cached too, after the UNet's, named
-    ``control{j}_cache_{i:03d}`` (their module paths relative to net j).
+    ``control{j}_cache_{i:03d}``, module paths ``controlnets.{j}.<path in net j>`` (as in ``CairGraph``).
     """
 
     def __init__(self, unet: torch.nn.Module, fidelity_guidance: str = "none",
@@ -111,7 +111,7 @@ class CrossAttentionCache:
             raise InvalidInputError("the UNet has no cross-attention (attn2) modules; CAIR has nothing to cache")
         self.owners: list[torch.nn.Module] = [unet] * len(self.sites)  # the module each site's path is relative to
         for j, net in enumerate(controlnets):
-            own = [dataclasses.replace(site, name=f"control{j}_cache_{i:03d}")
+            own = [dataclasses.replace(site, name=f"control{j}_cache_{i:03d}", module=f"controlnets.{j}.{site.module}")
                    for i, site in enumerate(cross_attention_sites(net))]
             self.sites += own
             self.owners += [net] * len(own)
@@ -129,8 +129,10 @@ class CrossAttentionCache:
         stack = contextlib.ExitStack()
         for owner in dict.fromkeys(self.owners):  # each model once, its sites with their global indices
             indices = [i for i, site_owner in enumerate(self.owners) if site_owner is owner]
+            local = [dataclasses.replace(self.sites[i], module=re.sub(r"^controlnets\.\d+\.", "", self.sites[i].module))
+                     for i in indices]  # paths relative to the owner
             stack.enter_context(installed_processors(
-                owner, [self.sites[i] for i in indices],
+                owner, local,
                 lambda index, inner, indices=indices: _CachingProcessor(inner, self, indices[index])))
         self._installed = stack
         self._installed.__enter__()

@@ -136,6 +136,13 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     format: str = "onnx"
 
+    def input(self, name: str) -> TensorSpec:
+        """The input named ``name`` (KeyError naming the graph when it has none)."""
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"the {self.kind} graph has no input {name!r}")
+
 
 @dataclass(frozen=True)
 class EngineRecord:

@@ -15,6 +15,7 @@ import numpy as np
 from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
 from cair_runtime.checks import check_finite_result, check_guidance_scale, is_integer
+from cair_runtime.control import ControlRequest, controlnet_keep, residual_scales
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
@@ -271,6 +272,8 @@ class CairEngine:
         strength: float = 0.8,
         generators: Sequence[np.random.Generator] | None = None,
         cache_observer: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
+        control_images: Sequence[np.ndarray] | None = None,
+        control: ControlRequest | None = None,
         schedule: Schedule | None = None,
         **schedule_fields: Any,
     ) -> DenoiseResult:
@@ -303,6 +306,11 @@ class CairEngine:
         wrote, by cache name, for the chunk of images starting at ``first_image``: (B', tokens, C),
         the mean of the two halves, or (2B', tokens, C) per half (unconditional first) on an engine
         exported with fidelity CFG. Only backends whose contexts have ``read_caches`` (onnxruntime).
+
+        ControlNet (an engine exported with ``--controlnet``): ``control_images``, one per net, each
+        (B, C, H, W) float32 in [0, 1] at the output size in pixels (the preprocessed control map:
+        canny edges, depth and the like are the caller's), and ``control``, a
+        ``cair_runtime.control.ControlRequest`` (default: scale 1 on every step, no guess mode).
         """
         self.check_open()
         img2img = image_latents is not None
@@ -316,7 +324,8 @@ class CairEngine:
             prompt_embeds, negative_prompt_embeds, schedule, self.make_scheduler(scheduler, schedule), guidance_scale,
             latents=latents, height=height, width=width, seed=seed, text_embeds=text_embeds,
             negative_text_embeds=negative_text_embeds, callback=callback, lora_set=self.resolve_loras(loras),
-            image_latents=image_latents, generators=generators, cache_observer=cache_observer)
+            image_latents=image_latents, generators=generators, cache_observer=cache_observer,
+            control_images=control_images, control=control)
 
     def denoise_resolved(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None,
                          schedule: Schedule, scheduler: Scheduler, guidance_scale: float, *,
@@ -326,7 +335,9 @@ class CairEngine:
                          callback: Callable[[int, int], None] | None = None, lora_set: LoraSet = BASE,
                          image_latents: np.ndarray | None = None,
                          generators: Sequence[np.random.Generator] | None = None,
-                         cache_observer: Callable[..., None] | None = None) -> DenoiseResult:
+                         cache_observer: Callable[..., None] | None = None,
+                         control_images: Sequence[np.ndarray] | None = None,
+                         control: ControlRequest | None = None) -> DenoiseResult:
         """``denoise`` once the call's settings are resolved and checked (``resolve_schedule``,
         ``make_scheduler``, ``resolve_loras``): the arrays are checked, nothing else again."""
         img2img = image_latents is not None
@@ -390,6 +401,8 @@ class CairEngine:
             time_ids = np.tile(np.array([*pixels, 0, 0, *pixels], dtype=np.float32), (batch, 1))
             added = (text_embeds, negative_text_embeds, time_ids)
 
+        control_images, control = self._check_control(control_images, control, latents.shape)
+
         max_batch = self.manifest.dim("batch").max
         timings = StageTimings()
         chunks = []
@@ -404,16 +417,52 @@ class CairEngine:
                     copy.deepcopy(scheduler),  # each chunk's loop starts from the prepared state
                     guidance_scale, generators[part], callback,
                     None if image_latents is None else image_latents[part],
-                    None if cache_observer is None else functools.partial(cache_observer, first_image=start))
+                    None if cache_observer is None else functools.partial(cache_observer, first_image=start),
+                    [image[part] for image in control_images], control)
                 chunks.append(result.latents)
                 timings.add(result.timings)
         latents = np.concatenate(chunks)
         check_finite_result(latents, "denoised latents")
         return DenoiseResult(latents, timings)
 
+    @property
+    def controlnets(self) -> int:
+        """ControlNets fused into the graphs (``cair-export export --controlnet``): one control image each."""
+        return sum(spec.name.startswith("control_image_") for spec in self.manifest.graphs["planning"].inputs)
+
+    def _check_control(self, images: Sequence[np.ndarray] | None, control: ControlRequest | None,
+                       latent_shape: tuple[int, ...]) -> tuple[list[np.ndarray], ControlRequest | None]:
+        """One control image per fused ControlNet, (B, C, H, W) float32 at the output's pixel size."""
+        count = self.controlnets
+        images = [] if images is None else list(images)
+        if not count:
+            if images or control is not None:
+                raise InvalidInputError("this engine was exported without a ControlNet; re-export with --controlnet "
+                                        "to use control images", field="control_image")
+            return [], None
+        if len(images) != count:
+            raise InvalidInputError(f"{len(images)} control images for the engine's {count} ControlNet(s); give one "
+                                    "each", field="control_image")
+        control = control or ControlRequest.make(count)
+        if len(control.scales) != count:
+            raise InvalidInputError(f"a control request for {len(control.scales)} ControlNets; the engine has {count}",
+                                    field="control_scale")
+        batch, _, height, width = latent_shape
+        checked = []
+        for j, image in enumerate(images):
+            image = _float_array(f"control image {j}", image, 4)
+            channels = self.manifest.graphs["planning"].input(f"control_image_{j}").shape[1]
+            expected = (batch, channels, height * self.vae_scale_factor, width * self.vae_scale_factor)
+            if image.shape != expected:
+                raise ShapeError(f"control image {j} has shape {image.shape}; expected {expected} (one per image, "
+                                 "at the output size in pixels, values in [0, 1])")
+            checked.append(image)
+        return checked, control
+
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added,
                        schedule: Schedule, scheduler: Scheduler, guidance_scale, generators: Generators, callback,
-                       image_latents: np.ndarray | None = None, observer=None) -> DenoiseResult:
+                       image_latents: np.ndarray | None = None, observer=None, control_images=(),
+                       control: ControlRequest | None = None) -> DenoiseResult:
         batch = latents.shape[0]
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
         timesteps = scheduler.timesteps
@@ -450,7 +499,16 @@ class CairEngine:
         if schedule.planning_interval > 1:  # guided shallow steps read the same text and conditions (what they take)
             takes = {spec.name for spec in self.manifest.graphs["shallow_planning"].inputs}
             context.set_inputs("shallow_planning", {k: v for k, v in planning_inputs.items() if k in takes})
-        if added is not None:
+        if control_images:  # the control images, at each graph's batch; their factors change per step below
+            planning_inputs = {f"control_image_{j}": np.concatenate([image, image])
+                               for j, image in enumerate(control_images)}
+            context.set_inputs("planning", planning_inputs)
+            guided_inputs = {**guided_inputs, **planning_inputs}
+            unguided_inputs = {**unguided_inputs, **{f"control_image_{j}": image
+                                                     for j, image in enumerate(control_images)}}
+            residuals = self.manifest.graphs["planning"].input("control_scales").shape[2]
+            keep = controlnet_keep(total, control.starts, control.ends)
+        if added is not None or control_images:
             for kind in later:
                 context.set_inputs(kind, guided_inputs if cfg_fidelity else unguided_inputs)
 
@@ -460,6 +518,10 @@ class CairEngine:
             started = time.perf_counter()
             timestep = np.array([t], dtype=np.float32)
             scaled = scheduler.scale_model_input(latents, t)
+            if control_images:
+                rows = 2 * batch if evaluation.guided else batch
+                context.set_inputs(evaluation.kind, {"control_scales": residual_scales(
+                    keep[i], control, residuals, rows, evaluation.guided)})
             if evaluation.guided:
                 # Semantics planning: the full UNet with CFG at batch 2B; at step n its cache outputs
                 # are left in the device buffers fidelity reads (merged, or a cache per half with
@@ -494,7 +556,7 @@ class CairEngine:
             if cfg_fidelity and step < total and evaluation.guided and not plan[step].guided:
                 # The guidance stop m: the per-half caches and deep feature become their means, on the device.
                 context.merge_halves()
-                if added is not None:
+                if added is not None or control_images:
                     for kind in later:
                         context.set_inputs(kind, unguided_inputs)
             timings.switch_s += time.perf_counter() - started
