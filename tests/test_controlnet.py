@@ -306,3 +306,75 @@ def test_a_diffusers_controlnet_folder_exports_like_the_module(tmp_path, capsys,
     code = cair_export(["export", "tiny-sd15", str(tmp_path / "other"), "--controlnet", str(tmp_path / "net")])
     one_line_error(code, capsys.readouterr().err, "no .safetensors weights", "safetensors only")
     assert not (tmp_path / "other").exists()
+
+
+# --- text to image with control images: the Python API and cair-run ----------------------------------------
+
+
+def test_text_to_image_with_control_images_is_diffusers_pipeline(exported, tmp_path):
+    """Prompts, control maps from PNG files, VAE: at n = T the images are diffusers' ControlNet pipeline's."""
+    from diffusers import DDIMScheduler, MultiControlNetModel, StableDiffusionControlNetPipeline
+
+    from cair_export.core.controlnet import load_controlnet
+    from cair_runtime.text2image import CairText2Image
+
+    folder = exported("tiny-sd15", with_pipeline=True, controlnets=NETS["tiny-sd15"], validate=False)
+    paths = []
+    for j in range(2):
+        control_image(j).save(tmp_path / f"control{j}.png")
+        paths.append(tmp_path / f"control{j}.png")
+    result = CairText2Image(folder)(PROMPTS, num_inference_steps=STEPS, cache_step=STEPS, guidance_scale=5.0,
+                                     seed=3, scheduler="ddim", control_image=paths, control_scale=[0.8, 1.2],
+                                     control_guidance_end=[1.0, 0.5])
+    assert result.parameters[0]["control"] == {"images": ["control0.png", "control1.png"], "scale": [0.8, 1.2],
+                                               "start": [0.0, 0.0], "end": [1.0, 0.5], "guess_mode": False}
+    pipe = load_model("tiny-sd15", with_pipeline=True).diffusers_pipeline()
+    nets = MultiControlNetModel([load_controlnet(spec, pipe.unet) for spec in NETS["tiny-sd15"]])
+    controlled = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=nets)
+    controlled.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    noise = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 4, 8, 8), dtype=np.float32))
+    expected = controlled(PROMPTS, image=[control_image(0), control_image(1)], latents=noise,
+                          num_inference_steps=STEPS, guidance_scale=5.0, controlnet_conditioning_scale=[0.8, 1.2],
+                          control_guidance_end=[1.0, 0.5], output_type="np").images  # (N, H, W, 3) in [0, 1]
+    assert np.abs(result.decoded.transpose(0, 2, 3, 1) - expected).max() <= 1e-3
+
+
+def test_cair_run_with_control_images_replays_and_refuses_bad_ones(exported, tmp_path, capsys, one_line_error,
+                                                                   replay):
+    from cair_runtime.cli import main as cair_run
+
+    folder = str(exported("tiny-sd15", with_pipeline=True, controlnets=NETS["tiny-sd15"], validate=False))
+    for j in range(2):
+        control_image(j).save(tmp_path / f"c{j}.png")
+    control = ["--control-image", str(tmp_path / "c0.png"), "--control-image", str(tmp_path / "c1.png")]
+    out = tmp_path / "out.png"
+    assert cair_run([folder, "a red circle", "-o", str(out), "--steps", "3", "--cache-step", "1",
+                     "--control-scale", "0.7", "--guess-mode", *control]) == 0, capsys.readouterr().err
+    code, err = replay(folder, out, tmp_path / "again.png", *control, "--control-scale", "0.7", "--guess-mode")
+    assert code == 0, err
+    assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
+
+    control_image(0, size=32).save(tmp_path / "small.png")
+    cases = [([], "0 control images for the engine's 2 ControlNet(s)"),
+             (["--control-image", str(tmp_path / "c0.png"), "--control-image", str(tmp_path / "small.png")],
+              "small.png is 32x32 px; the output is 64x64"),
+             ([*control, "--control-scale", "1", "--control-scale", "2", "--control-scale", "3"],
+              "3 control_scale values for 2 ControlNets"),
+             ([*control, "--control-guidance-start", "0.9", "--control-guidance-end", "0.2"], "start < end"),
+             (["--control-image", str(tmp_path / "missing.png"), *control[2:]], "missing.png")]
+    for extra, needle in cases:
+        code = cair_run([folder, "a red circle", "-o", str(tmp_path / "bad.png"), "--steps", "2", *extra])
+        one_line_error(code, capsys.readouterr().err, needle)
+    plain = str(exported("tiny-sd15", with_pipeline=True))
+    code = cair_run([plain, "a red circle", "-o", str(tmp_path / "bad.png"), *control])
+    one_line_error(code, capsys.readouterr().err, "exported without a ControlNet")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_the_server_refuses_a_controlnet_engine_before_starting(exported, capsys, one_line_error):
+    """The HTTP API takes no control images yet: cair-serve says so instead of failing each request."""
+    from cair_runtime.serve.cli import main as cair_serve
+
+    folder = exported("tiny-sd15", with_pipeline=True, controlnets=NETS["tiny-sd15"], validate=False)
+    code = cair_serve([str(folder), "--port", "1"])
+    one_line_error(code, capsys.readouterr().err, "has ControlNets", "server does not take control images")

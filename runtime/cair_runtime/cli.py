@@ -158,7 +158,10 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
         result = pipeline(
             args.prompt, args.negative_prompt, num_images_per_prompt=args.num_images, height=args.height,
             width=args.width, schedule=schedule, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-            seed=args.seed, callback=_Progress(not args.json), image=args.image, prompt_chunks=args.prompt_chunks)
+            seed=args.seed, callback=_Progress(not args.json), image=args.image, prompt_chunks=args.prompt_chunks,
+            control_image=args.control_image, control_scale=_per_net(args.control_scale, 1.0),
+            control_guidance_start=_per_net(args.control_guidance_start, 0.0),
+            control_guidance_end=_per_net(args.control_guidance_end, 1.0), guess_mode=args.guess_mode)
     for message in dict.fromkeys(str(warning.message) for warning in caught):  # SDXL: once, not per encoder
         print(f"cair-run: warning: {message}", file=sys.stderr)
     paths = _image_paths(output, len(result.images))
@@ -219,12 +222,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_net(values: list[float] | None, default: float) -> float | list[float]:
+    """A repeated ControlNet flag: unset -> the default, once -> every net, else one per net."""
+    if not values:
+        return default
+    return values[0] if len(values) == 1 else values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="cair-run", description="Run a CAIR engine folder: a prompt to PNG images, or embeddings to latents.")
     parser.add_argument("engine_dir", help="folder written by `cair-export export`")
     parser.add_argument("prompt", nargs="?", help="text prompt (text-to-image; needs a pipeline export)")
     parser.add_argument("--negative-prompt", help="negative prompt (default: none)")
+    parser.add_argument("--control-image", action="append", metavar="FILE",
+                        help="ControlNet engines: the control map (RGB or grayscale, at the output size; canny "
+                             "edges, depth... are yours to make), one per ControlNet in export order")
+    parser.add_argument("--control-scale", action="append", type=float, metavar="S",
+                        help="ControlNet conditioning scale (default 1; once, or once per ControlNet)")
+    parser.add_argument("--control-guidance-start", action="append", type=float, metavar="F",
+                        help="fraction of the steps before a ControlNet starts acting (default 0)")
+    parser.add_argument("--control-guidance-end", action="append", type=float, metavar="F",
+                        help="fraction of the steps after which a ControlNet stops acting (default 1)")
+    parser.add_argument("--guess-mode", action="store_true",
+                        help="ControlNet guess mode (diffusers'): residuals on the conditional half only, deeper ones "
+                             "stronger")
     parser.add_argument("--prompt-chunks", type=int, metavar="C",
                         help="encode the prompts in C text-encoder windows (75 tokens each for CLIP; 1: truncate at "
                              "one; default: as many as the longer text needs, up to the export's --max-prompt-chunks)")

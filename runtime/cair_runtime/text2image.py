@@ -340,6 +340,11 @@ class CairText2Image:
         strength: float = 0.8,
         cache_observer: Callable[..., None] | None = None,
         prompt_chunks: int | None = None,
+        control_image: Any = None,
+        control_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
         schedule: Schedule | None = None,
         **schedule_fields: Any,
     ) -> Text2ImageResult:
@@ -368,6 +373,13 @@ class CairText2Image:
         text-encoder windows (75 tokens each for CLIP; see ``_Tokenizer``); None: as many as the call's longest
         text needs, up to the folder's ``max_prompt_chunks`` (longer texts are truncated with a
         ``PromptTruncatedWarning``); 1: diffusers' truncation. The parameters record the count used.
+
+        ControlNet (an engine exported with ``--controlnet``): ``control_image``, one per net (a file
+        path or an (H, W, 3) uint8 RGB array, or a list of them; grayscale is converted), the
+        preprocessed control map at the output size (canny edges, depth and the like are the
+        caller's; it is not resized), read as pixels / 255 for every image of the call;
+        ``control_scale``, ``control_guidance_start/end`` and ``guess_mode`` as diffusers'
+        ControlNet pipelines take them (one value, or one per net).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -402,15 +414,49 @@ class CairText2Image:
         sampler = engine.make_scheduler(scheduler, schedule)
         latent_height, latent_width = engine.latent_size(height, width)
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
+        control = self._check_control(control_image, control_scale, control_guidance_start, control_guidance_end,
+                                      guess_mode, latent_height, latent_width)
         lora_set = engine.resolve_loras(loras)
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
             return self._generate(prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
                                   guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
-                                  cache_observer, chunks)
+                                  cache_observer, chunks, control)
+
+    def _check_control(self, images: Any, scale, start, end, guess_mode: bool, latent_height: int,
+                       latent_width: int) -> tuple[list[np.ndarray], Any, dict[str, Any]] | None:
+        """The control images read and checked (one per fused ControlNet, at the output size), the
+        request, and what the parameters record; None for an engine without ControlNets."""
+        from cair_runtime.control import ControlRequest
+
+        count = self.engine.controlnets
+        given = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if not count:
+            if given:
+                raise InvalidInputError("this engine was exported without a ControlNet; re-export with --controlnet "
+                                        "to use control images", field="control_image")
+            return None
+        if len(given) != count:
+            raise InvalidInputError(f"{len(given)} control images for the engine's {count} ControlNet(s); give one "
+                                    "each (--control-image, repeated)", field="control_image")
+        request = ControlRequest.make(count, scale, start, end, guess_mode)
+        factor = self.engine.vae_scale_factor
+        size = (latent_height * factor, latent_width * factor)
+        arrays, names = [], []
+        for image in given:
+            pixels, name = load_image(image)
+            if pixels.shape[:2] != size:
+                raise InvalidInputError(f"control image {name} is {pixels.shape[1]}x{pixels.shape[0]} px; the output "
+                                        f"is {size[1]}x{size[0]}: give the control map at the output size (it is not "
+                                        "resized)", field="control_image")
+            arrays.append((pixels.astype(np.float32) / 255).transpose(2, 0, 1)[None])
+            names.append(name)
+        recorded = {"control": {"images": names, "scale": list(request.scales), "start": list(request.starts),
+                                "end": list(request.ends), "guess_mode": request.guess_mode}}
+        return arrays, request, recorded
 
     def _generate(self, prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
                   guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
-                  cache_observer=None, chunks=1) -> Text2ImageResult:
+                  cache_observer=None, chunks=1, control=None) -> Text2ImageResult:
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
@@ -435,7 +481,9 @@ class CairText2Image:
             per_image(prompt_embeds), per_image(negative_embeds), schedule, sampler, guidance_scale,
             latents=latents, height=height, width=width, generators=generators, text_embeds=per_image(pooled),
             negative_text_embeds=per_image(negative_pooled), callback=callback, lora_set=lora_set,
-            image_latents=image_latents, cache_observer=cache_observer)
+            image_latents=image_latents, cache_observer=cache_observer,
+            control_images=None if control is None else [np.repeat(a, count, axis=0) for a in control[0]],
+            control=None if control is None else control[1])
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
@@ -453,6 +501,7 @@ class CairText2Image:
             **({"precision": engine.backend.precision} if hasattr(engine.backend, "precision") else {}),
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
             **({} if pixels is None else {"image": image_name}),
+            **({} if control is None else control[2]),
         } for k in range(count)]
         return Text2ImageResult(images, decoded.astype(np.float32), result.latents, result.timings, text_s, vae_s,
                                 parameters, image_s)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cair_runtime.checks import check_guidance_scale, is_finite_number, is_integer
-from cair_runtime.errors import CairError
+from cair_runtime.errors import CairError, InvalidInputError
 from cair_runtime.schedulers import SCHEDULER_NAMES
 from cair_runtime.noise import image_seeds
 from cair_runtime.schedule import SKIP_MODES, Schedule
@@ -95,6 +95,10 @@ class RequestValidator:
 
     def __init__(self, pipeline: Any, max_images: int, max_steps: int):
         self.pipeline, self.engine = pipeline, pipeline.engine
+        if self.engine.controlnets:
+            raise InvalidInputError(f"{self.engine.folder} has ControlNets, and the server does not take control "
+                                    "images yet: serve an export without --controlnet, or use cair-run / the "
+                                    "Python API", field="engine")
         self.max_images, self.max_steps = max_images, max_steps
         self.model = pipeline.model_name
         factor = self.engine.vae_scale_factor
