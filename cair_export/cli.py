@@ -141,11 +141,23 @@ def cmd_macs(args: argparse.Namespace) -> int:
 
     check_cache_step(args.cache_step, args.steps)
     model = load_model(args.model, device="meta")
+    if args.controlnet:
+        import dataclasses
+
+        from cair_export.core.controlnet import controlnet_architecture
+
+        model = dataclasses.replace(model, controlnets=tuple(controlnet_architecture(spec, model.unet)
+                                                             for spec in args.controlnet))
     height, width = check_export_config(model, ExportConfig(height=args.height, width=args.width,
                                                             fidelity_guidance=args.fidelity_guidance))
     schedule = {"guidance_stop": args.guidance_stop, "deep_interval": args.deep_interval,
                 "planning_interval": args.planning_interval, "skip_mode": args.skip_mode}
     deep = max(args.deep_interval, args.planning_interval) > 1
+    if deep and args.controlnet:
+        from cair_runtime.errors import InvalidInputError
+
+        raise InvalidInputError("deep or planning intervals do not take ControlNets yet; drop --controlnet or use "
+                                "intervals of 1")
     per_graph = count_graph_macs(model, height, width, batch=args.batch, fidelity_guidance=args.fidelity_guidance,
                                  deep_branch_id=args.deep_branch if deep else None, prompt_chunks=args.prompt_chunks)
     table = generation_macs(per_graph, args.steps, args.cache_step, fidelity_guidance=args.fidelity_guidance,
@@ -153,6 +165,7 @@ def cmd_macs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "height": height, "width": width, "batch": args.batch,
                           "steps": args.steps, "cache_step": args.cache_step, "prompt_chunks": args.prompt_chunks,
+                          "controlnets": list(args.controlnet or ()),
                           "fidelity_guidance": args.fidelity_guidance, **schedule,
                           "deep_branch": args.deep_branch if deep else None, **table}, indent=2))
         return 0
@@ -161,6 +174,7 @@ def cmd_macs(args: argparse.Namespace) -> int:
         label += (f", k={args.deep_interval}, k_p={args.planning_interval} ({args.skip_mode}, "
                   f"branch {args.deep_branch})")
     text = f", text {args.prompt_chunks} windows" if args.prompt_chunks > 1 else ""
+    text += f", {len(args.controlnet)} ControlNet(s)" if args.controlnet else ""
     print(f"{args.model} at {width}x{height}, batch {args.batch}{text}, T={args.steps}, n={args.cache_step}{label} "
           f"(UNet only; G = 1e9 MACs)")
     shallow = ("shallow", "shallow_planning") if deep else ()
@@ -372,6 +386,9 @@ def _add_macs(sub, presets: str) -> None:
     macs.add_argument("--height", type=int_arg, help="pixel height (default: native)")
     macs.add_argument("--width", type=int_arg, help="pixel width (default: native)")
     macs.add_argument("--batch", type=positive_int_arg, default=1, help="prompts per generation (default 1)")
+    macs.add_argument("--controlnet", action="append", metavar="SPEC",
+                      help="count a fused ControlNet too: a ControlNetModel folder (its config), 'unet' (the "
+                           "architecture diffusers derives from the UNet, as published ones) or tiny; repeatable")
     macs.add_argument("--prompt-chunks", type=positive_int_arg, default=1, metavar="C",
                       help="text length in text-encoder windows (long prompts; default 1: 77 tokens)")
     macs.add_argument("--fidelity-guidance", choices=("cfg", "none"), default="cfg",

@@ -190,3 +190,38 @@ def test_long_prompts_cost_planning_only_their_key_and_value_projections(capsys)
     assert four["planning"].attention > one["planning"].attention  # QK^T and AV grow with the text too
     assert main(["macs", "tiny-sd21", "--prompt-chunks", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt_chunks"] == 4
+
+
+def test_controlnet_macs_match_flop_counter():
+    """Fused ControlNets: planning counts the nets at 2B with their cross-attention, fidelity without it."""
+    import dataclasses
+
+    from cair_export.core.controlnet import load_controlnet
+
+    model = load_model("tiny-sd15")
+    net = load_controlnet("tiny", model.unet)
+    counted = count_graph_macs(dataclasses.replace(model, controlnets=(net,)), 64, 96)
+    plain = count_graph_macs(model, 64, 96)
+    for module in (model.unet, net):
+        module.set_attn_processor(AttnProcessor())
+    sample, context, image = torch.zeros(2, 4, 8, 12), torch.zeros(2, 77, 768), torch.zeros(2, 3, 64, 96)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(sample, torch.tensor([10.0]), context, image)
+    assert counted["planning"].with_attention == plain["planning"].with_attention + counter.get_total_flops() // 2
+    sites = cross_attention_sites(net)
+    replay = [torch.zeros(1, (8 // 2 ** s.level) * (12 // 2 ** s.level), s.channels) for s in sites]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, CrossAttentionCache(net) as cache:
+        cache.mode, cache.values = "replay", replay
+        net(sample[:1], torch.tensor([10.0]), None, image[:1])
+    assert counted["fidelity"].with_attention == plain["fidelity"].with_attention + counter.get_total_flops() // 2
+
+
+def test_macs_cli_counts_controlnets(capsys, one_line_error):
+    assert main(["macs", "sd15", "--height", "256", "--width", "256", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["macs", "sd15", "--height", "256", "--width", "256", "--controlnet", "unet", "--json"]) == 0
+    controlled = json.loads(capsys.readouterr().out)
+    for kind in ("planning", "fidelity"):  # the net adds to every step, less its cross-attention after n
+        assert controlled["conv_linear"][kind] > plain["conv_linear"][kind]
+    one_line_error(main(["macs", "tiny-sd15", "--controlnet", "tiny", "--deep-interval", "2"]),
+                   capsys.readouterr().err, "do not take ControlNets yet")

@@ -97,6 +97,29 @@ def load_controlnet(spec: str, unet: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
+def controlnet_architecture(spec: str, unet: torch.nn.Module) -> torch.nn.Module:
+    """A ControlNet's architecture on the meta device (no weights), for counting MACs: ``unet`` (the
+    one ``ControlNetModel.from_unet`` derives, as published ControlNets are), ``tiny[:SEED]``, or a
+    ControlNetModel folder's ``config.json``."""
+    from pathlib import Path
+
+    from diffusers import ControlNetModel
+
+    with torch.device("meta"):
+        if spec == "unet":
+            net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        elif spec == TINY or spec.startswith(TINY + ":"):
+            net = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
+                                            conditioning_embedding_out_channels=(8, 16, 16, 16))
+        else:
+            if not (Path(spec) / "config.json").is_file():
+                raise InvalidInputError(f"ControlNet {spec!r} is not a ControlNetModel folder (no config.json); give "
+                                        "a folder, 'unet' or tiny[:SEED]", field="controlnet")
+            net = ControlNetModel.from_config(ControlNetModel.load_config(spec))
+    check_controlnet(unet, net)
+    return net.eval()
+
+
 def tiny_controlnet(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A seeded ControlNet for a tiny UNet: the UNet's encoder architecture with its own random weights.
 

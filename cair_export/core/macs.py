@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from cair_export.core.deep_feature import DEEP_FEATURE, deep_branch, shallow_unet
-from cair_export.core.graphs import graph_specs, cache_specs
+from cair_export.core.graphs import CairGraph, cache_specs, graph_specs
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache
 from cair_runtime.errors import InvalidInputError
@@ -112,10 +112,13 @@ def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1
             "latent_width": width // model.vae_scale_factor, "text_len": model.text_len * prompt_chunks}
     branch = None if deep_branch_id is None else deep_branch(unet, deep_branch_id)
     results = {}
-    with CrossAttentionCache(unet, fidelity_guidance) as cache:
+    with CrossAttentionCache(unet, fidelity_guidance, model.controlnets) as cache:
         ios = graph_specs(model, cache_specs(cache.sites), fidelity_guidance, branch)
         for kind, io in ios.items():
             inputs = {spec.name: torch.zeros(spec.resolve(dims), device=device) for spec in io.inputs}
+            if model.controlnets:  # the fused graph itself: UNet and nets, each net's attn2 replayed after n
+                results[kind] = _count_graph(CairGraph(unet, cache, io, branch, model.controlnets), cache, inputs)
+                continue
             if kind in ("fidelity", "shallow"):
                 cache.mode = "replay"
                 cache.values = [inputs.get(site.name) for site in cache.sites]
@@ -123,6 +126,14 @@ def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1
                 cache.mode = "compute"
             results[kind] = _count(unet, cache, inputs, branch)
     return results
+
+
+def _count_graph(graph: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, torch.Tensor]) -> GraphMacs:
+    """One evaluation of a ``CairGraph`` (it sets the cache's mode itself: planning computes, fidelity replays)."""
+    replayed = frozenset(id(module) for module in cache.modules()) if graph.io.kind != "planning" else frozenset()
+    with _counting(graph, replayed) as totals:
+        graph(*(inputs[name] for name in graph.input_names))
+    return GraphMacs(totals["conv_linear"], totals["attention"])
 
 
 def manifest_model(manifest) -> LoadedModel:

@@ -119,6 +119,11 @@ class CrossAttentionCache:
         self.mode = "compute"
         self._installed: contextlib.AbstractContextManager | None = None
 
+    def modules(self) -> list[torch.nn.Module]:
+        """Each site's attention module, in site order."""
+        return [owner.get_submodule(re.sub(r"^controlnets\.\d+\.", "", site.module))
+                for owner, site in zip(self.owners, self.sites)]
+
     def merge(self, output: torch.Tensor) -> torch.Tensor:
         """(2B, tokens, C) -> (B, tokens, C): mean of the unconditional and conditional halves."""
         if self.fidelity_guidance == "cfg":
