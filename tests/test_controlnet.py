@@ -74,9 +74,8 @@ def diffusers_controlnet(pipe, controlnets, images, latents, control):
 
 CASES = {
     "one net": (1, dict(scale=0.8)),
-    "two nets": (2, dict(scale=[0.7, 1.3])),
     "guess mode": (1, dict(scale=0.9, guess_mode=True)),
-    "start and end": (2, dict(scale=[1.0, 0.6], start=[0.2, 0.0], end=[0.7, 0.5])),
+    "two nets with start and end": (2, dict(scale=[1.0, 0.6], start=[0.2, 0.0], end=[0.7, 0.5])),
 }
 
 
