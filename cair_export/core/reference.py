@@ -119,10 +119,14 @@ class CrossAttentionCache:
         self.mode = "compute"
         self._installed: contextlib.AbstractContextManager | None = None
 
+    @staticmethod
+    def _local(site: CrossAttentionSite) -> CrossAttentionSite:
+        """The site with its module path relative to its owner (a ControlNet's without ``controlnets.{j}.``)."""
+        return dataclasses.replace(site, module=re.sub(r"^controlnets\.\d+\.", "", site.module))
+
     def modules(self) -> list[torch.nn.Module]:
         """Each site's attention module, in site order."""
-        return [owner.get_submodule(re.sub(r"^controlnets\.\d+\.", "", site.module))
-                for owner, site in zip(self.owners, self.sites)]
+        return [owner.get_submodule(self._local(site).module) for owner, site in zip(self.owners, self.sites)]
 
     def merge(self, output: torch.Tensor) -> torch.Tensor:
         """(2B, tokens, C) -> (B, tokens, C): mean of the unconditional and conditional halves."""
@@ -134,10 +138,8 @@ class CrossAttentionCache:
         stack = contextlib.ExitStack()
         for owner in dict.fromkeys(self.owners):  # each model once, its sites with their global indices
             indices = [i for i, site_owner in enumerate(self.owners) if site_owner is owner]
-            local = [dataclasses.replace(self.sites[i], module=re.sub(r"^controlnets\.\d+\.", "", self.sites[i].module))
-                     for i in indices]  # paths relative to the owner
             stack.enter_context(installed_processors(
-                owner, local,
+                owner, [self._local(self.sites[i]) for i in indices],
                 lambda index, inner, indices=indices: _CachingProcessor(inner, self, indices[index])))
         self._installed = stack
         self._installed.__enter__()

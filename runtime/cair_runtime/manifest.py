@@ -212,6 +212,11 @@ class Manifest:
                                 f"build them with `cair-export build ENGINE_DIR --backend {backend}`{where}")
         return records
 
+    @property
+    def controlnets(self) -> int:
+        """ControlNets fused into the UNet graphs (``cair-export export --controlnet``): one control image input each."""
+        return sum(spec.name.startswith("control_image_") for spec in self.graphs["planning"].inputs)
+
     def dim(self, name: str) -> Dim:
         for dim in self.dims:
             if dim.name == name:

@@ -428,21 +428,27 @@ class CairEngine:
     @property
     def controlnets(self) -> int:
         """ControlNets fused into the graphs (``cair-export export --controlnet``): one control image each."""
-        return sum(spec.name.startswith("control_image_") for spec in self.manifest.graphs["planning"].inputs)
+        return self.manifest.controlnets
+
+    def check_control_count(self, given: int, control: ControlRequest | None = None) -> None:
+        """Refuse control images on an engine without ControlNets, and a count that is not one per net."""
+        count = self.controlnets
+        if not count:
+            if given or control is not None:
+                raise InvalidInputError("this engine was exported without a ControlNet; re-export with --controlnet "
+                                        "to use control images", field="control_image")
+        elif given != count:
+            raise InvalidInputError(f"{given} control images for the engine's {count} ControlNet(s); give one "
+                                    "each (--control-image, repeated)", field="control_image")
 
     def _check_control(self, images: Sequence[np.ndarray] | None, control: ControlRequest | None,
                        latent_shape: tuple[int, ...]) -> tuple[list[np.ndarray], ControlRequest | None]:
         """One control image per fused ControlNet, (B, C, H, W) float32 at the output's pixel size."""
-        count = self.controlnets
         images = [] if images is None else list(images)
+        self.check_control_count(len(images), control)
+        count = self.controlnets
         if not count:
-            if images or control is not None:
-                raise InvalidInputError("this engine was exported without a ControlNet; re-export with --controlnet "
-                                        "to use control images", field="control_image")
             return [], None
-        if len(images) != count:
-            raise InvalidInputError(f"{len(images)} control images for the engine's {count} ControlNet(s); give one "
-                                    "each", field="control_image")
         control = control or ControlRequest.make(count)
         if len(control.scales) != count:
             raise InvalidInputError(f"a control request for {len(control.scales)} ControlNets; the engine has {count}",

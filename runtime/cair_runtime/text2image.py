@@ -428,17 +428,11 @@ class CairText2Image:
         request, and what the parameters record; None for an engine without ControlNets."""
         from cair_runtime.control import ControlRequest
 
-        count = self.engine.controlnets
         given = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-        if not count:
-            if given:
-                raise InvalidInputError("this engine was exported without a ControlNet; re-export with --controlnet "
-                                        "to use control images", field="control_image")
+        self.engine.check_control_count(len(given))  # before any file is read
+        if not given:
             return None
-        if len(given) != count:
-            raise InvalidInputError(f"{len(given)} control images for the engine's {count} ControlNet(s); give one "
-                                    "each (--control-image, repeated)", field="control_image")
-        request = ControlRequest.make(count, scale, start, end, guess_mode)
+        request = ControlRequest.make(len(given), scale, start, end, guess_mode)
         factor = self.engine.vae_scale_factor
         size = (latent_height * factor, latent_width * factor)
         arrays, names = [], []
