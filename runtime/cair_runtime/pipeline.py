@@ -14,7 +14,7 @@ import numpy as np
 
 from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
-from cair_runtime.checks import check_finite_result, check_guidance_scale, is_integer
+from cair_runtime.checks import check_finite_result, check_guidance_scale
 from cair_runtime.control import ControlRequest, controlnet_keep, residual_scales
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
