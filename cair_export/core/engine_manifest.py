@@ -30,7 +30,8 @@ def model_record(model: LoadedModel, dtype: str = "fp32", cache_step_hint: int =
             **({"controlnets": [{"source": getattr(net, "cair_source", None),
                                  "conditioning_channels": net.config.conditioning_channels,
                                  "config": json.loads(json.dumps(dict(net.config), default=str))}
-                                for net in model.controlnets]} if model.controlnets else {})}
+                                for net in model.controlnets]} if model.controlnets else {}),
+            **({"ip_adapter": model.ip_adapter.manifest_record()} if model.ip_adapter is not None else {})}
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -26,12 +26,14 @@ from cair_export.core.graphs import (
     UNET_KINDS,
     CairGraph,
     GraphIO,
+    ImageEncoderGraph,
     TextEncoderGraph,
     VaeDecoderGraph,
     VaeEncoderGraph,
     cache_specs,
     graph_dims,
     graph_specs,
+    image_encoder_io,
     make_inputs,
     make_token_inputs,
     text_encoder_io,
@@ -78,6 +80,8 @@ class ExportConfig:
     deep_branch: int | None = 0  # DeepCache's cache_branch_id for the shallow graphs; None: no deep caching
     max_prompt_chunks: int = 4  # longest prompt, in text-encoder windows (75 tokens each): the text axis's max
     controlnets: tuple[str, ...] = ()  # ControlNets fused into the UNet graphs: folders, or tiny[:SEED] (tests)
+    ip_adapter: str | None = None  # IP-Adapter safetensors file, or tiny[:SEED] (tests)
+    image_encoder: str | None = None  # its CLIP vision encoder folder; None: image_encoder/ beside the file
 
 
 def supported_opsets() -> range:
@@ -278,6 +282,17 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
         compare_graph(graph, make_session(work / "vae_encoder.onnx"), [dict(opt, batch=1), wide],
                       lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
     ios["vae_encoder"] = io
+    if model.ip_adapter is not None:  # IP-Adapter's image encoder: once per call, for the image prompt
+        io = image_encoder_io(model.ip_adapter.image_encoder)
+        graph = ImageEncoderGraph(model.ip_adapter.image_encoder, io)
+        progress("exporting image_encoder graph")
+        files += _export_onnx(graph, io, make_inputs(io, dict(opt, batch=1), 0), work, config.opset)
+        if report is not None:
+            compare_graph(graph, make_session(work / "image_encoder.onnx"), [dict(opt, batch=1), dict(opt, batch=2)],
+                          lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
+        ios["image_encoder"] = io
+        pipeline["image_encoder_graph"] = "image_encoder"
+        pipeline["image_processor"] = model.ip_adapter.image_processor
     files += [encoder["tokenizer"] for encoder in pipeline["text_encoders"]]
     return pipeline, ios, files, text_weights
 
@@ -303,6 +318,17 @@ def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig =
 
         model = dataclasses.replace(model, controlnets=tuple(load_controlnet(spec, model.unet)
                                                              for spec in config.controlnets))
+    if config.ip_adapter is not None:
+        import dataclasses
+
+        from cair_export.core.ip_adapter import load_ip_adapter
+
+        if not model.has_pipeline:
+            raise InvalidInputError(f"model {model.name} is a UNet alone; an IP-Adapter export needs a whole "
+                                    "pipeline (text encoder, VAE) to run images from", field="ip_adapter")
+        # Applied to the UNet in place (its attention processors and image projection).
+        model = dataclasses.replace(model, ip_adapter=load_ip_adapter(config.ip_adapter, model.unet,
+                                                                      config.image_encoder))
     with folder_transaction(out_dir, overwrite, model.folder) as work:
         manifest = _export_into(model, work, config, height, width, progress, release_unet)
     progress(f"wrote {out_dir}")
@@ -370,8 +396,8 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     report = ValidationReport() if config.validate else None
     expected = None
     branch = None if config.deep_branch is None else deep_branch(unet, config.deep_branch)
-    if model.controlnets and branch is not None:
-        progress("no shallow graphs: deep-feature caching does not take ControlNets yet")
+    if (model.controlnets or model.ip_adapter is not None) and branch is not None:
+        progress("no shallow graphs: deep-feature caching does not take ControlNets or IP-Adapters yet")
         branch = None
     with CrossAttentionCache(unet, config.fidelity_guidance, model.controlnets) as cache:
         caches = cache_specs(cache.sites)
@@ -402,7 +428,9 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         files, weights = _lower_unet_graphs(work, config, unet_ios, shapes, expected, report, files, progress)
     elif report is not None:
         validate_graphs(unet_ios, work, shapes, expected, config.tolerance, progress, report, weights)
-    switch = None if model.controlnets else _write_switch(work, caches, branch, config, progress)
+    # The switch graph's two branches share every input but the text; these graphs have more planning-only inputs.
+    plain = not model.controlnets and model.ip_adapter is None
+    switch = _write_switch(work, caches, branch, config, progress) if plain else None
     if switch is not None:
         files.append(switch["file"])
     pipeline, text_weights = None, {}

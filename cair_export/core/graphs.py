@@ -12,13 +12,15 @@ buffers are all derived from it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from cair_export.core.deep_feature import DEEP_FEATURE, DeepBranch, recorded_deep_feature, shallow_unet
+from cair_export.core.ip_adapter import adapter_scale, image_projection_removed
 from cair_export.core.models import LoadedModel
 from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
@@ -108,6 +110,14 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
         residuals = len(model.controlnets[0].controlnet_down_blocks) + 1
         return (*images, TensorSpec("control_scales", "float32", (batch, len(model.controlnets), residuals)))
 
+    def image_prompt() -> tuple[TensorSpec, ...]:
+        """IP-Adapter: the CLIP image embedding of each row (zeros in the unconditional half) and the
+        adapter's scale; planning only: fidelity replays cross-attention outputs that include the image term."""
+        if model.ip_adapter is None:
+            return ()
+        return (TensorSpec("ip_image_embeds", "float32", ("2*batch", model.ip_adapter.image_embed_dim)),
+                TensorSpec("ip_adapter_scale", "float32", (1,)))
+
     def deep_feature(batch: str) -> tuple[TensorSpec, ...]:
         if branch is None:
             return ()
@@ -120,7 +130,7 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     planning = GraphIO(
         "planning",
         inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *added("2*batch"),
-                *control("2*batch")),
+                *control("2*batch"), *image_prompt()),
         # Caches come out already merged to batch B (or per half with fidelity CFG); with a branch,
         # the deep feature too, for the guided shallow steps.
         outputs=(latent("noise_pred", "2*batch", config.out_channels), *cache_tensors(fidelity_batch),
@@ -135,8 +145,8 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     )
     if branch is None:
         return {"planning": planning, "fidelity": fidelity}
-    if model.controlnets:
-        raise ValueError("the shallow graphs do not take ControlNets yet (export without a deep branch)")
+    if model.controlnets or model.ip_adapter is not None:
+        raise ValueError("the shallow graphs do not take ControlNets or IP-Adapters yet (export without a deep branch)")
     kept = {cache.name for cache in shallow_caches(caches, branch)}
     shallow = GraphIO(
         "shallow",
@@ -171,6 +181,8 @@ def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.nd
             inputs[spec.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
         elif spec.name == "control_scales":  # conditioning scales, some off (0)
             inputs[spec.name] = (rng.uniform(0, 2, size=shape) * rng.integers(0, 2, size=shape)).astype(np.float32)
+        elif spec.name == "ip_adapter_scale":
+            inputs[spec.name] = rng.uniform(0.2, 1.5, size=shape).astype(np.float32)
         else:
             inputs[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     return inputs
@@ -206,6 +218,19 @@ class CairGraph(torch.nn.Module):
             mid = middle if mid is None else mid + middle
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
+    @contextlib.contextmanager
+    def _image_prompt(self, named: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
+        """IP-Adapter: planning gets the image embedding as ``added_cond_kwargs`` entries and the scale as an
+        input; a graph without them runs the UNet without its image projection. No IP-Adapter: nothing."""
+        if getattr(self.unet, "encoder_hid_proj", None) is None:
+            yield {}
+        elif "ip_image_embeds" in named:
+            with adapter_scale(self.unet, named["ip_adapter_scale"]):
+                yield {"image_embeds": [named["ip_image_embeds"].unsqueeze(1)]}
+        else:
+            with image_projection_removed(self.unet):
+                yield {}
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         named = dict(zip(self.input_names, inputs))
         added = {key: named[key] for key in ("text_embeds", "time_ids") if key in named} or None
@@ -213,8 +238,10 @@ class CairGraph(torch.nn.Module):
             self.cache.mode = "record"
             if self.branch is None:
                 residuals = self._residuals(named, named["encoder_hidden_states"], added)
-                noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
-                                       added_cond_kwargs=added, return_dict=False, **residuals)[0]
+                with self._image_prompt(named) as image:
+                    noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
+                                           added_cond_kwargs=({**(added or {}), **image} or None), return_dict=False,
+                                           **residuals)[0]
                 return (noise_pred, *self.cache.values)
             with recorded_deep_feature(self.unet, self.branch) as recorded:
                 noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
@@ -236,8 +263,9 @@ class CairGraph(torch.nn.Module):
                                  None, added),)
         if self.branch is None:
             residuals = self._residuals(named, None, added)
-            return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False,
-                              **residuals)[0],)
+            with self._image_prompt(named):  # without the image projection: no image embedding to read
+                return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added,
+                                  return_dict=False, **residuals)[0],)
         with recorded_deep_feature(self.unet, self.branch) as recorded:
             noise_pred = self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0]
         return noise_pred, recorded[-1]
@@ -330,3 +358,24 @@ class VaeEncoderGraph(torch.nn.Module):
     def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         distribution = self.vae.encode(sample, return_dict=False)[0]  # DiagonalGaussianDistribution (logvar clamped)
         return distribution.mean, distribution.std
+
+
+def image_encoder_io(encoder: torch.nn.Module) -> GraphIO:
+    """IP-Adapter's CLIP vision encoder: preprocessed pixels -> the projected ``image_embeds``."""
+    config = encoder.config
+    return GraphIO(
+        "image_encoder",
+        inputs=(TensorSpec("pixel_values", "float32", ("batch", config.num_channels, config.image_size,
+                                                       config.image_size)),),
+        outputs=(TensorSpec("image_embeds", "float32", ("batch", config.projection_dim)),),
+    )
+
+
+class ImageEncoderGraph(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, io: GraphIO):
+        super().__init__()
+        self.encoder, self.io = encoder, io
+        self.input_names = ["pixel_values"]
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.encoder(pixel_values).image_embeds,)

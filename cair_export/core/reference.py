@@ -73,10 +73,16 @@ def installed_processors(unet: torch.nn.Module, sites: Sequence[CrossAttentionSi
             module.set_processor(original)
 
 
-class _CachingProcessor:
-    """Wraps a module's own attention processor; records or replays its output."""
+class _CachingProcessor(torch.nn.Module):
+    """Wraps a module's own attention processor; records or replays its output.
+
+    A module, so that a processor with weights of its own (IP-Adapter's ``to_k_ip``/``to_v_ip``) stays
+    registered under the attention module while wrapped (diffusers drops a module processor replaced
+    by a plain one). ``__call__`` is defined directly, as diffusers' module processors do.
+    """
 
     def __init__(self, inner: Any, cache: CrossAttentionCache, index: int):
+        super().__init__()
         self.inner, self.cache, self.index = inner, cache, index
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
@@ -184,6 +190,8 @@ def cair_denoise(
     controlnets: Sequence[torch.nn.Module] = (),
     control_images: Sequence[torch.Tensor] = (),
     control: Any = None,
+    ip_image_embeds: torch.Tensor | None = None,
+    ip_adapter_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sample with CAIR (and DeepCache's deep-feature caching) over a diffusers scheduler; returns the final latents.
 
@@ -212,6 +220,10 @@ def cair_denoise(
     over every step). Every evaluation runs every net (at scale 0 outside its start/end, as diffusers
     does) and adds their summed residuals to the UNet's; the nets' ``attn2`` are cached at n like the
     UNet's. No deep or planning interval with ControlNets.
+
+    IP-Adapter (``cair_export.core.ip_adapter``; the UNet carries it): ``ip_image_embeds`` (B, D), the
+    CLIP image embeddings, the unconditional half zeros, scaled by ``ip_adapter_scale``. Steps that
+    replay the caches run without the image projection: the cached outputs already hold the image term.
     """
     scheduler.set_timesteps(num_inference_steps)
     timesteps, steps_run = scheduler.timesteps, num_inference_steps
@@ -266,8 +278,16 @@ def cair_denoise(
     if added_cond is not None:
         guided_cond = {key: torch.cat([negative_added_cond[key], added_cond[key]]) for key in added_cond}
 
+    adapter: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if ip_image_embeds is not None:
+        if branch is not None:
+            raise InvalidInputError("deep-feature caching (a deep or planning interval above 1) does not take an "
+                                    "IP-Adapter yet; use intervals of 1", field="deep_interval")
+        from cair_export.core.ip_adapter import adapter_scale, image_conditions, image_projection_removed
+
+        adapter = adapter_scale(unet, ip_adapter_scale)
     deep_feature = None  # (2B or B, C_b, ...): kept by the last full evaluation
-    with caching as cache, recording as recorded:
+    with caching as cache, recording as recorded, adapter:
         for i, t in enumerate(timesteps):
             if on_step is not None:
                 on_step(i)
@@ -302,8 +322,15 @@ def cair_denoise(
                     down, mid = control_residuals(controlnets, control_images, control, keep[i], latent_input, t,
                                                   context, conditions, evaluation.guided)
                     residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-                noise = unet(latent_input, t, context, added_cond_kwargs=conditions, return_dict=False,
-                             **residuals)[0]
+                projection: contextlib.AbstractContextManager = contextlib.nullcontext()
+                if ip_image_embeds is not None:
+                    if context is None:  # replaying: no image tokens needed
+                        projection = image_projection_removed(unet)
+                    else:
+                        conditions = {**(conditions or {}), **image_conditions(ip_image_embeds, evaluation.guided)}
+                with projection:
+                    noise = unet(latent_input, t, context, added_cond_kwargs=conditions, return_dict=False,
+                                 **residuals)[0]
                 deep_feature = recorded[-1] if recorded else None
             if evaluation.guided:
                 noise_uncond, noise_text = noise.chunk(2)

@@ -82,3 +82,24 @@ def _from_array(array: np.ndarray) -> np.ndarray:
         what = {4: " (RGBA?)", 2: " (grayscale with alpha?)"}.get(array.shape[-1], "") if array.ndim == 3 else ""
         raise _refuse(f"image array has shape {array.shape}{what}; expected (H, W, 3) RGB: {_FIX}")
     return np.ascontiguousarray(array)
+
+
+def clip_pixels(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB image as a CLIP vision encoder takes it, (3, h, w) float32: the shortest edge
+    resized (bicubic) to ``spec["shortest_edge"]``, centre-cropped to ``spec["crop_size"]``, scaled to [0, 1]
+    and normalised by ``image_mean``/``image_std`` (transformers' ``CLIPImageProcessor``, Pillow backend)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    edge = spec["shortest_edge"]
+    short, long = sorted((height, width))
+    resized = (edge, int(edge * long / short)) if height <= width else (int(edge * long / short), edge)
+    pixels = np.asarray(Image.fromarray(image).resize((resized[1], resized[0]), Image.Resampling.BICUBIC))
+    crop_height, crop_width = spec["crop_size"]
+    if crop_height > resized[0] or crop_width > resized[1]:
+        raise InvalidInputError(f"the image encoder's crop {crop_width}x{crop_height} is larger than its resize to "
+                                f"{resized[1]}x{resized[0]}; the export's image_processor is inconsistent")
+    top, left = (resized[0] - crop_height) // 2, (resized[1] - crop_width) // 2
+    pixels = pixels[top:top + crop_height, left:left + crop_width].astype(np.float32) / np.float32(255)
+    mean, std = (np.asarray(spec[key], dtype=np.float32) for key in ("image_mean", "image_std"))
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))

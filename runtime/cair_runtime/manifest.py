@@ -33,7 +33,7 @@ GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and the VAE
 OPTIONAL_UNET_GRAPH_KINDS = ("shallow", "shallow_planning")
 DEEP_BRANCH_KEYS = ("name", "branch", "block", "layer", "up_block", "up_layer", "channels", "level")
 # vae_encoder (image to image) since 2026-11-30: older pipeline folders lack it and still load
-PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
+PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder", "image_encoder")
 FIDELITY_GUIDANCE = ("none", "cfg")
 PROMPT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state")
 MAX_DIM_VALUE = 2**31 - 1  # any tensor dimension the manifest can describe
@@ -217,6 +217,11 @@ class Manifest:
         """ControlNets fused into the UNet graphs (``cair-export export --controlnet``): one control image input each."""
         return sum(spec.name.startswith("control_image_") for spec in self.graphs["planning"].inputs)
 
+    @property
+    def ip_adapter(self) -> bool:
+        """True for an export with an IP-Adapter (``cair-export export --ip-adapter``): planning takes an image prompt."""
+        return any(spec.name == "ip_image_embeds" for spec in self.graphs["planning"].inputs)
+
     def dim(self, name: str) -> Dim:
         for dim in self.dims:
             if dim.name == name:
@@ -326,6 +331,16 @@ def _pipeline_problems(manifest: Manifest) -> list[str]:
     graph("vae_graph", pipeline.get("vae_graph"))
     if pipeline.get("vae_encoder_graph") is not None:  # optional: folders exported before image to image lack it
         graph("vae_encoder_graph", pipeline["vae_encoder_graph"])
+    if pipeline.get("image_encoder_graph") is not None:  # IP-Adapter exports: the image prompt's encoder
+        graph("image_encoder_graph", pipeline["image_encoder_graph"])
+        processor = pipeline.get("image_processor")
+        if not isinstance(processor, dict) or not is_integer(processor.get("shortest_edge")) or not (
+                isinstance(processor.get("crop_size"), list) and len(processor["crop_size"]) == 2
+                and all(is_integer(v) and v > 0 for v in processor["crop_size"])) or not all(
+                isinstance(processor.get(key), list) and len(processor[key]) == 3
+                and all(is_finite_number(v) for v in processor[key]) for key in ("image_mean", "image_std")):
+            problems.append("pipeline image_processor must hold shortest_edge, crop_size [h, w], image_mean and "
+                            "image_std (3 numbers each)")
     factor = pipeline.get("vae_scaling_factor")
     if not is_finite_number(factor) or factor <= 0:
         problems.append(f"pipeline vae_scaling_factor {factor!r} must be a positive finite number")

@@ -14,7 +14,7 @@ import numpy as np
 
 from cair_runtime.backends import BackendContext, make_backend
 from cair_runtime.backends.pool import ContextPool, check_concurrency
-from cair_runtime.checks import check_finite_result, check_guidance_scale
+from cair_runtime.checks import check_finite_result, check_guidance_scale, is_finite_number
 from cair_runtime.control import ControlRequest, controlnet_keep, residual_scales
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
@@ -274,6 +274,8 @@ class CairEngine:
         cache_observer: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
         control_images: Sequence[np.ndarray] | None = None,
         control: ControlRequest | None = None,
+        ip_image_embeds: np.ndarray | None = None,
+        ip_adapter_scale: float = 1.0,
         schedule: Schedule | None = None,
         **schedule_fields: Any,
     ) -> DenoiseResult:
@@ -311,6 +313,11 @@ class CairEngine:
         (B, C, H, W) float32 in [0, 1] at the output size in pixels (the preprocessed control map:
         canny edges, depth and the like are the caller's), and ``control``, a
         ``cair_runtime.control.ControlRequest`` (default: scale 1 on every step, no guess mode).
+
+        IP-Adapter (an engine exported with ``--ip-adapter``): ``ip_image_embeds`` (B, D), each image's
+        CLIP image embedding (the folder's ``image_encoder`` graph), scaled by ``ip_adapter_scale``; the
+        unconditional half gets zeros, as in diffusers. Only planning steps read them: after n the
+        cached cross-attention already holds the image term. Without them the engine runs as the plain model.
         """
         self.check_open()
         img2img = image_latents is not None
@@ -325,7 +332,8 @@ class CairEngine:
             latents=latents, height=height, width=width, seed=seed, text_embeds=text_embeds,
             negative_text_embeds=negative_text_embeds, callback=callback, lora_set=self.resolve_loras(loras),
             image_latents=image_latents, generators=generators, cache_observer=cache_observer,
-            control_images=control_images, control=control)
+            control_images=control_images, control=control, ip_image_embeds=ip_image_embeds,
+            ip_adapter_scale=ip_adapter_scale)
 
     def denoise_resolved(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None,
                          schedule: Schedule, scheduler: Scheduler, guidance_scale: float, *,
@@ -337,7 +345,8 @@ class CairEngine:
                          generators: Sequence[np.random.Generator] | None = None,
                          cache_observer: Callable[..., None] | None = None,
                          control_images: Sequence[np.ndarray] | None = None,
-                         control: ControlRequest | None = None) -> DenoiseResult:
+                         control: ControlRequest | None = None, ip_image_embeds: np.ndarray | None = None,
+                         ip_adapter_scale: float = 1.0) -> DenoiseResult:
         """``denoise`` once the call's settings are resolved and checked (``resolve_schedule``,
         ``make_scheduler``, ``resolve_loras``): the arrays are checked, nothing else again."""
         img2img = image_latents is not None
@@ -402,6 +411,7 @@ class CairEngine:
             added = (text_embeds, negative_text_embeds, time_ids)
 
         control_images, control = self._check_control(control_images, control, latents.shape)
+        image_prompt = self._check_image_prompt(ip_image_embeds, ip_adapter_scale, batch)
 
         max_batch = self.manifest.dim("batch").max
         timings = StageTimings()
@@ -418,7 +428,8 @@ class CairEngine:
                     guidance_scale, generators[part], callback,
                     None if image_latents is None else image_latents[part],
                     None if cache_observer is None else functools.partial(cache_observer, first_image=start),
-                    [image[part] for image in control_images], control)
+                    [image[part] for image in control_images], control,
+                    None if image_prompt is None else (image_prompt[0][part], image_prompt[1]))
                 chunks.append(result.latents)
                 timings.add(result.timings)
         latents = np.concatenate(chunks)
@@ -465,10 +476,35 @@ class CairEngine:
             checked.append(image)
         return checked, control
 
+    @property
+    def ip_adapter(self) -> bool:
+        """True for an engine exported with an IP-Adapter: planning takes an image prompt's embedding."""
+        return self.manifest.ip_adapter
+
+    def _check_image_prompt(self, embeds: np.ndarray | None, scale: float, batch: int
+                            ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(B, D) embeddings and the scale as planning takes them; an IP engine without an image prompt runs
+        with zeros at scale 0, which adds exactly nothing. None for an engine without an IP-Adapter."""
+        if not self.ip_adapter:
+            if embeds is not None:
+                raise InvalidInputError("this engine was exported without an IP-Adapter; re-export with "
+                                        "--ip-adapter to use an image prompt", field="ip_adapter_image")
+            return None
+        if not is_finite_number(scale):
+            raise InvalidInputError(f"IP-Adapter scale {scale!r} must be a finite number", field="ip_adapter_scale")
+        dim = self.manifest.graphs["planning"].input("ip_image_embeds").shape[1]
+        if embeds is None:
+            return np.zeros((batch, dim), np.float32), np.zeros(1, np.float32)
+        embeds = _float_array("IP-Adapter image embeddings", embeds, 2)
+        if embeds.shape != (batch, dim):
+            raise ShapeError(f"IP-Adapter image embeddings have shape {embeds.shape}; expected ({batch}, {dim}), one "
+                             "per image")
+        return embeds, np.array([scale], np.float32)
+
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added,
                        schedule: Schedule, scheduler: Scheduler, guidance_scale, generators: Generators, callback,
                        image_latents: np.ndarray | None = None, observer=None, control_images=(),
-                       control: ControlRequest | None = None) -> DenoiseResult:
+                       control: ControlRequest | None = None, image_prompt=None) -> DenoiseResult:
         batch = latents.shape[0]
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
         timesteps = scheduler.timesteps
@@ -493,6 +529,10 @@ class CairEngine:
         context.prepare({**dims, "text_len": prompt_embeds.shape[1]})
         # Uploaded once per generation: (2B, L, D), unconditional half first.
         planning_inputs = {"encoder_hidden_states": np.concatenate([negative_prompt_embeds, prompt_embeds])}
+        if image_prompt is not None:  # IP-Adapter: zeros for the unconditional half, as diffusers
+            embeds, scale = image_prompt
+            planning_inputs.update(ip_image_embeds=np.concatenate([np.zeros_like(embeds), embeds]),
+                                   ip_adapter_scale=scale)
         guided_inputs, unguided_inputs = {}, {}
         if added is not None:
             text_embeds, negative_text_embeds, time_ids = added

@@ -22,12 +22,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cair_runtime.backends.pool import CallGate
-from cair_runtime.checks import check_finite_result, check_guidance_scale, is_integer
+from cair_runtime.checks import check_finite_result, check_guidance_scale, is_finite_number, is_integer
 from cair_runtime.errors import InvalidInputError, ManifestError
 from cair_runtime.manifest import size_problem
 from cair_runtime.files import write_atomically
 from cair_runtime.lora import LoraSet
-from cair_runtime.images import load_image
+from cair_runtime.images import clip_pixels, load_image
 from cair_runtime.noise import image_generators, image_seeds, standard_normal
 from cair_runtime.pipeline import CairEngine, StageTimings, check_image_count
 from cair_runtime.schedule import DEFAULT_STEPS, Schedule, schedule_request
@@ -186,6 +186,9 @@ class CairText2Image:
         # Folders exported before image to image have no VAE encoder: text to image only.
         encoder = self.pipeline.get("vae_encoder_graph")
         self.vae_encoder = None if encoder is None else session(encoder)
+        # IP-Adapter exports: the CLIP vision encoder of the image prompt.
+        encoder = self.pipeline.get("image_encoder_graph")
+        self.image_encoder = None if encoder is None else session(encoder)
         self.engine.adapters.register(self._swap_text_weights)
         if loras is not None:
             try:
@@ -214,7 +217,7 @@ class CairText2Image:
         ``EngineClosedError``. Closing twice is fine."""
         self._calls.close()
         self.engine.close()
-        self.text_encoders, self.vae, self.vae_encoder = [], None, None
+        self.text_encoders, self.vae, self.vae_encoder, self.image_encoder = [], None, None, None
 
     def __enter__(self) -> CairText2Image:
         return self
@@ -295,6 +298,28 @@ class CairText2Image:
         noise = standard_normal(list(generators), (len(generators), *mean.shape[1:]))
         return (mean + std * noise) * np.float32(self.pipeline["vae_scaling_factor"])
 
+    def encode_image_prompt(self, image: np.ndarray) -> np.ndarray:
+        """An (H, W, 3) uint8 image prompt -> its CLIP image embedding (1, D): the export's preprocessing
+        (``clip_pixels``, as transformers' CLIPImageProcessor) and its ``image_encoder`` graph."""
+        pixels = clip_pixels(image, self.pipeline["image_processor"])[np.newaxis]
+        return self.image_encoder.run(["image_embeds"], {"pixel_values": pixels})[0]
+
+    def _check_image_prompt(self, image: Any, scale: float) -> tuple[np.ndarray, float, dict[str, Any]] | None:
+        """The image prompt read (any size: it is resized and cropped for the encoder), and what the
+        parameters record; None without one (the scale then weighs nothing)."""
+        if image is None:
+            return None
+        if self.image_encoder is None:
+            raise InvalidInputError("this engine was exported without an IP-Adapter; re-export with --ip-adapter "
+                                    "to use an image prompt", field="ip_adapter_image")
+        if not is_finite_number(scale):
+            raise InvalidInputError(f"IP-Adapter scale {scale!r} must be a finite number", field="ip_adapter_scale")
+        try:
+            pixels, name = load_image(image)
+        except InvalidInputError as error:
+            raise InvalidInputError(f"IP-Adapter {error}", field="ip_adapter_image") from None
+        return pixels, float(scale), {"ip_adapter": {"image": name, "scale": float(scale)}}
+
     def _check_image(self, image: Any, height: int | None, width: int | None) -> tuple[np.ndarray, str]:
         """The init image read and checked against the engine (size, VAE factor), before any work."""
         if self.vae_encoder is None:
@@ -345,6 +370,8 @@ class CairText2Image:
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
+        ip_adapter_image: str | Path | np.ndarray | None = None,
+        ip_adapter_scale: float = 1.0,
         schedule: Schedule | None = None,
         **schedule_fields: Any,
     ) -> Text2ImageResult:
@@ -380,6 +407,11 @@ class CairText2Image:
         caller's; it is not resized), read as pixels / 255 for every image of the call;
         ``control_scale``, ``control_guidance_start/end`` and ``guess_mode`` as diffusers'
         ControlNet pipelines take them (one value, or one per net).
+
+        IP-Adapter (an engine exported with ``--ip-adapter``): ``ip_adapter_image`` (a file path or an
+        (H, W, 3) uint8 RGB array of any size; grayscale is converted) is the image prompt of every
+        image of the call, encoded once by the folder's CLIP vision encoder; ``ip_adapter_scale``
+        weighs it (diffusers' ``set_ip_adapter_scale``). Without it the engine runs as the plain model.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -416,11 +448,12 @@ class CairText2Image:
         engine.check_dims({"latent_height": latent_height, "latent_width": latent_width})
         control = self._check_control(control_image, control_scale, control_guidance_start, control_guidance_end,
                                       guess_mode, latent_height, latent_width)
+        image_prompt = self._check_image_prompt(ip_adapter_image, ip_adapter_scale)
         lora_set = engine.resolve_loras(loras)
         with engine.adapters.using(lora_set):  # text encoders and UNet on the same adapters for the whole call
             return self._generate(prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
                                   guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
-                                  cache_observer, chunks, control)
+                                  cache_observer, chunks, control, image_prompt)
 
     def _check_control(self, images: Any, scale, start, end, guess_mode: bool, latent_height: int,
                        latent_width: int) -> tuple[list[np.ndarray], Any, dict[str, Any]] | None:
@@ -450,7 +483,7 @@ class CairText2Image:
 
     def _generate(self, prompts, negatives, num_images_per_prompt, seeds, schedule, sampler, height, width,
                   guidance_scale, scheduler, latents, callback, lora_set, pixels, image_name,
-                  cache_observer=None, chunks=1, control=None) -> Text2ImageResult:
+                  cache_observer=None, chunks=1, control=None, image_prompt=None) -> Text2ImageResult:
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
@@ -466,18 +499,23 @@ class CairText2Image:
             return None if array is None else np.repeat(array, num_images_per_prompt, axis=0)
 
         generators = image_generators(seeds)
-        image_latents, image_s = None, 0.0
+        image_latents, image_s, ip_embeds = None, 0.0, None
         if pixels is not None:
             started = time.perf_counter()
             image_latents = self.encode_image(pixels, generators)
             image_s = time.perf_counter() - started
+        if image_prompt is not None:  # one embedding for every image of the call
+            started = time.perf_counter()
+            ip_embeds = np.repeat(self.encode_image_prompt(image_prompt[0]), count, axis=0)
+            image_s += time.perf_counter() - started
         result = engine.denoise_resolved(
             per_image(prompt_embeds), per_image(negative_embeds), schedule, sampler, guidance_scale,
             latents=latents, height=height, width=width, generators=generators, text_embeds=per_image(pooled),
             negative_text_embeds=per_image(negative_pooled), callback=callback, lora_set=lora_set,
             image_latents=image_latents, cache_observer=cache_observer,
             control_images=None if control is None else [np.repeat(a, count, axis=0) for a in control[0]],
-            control=None if control is None else control[1])
+            control=None if control is None else control[1], ip_image_embeds=ip_embeds,
+            ip_adapter_scale=1.0 if image_prompt is None else image_prompt[1])
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
@@ -496,6 +534,7 @@ class CairText2Image:
             **({"loras": [{"file": a["file"], "scale": a["scale"]} for a in lora_set.adapters]} if lora_set.adapters else {}),
             **({} if pixels is None else {"image": image_name}),
             **({} if control is None else control[2]),
+            **({} if image_prompt is None else image_prompt[2]),
         } for k in range(count)]
         return Text2ImageResult(images, decoded.astype(np.float32), result.latents, result.timings, text_s, vae_s,
                                 parameters, image_s)

@@ -48,6 +48,7 @@ class LoadedModel:
     force_zeros_for_empty_prompt: bool = False  # SDXL: zero negative embeddings when no negative prompt
     source_sha256: str | None = None  # digest of a folder model's files, to tell a changed model from its export
     controlnets: tuple[Any, ...] = ()  # diffusers ControlNetModels exported with the UNet (load_controlnet)
+    ip_adapter: Any = None  # cair_export.core.ip_adapter.IPAdapter applied to the UNet (load_ip_adapter)
 
     @property
     def added_conditions(self) -> bool:
