@@ -368,12 +368,3 @@ def test_cair_run_with_control_images_replays_and_refuses_bad_ones(exported, tmp
     code = cair_run([plain, "a red circle", "-o", str(tmp_path / "bad.png"), *control])
     one_line_error(code, capsys.readouterr().err, "exported without a ControlNet")
     assert not (tmp_path / "bad.png").exists()
-
-
-def test_the_server_refuses_a_controlnet_engine_before_starting(exported, capsys, one_line_error):
-    """The HTTP API takes no control images yet: cair-serve says so instead of failing each request."""
-    from cair_runtime.serve.cli import main as cair_serve
-
-    folder = exported("tiny-sd15", with_pipeline=True, controlnets=NETS["tiny-sd15"], validate=False)
-    code = cair_serve([str(folder), "--port", "1"])
-    one_line_error(code, capsys.readouterr().err, "has ControlNets", "server does not take control images")

@@ -2,11 +2,14 @@
 
 Bounded: every request has a client timeout, the server a request timeout, the whole module
 sends fewer than 150 requests, and the server is stopped with SIGTERM (and killed if it hangs).
+ControlNet engines (at the end) go through the request checks and the replica's batch code without Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import io
 import json
 import os
@@ -28,6 +31,7 @@ from PIL import Image
 
 pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install './runtime[serve]'")
 
+from cair_runtime.serve.api import ApiError, RequestValidator  # noqa: E402
 from cair_runtime.text2image import CairText2Image, png_bytes  # noqa: E402
 
 REQUEST_TIMEOUT_S = 6  # the server's; the heavy request below would take about 20 s
@@ -474,3 +478,141 @@ def test_sigterm_answers_every_request_queued_at_the_proxy(shapes):
             sock.close()
         server.stop()
         server.log.close()
+
+
+# --- ControlNet engines: the request checks and the replica's batch code, without Ray ---------------------------
+
+CONTROL_NETS = ("tiny:100", "tiny:101")  # test_controlnet's engine: one export per session serves both modules
+
+
+def _control_file(seed: int, size: int = 64, kind: str = "PNG", mode: str = "RGB", **options) -> bytes:
+    """A random control map as the bytes of an image file."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=kind, **options)
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+CONTROL_FILES = [_control_file(0), _control_file(1, kind="JPEG")]
+CONTROL = [_b64(data) for data in CONTROL_FILES]
+
+
+@pytest.fixture(scope="module")
+def controlled(exported):
+    """A replica of a tiny engine with two ControlNets, without Ray: its validator and its batch code."""
+    from cair_runtime.serve.app import CairImageService
+    from cair_runtime.serve.config import ServiceConfig
+
+    folder = exported("tiny-sd15", with_pipeline=True, controlnets=CONTROL_NETS, validate=False)
+    replica = CairImageService.func_or_class.__wrapped__  # the class Serve wraps; its __init__ needs a Serve replica
+    service = replica.__new__(replica)
+    service.config, service.max_batch_size = ServiceConfig(str(folder), threads=1), 4
+    service.served = {"requests": 0, "images": 0, "engine_batches": 0}
+    service.pipeline = CairText2Image(folder, threads=1)
+    service.validator = RequestValidator(service.pipeline, max_images=4, max_steps=50)
+    yield service
+    service.pipeline.close()
+
+
+def _parse(validator, body: dict):
+    return validator.parse(json.dumps(body).encode())
+
+
+def test_control_images_are_served_as_the_python_api_makes_them(controlled, tmp_path):
+    """A base64 PNG and JPEG, one per net: the replica's batch code gives the pixels the Python API makes
+    from the same files, and only requests with the same control images and settings share an engine call."""
+    from cair_runtime.serve.app import _Ticket
+
+    paths = [tmp_path / "c0.png", tmp_path / "c1.jpg"]
+    for path, data in zip(paths, CONTROL_FILES):
+        path.write_bytes(data)
+    settings = {"control_scale": [0.8, 1.2], "control_guidance_end": [1.0, 0.5], "guess_mode": True}
+    body = {"prompt": PROMPTS[0], "n": 2, "steps": 3, "cache_step": 2, "seed": 5, "control_image": CONTROL, **settings}
+    same = {**body, "prompt": PROMPTS[1], "n": 1, "seed": 9}
+    swapped = {**body, "control_image": CONTROL[::-1]}
+    requests = [_parse(controlled.validator, b) for b in (body, same, swapped)]
+    assert requests[0].batch_key == requests[1].batch_key != requests[2].batch_key
+    before = controlled.served["engine_batches"]
+    served = asyncio.run(controlled._run_batch([_Ticket(request) for request in requests]))
+    assert controlled.served["engine_batches"] - before == 2  # body and same in one call, swapped alone
+    for b, request, pngs, files in zip((body, same, swapped), requests, served, (paths, paths, paths[::-1])):
+        direct = controlled.pipeline(b["prompt"], num_images_per_prompt=b["n"], num_inference_steps=3, cache_step=2,
+                                     seed=b["seed"], control_image=files, control_scale=[0.8, 1.2],
+                                     control_guidance_end=[1.0, 0.5], guess_mode=True)
+        digests = [f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}" for path in files]
+        assert request.parameters()["control"] == {"images": digests, "scale": [0.8, 1.2], "start": [0.0, 0.0],
+                                                   "end": [1.0, 0.5], "guess_mode": True}
+        assert len(pngs) == len(direct.images) == b["n"]
+        for png, image, parameters in zip(pngs, direct.images, direct.parameters):
+            with Image.open(io.BytesIO(png)) as decoded:
+                np.testing.assert_array_equal(np.asarray(decoded), image)
+                recorded = json.loads(decoded.text["parameters"])
+            # The PNG records what the Python API records, the control images by their files' digests.
+            expected = json.loads(json.dumps(parameters))
+            assert recorded == {**expected, "control": {**expected["control"], "images": digests}}
+
+
+def test_a_controlnet_replica_warms_up_and_says_what_it_takes(controlled, direct):
+    from cair_runtime.serve.cli import _check_engine
+
+    assert _check_engine(controlled.config) == "tiny-sd15"  # cair-serve starts on a ControlNet export
+    assert controlled._measure_speed() > 0  # the warm-up requests carry blank control maps
+    described = controlled.validator.describe()
+    assert described["controlnets"] == 2 and described["max_body_bytes"] > 64 * 1024
+    plain = RequestValidator(direct, max_images=4, max_steps=50).describe()
+    assert plain["controlnets"] == 0 and plain["max_body_bytes"] == 64 * 1024
+
+
+def test_the_body_limit_holds_uncompressed_pngs_at_the_max_size(controlled):
+    largest = _b64(_control_file(2, size=128, compress_level=0))  # the engine's max size, stored uncompressed
+    body = json.dumps({"prompt": "a", "size": "128x128", "steps": 2, "control_image": [largest] * 2}).encode()
+    assert len(body) > 2 * 64 * 1024 and controlled.validator.parse(body).width == 128
+    with pytest.raises(ApiError) as caught:
+        controlled.validator.parse(body + b" " * (controlled.validator.max_body_bytes - len(body) + 1))
+    assert caught.value.status == 413
+
+
+CONTROL_BAD_REQUESTS = [  # (what, the control fields, the field the error names, the message's fragment)
+    ("invalid base64", {"control_image": ["not base64!", CONTROL[1]]}, "control_image",
+     "control_image[0] is not valid base64"),
+    ("a PNG of the wrong size", {"control_image": [CONTROL[0], _b64(_control_file(3, size=32))]}, "control_image",
+     "is 32x32 px; the output is 64x64"),
+    ("one image for two nets", {"control_image": CONTROL[0]}, "control_image", "1 control images for the engine's 2"),
+    ("no control image", {}, "control_image", "0 control images for the engine's 2"),
+    ("start not before end", {"control_image": CONTROL, "control_guidance_start": 0.6, "control_guidance_end": 0.4},
+     "control_guidance_start", "need 0 <= start < end <= 1"),
+    ("three scales for two nets", {"control_image": CONTROL, "control_scale": [1, 1, 1]}, "control_scale",
+     "3 control_scale values for 2 ControlNets"),
+    ("a scale as a string", {"control_image": CONTROL, "control_scale": "1"}, "control_scale", "finite number"),
+    ("guess mode as a string", {"control_image": CONTROL, "guess_mode": "true"}, "guess_mode", "true or false"),
+    ("an image as a number", {"control_image": 7}, "control_image", "base64 of a PNG or JPEG"),
+    ("an RGBA PNG", {"control_image": [CONTROL[0], _b64(_control_file(4, mode="RGBA"))]}, "control_image",
+     "mode RGBA"),
+    ("a GIF", {"control_image": [CONTROL[0], _b64(_control_file(5, kind="GIF"))]}, "control_image",
+     "control_image[1] is not a PNG or JPEG file"),
+    ("a truncated PNG", {"control_image": [CONTROL[0], _b64(CONTROL_FILES[0][:300])]}, "control_image",
+     "cannot read image control_image[1]"),
+]
+
+
+@pytest.mark.parametrize("what, fields, param, message", CONTROL_BAD_REQUESTS,
+                         ids=[row[0] for row in CONTROL_BAD_REQUESTS])
+def test_bad_control_requests_are_400_naming_the_field(controlled, what, fields, param, message):
+    with pytest.raises(ApiError) as caught:
+        _parse(controlled.validator, {"prompt": "a", "steps": 2, **fields})
+    error = caught.value
+    assert error.status == 400 and error.param == param and message in error.message, error.message
+    assert "\n" not in error.message and len(error.message) < 1000  # one line; the base64 is not echoed
+
+
+def test_a_plain_engine_refuses_control_fields(direct):
+    validator = RequestValidator(direct, max_images=4, max_steps=50)
+    with pytest.raises(ApiError) as caught:
+        _parse(validator, {"prompt": "a", "control_image": CONTROL[0], "guess_mode": True})
+    assert caught.value.status == 400 and [param for param, _ in caught.value.problems] == ["control_image",
+                                                                                            "guess_mode"]
+    assert "exported without a ControlNet" in caught.value.message

@@ -3,7 +3,8 @@
 ``POST /v1/images/generations`` takes the OpenAI Images API's body (``prompt``, ``n``, ``size``,
 ``response_format``, ``model``) plus this project's parameters (``negative_prompt``, ``steps``,
 ``cache_step``, ``guidance_stop``, ``deep_interval``, ``planning_interval``, ``skip_mode``, ``guidance_scale``, ``seed``,
-``scheduler``; the schedule's fields left out or null take the engine's calibrated schedule). Nothing is coerced: a wrong type, an
+``scheduler``; the schedule's fields left out or null take the engine's calibrated schedule), and for an engine
+with ControlNets their control images (base64 PNG or JPEG files) and settings. Nothing is coerced: a wrong type, an
 unknown field or a value the engine cannot take is a 400 whose ``error.param`` names the field.
 No web framework here (plain data in, plain data out), so it is tested without a server.
 """
@@ -11,21 +12,30 @@ No web framework here (plain data in, plain data out), so it is tested without a
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import math
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Any, Sequence
 
+import numpy as np
+
 from cair_runtime.checks import check_guidance_scale, is_finite_number, is_integer
+from cair_runtime.control import ControlRequest
 from cair_runtime.errors import CairError, InvalidInputError
+from cair_runtime.images import _from_file as read_image_file
 from cair_runtime.schedulers import SCHEDULER_NAMES
 from cair_runtime.noise import image_seeds
 from cair_runtime.schedule import SKIP_MODES, Schedule
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers; anything larger is refused unread
+MAX_CONTROL_IMAGE_BYTES = 16 * 2**20  # base64 of one control image, whatever the engine's max size
+CONTROL_FIELDS = ("control_image", "control_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
+_CONTROL_FORMATS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: the only decoders a request reaches
 MAX_SEED = 2**63 - 1  # seeds stay within a signed 64-bit integer, whatever language the client speaks
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
@@ -66,14 +76,34 @@ class ImageRequest:
     scheduler: str | None  # None: the model's own
     seed: int
     prompt_chunks: int = 1  # text-encoder windows the prompt and negative prompt are encoded in
-
+    # ControlNet engines: one (H, W, 3) uint8 RGB control map per net, compared through their digests
+    control_images: tuple = dataclass_field(default=(), compare=False, repr=False)
+    control_digests: tuple[str, ...] = ()  # sha256 of each control image's file, as the client sent it
+    control: ControlRequest | None = None  # scales, starts, ends, guess mode; None: an engine without ControlNets
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine batch (everything but prompt, negative and seed)."""
         return (self.height, self.width, self.schedule, self.guidance_scale, self.scheduler,
                 self.negative_prompt is None,  # SDXL: no negative prompt (zeros) differs from ""
-                self.prompt_chunks)  # a prompt's windows are its own, whatever shares its batch
+                self.prompt_chunks,  # a prompt's windows are its own, whatever shares its batch
+                self.control_digests, self.control)  # a call takes one set of control images for all its images
+
+    def control_arguments(self) -> dict[str, Any]:
+        """The ControlNet keywords of the pipeline call (none for an engine without ControlNets)."""
+        if self.control is None:
+            return {}
+        return {"control_image": list(self.control_images), "control_scale": self.control.scales,
+                "control_guidance_start": self.control.starts, "control_guidance_end": self.control.ends,
+                "guess_mode": self.control.guess_mode}
+
+    def control_parameters(self) -> dict[str, Any]:
+        """What the response and the PNGs record of the control: the settings, the images by their digests."""
+        if self.control is None:
+            return {}
+        return {"control": {"images": [f"sha256:{digest}" for digest in self.control_digests],
+                            "scale": list(self.control.scales), "start": list(self.control.starts),
+                            "end": list(self.control.ends), "guess_mode": self.control.guess_mode}}
 
     @property
     def seeds(self) -> list[int]:
@@ -83,7 +113,24 @@ class ImageRequest:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
                 "size": f"{self.width}x{self.height}", **self.schedule.parameters(),
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed,
-                "prompt_chunks": self.prompt_chunks}
+                "prompt_chunks": self.prompt_chunks, **self.control_parameters()}
+
+
+class _Upload(io.BytesIO):
+    """A decoded file of a request, read as a file named after its field (image errors name their file)."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _control_image_bytes(height: int, width: int) -> int:
+    """Room for one control image of this size: the base64 of an uncompressed RGB PNG, within the cap."""
+    png = height * (3 * width + 1) + 64 * 1024  # a filter byte per row; chunk and zlib block headers
+    return min(4 * -(-png // 3), MAX_CONTROL_IMAGE_BYTES)
 
 
 class RequestValidator:
@@ -91,20 +138,19 @@ class RequestValidator:
 
     FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_prompt", "steps", "cache_step",
               "guidance_stop", "deep_interval", "planning_interval", "skip_mode", "guidance_scale", "seed", "scheduler",
-              "prompt_chunks")
+              "prompt_chunks", *CONTROL_FIELDS)
 
     def __init__(self, pipeline: Any, max_images: int, max_steps: int):
         self.pipeline, self.engine = pipeline, pipeline.engine
-        if self.engine.controlnets:
-            raise InvalidInputError(f"{self.engine.folder} has ControlNets, and the server does not take control "
-                                    "images yet: serve an export without --controlnet, or use cair-run / the "
-                                    "Python API", field="engine")
         self.max_images, self.max_steps = max_images, max_steps
         self.model = pipeline.model_name
         factor = self.engine.vae_scale_factor
         height, width = (self.engine.manifest.dim(name) for name in ("latent_height", "latent_width"))
         self.default_size = (height.opt * factor, width.opt * factor)
         self.size_range = ((height.min * factor, height.max * factor), (width.min * factor, width.max * factor))
+        # A plain request is a prompt and a few numbers; with ControlNets, room for one image per net at the max size.
+        self.max_body_bytes = MAX_BODY_BYTES + self.engine.controlnets * _control_image_bytes(height.max * factor,
+                                                                                              width.max * factor)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says about the engine, beside the OpenAI model fields."""
@@ -115,6 +161,7 @@ class RequestValidator:
             "sizes": {"default": f"{default_w}x{default_h}", "min": f"{min_w}x{min_h}", "max": f"{max_w}x{max_h}",
                       "multiple_of": self.engine.vae_scale_factor},
             "max_batch": manifest.dim("batch").max, "max_images": self.max_images, "max_steps": self.max_steps,
+            "controlnets": self.engine.controlnets, "max_body_bytes": self.max_body_bytes,
             "cache_step_hint": manifest.model.get("cache_step_hint"),
             # Long prompts: windows of 75 tokens (cair_runtime.text2image._Tokenizer), at most this many.
             "max_prompt_chunks": self.pipeline.max_prompt_chunks,
@@ -126,10 +173,20 @@ class RequestValidator:
             {key: value for key, value in manifest.schedule.items() if key != "evidence"},
         }
 
+    def warm_up_body(self, steps: int) -> bytes:
+        """A request at the default size (a replica's warm-up); on a ControlNet engine with blank control maps."""
+        body: dict[str, Any] = {"prompt": "a warm-up prompt", "steps": steps, "seed": 0}
+        if self.engine.controlnets:
+            from cair_runtime.text2image import png_bytes
+
+            blank = png_bytes(np.zeros((*self.default_size, 3), np.uint8), {})
+            body["control_image"] = [base64.b64encode(blank).decode("ascii")] * self.engine.controlnets
+        return json.dumps(body).encode()
+
     def parse(self, body: bytes) -> ImageRequest:
         """A request body -> ``ImageRequest``; an ``ApiError`` (400) naming every bad field otherwise."""
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the body has {len(body)} bytes; requests are limited to {MAX_BODY_BYTES}")
+        if len(body) > self.max_body_bytes:
+            raise ApiError(413, f"the body has {len(body)} bytes; requests are limited to {self.max_body_bytes}")
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -141,18 +198,23 @@ class RequestValidator:
         if not isinstance(payload, dict):
             raise ApiError(400, f"the body is a JSON {type(payload).__name__}; send a JSON object with a prompt")
         problems: list[tuple[str | None, str]] = []
+        nets = self.engine.controlnets
         for name in payload:
             if name not in self.FIELDS:
                 problems.append((name, f"unknown field {name!r}; known fields: {', '.join(self.FIELDS)}"))
+            elif name in CONTROL_FIELDS and not nets:
+                problems.append((name, f"{name}: the model {self.model!r} was exported without a ControlNet and "
+                                       "takes no control images; drop the control fields, or serve an export with "
+                                       "--controlnet"))
 
-        def field(name: str, check, default: Any, required: bool = False) -> Any:
+        def field(name: str, check, default: Any, required: bool = False, echo: bool = True) -> Any:
             if name not in payload:
                 if required:
                     problems.append((name, f"{name} is required"))
                 return default
             message = check(payload[name])
             if message:
-                problems.append((name, f"{name} {payload[name]!r}: {message}"))
+                problems.append((name, f"{name} {payload[name]!r}: {message}" if echo else f"{name}: {message}"))
                 return default
             return payload[name]
 
@@ -189,6 +251,32 @@ class RequestValidator:
                      else f"must be an integer from 0 to {MAX_SEED - self.max_images}, or null for a random one", None)
         scheduler = field("scheduler", lambda v: None if v is None or v in SCHEDULER_NAMES
                           else f"must be one of {', '.join(SCHEDULER_NAMES)} (or null for the model's own)", None)
+        if nets:  # the types here; the values below, as the Python API checks them
+            per_net = (lambda v: None if is_finite_number(v) or (isinstance(v, list) and all(map(is_finite_number, v)))
+                       else f"must be a finite number, or a list of one per ControlNet ({nets} here)")
+            control_image = field("control_image", lambda v: None if isinstance(v, str) or (
+                isinstance(v, list) and all(isinstance(item, str) for item in v)) else
+                f"must be the base64 of a PNG or JPEG file, or a list of one per ControlNet ({nets} here)",
+                None, echo=False)  # megabytes of base64 are not echoed
+            control_scale = field("control_scale", per_net, 1.0)
+            control_start = field("control_guidance_start", per_net, 0.0)
+            control_end = field("control_guidance_end", per_net, 1.0)
+            guess_mode = field("guess_mode", lambda v: None if isinstance(v, bool) else "must be true or false", False)
+        if size is None:
+            height, width = self.default_size
+        else:
+            match = _SIZE.fullmatch(size)
+            width, height = int(match[1]), int(match[2])
+        control_images, control_digests, control = (), (), None
+        if nets and not {param for param, _ in problems} & {"size", *CONTROL_FIELDS}:
+            try:
+                control_images, control_digests = self._read_control_images(control_image)
+                _, control, _ = self.pipeline._check_control(  # the Python API's checks: count, size, settings
+                    list(control_images), control_scale, control_start, control_end, guess_mode,
+                    *self.engine.latent_size(height, width))
+            except CairError as error:
+                param = getattr(error, "field", None) or "control_image"
+                problems.append((param, f"{param}: {error}"))
         schedule = None
         if not problems:  # the engine's own checks, on values of the right types
             try:
@@ -206,14 +294,32 @@ class RequestValidator:
         if problems:
             message = "; ".join(message for _, message in problems)
             raise ApiError(400, message, param=problems[0][0], problems=problems)
-        if size is None:
-            height, width = self.default_size
-        else:
-            match = _SIZE.fullmatch(size)
-            width, height = int(match[1]), int(match[2])
         return ImageRequest(prompt=prompt, negative_prompt=negative, n=n, height=height, width=width,
                             schedule=schedule, guidance_scale=float(guidance), scheduler=scheduler,
-                            seed=secrets.randbelow(2**31) if seed is None else seed, prompt_chunks=prompt_chunks)
+                            seed=secrets.randbelow(2**31) if seed is None else seed, prompt_chunks=prompt_chunks,
+                            control_images=control_images, control_digests=control_digests, control=control)
+
+    def _read_control_images(self, value: str | list[str] | None) -> tuple[tuple, tuple[str, ...]]:
+        """The control images as (H, W, 3) uint8 RGB, read as the Python API reads a file, and their files' sha256."""
+        files = [] if value is None else [value] if isinstance(value, str) else value
+        self.engine.check_control_count(len(files))  # before anything is decoded
+        images, digests = [], []
+        for j, text in enumerate(files):
+            name = "control_image" if isinstance(value, str) else f"control_image[{j}]"
+            try:
+                data = base64.b64decode(text, validate=True)
+            except ValueError as error:  # binascii.Error, or a character outside ASCII
+                raise InvalidInputError(f"{name} is not valid base64 ({error}); send the file's bytes base64-encoded, "
+                                        "on one line", field="control_image") from None
+            if not data.startswith(_CONTROL_FORMATS):
+                raise InvalidInputError(f"{name} is not a PNG or JPEG file (it starts {data[:8]!r}); send the "
+                                        "control map as one", field="control_image")
+            try:
+                images.append(read_image_file(_Upload(data, name)))
+            except InvalidInputError as error:
+                raise InvalidInputError(str(error), field="control_image") from None
+            digests.append(hashlib.sha256(data).hexdigest())
+        return tuple(images), tuple(digests)
 
     def _check_prompt(self, value: Any, check_length: bool = True) -> str | None:
         if not isinstance(value, str):

@@ -2,7 +2,7 @@
 
 A replica holds one engine and serves many requests. Requests wait (at most ``batch_wait_ms``)
 in one ``serve.batch`` queue; each batch is grouped by ``ImageRequest.batch_key`` (same size,
-steps, cache step, guidance, scheduler) and run as engine batches of at most ``max_batch_size``
+steps, cache step, guidance, scheduler, control images) and run as engine batches of at most ``max_batch_size``
 images, in a worker thread so the event loop keeps taking requests. Every image draws its noise
 from its own seed, so an image never depends on what else shared its batch.
 
@@ -16,7 +16,6 @@ derived from its speed measured at start), answering a JSON 503 with ``Retry-Aft
 """
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -29,8 +28,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig
 from starlette.exceptions import HTTPException
 
-from cair_runtime.serve.api import (MAX_BODY_BYTES, ApiError, ImageRequest, RequestValidator, generation_response,
-                                    models_response)
+from cair_runtime.serve.api import ApiError, ImageRequest, RequestValidator, generation_response, models_response
 from cair_runtime.serve.config import MAX_DERIVED_IMAGES, ScalingConfig, ServiceConfig, parse_config, serve_slots
 from cair_runtime.serve.drain import watch_drain
 
@@ -192,18 +190,19 @@ class CairImageService:
         self.held_images += images
 
     async def _read_body(self, request: Request) -> bytes:
-        """The body, within ``body_timeout_s`` and ``MAX_BODY_BYTES``: a client that never sends it frees its slot."""
+        """The body, within ``body_timeout_s`` and the validator's ``max_body_bytes``: a client that never sends it
+        frees its slot."""
+        limit = self.validator.max_body_bytes
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the body has {length} bytes; requests are limited to {MAX_BODY_BYTES}")
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"the body has {length} bytes; requests are limited to {limit}")
 
         async def read() -> bytes:
             chunks, size = [], 0
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise ApiError(413, f"the body has more than {MAX_BODY_BYTES} bytes; requests are limited to "
-                                        f"{MAX_BODY_BYTES}")
+                if size > limit:
+                    raise ApiError(413, f"the body has more than {limit} bytes; requests are limited to {limit}")
                 chunks.append(chunk)
             return b"".join(chunks)
 
@@ -221,7 +220,7 @@ class CairImageService:
         path with 3 and 6 steps (a large model's replica does not spend minutes measuring); warms the engine."""
         seconds = []
         for steps in (3, 6):
-            request = self.validator.parse(json.dumps({"prompt": "a warm-up prompt", "steps": steps, "seed": 0}))
+            request = self.validator.parse(self.validator.warm_up_body(steps))
             tickets = [_Ticket(request)] * self.max_batch_size
             started = time.perf_counter()
             self._generate_chunk(tickets, [(index, 0) for index in range(len(tickets))], tickets[:1])
@@ -307,8 +306,10 @@ class CairImageService:
             [r.prompt for r in requests], negatives, height=first.height, width=first.width,
             schedule=first.schedule, guidance_scale=first.guidance_scale, scheduler=first.scheduler,
             seed=[r.seeds[k] for r, (_, k) in zip(requests, chunk)], callback=stop_when_abandoned,
-            prompt_chunks=first.prompt_chunks)
-        return [png_bytes(image, parameters) for image, parameters in zip(result.images, result.parameters)]
+            prompt_chunks=first.prompt_chunks, **first.control_arguments())
+        recorded = first.control_parameters()  # the control images by their digests, not as "array"
+        return [png_bytes(image, {**parameters, **recorded})
+                for image, parameters in zip(result.images, result.parameters)]
 
 
 def deployment_options(service: ServiceConfig, scaling: ScalingConfig) -> dict[str, Any]:

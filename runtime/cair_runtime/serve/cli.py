@@ -38,9 +38,6 @@ def _check_engine(service: ServiceConfig) -> str:
     if manifest.pipeline is None:
         raise ManifestError(f"{service.engine_dir} is a UNet-only export; serving text to image needs a pipeline "
                             "export (a preset like tiny-sd21, shapes, or a diffusers pipeline folder)")
-    if manifest.controlnets:
-        raise InvalidInputError(f"{service.engine_dir} has ControlNets, and the server does not take control images "
-                                "yet: serve an export without --controlnet, or use cair-run / the Python API")
     engine_max = manifest.dim("batch").max
     if service.max_batch_size is not None and service.max_batch_size > engine_max:
         raise InvalidInputError(f"--max-batch-size {service.max_batch_size} is above the engine's max batch "
