@@ -91,6 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch, dtype=args.dtype, deep_branch=args.deep_branch,
                           max_prompt_chunks=args.max_prompt_chunks, controlnets=tuple(args.controlnet or ()),
+                          ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
                           loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
     check_export_options(config)
@@ -148,16 +149,22 @@ def cmd_macs(args: argparse.Namespace) -> int:
 
         model = dataclasses.replace(model, controlnets=tuple(controlnet_architecture(spec, model.unet)
                                                              for spec in args.controlnet))
+    if args.ip_adapter:
+        import dataclasses
+
+        from cair_export.core.ip_adapter import ip_adapter_architecture
+
+        model = dataclasses.replace(model, ip_adapter=ip_adapter_architecture(model.unet, model.family))
     height, width = check_export_config(model, ExportConfig(height=args.height, width=args.width,
                                                             fidelity_guidance=args.fidelity_guidance))
     schedule = {"guidance_stop": args.guidance_stop, "deep_interval": args.deep_interval,
                 "planning_interval": args.planning_interval, "skip_mode": args.skip_mode}
     deep = max(args.deep_interval, args.planning_interval) > 1
-    if deep and args.controlnet:
+    if deep and (args.controlnet or args.ip_adapter):
         from cair_runtime.errors import InvalidInputError
 
-        raise InvalidInputError("deep or planning intervals do not take ControlNets yet; drop --controlnet or use "
-                                "intervals of 1")
+        raise InvalidInputError("deep or planning intervals do not take ControlNets or IP-Adapters yet; drop "
+                                "--controlnet/--ip-adapter or use intervals of 1")
     per_graph = count_graph_macs(model, height, width, batch=args.batch, fidelity_guidance=args.fidelity_guidance,
                                  deep_branch_id=args.deep_branch if deep else None, prompt_chunks=args.prompt_chunks)
     table = generation_macs(per_graph, args.steps, args.cache_step, fidelity_guidance=args.fidelity_guidance,
@@ -165,7 +172,7 @@ def cmd_macs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "height": height, "width": width, "batch": args.batch,
                           "steps": args.steps, "cache_step": args.cache_step, "prompt_chunks": args.prompt_chunks,
-                          "controlnets": list(args.controlnet or ()),
+                          "controlnets": list(args.controlnet or ()), "ip_adapter": args.ip_adapter,
                           "fidelity_guidance": args.fidelity_guidance, **schedule,
                           "deep_branch": args.deep_branch if deep else None, **table}, indent=2))
         return 0
@@ -175,6 +182,7 @@ def cmd_macs(args: argparse.Namespace) -> int:
                   f"branch {args.deep_branch})")
     text = f", text {args.prompt_chunks} windows" if args.prompt_chunks > 1 else ""
     text += f", {len(args.controlnet)} ControlNet(s)" if args.controlnet else ""
+    text += ", IP-Adapter" if args.ip_adapter else ""
     print(f"{args.model} at {width}x{height}, batch {args.batch}{text}, T={args.steps}, n={args.cache_step}{label} "
           f"(UNet only; G = 1e9 MACs)")
     shallow = ("shallow", "shallow_planning") if deep else ()
@@ -317,6 +325,13 @@ def _add_export(sub, presets: str) -> None:
                         help="a diffusers ControlNetModel folder (safetensors) fused into the UNet graphs, its "
                              "cross-attention cached at n like the UNet's; repeat for several ('tiny[:SEED]': a "
                              "seeded one for the tiny presets); no shallow or switch graph with ControlNets yet")
+    export.add_argument("--ip-adapter", metavar="FILE",
+                        help="an IP-Adapter (.safetensors; plain IP-Adapter, not Plus/FaceID) applied to the UNet: "
+                             "planning takes an image prompt, its cross-attention cached at n with the text's "
+                             "('tiny[:SEED]': a seeded one for the tiny presets); no shallow or switch graph with it")
+    export.add_argument("--image-encoder", metavar="FOLDER",
+                        help="the IP-Adapter's CLIP vision encoder (a CLIPVisionModelWithProjection folder with "
+                             "safetensors; default: image_encoder/ beside the adapter file)")
     export.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                         help="LoRA adapter (.safetensors, diffusers or kohya layout) fused into the UNet and text "
                              "encoder(s) before tracing, scale default 1; repeat for several")
@@ -389,6 +404,9 @@ def _add_macs(sub, presets: str) -> None:
     macs.add_argument("--controlnet", action="append", metavar="SPEC",
                       help="count a fused ControlNet too: a ControlNetModel folder (its config), 'unet' (the "
                            "architecture diffusers derives from the UNet, as published ones) or tiny; repeatable")
+    macs.add_argument("--ip-adapter", action="store_true",
+                      help="count a plain IP-Adapter too (image embedding of the published encoders: 1024 wide for "
+                           "SD-1.x/2.x, 1280 for SDXL; the image encoder, once per call, is not counted)")
     macs.add_argument("--prompt-chunks", type=positive_int_arg, default=1, metavar="C",
                       help="text length in text-encoder windows (long prompts; default 1: 77 tokens)")
     macs.add_argument("--fidelity-guidance", choices=("cfg", "none"), default="cfg",

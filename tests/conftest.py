@@ -69,7 +69,7 @@ def replay(capsys):
             parameters = json.loads(image.text["parameters"])
         argv = [str(engine), parameters.pop("prompt"), "-o", str(out), *extra]
         for name, value in parameters.items():
-            if value is not None and name not in ("model", "image", "loras", "latents", "control"):
+            if value is not None and name not in ("model", "image", "loras", "latents", "control", "ip_adapter"):
                 argv += [f"--{name.replace('_', '-')}", str(value)]
         code = main(argv)
         return code, capsys.readouterr().err

@@ -224,4 +224,31 @@ def test_macs_cli_counts_controlnets(capsys, one_line_error):
     for kind in ("planning", "fidelity"):  # the net adds to every step, less its cross-attention after n
         assert controlled["conv_linear"][kind] > plain["conv_linear"][kind]
     one_line_error(main(["macs", "tiny-sd15", "--controlnet", "tiny", "--deep-interval", "2"]),
-                   capsys.readouterr().err, "do not take ControlNets yet")
+                   capsys.readouterr().err, "do not take ControlNets or IP-Adapters yet")
+
+
+def test_ip_adapter_macs_match_flop_counter():
+    """An IP-Adapter adds its image projection and image-token attention to planning; fidelity is the plain model's."""
+    import dataclasses
+
+    from cair_export.core.ip_adapter import image_conditions, load_ip_adapter
+
+    model = load_model("tiny-sd15")
+    plain = count_graph_macs(model, 64, 96)
+    sample, context = torch.zeros(2, 4, 8, 12), torch.zeros(2, 77, 768)
+    with torch.no_grad(), FlopCounterMode(display=False) as before:
+        model.unet(sample, torch.tensor([10.0]), context)
+    adapter = load_ip_adapter("tiny", model.unet)
+    counted = count_graph_macs(dataclasses.replace(model, ip_adapter=adapter), 64, 96)
+    with torch.no_grad(), FlopCounterMode(display=False) as after:
+        model.unet(sample, torch.tensor([10.0]), context,
+                   added_cond_kwargs=image_conditions(torch.zeros(1, adapter.image_embed_dim), guided=True))
+    # The counter sees the projection and to_k_ip/to_v_ip (CPU SDPA is not among its counted ops) ...
+    added = (after.get_total_flops() - before.get_total_flops()) // 2
+    assert added > 0
+    assert counted["planning"].conv_linear - plain["planning"].conv_linear == added
+    # ... and QK^T, AV over the 4 image tokens, at every cross-attention, at batch 2
+    scores = sum(2 * 2 * (8 // 2 ** s.level) * (12 // 2 ** s.level) * 4 * s.channels
+                 for s in cross_attention_sites(model.unet))
+    assert counted["planning"].attention - plain["planning"].attention == scores
+    assert counted["fidelity"] == plain["fidelity"]

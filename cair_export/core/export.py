@@ -139,6 +139,17 @@ def check_export_options(config: ExportConfig) -> None:
     if config.deep_branch is not None and (not isinstance(config.deep_branch, int) or config.deep_branch < 0):
         raise InvalidInputError(f"deep branch {config.deep_branch!r} must be a non-negative integer "
                                 "(DeepCache's cache_branch_id: 3 * block + layer)", field="deep_branch")
+    if config.ip_adapter is None:
+        if config.image_encoder is not None:
+            raise InvalidInputError("--image-encoder is the IP-Adapter's; give --ip-adapter too", field="image_encoder")
+    else:
+        from cair_export.core.ip_adapter import TINY, read_ip_adapter
+
+        if config.controlnets:
+            raise InvalidInputError("an IP-Adapter and ControlNets in one export are not supported yet; export "
+                                    "with one of them", field="ip_adapter")
+        if config.ip_adapter != TINY and not config.ip_adapter.startswith(TINY + ":"):
+            read_ip_adapter(config.ip_adapter)  # a pickle, a truncated file, a Plus adapter: before any model loads
 
 
 def _trace_dims(dims: tuple[Dim, ...], up_factor: int) -> dict[str, int]:

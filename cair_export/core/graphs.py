@@ -225,7 +225,8 @@ class CairGraph(torch.nn.Module):
         if getattr(self.unet, "encoder_hid_proj", None) is None:
             yield {}
         elif "ip_image_embeds" in named:
-            with adapter_scale(self.unet, named["ip_adapter_scale"]):
+            scale = named["ip_adapter_scale"]  # an input of the traced graph
+            with adapter_scale(self.unet, 1.0 if scale.is_meta else scale):  # meta: counting MACs, no values
                 yield {"image_embeds": [named["ip_image_embeds"].unsqueeze(1)]}
         else:
             with image_projection_removed(self.unet):

@@ -35,14 +35,11 @@ class IPAdapter:
     """An IP-Adapter applied to a UNet, with the image encoder and preprocessing it expects."""
 
     source: str  # the spec it was loaded from: a safetensors file or tiny[:SEED]
-    image_encoder: Any  # transformers CLIPVisionModelWithProjection
-    image_processor: dict[str, Any]  # CLIP preprocessing (cair_runtime.images.clip_pixels' spec)
+    image_embed_dim: int  # width of the image encoder's image_embeds, the adapter's input
+    image_encoder: Any = None  # transformers CLIPVisionModelWithProjection (None: counting MACs only)
+    image_processor: dict[str, Any] | None = None  # CLIP preprocessing (cair_runtime.images.clip_pixels' spec)
     sha256: str | None = None  # the adapter file's digest; None for a tiny one
     tokens: int = TOKENS
-
-    @property
-    def image_embed_dim(self) -> int:
-        return self.image_encoder.config.projection_dim
 
     def manifest_record(self) -> dict[str, Any]:
         return {"source": self.source, "sha256": self.sha256, "tokens": self.tokens,
@@ -67,8 +64,9 @@ def read_ip_adapter(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise _error(f"IP-Adapter {path} does not exist; give a .safetensors file (e.g. ip-adapter_sd15.safetensors)")
     with open(path, "rb") as handle:
-        head = handle.read(2)
-    if path.suffix in _PICKLE_SUFFIXES or head in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        head = handle.read(9)  # safetensors: an 8-byte header length, then the JSON header's "{"
+    pickled = head[8:9] != b"{" and head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    if path.suffix in _PICKLE_SUFFIXES or pickled:  # torch.save writes a zip (PK) or a bare pickle (0x80)
         raise _error(f"IP-Adapter {path} is a pickle; cair-export reads safetensors only: convert it in a trusted "
                      "environment (safetensors.torch.save_file)")
     try:
@@ -123,7 +121,7 @@ def tiny_image_encoder(seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = CLIPVisionModelWithProjection(config).eval()
-    return encoder, clip_processor_spec({"size": {"shortest_edge": 32}, "crop_size": 32})
+    return encoder, clip_processor_spec({}, config.image_size)
 
 
 def tiny_ip_adapter_state(unet: torch.nn.Module, image_embed_dim: int, seed: int
@@ -145,9 +143,11 @@ def tiny_ip_adapter_state(unet: torch.nn.Module, image_embed_dim: int, seed: int
     return state
 
 
-def clip_processor_spec(config: dict[str, Any]) -> dict[str, Any]:
-    """CLIP preprocessing from a ``preprocessor_config.json`` (CLIPImageProcessor's fields and defaults)."""
-    size, crop = config.get("size", {"shortest_edge": 224}), config.get("crop_size", {"height": 224, "width": 224})
+def clip_processor_spec(config: dict[str, Any], image_size: int = 224) -> dict[str, Any]:
+    """CLIP preprocessing from a ``preprocessor_config.json`` (CLIPImageProcessor's fields; missing sizes are
+    the encoder's ``image_size``, the mean and deviation OpenAI CLIP's)."""
+    size = config.get("size", {"shortest_edge": image_size})
+    crop = config.get("crop_size", {"height": image_size, "width": image_size})
     shortest = size.get("shortest_edge") if isinstance(size, dict) else size
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
@@ -162,15 +162,17 @@ def _image_encoder_folder(folder: Path) -> tuple[torch.nn.Module, dict[str, Any]
 
     from transformers import CLIPVisionModelWithProjection
 
+    from cair_export.core.models.loading import _from_pretrained
+
     if not (folder / "config.json").is_file():
         raise _error(f"no image encoder at {folder} (a CLIPVisionModelWithProjection folder, as IP-Adapter releases "
                      "ship in image_encoder/): give --image-encoder FOLDER")
     if not any(folder.glob("*.safetensors")):
         raise _error(f"the image encoder {folder} has no .safetensors weights; cair-export reads safetensors only")
-    encoder = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True).eval()
+    encoder = _from_pretrained(CLIPVisionModelWithProjection, folder)
     processor = folder / "preprocessor_config.json"
     config = json.loads(processor.read_text()) if processor.is_file() else {}
-    return encoder, clip_processor_spec(config)
+    return encoder, clip_processor_spec(config, encoder.config.image_size)
 
 
 def load_ip_adapter(spec: str, unet: torch.nn.Module, image_encoder: str | None = None) -> IPAdapter:
@@ -190,7 +192,21 @@ def load_ip_adapter(spec: str, unet: torch.nn.Module, image_encoder: str | None 
                                                    Path(spec).parent / "image_encoder")
     check_ip_adapter(unet, state, encoder.config.projection_dim, spec)
     unet._load_ip_adapter_weights([state])
-    return IPAdapter(spec, encoder, processor, digest)
+    return IPAdapter(spec, encoder.config.projection_dim, encoder, processor, digest)
+
+
+# The CLIP vision encoders published IP-Adapters read: ViT-H/14 (SD-1.5) and ViT-bigG/14 (SDXL).
+PUBLISHED_IMAGE_EMBED_DIM = {"sd15": 1024, "sd21": 1024, "sdxl": 1280}
+
+
+def ip_adapter_architecture(unet: torch.nn.Module, family: str) -> IPAdapter:
+    """A plain IP-Adapter applied to a meta-device UNet (shapes only), for counting MACs; the image
+    embedding as wide as the published adapters' encoder for the model family."""
+    dim = PUBLISHED_IMAGE_EMBED_DIM[family]
+    with torch.device("meta"):
+        state = tiny_ip_adapter_state(unet, dim, 0)
+    unet._load_ip_adapter_weights([state])
+    return IPAdapter("architecture", dim)
 
 
 def ip_processors(unet: torch.nn.Module) -> list[Any]:

@@ -64,7 +64,12 @@ def _counting(root: torch.nn.Module, skip: frozenset[int] = frozenset()) -> Iter
             batch, queries = hidden_states.shape[0], hidden_states.shape[2] * hidden_states.shape[3]
         else:
             batch, queries = hidden_states.shape[0], hidden_states.shape[1]
-        keys = context.shape[1] if context is not None else queries
+        if isinstance(context, tuple):  # IP-Adapter: the text, then each adapter's image tokens
+            text, images = context
+            keys = text.shape[1] + sum(image.shape[-2] * (image.shape[1] if image.ndim == 4 else 1)
+                                       for image in images)
+        else:
+            keys = context.shape[1] if context is not None else queries
         # QK^T and AV: each batch * queries * keys * inner_dim multiply-adds.
         totals["attention"] += 2 * batch * queries * keys * module.inner_dim
 
@@ -116,7 +121,10 @@ def count_graph_macs(model: LoadedModel, height: int, width: int, batch: int = 1
         ios = graph_specs(model, cache_specs(cache.sites), fidelity_guidance, branch)
         for kind, io in ios.items():
             inputs = {spec.name: torch.zeros(spec.resolve(dims), device=device) for spec in io.inputs}
-            if model.controlnets:  # the fused graph itself: UNet and nets, each net's attn2 replayed after n
+            if "ip_adapter_scale" in inputs:  # at scale 0 diffusers skips the image term: count it
+                inputs["ip_adapter_scale"] = torch.ones_like(inputs["ip_adapter_scale"])
+            if model.controlnets or model.ip_adapter is not None:
+                # The graph itself: the fused nets (their attn2 replayed after n) or the image prompt (planning only)
                 results[kind] = _count_graph(CairGraph(unet, cache, io, branch, model.controlnets), cache, inputs)
                 continue
             if kind in ("fidelity", "shallow"):

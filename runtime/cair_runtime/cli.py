@@ -150,6 +150,12 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
         load_image(args.image)  # a bad file fails before the engine loads
     elif args.strength is not None:
         raise InvalidInputError("--strength is for image to image; give --image too")
+    if args.ip_adapter_image is not None:
+        from cair_runtime.images import load_image
+
+        load_image(args.ip_adapter_image)  # a bad file fails before the engine loads
+    elif args.ip_adapter_scale is not None:
+        raise InvalidInputError("--ip-adapter-scale weighs an image prompt; give --ip-adapter-image too")
     pipeline = CairText2Image(args.engine_dir, args.backend, providers=_providers(args), threads=args.threads,
                               loras=_loras(args), **_backend_options(args))
     schedule = pipeline.engine.resolve_schedule(_schedule_request(args))
@@ -161,7 +167,9 @@ def cmd_text_to_image(args: argparse.Namespace) -> int:
             seed=args.seed, callback=_Progress(not args.json), image=args.image, prompt_chunks=args.prompt_chunks,
             control_image=args.control_image, control_scale=_per_net(args.control_scale, 1.0),
             control_guidance_start=_per_net(args.control_guidance_start, 0.0),
-            control_guidance_end=_per_net(args.control_guidance_end, 1.0), guess_mode=args.guess_mode)
+            control_guidance_end=_per_net(args.control_guidance_end, 1.0), guess_mode=args.guess_mode,
+            ip_adapter_image=args.ip_adapter_image,
+            ip_adapter_scale=1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale)
     for message in dict.fromkeys(str(warning.message) for warning in caught):  # SDXL: once, not per encoder
         print(f"cair-run: warning: {message}", file=sys.stderr)
     paths = _image_paths(output, len(result.images))
@@ -247,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guess-mode", action="store_true",
                         help="ControlNet guess mode (diffusers'): residuals on the conditional half only, deeper ones "
                              "stronger")
+    parser.add_argument("--ip-adapter-image", metavar="FILE",
+                        help="IP-Adapter engines: the image prompt (RGB or grayscale, any size: resized and "
+                             "cropped as the adapter's CLIP image encoder expects)")
+    parser.add_argument("--ip-adapter-scale", type=float, metavar="S",
+                        help="weight of the image prompt (default 1; diffusers' set_ip_adapter_scale)")
     parser.add_argument("--prompt-chunks", type=int, metavar="C",
                         help="encode the prompts in C text-encoder windows (75 tokens each for CLIP; 1: truncate at "
                              "one; default: as many as the longer text needs, up to the export's --max-prompt-chunks)")
