@@ -389,6 +389,88 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
     return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
 
 
+def controlnet_configs(model_name: str, steps: int, cache_steps: list[int], size: int, engines: Path,
+                       threads: int) -> list[Config]:
+    """The UNet with one ControlNet (the architecture ``ControlNetModel.from_unet`` derives, as published
+    ones are; random weights), UNet loop only: diffusers' ``StableDiffusionControlNetPipeline`` (eager,
+    fixed embeddings, latents out), the torch reference CAIR and the runtime (fused graphs) at n = T and
+    the cache steps; one random control map."""
+    import torch
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from cair_export.core.controlnet import load_controlnet
+    from cair_export.core.export import ExportConfig
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_denoise
+    from cair_export.lab.engines import ensure_engine
+    from cair_runtime.control import ControlRequest
+
+    tiny = Path(model_name).name.startswith("tiny")
+    spec = "tiny"
+    if not tiny:  # a ControlNetModel folder, as users have them: written once beside the engines
+        spec = str(engines / f"{Path(model_name).name}-controlnet")
+        if not (Path(spec) / "config.json").is_file():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1)
+                ControlNetModel.from_unet(load_model(model_name).unet).save_pretrained(spec, safe_serialization=True)
+    folder: Path | Exception
+    try:
+        folder = ensure_engine(model_name, engines / f"{Path(model_name).name}-{size}-controlnet",
+                               ExportConfig(height=size, width=size, max_batch=1, controlnets=(spec,),
+                                            validate=tiny),  # a big export is checked by the pipeline row
+                               with_pipeline=False, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    except Exception as error:  # every runtime row records it
+        folder = error
+    model = load_model(model_name)
+    unet = model.unet
+    net = load_controlnet(spec, unet)
+    pipe = StableDiffusionControlNetPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, controlnet=net,
+                                             scheduler=DDIMScheduler.from_config(model.scheduler_config),
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    side = size // model.vae_scale_factor
+    latents = torch.from_numpy(rng.standard_normal((1, unet.config.in_channels, side, side), dtype=np.float32))
+    embeds = torch.from_numpy(rng.standard_normal((1, model.text_len, unet.config.cross_attention_dim),
+                                                  dtype=np.float32))
+    negative = torch.zeros_like(embeds)
+    control = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    control_tensor = torch.from_numpy(control.astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+    def diffusers_pipeline():
+        return lambda: pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, image=Image.fromarray(control),
+                            latents=latents.clone(), num_inference_steps=steps, guidance_scale=7.5, height=size,
+                            width=size, output_type="latent").images
+
+    def reference(n: int):
+        return lambda: lambda: cair_denoise(
+            unet, DDIMScheduler.from_config(model.scheduler_config), latents.clone(), embeds, negative,
+            num_inference_steps=steps, cache_step=n, guidance_scale=7.5, controlnets=[net],
+            control_images=[control_tensor], control=ControlRequest.make(1))
+
+    engine = None
+
+    def runtime(n: int):
+        def make():
+            nonlocal engine
+            from cair_runtime.pipeline import CairEngine
+
+            if isinstance(folder, Exception):
+                raise folder
+            engine = engine or CairEngine(folder, threads=threads)
+            return lambda: engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(),
+                                          num_inference_steps=steps, guidance_scale=7.5, scheduler="ddim",
+                                          cache_step=n, control_images=[control_tensor.numpy()])
+        return make
+
+    rows = [("diffusers ControlNet pipeline, eager, plain", "torch", diffusers_pipeline, None, None)]
+    rows += [(f"torch reference CAIR n={n}", "torch", reference(n), n, None) for n in cache_steps]
+    rows += [(runtime_name(n), "runtime", runtime(n), n, None) for n in [steps, *cache_steps]]
+    return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
+
+
 # --- measuring and reporting ---------------------------------------------------------------
 
 
@@ -796,7 +878,9 @@ def render(results: dict[str, Any]) -> str:
              "configurations alternate within each round, so ratios are fairer than absolute figures.", "",
              "```", results["command"], "```"]
     for suite, result in results["suites"].items():
-        what = ("text to image end to end, batch 1" if suite == "shapes" else "UNet loop only, random weights, batch 1")
+        what = {"shapes": "text to image end to end, batch 1",
+                "controlnet": "UNet and one ControlNet, loop only, random weights, batch 1"}.get(
+            suite, "UNet loop only, random weights, batch 1")
         model = "" if result["model"] in ("shapes", "sd21") else f" ({result['model']})"
         lines += ["", f"## {suite}{model} at {result['size']}x{result['size']}, {result['steps']} steps ({what}), "
                       f"median of {result['repeats']} warm runs", "",
@@ -829,7 +913,7 @@ def main() -> int:
     from cair_export.core.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("shapes", "sd21", "both"), default="shapes")
+    parser.add_argument("--suite", choices=("shapes", "sd21", "both", "controlnet"), default="shapes")
     parser.add_argument("--model", default="shapes", help="model of the shapes suite (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cache-steps", type=int_list, default=(5, 10), help="n values for CAIR and T-GATE (default 5,10)")
@@ -849,7 +933,9 @@ def main() -> int:
     parser.add_argument("--accuracy-from", type=Path, default=ROOT / "docs" / "schedules_kp.json",
                         help="cair-export evaluate JSON with the schedules' and DeepCache's accuracy on shapes "
                              "(default docs/schedules_kp.json)")
-    parser.add_argument("--size", type=int, default=256, help="sd21 pixel size (default 256)")
+    parser.add_argument("--controlnet-model", default="sd15", help="model of the controlnet suite (default sd15; "
+                                                                     "tiny-sd15 to check the script quickly)")
+    parser.add_argument("--size", type=int, default=256, help="sd21 and controlnet pixel size (default 256)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads, torch and onnxruntime (0: default)")
     parser.add_argument("--engines-dir", type=Path, default=ROOT / "engines")
     parser.add_argument("--json", type=Path)
@@ -873,11 +959,22 @@ def main() -> int:
                "machine": _machine(), "suites": {}}
     suites = [("shapes", args.repeats), ("sd21", args.sd21_repeats)] if args.suite == "both" else \
         [(args.suite, args.repeats if args.suite == "shapes" else args.sd21_repeats)]
+    suite_models = {"shapes": args.model, "sd21": args.sd21_model, "controlnet": args.controlnet_model}
     for suite, repeats in suites:
         if suite == "shapes":
             model = load_model(args.model, device="meta")
             size = model.unet.config.sample_size * model.vae_scale_factor
             configs = shapes_configs(args.model, args.steps, cache_steps, args.engines_dir, args.threads)
+        elif suite == "controlnet":
+            import dataclasses
+
+            from cair_export.core.controlnet import controlnet_architecture
+
+            model, size = load_model(args.controlnet_model, device="meta"), args.size
+            spec = "tiny" if Path(args.controlnet_model).name.startswith("tiny") else "unet"
+            model = dataclasses.replace(model, controlnets=(controlnet_architecture(spec, model.unet),))
+            configs = controlnet_configs(args.controlnet_model, args.steps, cache_steps, size, args.engines_dir,
+                                         args.threads)
         else:
             model, size = load_model(args.sd21_model, device="meta"), args.size
             only = set(args.sd21_only.split(",")) if args.sd21_only else None
@@ -898,7 +995,7 @@ def main() -> int:
                                     per_image)
         measure(configs, repeats, suite)
         rows = summarise(configs, args.steps, bounds, end_to_end)
-        results["suites"][suite] = {"model": args.model if suite == "shapes" else args.sd21_model, "size": size,
+        results["suites"][suite] = {"model": suite_models[suite], "size": size,
                                     "steps": args.steps, "repeats": repeats, "rows": rows,
                                     "graph_macs": {kind: macs.conv_linear for kind, macs in per_graph.items()}}
         if suite == "sd21" and any(row["group"] == "runtime" and row["deep_interval"] > 1

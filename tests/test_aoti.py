@@ -3,7 +3,8 @@
 The same checks as test_runtime_parity.py for the onnxruntime backend. AOTInductor compiles
 C++ for every graph: about 2-4 minutes per graph on two busy cores, so the packages are compiled
 once per session (with ``QUICK_CPU_COMPILE``; 3.5 minutes for this file on 2 cores) and only
-tiny-sd21 runs by default; CAIR_TEST_AOTI_SDXL=1 adds the SDXL case (another ~5 minutes).
+tiny-sd21 runs by default; CAIR_TEST_AOTI_SDXL=1 adds the SDXL case (another ~5 minutes) and
+CAIR_TEST_AOTI_EMBEDDED=1 the embedded-weights package check.
 """
 
 import os
@@ -143,6 +144,9 @@ def test_packages_run_on_one_set_of_weights(aoti_folder):
     assert backend.weights[shared].data_ptr() == pointer
 
 
+@pytest.mark.skipif(os.environ.get("CAIR_TEST_AOTI_EMBEDDED") != "1",
+                    reason="compiles a second planning package (~40 s on 2 cores) to guard the weights-outside "
+                           "layout's arithmetic; CAIR_TEST_AOTI_EMBEDDED=1 runs it")
 def test_fed_weights_compute_what_embedded_ones_do_bit_for_bit(aoti_folder, tmp_path):
     """The weights once changed the packages, not their arithmetic: a planning package with its weights
     embedded (how every package was built before) gives the same bits as the backend's, fed at load."""

@@ -29,6 +29,8 @@ def stale_reason(manifest: Manifest, model: LoadedModel, config: ExportConfig, w
     branch = None if manifest.deep_branch is None else manifest.deep_branch.get("branch")
     if branch != config.deep_branch:
         return f"its deep branch is {branch}, not {config.deep_branch}"
+    if manifest.controlnets != len(config.controlnets):
+        return f"it holds {manifest.controlnets} ControlNet(s), not {len(config.controlnets)}"
     if manifest.dim("batch").max < config.max_batch:
         return f"it takes at most {manifest.dim('batch').max} prompts per call, not {config.max_batch}"
     factor = model.vae_scale_factor
