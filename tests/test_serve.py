@@ -2,7 +2,8 @@
 
 Bounded: every request has a client timeout, the server a request timeout, the whole module
 sends fewer than 150 requests, and the server is stopped with SIGTERM (and killed if it hangs).
-ControlNet engines (at the end) go through the request checks and the replica's batch code without Ray.
+ControlNet and IP-Adapter engines (at the end) go through the request checks and the replica's batch code
+without Ray.
 """
 
 from __future__ import annotations
@@ -501,19 +502,24 @@ CONTROL_FILES = [_control_file(0), _control_file(1, kind="JPEG")]
 CONTROL = [_b64(data) for data in CONTROL_FILES]
 
 
-@pytest.fixture(scope="module")
-def controlled(exported):
-    """A replica of a tiny engine with two ControlNets, without Ray: its validator and its batch code."""
+def _replica(folder: Path):
+    """A replica of ``folder`` without Ray: its validator and its batch code."""
     from cair_runtime.serve.app import CairImageService
     from cair_runtime.serve.config import ServiceConfig
 
-    folder = exported("tiny-sd15", with_pipeline=True, controlnets=CONTROL_NETS, validate=False)
     replica = CairImageService.func_or_class.__wrapped__  # the class Serve wraps; its __init__ needs a Serve replica
     service = replica.__new__(replica)
     service.config, service.max_batch_size = ServiceConfig(str(folder), threads=1), 4
     service.served = {"requests": 0, "images": 0, "engine_batches": 0}
     service.pipeline = CairText2Image(folder, threads=1)
     service.validator = RequestValidator(service.pipeline, max_images=4, max_steps=50)
+    return service
+
+
+@pytest.fixture(scope="module")
+def controlled(exported):
+    """A replica of a tiny engine with two ControlNets."""
+    service = _replica(exported("tiny-sd15", with_pipeline=True, controlnets=CONTROL_NETS, validate=False))
     yield service
     service.pipeline.close()
 
@@ -580,7 +586,10 @@ CONTROL_BAD_REQUESTS = [  # (what, the control fields, the field the error names
     ("invalid base64", {"control_image": ["not base64!", CONTROL[1]]}, "control_image",
      "control_image[0] is not valid base64"),
     ("a PNG of the wrong size", {"control_image": [CONTROL[0], _b64(_control_file(3, size=32))]}, "control_image",
-     "is 32x32 px; the output is 64x64"),
+     "image control_image[1] is 32x32 px; expected 64x64"),
+    ("a truncated PNG of the wrong size, refused before decoding",
+     {"control_image": [CONTROL[0], _b64(_control_file(3, size=32)[:100])]}, "control_image",
+     "image control_image[1] is 32x32 px; expected 64x64"),
     ("one image for two nets", {"control_image": CONTROL[0]}, "control_image", "1 control images for the engine's 2"),
     ("no control image", {}, "control_image", "0 control images for the engine's 2"),
     ("start not before end", {"control_image": CONTROL, "control_guidance_start": 0.6, "control_guidance_end": 0.4},
@@ -588,6 +597,8 @@ CONTROL_BAD_REQUESTS = [  # (what, the control fields, the field the error names
     ("three scales for two nets", {"control_image": CONTROL, "control_scale": [1, 1, 1]}, "control_scale",
      "3 control_scale values for 2 ControlNets"),
     ("a scale as a string", {"control_image": CONTROL, "control_scale": "1"}, "control_scale", "finite number"),
+    ("a scale past float64", {"control_image": CONTROL, "control_scale": [1, 10**400]}, "control_scale",
+     "finite number"),
     ("guess mode as a string", {"control_image": CONTROL, "guess_mode": "true"}, "guess_mode", "true or false"),
     ("an image as a number", {"control_image": 7}, "control_image", "base64 of a PNG or JPEG"),
     ("an RGBA PNG", {"control_image": [CONTROL[0], _b64(_control_file(4, mode="RGBA"))]}, "control_image",
@@ -616,3 +627,109 @@ def test_a_plain_engine_refuses_control_fields(direct):
     assert caught.value.status == 400 and [param for param, _ in caught.value.problems] == ["control_image",
                                                                                             "guess_mode"]
     assert "exported without a ControlNet" in caught.value.message
+
+
+# --- IP-Adapter engines: the same, with test_ip_adapter's export ---------------------------------------------------
+
+IMAGE_PROMPT_FILES = [_control_file(6, size=40), _control_file(7, size=72, kind="JPEG")]  # any size: resized, cropped
+IMAGE_PROMPT = [_b64(data) for data in IMAGE_PROMPT_FILES]
+
+
+@pytest.fixture(scope="module")
+def prompted(exported):
+    """A replica of a tiny engine with an IP-Adapter."""
+    service = _replica(exported("tiny-sd15", with_pipeline=True, ip_adapter="tiny", validate=False,
+                                max_prompt_chunks=1))
+    yield service
+    service.pipeline.close()
+
+
+def test_an_image_prompt_is_served_as_the_python_api_makes_it(prompted, tmp_path):
+    """A base64 PNG and JPEG image prompt: the replica's batch code gives the pixels the Python API makes from
+    the same file and seed; requests share an engine call only with the same image prompt and scale."""
+    from cair_runtime.serve.app import _Ticket
+
+    paths = [tmp_path / "style.png", tmp_path / "style.jpg"]
+    for path, data in zip(paths, IMAGE_PROMPT_FILES):
+        path.write_bytes(data)
+    body = {"prompt": PROMPTS[0], "n": 2, "steps": 3, "cache_step": 2, "seed": 5,
+            "ip_adapter_image": IMAGE_PROMPT[0], "ip_adapter_scale": 0.7}
+    same = {**body, "prompt": PROMPTS[1], "n": 1, "seed": 9}
+    other = {**body, "n": 1, "ip_adapter_image": IMAGE_PROMPT[1]}
+    plain = {key: value for key, value in body.items() if not key.startswith("ip_adapter")}
+    requests = [_parse(prompted.validator, b) for b in (body, same, other, plain)]
+    rescaled = _parse(prompted.validator, {**body, "ip_adapter_scale": 1})
+    assert requests[0].batch_key == requests[1].batch_key
+    assert len({requests[0].batch_key, requests[2].batch_key, requests[3].batch_key, rescaled.batch_key}) == 4
+    before = prompted.served["engine_batches"]
+    served = asyncio.run(prompted._run_batch([_Ticket(request) for request in requests]))
+    assert prompted.served["engine_batches"] - before == 3  # body and same in one call
+    for b, request, pngs, path in zip((body, same, other, plain), requests, served, (*paths[:1], *paths, None)):
+        direct = prompted.pipeline(b["prompt"], num_images_per_prompt=b["n"], num_inference_steps=3, cache_step=2,
+                                   seed=b["seed"], ip_adapter_image=path, ip_adapter_scale=0.7)
+        recorded = None if path is None else {"image": f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}",
+                                              "scale": 0.7}
+        assert request.parameters().get("ip_adapter") == recorded
+        assert len(pngs) == len(direct.images) == b["n"]
+        for png, image, parameters in zip(pngs, direct.images, direct.parameters):
+            with Image.open(io.BytesIO(png)) as decoded:
+                np.testing.assert_array_equal(np.asarray(decoded), image)
+                # The PNG records what the Python API records, the image prompt by its file's digest.
+                assert json.loads(decoded.text["parameters"]) == {**json.loads(json.dumps(parameters)),
+                                                                  **({} if path is None else {"ip_adapter": recorded})}
+
+
+def test_an_ip_adapter_replica_warms_up_and_says_what_it_takes(prompted, direct):
+    assert prompted._measure_speed() > 0  # the warm-up requests have no image prompt
+    described = prompted.validator.describe()
+    assert described["ip_adapter"] is True and described["controlnets"] == 0
+    assert described["max_body_bytes"] > 64 * 1024
+    assert RequestValidator(direct, max_images=4, max_steps=50).describe()["ip_adapter"] is False
+
+
+def _gray_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+IP_ADAPTER_BAD_REQUESTS = [  # (what, the IP-Adapter fields, the field the error names, the message's fragment)
+    ("invalid base64", {"ip_adapter_image": "not base64!"}, "ip_adapter_image", "ip_adapter_image is not valid base64"),
+    ("an image as a list", {"ip_adapter_image": IMAGE_PROMPT}, "ip_adapter_image", "base64 of a PNG or JPEG"),
+    ("a GIF", {"ip_adapter_image": _b64(_control_file(5, kind="GIF"))}, "ip_adapter_image", "not a PNG or JPEG"),
+    ("an RGBA PNG", {"ip_adapter_image": _b64(_control_file(4, mode="RGBA"))}, "ip_adapter_image", "mode RGBA"),
+    ("a truncated PNG", {"ip_adapter_image": _b64(IMAGE_PROMPT_FILES[0][:300])}, "ip_adapter_image",
+     "cannot read image ip_adapter_image"),
+    ("a side past the limit", {"ip_adapter_image": _b64(_gray_png(8200, 8))}, "ip_adapter_image",
+     "is 8200x8 px; images are read up to 8192"),
+    ("a scale as a string", {"ip_adapter_image": IMAGE_PROMPT[0], "ip_adapter_scale": "1"}, "ip_adapter_scale",
+     "finite number"),
+    ("a scale past float64", {"ip_adapter_image": IMAGE_PROMPT[0], "ip_adapter_scale": -10**400},
+     "ip_adapter_scale", "finite number"),
+    ("a scale without an image", {"ip_adapter_scale": 0.5}, "ip_adapter_scale", "give ip_adapter_image too"),
+    ("a scale with a null image", {"ip_adapter_image": None, "ip_adapter_scale": 0.5}, "ip_adapter_scale",
+     "give ip_adapter_image too"),
+]
+
+
+@pytest.mark.parametrize("what, fields, param, message", IP_ADAPTER_BAD_REQUESTS,
+                         ids=[row[0] for row in IP_ADAPTER_BAD_REQUESTS])
+def test_bad_image_prompts_are_400_naming_the_field(prompted, what, fields, param, message):
+    with pytest.raises(ApiError) as caught:
+        _parse(prompted.validator, {"prompt": "a", "steps": 2, **fields})
+    error = caught.value
+    assert error.status == 400 and error.param == param and message in error.message, error.message
+    assert "\n" not in error.message and len(error.message) < 1000  # one line; the base64 is not echoed
+
+
+def test_a_plain_engine_refuses_image_prompts_and_a_huge_guidance_is_400(direct):
+    validator = RequestValidator(direct, max_images=4, max_steps=50)
+    with pytest.raises(ApiError) as caught:
+        _parse(validator, {"prompt": "a", "ip_adapter_image": IMAGE_PROMPT[0], "ip_adapter_scale": 0.5})
+    assert caught.value.status == 400 and [param for param, _ in caught.value.problems] == ["ip_adapter_image",
+                                                                                            "ip_adapter_scale"]
+    assert "exported without an IP-Adapter" in caught.value.message
+    with pytest.raises(ApiError) as caught:  # a JSON integer past float64's range: a 400, not an OverflowError
+        _parse(validator, {"prompt": "a", "guidance_scale": 10**400})
+    assert caught.value.param == "guidance_scale" and "finite number" in caught.value.message
+    assert len(caught.value.message) < 200  # its 401 digits are not echoed

@@ -22,9 +22,13 @@ def is_integer(value: Any) -> bool:
 
 
 def is_finite_number(value: Any) -> bool:
-    """An int or float (Python or numpy), not a bool, neither NaN nor infinite."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(value)
+    """An int or float (Python or numpy), not a bool, neither NaN nor infinite nor past float64's range."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON takes 10**400)
+        return False
 
 
 def check_guidance_scale(value: Any) -> None:

@@ -14,9 +14,10 @@ the user's machine does not travel in a published image.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,46 +32,70 @@ def _refuse(message: str) -> InvalidInputError:
     return InvalidInputError(message, field="image")
 
 
-def load_image(image: Any) -> tuple[np.ndarray, str]:
-    """``image`` (a path, or an (H, W, 3) uint8 array) as (H, W, 3) uint8 RGB, and how to name it in parameters."""
+def load_image(image: Any, size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """``image`` as (H, W, 3) uint8 RGB, and how to name it in parameters: a path or a binary file object
+    (``open(path, "rb")``, an ``io.BytesIO`` with a ``name``) by its file name, an (H, W, 3) uint8 array as "array".
+
+    ``size``: the (height, width) the image must have; a file's is checked from its header before
+    anything is decoded, then again once read (EXIF orientation may turn it).
+    """
     if isinstance(image, np.ndarray):
-        return _from_array(image), "array"
-    if isinstance(image, (str, Path)):
-        return _from_file(Path(image)), Path(image).name
-    raise _refuse(f"image must be a file path or an (H, W, 3) uint8 numpy array, got {type(image).__name__}")
+        pixels, label, name = _from_array(image), "array", "array"
+    elif isinstance(image, (str, Path)):
+        label, name = str(image), Path(image).name
+        pixels = _from_file(Path(image), label, size)
+    elif isinstance(image, io.TextIOBase):
+        raise _refuse(f"image file {getattr(image, 'name', '')} is open as text; open it in binary mode ('rb')")
+    elif hasattr(image, "read"):
+        label = str(getattr(image, "name", "file"))
+        pixels, name = _from_file(image, label, size), Path(label).name
+    else:
+        raise _refuse("image must be a file path, a binary file object or an (H, W, 3) uint8 numpy array, got "
+                      f"{type(image).__name__}")
+    if size is not None and pixels.shape[:2] != tuple(size):
+        raise _size_error(label, pixels.shape[1], pixels.shape[0], size)
+    return pixels, name
 
 
-def _from_file(path: Path) -> np.ndarray:
+def _size_error(label: str, width: int, height: int, size: tuple[int, int]) -> InvalidInputError:
+    return _refuse(f"image {label} is {width}x{height} px; expected {size[1]}x{size[0]}: resize it")
+
+
+def _from_file(source: Path | BinaryIO, label: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A file read as (H, W, 3) uint8 RGB; ``label`` names it in errors."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():  # Pillow's decompression-bomb warning: the size is checked here instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)
+            opened = Image.open(source)
         with opened:
             width, height = opened.size  # from the header: nothing decoded yet
             if max(width, height) > MAX_IMAGE_SIDE:
-                raise _refuse(f"image {path.name} is {width}x{height} px; images are read up to {MAX_IMAGE_SIDE} px "
-                              "a side (the output has the image's size): resize it")
+                raise _refuse(f"image {label} is {width}x{height} px; images are read up to {MAX_IMAGE_SIDE} px "
+                              "a side: resize it")
+            # Either way round here: a PNG's EXIF orientation may follow its pixels (load_image checks the result).
+            if size is not None and sorted((height, width)) != sorted(size):
+                raise _size_error(label, width, height, size)
             opened.load()  # decode now: a truncated or corrupt file fails here, not later
             opened = ImageOps.exif_transpose(opened)  # upright, as diffusers' load_image
-            mode, size = opened.mode, opened.size
+            mode, shape = opened.mode, opened.size
             if mode == "L":
                 return np.array(opened.convert("RGB"))
             if mode != "RGB":
-                raise _refuse(f"image {path} is {size[0]}x{size[1]} in mode {mode}; the VAE takes RGB: {_FIX}")
+                raise _refuse(f"image {label} is {shape[0]}x{shape[1]} in mode {mode}; the VAE takes RGB: {_FIX}")
             return np.array(opened)
     except UnidentifiedImageError:
-        raise _refuse(f"{path} is not an image file Pillow can read (PNG, JPEG, ...)") from None
+        raise _refuse(f"{label} is not an image file Pillow can read (PNG, JPEG, ...)") from None
     except Image.DecompressionBombError as error:
-        raise _refuse(f"image {path} is too large to read safely ({error})") from None
+        raise _refuse(f"image {label} is too large to read safely ({error})") from None
     except ValueError as error:  # Pillow's limit on text and colour-profile chunks (1 MB), and the like
         reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise _refuse(f"cannot read image {path}: {reason} (a text or colour-profile chunk over Pillow's limit); "
+        raise _refuse(f"cannot read image {label}: {reason} (a text or colour-profile chunk over Pillow's limit); "
                       "save it again without its metadata") from None
     except OSError as error:  # missing, a folder, unreadable, truncated
         reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
-        raise _refuse(f"cannot read image {path}: {reason}") from None
+        raise _refuse(f"cannot read image {label}: {reason}") from None
 
 
 def _from_array(array: np.ndarray) -> np.ndarray:

@@ -3,9 +3,10 @@
 ``POST /v1/images/generations`` takes the OpenAI Images API's body (``prompt``, ``n``, ``size``,
 ``response_format``, ``model``) plus this project's parameters (``negative_prompt``, ``steps``,
 ``cache_step``, ``guidance_stop``, ``deep_interval``, ``planning_interval``, ``skip_mode``, ``guidance_scale``, ``seed``,
-``scheduler``; the schedule's fields left out or null take the engine's calibrated schedule), and for an engine
-with ControlNets their control images (base64 PNG or JPEG files) and settings. Nothing is coerced: a wrong type, an
-unknown field or a value the engine cannot take is a 400 whose ``error.param`` names the field.
+``scheduler``; the schedule's fields left out or null take the engine's calibrated schedule), for an engine
+with ControlNets their control images (base64 PNG or JPEG files) and settings, and for an engine with an
+IP-Adapter an image prompt and its scale. Nothing is coerced: a wrong type, an unknown field or a value the
+engine cannot take is a 400 whose ``error.param`` names the field.
 No web framework here (plain data in, plain data out), so it is tested without a server.
 """
 
@@ -27,15 +28,16 @@ import numpy as np
 from cair_runtime.checks import check_guidance_scale, is_finite_number, is_integer
 from cair_runtime.control import ControlRequest
 from cair_runtime.errors import CairError, InvalidInputError
-from cair_runtime.images import _from_file as read_image_file
+from cair_runtime.images import load_image
 from cair_runtime.schedulers import SCHEDULER_NAMES
 from cair_runtime.noise import image_seeds
 from cair_runtime.schedule import SKIP_MODES, Schedule
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers; anything larger is refused unread
-MAX_CONTROL_IMAGE_BYTES = 16 * 2**20  # base64 of one control image, whatever the engine's max size
+MAX_IMAGE_FILE_BYTES = 16 * 2**20  # base64 of one image file (control map, image prompt), whatever the engine's size
 CONTROL_FIELDS = ("control_image", "control_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
-_CONTROL_FORMATS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: the only decoders a request reaches
+IP_ADAPTER_FIELDS = ("ip_adapter_image", "ip_adapter_scale")
+_IMAGE_FORMATS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: the only decoders a request reaches
 MAX_SEED = 2**63 - 1  # seeds stay within a signed 64-bit integer, whatever language the client speaks
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
@@ -80,6 +82,10 @@ class ImageRequest:
     control_images: tuple = dataclass_field(default=(), compare=False, repr=False)
     control_digests: tuple[str, ...] = ()  # sha256 of each control image's file, as the client sent it
     control: ControlRequest | None = None  # scales, starts, ends, guess mode; None: an engine without ControlNets
+    # IP-Adapter engines: the image prompt as (H, W, 3) uint8 RGB (any size), compared through its digest
+    ip_adapter_image: np.ndarray | None = dataclass_field(default=None, compare=False, repr=False)
+    ip_adapter_digest: str | None = None  # sha256 of the image prompt's file; None: no image prompt
+    ip_adapter_scale: float = 1.0
 
     @property
     def batch_key(self) -> tuple:
@@ -87,23 +93,31 @@ class ImageRequest:
         return (self.height, self.width, self.schedule, self.guidance_scale, self.scheduler,
                 self.negative_prompt is None,  # SDXL: no negative prompt (zeros) differs from ""
                 self.prompt_chunks,  # a prompt's windows are its own, whatever shares its batch
-                self.control_digests, self.control)  # a call takes one set of control images for all its images
+                # A call takes one set of control images and one image prompt for all its images.
+                self.control_digests, self.control, self.ip_adapter_digest, self.ip_adapter_scale)
 
-    def control_arguments(self) -> dict[str, Any]:
-        """The ControlNet keywords of the pipeline call (none for an engine without ControlNets)."""
-        if self.control is None:
-            return {}
-        return {"control_image": list(self.control_images), "control_scale": self.control.scales,
-                "control_guidance_start": self.control.starts, "control_guidance_end": self.control.ends,
-                "guess_mode": self.control.guess_mode}
+    def conditioning_arguments(self) -> dict[str, Any]:
+        """The pipeline call's keywords for the control images and the image prompt (none for a plain request)."""
+        arguments: dict[str, Any] = {}
+        if self.control is not None:
+            arguments.update(control_image=list(self.control_images), control_scale=self.control.scales,
+                             control_guidance_start=self.control.starts, control_guidance_end=self.control.ends,
+                             guess_mode=self.control.guess_mode)
+        if self.ip_adapter_digest is not None:
+            arguments.update(ip_adapter_image=self.ip_adapter_image, ip_adapter_scale=self.ip_adapter_scale)
+        return arguments
 
-    def control_parameters(self) -> dict[str, Any]:
-        """What the response and the PNGs record of the control: the settings, the images by their digests."""
-        if self.control is None:
-            return {}
-        return {"control": {"images": [f"sha256:{digest}" for digest in self.control_digests],
-                            "scale": list(self.control.scales), "start": list(self.control.starts),
-                            "end": list(self.control.ends), "guess_mode": self.control.guess_mode}}
+    def conditioning_parameters(self) -> dict[str, Any]:
+        """What the response and the PNGs record of the control and the image prompt: the settings, the images
+        by their files' digests."""
+        recorded: dict[str, Any] = {}
+        if self.control is not None:
+            recorded["control"] = {"images": [f"sha256:{digest}" for digest in self.control_digests],
+                                   "scale": list(self.control.scales), "start": list(self.control.starts),
+                                   "end": list(self.control.ends), "guess_mode": self.control.guess_mode}
+        if self.ip_adapter_digest is not None:
+            recorded["ip_adapter"] = {"image": f"sha256:{self.ip_adapter_digest}", "scale": self.ip_adapter_scale}
+        return recorded
 
     @property
     def seeds(self) -> list[int]:
@@ -113,24 +127,39 @@ class ImageRequest:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
                 "size": f"{self.width}x{self.height}", **self.schedule.parameters(),
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "seed": self.seed,
-                "prompt_chunks": self.prompt_chunks, **self.control_parameters()}
+                "prompt_chunks": self.prompt_chunks, **self.conditioning_parameters()}
 
 
-class _Upload(io.BytesIO):
-    """A decoded file of a request, read as a file named after its field (image errors name their file)."""
-
-    def __init__(self, data: bytes, name: str):
-        super().__init__(data)
-        self.name = name
-
-    def __str__(self) -> str:
-        return self.name
+def _shown(value: Any) -> str:
+    """A value as an error echoes it: its repr, shortened (a JSON number may have 4300 digits, a prompt 64 KiB)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
-def _control_image_bytes(height: int, width: int) -> int:
-    """Room for one control image of this size: the base64 of an uncompressed RGB PNG, within the cap."""
+def _image_file_bytes(height: int, width: int) -> int:
+    """Room for one image file of this size: the base64 of an uncompressed RGB PNG, within the cap."""
     png = height * (3 * width + 1) + 64 * 1024  # a filter byte per row; chunk and zlib block headers
-    return min(4 * -(-png // 3), MAX_CONTROL_IMAGE_BYTES)
+    return min(4 * -(-png // 3), MAX_IMAGE_FILE_BYTES)
+
+
+def _read_image_file(text: str, name: str, param: str, size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """A request's base64 PNG or JPEG file as (H, W, 3) uint8 RGB, read as the Python API reads a file (``size``:
+    the (height, width) it must have, checked before decoding), and the file's sha256."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError as error:  # binascii.Error, or a character outside ASCII
+        raise InvalidInputError(f"{name} is not valid base64 ({error}); send the file's bytes base64-encoded, "
+                                "on one line", field=param) from None
+    if not data.startswith(_IMAGE_FORMATS):
+        raise InvalidInputError(f"{name} is not a PNG or JPEG file (it starts {data[:8]!r}); send the image as one",
+                                field=param)
+    file = io.BytesIO(data)
+    file.name = name  # image errors name their file: here the field
+    try:
+        pixels, _ = load_image(file, size)
+    except InvalidInputError as error:
+        raise InvalidInputError(str(error), field=param) from None
+    return pixels, hashlib.sha256(data).hexdigest()
 
 
 class RequestValidator:
@@ -138,7 +167,7 @@ class RequestValidator:
 
     FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_prompt", "steps", "cache_step",
               "guidance_stop", "deep_interval", "planning_interval", "skip_mode", "guidance_scale", "seed", "scheduler",
-              "prompt_chunks", *CONTROL_FIELDS)
+              "prompt_chunks", *CONTROL_FIELDS, *IP_ADAPTER_FIELDS)
 
     def __init__(self, pipeline: Any, max_images: int, max_steps: int):
         self.pipeline, self.engine = pipeline, pipeline.engine
@@ -148,9 +177,10 @@ class RequestValidator:
         height, width = (self.engine.manifest.dim(name) for name in ("latent_height", "latent_width"))
         self.default_size = (height.opt * factor, width.opt * factor)
         self.size_range = ((height.min * factor, height.max * factor), (width.min * factor, width.max * factor))
-        # A plain request is a prompt and a few numbers; with ControlNets, room for one image per net at the max size.
-        self.max_body_bytes = MAX_BODY_BYTES + self.engine.controlnets * _control_image_bytes(height.max * factor,
-                                                                                              width.max * factor)
+        # A plain request is a prompt and a few numbers; room for one image at the max size per ControlNet, and
+        # one for an IP-Adapter's image prompt (any size, but a photo at the output's size compresses well).
+        files = self.engine.controlnets + self.engine.ip_adapter
+        self.max_body_bytes = MAX_BODY_BYTES + files * _image_file_bytes(height.max * factor, width.max * factor)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says about the engine, beside the OpenAI model fields."""
@@ -161,7 +191,8 @@ class RequestValidator:
             "sizes": {"default": f"{default_w}x{default_h}", "min": f"{min_w}x{min_h}", "max": f"{max_w}x{max_h}",
                       "multiple_of": self.engine.vae_scale_factor},
             "max_batch": manifest.dim("batch").max, "max_images": self.max_images, "max_steps": self.max_steps,
-            "controlnets": self.engine.controlnets, "max_body_bytes": self.max_body_bytes,
+            "controlnets": self.engine.controlnets, "ip_adapter": self.engine.ip_adapter,
+            "max_body_bytes": self.max_body_bytes,
             "cache_step_hint": manifest.model.get("cache_step_hint"),
             # Long prompts: windows of 75 tokens (cair_runtime.text2image._Tokenizer), at most this many.
             "max_prompt_chunks": self.pipeline.max_prompt_chunks,
@@ -174,7 +205,8 @@ class RequestValidator:
         }
 
     def warm_up_body(self, steps: int) -> bytes:
-        """A request at the default size (a replica's warm-up); on a ControlNet engine with blank control maps."""
+        """A request at the default size (a replica's warm-up); on a ControlNet engine with blank control maps
+        (an IP-Adapter engine needs no image prompt: without one it runs as the plain model)."""
         body: dict[str, Any] = {"prompt": "a warm-up prompt", "steps": steps, "seed": 0}
         if self.engine.controlnets:
             from cair_runtime.text2image import png_bytes
@@ -206,6 +238,10 @@ class RequestValidator:
                 problems.append((name, f"{name}: the model {self.model!r} was exported without a ControlNet and "
                                        "takes no control images; drop the control fields, or serve an export with "
                                        "--controlnet"))
+            elif name in IP_ADAPTER_FIELDS and not self.engine.ip_adapter:
+                problems.append((name, f"{name}: the model {self.model!r} was exported without an IP-Adapter and "
+                                       "takes no image prompt; drop the ip_adapter fields, or serve an export with "
+                                       "--ip-adapter"))
 
         def field(name: str, check, default: Any, required: bool = False, echo: bool = True) -> Any:
             if name not in payload:
@@ -214,7 +250,7 @@ class RequestValidator:
                 return default
             message = check(payload[name])
             if message:
-                problems.append((name, f"{name} {payload[name]!r}: {message}" if echo else f"{name}: {message}"))
+                problems.append((name, f"{name} {_shown(payload[name])}: {message}" if echo else f"{name}: {message}"))
                 return default
             return payload[name]
 
@@ -262,21 +298,37 @@ class RequestValidator:
             control_start = field("control_guidance_start", per_net, 0.0)
             control_end = field("control_guidance_end", per_net, 1.0)
             guess_mode = field("guess_mode", lambda v: None if isinstance(v, bool) else "must be true or false", False)
+        ip_image, ip_scale = None, 1.0
+        if self.engine.ip_adapter:
+            ip_image = field("ip_adapter_image", lambda v: None if v is None or isinstance(v, str) else
+                             "must be the base64 of a PNG or JPEG file (any size), or null for none", None, echo=False)
+            ip_scale = field("ip_adapter_scale", lambda v: None if is_finite_number(v) else "must be a finite number",
+                             1.0)
+            if "ip_adapter_scale" in payload and payload.get("ip_adapter_image") is None:
+                problems.append(("ip_adapter_scale", "ip_adapter_scale weighs an image prompt; give ip_adapter_image "
+                                                     "too"))
         if size is None:
             height, width = self.default_size
         else:
             match = _SIZE.fullmatch(size)
             width, height = int(match[1]), int(match[2])
+        bad = {param for param, _ in problems}
         control_images, control_digests, control = (), (), None
-        if nets and not {param for param, _ in problems} & {"size", *CONTROL_FIELDS}:
+        if nets and not bad & {"size", *CONTROL_FIELDS}:
             try:
-                control_images, control_digests = self._read_control_images(control_image)
+                control_images, control_digests = self._read_control_images(control_image, (height, width))
                 _, control, _ = self.pipeline._check_control(  # the Python API's checks: count, size, settings
                     list(control_images), control_scale, control_start, control_end, guess_mode,
                     *self.engine.latent_size(height, width))
             except CairError as error:
                 param = getattr(error, "field", None) or "control_image"
                 problems.append((param, f"{param}: {error}"))
+        ip_pixels = ip_digest = None
+        if ip_image is not None and "ip_adapter_image" not in bad:
+            try:
+                ip_pixels, ip_digest = _read_image_file(ip_image, "ip_adapter_image", "ip_adapter_image")
+            except CairError as error:
+                problems.append(("ip_adapter_image", f"ip_adapter_image: {error}"))
         schedule = None
         if not problems:  # the engine's own checks, on values of the right types
             try:
@@ -297,29 +349,18 @@ class RequestValidator:
         return ImageRequest(prompt=prompt, negative_prompt=negative, n=n, height=height, width=width,
                             schedule=schedule, guidance_scale=float(guidance), scheduler=scheduler,
                             seed=secrets.randbelow(2**31) if seed is None else seed, prompt_chunks=prompt_chunks,
-                            control_images=control_images, control_digests=control_digests, control=control)
+                            control_images=control_images, control_digests=control_digests, control=control,
+                            ip_adapter_image=ip_pixels, ip_adapter_digest=ip_digest,
+                            ip_adapter_scale=float(ip_scale))
 
-    def _read_control_images(self, value: str | list[str] | None) -> tuple[tuple, tuple[str, ...]]:
-        """The control images as (H, W, 3) uint8 RGB, read as the Python API reads a file, and their files' sha256."""
+    def _read_control_images(self, value: str | list[str] | None,
+                             size: tuple[int, int]) -> tuple[tuple, tuple[str, ...]]:
+        """The control images as (H, W, 3) uint8 RGB at the output ``size`` (height, width), and their files' sha256."""
         files = [] if value is None else [value] if isinstance(value, str) else value
         self.engine.check_control_count(len(files))  # before anything is decoded
-        images, digests = [], []
-        for j, text in enumerate(files):
-            name = "control_image" if isinstance(value, str) else f"control_image[{j}]"
-            try:
-                data = base64.b64decode(text, validate=True)
-            except ValueError as error:  # binascii.Error, or a character outside ASCII
-                raise InvalidInputError(f"{name} is not valid base64 ({error}); send the file's bytes base64-encoded, "
-                                        "on one line", field="control_image") from None
-            if not data.startswith(_CONTROL_FORMATS):
-                raise InvalidInputError(f"{name} is not a PNG or JPEG file (it starts {data[:8]!r}); send the "
-                                        "control map as one", field="control_image")
-            try:
-                images.append(read_image_file(_Upload(data, name)))
-            except InvalidInputError as error:
-                raise InvalidInputError(str(error), field="control_image") from None
-            digests.append(hashlib.sha256(data).hexdigest())
-        return tuple(images), tuple(digests)
+        read = [_read_image_file(text, "control_image" if isinstance(value, str) else f"control_image[{j}]",
+                                 "control_image", size) for j, text in enumerate(files)]
+        return tuple(image for image, _ in read), tuple(digest for _, digest in read)
 
     def _check_prompt(self, value: Any, check_length: bool = True) -> str | None:
         if not isinstance(value, str):

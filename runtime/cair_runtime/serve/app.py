@@ -2,9 +2,9 @@
 
 A replica holds one engine and serves many requests. Requests wait (at most ``batch_wait_ms``)
 in one ``serve.batch`` queue; each batch is grouped by ``ImageRequest.batch_key`` (same size,
-steps, cache step, guidance, scheduler, control images) and run as engine batches of at most ``max_batch_size``
-images, in a worker thread so the event loop keeps taking requests. Every image draws its noise
-from its own seed, so an image never depends on what else shared its batch.
+steps, cache step, guidance, scheduler, control images, image prompt) and run as engine batches of
+at most ``max_batch_size`` images, in a worker thread so the event loop keeps taking requests. Every
+image draws its noise from its own seed, so an image never depends on what else shared its batch.
 
 Requests wait in the replica, not at Serve's proxy: Serve's router polls a full replica with a
 backoff of up to 0.5 s, and the replica would idle between its batches. So Serve's per-replica limit
@@ -306,8 +306,8 @@ class CairImageService:
             [r.prompt for r in requests], negatives, height=first.height, width=first.width,
             schedule=first.schedule, guidance_scale=first.guidance_scale, scheduler=first.scheduler,
             seed=[r.seeds[k] for r, (_, k) in zip(requests, chunk)], callback=stop_when_abandoned,
-            prompt_chunks=first.prompt_chunks, **first.control_arguments())
-        recorded = first.control_parameters()  # the control images by their digests, not as "array"
+            prompt_chunks=first.prompt_chunks, **first.conditioning_arguments())
+        recorded = first.conditioning_parameters()  # the control images and image prompt by digest, not as "array"
         return [png_bytes(image, {**parameters, **recorded})
                 for image, parameters in zip(result.images, result.parameters)]
 
