@@ -172,6 +172,10 @@ def test_cair_run_with_an_image_prompt_replays_and_refuses_bad_ones(exported, tm
     code = cair_run([plain, "a red circle", "-o", str(tmp_path / "bad.png"), *prompt])
     one_line_error(code, capsys.readouterr().err, "exported without an IP-Adapter")
     assert not (tmp_path / "bad.png").exists()
+    from cair_export.cli import main as cair_export
+
+    one_line_error(cair_export(["build", folder, "--backend", "aoti"]), capsys.readouterr().err,
+                   "AOTInductor packages do not take yet")
 
 
 def test_bad_adapters_are_one_line_at_export(tmp_path, capsys, one_line_error):
