@@ -25,6 +25,9 @@ from cair_runtime.images import clip_pixels
 STEPS = 6
 PROMPTS = ["a small red circle on a white background"]
 SCALE = 0.6
+# At guidance 5 the tiny SDXL UNet amplifies fp32 rounding until diffusers itself sits ~5e-5 from float64,
+# so two fp32 paths can differ by 1e-4; at 3 both stay within ~3e-5 and the 1e-4 bound tests the adapter.
+GUIDANCE = 3.0
 
 
 def image_prompt(seed: int, size=(40, 56)) -> np.ndarray:
@@ -85,11 +88,11 @@ def test_runtime_equals_diffusers_at_T_and_the_reference_below(exported, preset)
     runtime = CairText2Image(folder)
     image = image_prompt(0)
     noise = np.random.default_rng(3).standard_normal((1, 4, 8, 8), dtype=np.float32)
-    run = dict(num_inference_steps=STEPS, guidance_scale=5.0, scheduler="ddim", latents=noise)
+    run = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, scheduler="ddim", latents=noise)
     pipe, adapter = diffusers_ip_pipeline(preset, SCALE)
     with torch.no_grad():
         expected = pipe(PROMPTS, ip_adapter_image=Image.fromarray(image), latents=torch.from_numpy(noise),
-                        num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent").images
+                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent").images
     ours = runtime(PROMPTS, cache_step=STEPS, ip_adapter_image=image, ip_adapter_scale=SCALE, **run)
     assert ours.parameters[0]["ip_adapter"] == {"image": "array", "scale": SCALE}
     assert np.abs(ours.latents - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max()
@@ -103,7 +106,7 @@ def test_runtime_equals_diffusers_at_T_and_the_reference_below(exported, preset)
         ours = runtime(PROMPTS, cache_step=n, guidance_stop=m, ip_adapter_image=image, ip_adapter_scale=SCALE, **run)
         with torch.no_grad():
             reference = cair_denoise(pipe.unet, pipe.scheduler, latents, embeds, negative, num_inference_steps=STEPS,
-                                     cache_step=n, guidance_stop=m, guidance_scale=5.0, added_cond=added,
+                                     cache_step=n, guidance_stop=m, guidance_scale=GUIDANCE, added_cond=added,
                                      negative_added_cond=negative_added, fidelity_guidance="cfg",
                                      ip_image_embeds=image_embeds.image_embeds, ip_adapter_scale=SCALE).numpy()
         assert np.abs(ours.latents - reference).max() <= 1e-4 * np.abs(reference).max(), (n, m)
@@ -113,7 +116,7 @@ def test_runtime_equals_diffusers_at_T_and_the_reference_below(exported, preset)
     pipe.set_ip_adapter_scale(0.0)
     with torch.no_grad():
         expected = pipe(PROMPTS, ip_adapter_image=Image.fromarray(image), latents=torch.from_numpy(noise),
-                        num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent").images.numpy()
+                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent").images.numpy()
     assert np.abs(plain - expected).max() <= 1e-4 * np.abs(expected).max()
     assert np.abs(plain - ours.latents).max() > 1e-2 * np.abs(plain).max()
 
