@@ -133,6 +133,13 @@ def sigma_to_lambda(sigma: np.float32) -> np.float32:
         return np.log(alpha_t) - np.log(sigma_t)
 
 
+def shift_flow_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """Flow-matching noise levels moved towards 1 by ``shift`` (SD3's ``shift * s / (1 + (shift - 1) * s)``),
+    computed in the dtype of ``sigmas`` as diffusers' torch and numpy code computes it."""
+    dtype = sigmas.dtype.type
+    return dtype(shift) * sigmas / (1 + dtype(shift - 1) * sigmas)
+
+
 def predict_x0(
     prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: np.float32, sigma_t: np.float32
 ) -> np.ndarray:
@@ -170,47 +177,24 @@ def index_for_timestep(timesteps: np.ndarray, timestep: float) -> int:
     return int(candidates[1] if len(candidates) > 1 else candidates[0])
 
 
-class DiscreteScheduler:
-    """Base of the ports: diffusers' training noise schedule, the options that place timesteps on it, ``step``.
+class BaseScheduler:
+    """What the denoising loop calls on every port: ``step``, the step index, the begin index, the input scaling.
 
-    Each port names its own diffusers options, with diffusers' defaults, in its ``__init__`` and
-    passes the options every diffusers scheduler shares (training betas, prediction type, timestep
-    placement) on to this one as keywords; ``make_scheduler`` gives each the options of a config
-    that it names. A port implements ``_step``; ``step`` is the same for all.
+    A port sets ``timesteps`` (and ``sigmas``) in ``set_timesteps`` and implements ``_step`` and
+    ``add_noise``; ``step`` is the same for all. ``DiscreteScheduler`` adds diffusers' training betas;
+    the flow-matching ports, which have none, derive from this directly.
     """
 
     order: ClassVar[int] = 1
     # diffusers options a port supports only at the value given (checked by make_scheduler)
     unported_options: ClassVar[dict[str, object]] = {}
-    prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES  # those the port supports
-    default_timestep_spacing: ClassVar[str] = "linspace"  # the diffusers class's default
+    # a flow-matching sampler (x_t = (1 - sigma) * x0 + sigma * noise, a velocity model); make_scheduler
+    # pairs these with flow-matching models only
+    flow_matching: bool = False
     init_noise_sigma: float = 1.0  # latents are multiplied by this before the loop
     _step_index: int | None = None  # this step's index in timesteps, for the ports that count steps
     _begin_index: int | None = None  # the first step's index when a loop starts mid-schedule (image-to-image)
-
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Sequence[float] | None = None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str | None = None,
-        steps_offset: int = 0,
-    ) -> None:
-        # diffusers raises NotImplementedError for the prediction types a class lacks
-        check_choice("prediction_type", prediction_type, self.prediction_types)
-        timestep_spacing = timestep_spacing or self.default_timestep_spacing
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.num_train_timesteps = num_train_timesteps
-        self.beta_schedule = beta_schedule
-        self.prediction_type = prediction_type
-        self.timestep_spacing = timestep_spacing
-        self.steps_offset = steps_offset
-        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas_cumprod = make_alphas_cumprod(betas)
-        self.timesteps = np.empty(0, dtype=np.int64)  # set by set_timesteps
+    timesteps: np.ndarray
 
     def step(
         self,
@@ -221,7 +205,7 @@ class DiscreteScheduler:
     ) -> np.ndarray:
         """One step from ``timestep`` (the entries of ``timesteps``, in order); returns ``prev_sample`` (float32).
 
-        ``rng`` draws the noise of the ancestral sampler; the deterministic ports ignore it.
+        ``rng`` draws the noise of the stochastic samplers; the deterministic ports ignore it.
         """
         return self._step(model_output, timestep, sample, rng).astype(np.float32, copy=False)
 
@@ -249,14 +233,54 @@ class DiscreteScheduler:
         return self._step_index if self._step_index is not None else self._begin_index
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
-        """``original_samples`` noised to ``timestep`` (float32): port of DDIM's/PNDM's ``add_noise``,
-        ``sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise``; the sigma schedulers override it."""
-        alpha_prod = self.alphas_cumprod[int(timestep)]
-        return (np.sqrt(alpha_prod) * original_samples + np.sqrt(1 - alpha_prod) * noise).astype(np.float32)
+        raise NotImplementedError
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """The model's input: ``sample`` itself; only the Euler schedulers scale it."""
         return sample
+
+
+class DiscreteScheduler(BaseScheduler):
+    """Base of the noise-prediction ports: diffusers' training noise schedule, the options that place timesteps on it.
+
+    Each port names its own diffusers options, with diffusers' defaults, in its ``__init__`` and
+    passes the options every diffusers scheduler shares (training betas, prediction type, timestep
+    placement) on to this one as keywords; ``make_scheduler`` gives each the options of a config
+    that it names. A port implements ``_step``.
+    """
+
+    prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES  # those the port supports
+    default_timestep_spacing: ClassVar[str] = "linspace"  # the diffusers class's default
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+    ) -> None:
+        # diffusers raises NotImplementedError for the prediction types a class lacks
+        check_choice("prediction_type", prediction_type, self.prediction_types)
+        timestep_spacing = timestep_spacing or self.default_timestep_spacing
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
+        self.prediction_type = prediction_type
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.alphas_cumprod = make_alphas_cumprod(betas)
+        self.timesteps = np.empty(0, dtype=np.int64)  # set by set_timesteps
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """``original_samples`` noised to ``timestep`` (float32): port of DDIM's/PNDM's ``add_noise``,
+        ``sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise``; the sigma schedulers override it."""
+        alpha_prod = self.alphas_cumprod[int(timestep)]
+        return (np.sqrt(alpha_prod) * original_samples + np.sqrt(1 - alpha_prod) * noise).astype(np.float32)
 
     def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
         # diffusers' DDIMScheduler.set_timesteps: int64, descending
