@@ -49,13 +49,61 @@ def _level(path: str, deepest: int) -> int:
 
 
 def cross_attention_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
-    """Every ``attn2`` module of a UNet, in execution order (down, mid, up)."""
+    """Every ``attn2`` module of a UNet (down, mid, up) or a diffusion transformer (block order), in execution order.
+
+    A transformer's blocks all work on its patch grid: tokens = latent pixels / patch_size**2, the level
+    ``log2(patch_size)`` (patches tile the latent exactly, so the ceiling division is exact).
+    """
+    if is_transformer(unet):
+        paths = [path for path, _ in unet.named_modules() if path.endswith(".attn2")]
+        level = int(unet.config.patch_size).bit_length() - 1
+        return [CrossAttentionSite(f"cache_{i:03d}", path, unet.get_submodule(path).to_out[0].out_features, level)
+                for i, path in enumerate(paths)]
     deepest = len(unet.config.block_out_channels) - 1
     stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
     paths = sorted((path for path, _ in unet.named_modules() if path.endswith(".attn2")),
                    key=lambda path: stage[path.split(".")[0]])  # stable: module order within a stage
     return [CrossAttentionSite(f"cache_{i:03d}", path, unet.get_submodule(path).to_out[0].out_features,
                                _level(path, deepest)) for i, path in enumerate(paths)]
+
+
+def is_transformer(model: torch.nn.Module) -> bool:
+    """A diffusion transformer with cross-attention blocks (PixArt), not a UNet2DConditionModel."""
+    return type(model).__name__ != "UNet2DConditionModel"
+
+
+@contextlib.contextmanager
+def caption_projection_removed(model: torch.nn.Module) -> Iterator[None]:
+    """A transformer without its caption projection, for steps that replay every ``attn2``: only the
+    cross-attention reads the projected text, so no text (None) passes through the blocks unread."""
+    projection = getattr(model, "caption_projection", None)
+    model.caption_projection = None
+    try:
+        yield
+    finally:
+        model.caption_projection = projection
+
+
+def predict_noise(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
+                  conditions: dict[str, Any] | None, **residuals: Any) -> torch.Tensor:
+    """One evaluation of the denoiser as its diffusers pipeline calls it: the predicted noise, latent channels.
+
+    UNets take ``conditions`` as ``added_cond_kwargs`` (SDXL). PixArt transformers take the timestep per row,
+    the text's attention mask (``conditions["encoder_attention_mask"]``, unread when ``context`` is None:
+    every ``attn2`` replays its cache) and no resolution embedding (Sigma); a learned-sigma output keeps its
+    first half of the channels, as the pipeline does after guidance (the same: guidance is per channel).
+    """
+    if not is_transformer(model):
+        return model(sample, timestep, context, added_cond_kwargs=conditions, return_dict=False, **residuals)[0]
+    mask = (conditions or {}).get("encoder_attention_mask")
+    projection = caption_projection_removed(model) if context is None else contextlib.nullcontext()
+    with projection:
+        output = model(sample, encoder_hidden_states=context, encoder_attention_mask=None if context is None else mask,
+                       timestep=timestep.reshape(-1).expand(len(sample)),
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    if model.config.out_channels == 2 * model.config.in_channels:
+        output = output[:, :model.config.in_channels]
+    return output
 
 
 @contextlib.contextmanager
@@ -329,8 +377,7 @@ def cair_denoise(
                     else:
                         conditions = {**(conditions or {}), **image_conditions(ip_image_embeds, evaluation.guided)}
                 with projection:
-                    noise = unet(latent_input, t, context, added_cond_kwargs=conditions, return_dict=False,
-                                 **residuals)[0]
+                    noise = predict_noise(unet, latent_input, t, context, conditions, **residuals)
                 deep_feature = recorded[-1] if recorded else None
             if evaluation.guided:
                 noise_uncond, noise_text = noise.chunk(2)
@@ -380,6 +427,15 @@ def encode_prompts(pipe: Any, prompts: list[str], negative_prompts: list[str] | 
     crop) are None for SD-1.x/2.x. ``prompt_chunks``: encode long prompts in that many windows
     (``chunked_prompt_embeds``) instead of the pipeline's ``encode_prompt``.
     """
+    if hasattr(pipe, "transformer"):  # PixArt: T5 states and their mask, the mask an added condition
+        if prompt_chunks is not None:
+            raise InvalidInputError("long prompts in chunks are for CLIP text encoders; PixArt's T5 reads "
+                                    f"{pipe.tokenizer.model_max_length} tokens at once", field="prompt_chunks")
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(
+            prompts, negative_prompt=negative_prompts or "", num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=True, device=latents.device, clean_caption=False,
+            max_sequence_length=pipe.tokenizer.model_max_length)
+        return embeds, negative, {"encoder_attention_mask": mask}, {"encoder_attention_mask": negative_mask}
     sdxl = hasattr(pipe, "text_encoder_2")
     if prompt_chunks is None:
         encoded = pipe.encode_prompt(prompts, negative_prompt=negative_prompts,

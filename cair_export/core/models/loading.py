@@ -25,10 +25,10 @@ _SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 
 @dataclass
 class TextEncoder:
-    """One CLIP text encoder with its tokenizer."""
+    """One text encoder with its tokenizer."""
 
-    model: Any  # transformers CLIPTextModel or CLIPTextModelWithProjection
-    tokenizer: Any  # transformers CLIPTokenizer (fast: has backend_tokenizer)
+    model: Any  # transformers CLIPTextModel, CLIPTextModelWithProjection or T5EncoderModel (PixArt)
+    tokenizer: Any  # transformers CLIPTokenizer or T5TokenizerFast (fast: has backend_tokenizer)
 
 
 @dataclass
@@ -37,8 +37,8 @@ class LoadedModel:
 
     name: str  # preset name or the folder's name
     source: str  # "preset", "shipped" (a model inside the package) or the folder path
-    family: str  # "sd15" | "sd21" | "sdxl": conventions the model follows
-    unet: Any  # diffusers UNet2DConditionModel, eval mode, fp32
+    family: str  # "sd15" | "sd21" | "sdxl" | "pixart-sigma": conventions the model follows
+    unet: Any  # the denoiser, eval mode, fp32: diffusers UNet2DConditionModel or PixArtTransformer2DModel
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
     vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR  # pixels per latent pixel
     text_len: int = 77  # tokens the text encoder takes
@@ -53,7 +53,12 @@ class LoadedModel:
     @property
     def added_conditions(self) -> bool:
         """True when the UNet takes SDXL's ``text_embeds``/``time_ids``."""
-        return self.unet.config.addition_embed_type == "text_time"
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def is_transformer(self) -> bool:
+        """A diffusion transformer (PixArt) rather than a UNet: patches, no down/up blocks."""
+        return type(self.unet).__name__ != "UNet2DConditionModel"
 
     @property
     def folder(self) -> Path | None:
@@ -66,16 +71,20 @@ class LoadedModel:
 
     def diffusers_pipeline(self):
         """The equivalent diffusers pipeline (the reference for text-to-image)."""
-        from diffusers import (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                               StableDiffusionXLPipeline)
+        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtSigmaPipeline,
+                               PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
         if not self.has_pipeline:
             raise InvalidInputError(f"model {self.name} is a UNet alone; it has no text encoder or VAE")
-        classes = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
+        classes = {cls.__name__: cls
+                   for cls in (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)}
         scheduler = classes.get(self.scheduler_config.get("_class_name"), DDIMScheduler).from_config(
             self.scheduler_config)
         first = self.text_encoders[0]
-        if self.family == "sdxl":
+        if self.family == "pixart-sigma":
+            pipe = PixArtSigmaPipeline(tokenizer=first.tokenizer, text_encoder=first.model, vae=self.vae,
+                                       transformer=self.unet, scheduler=scheduler)
+        elif self.family == "sdxl":
             second = self.text_encoders[1]
             pipe = StableDiffusionXLPipeline(
                 vae=self.vae, text_encoder=first.model, text_encoder_2=second.model, tokenizer=first.tokenizer,
@@ -132,20 +141,49 @@ def load_exported_model(model_info: dict[str, Any], device: str = "cpu") -> Load
 
 
 def _build_preset(preset: Preset, device: str, with_pipeline: bool) -> LoadedModel:
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     with torch.device(device):
         torch.manual_seed(preset.seed)
-        unet = UNet2DConditionModel(**preset.unet_config)
-    model = LoadedModel(preset.name, "preset", preset.family, unet.eval(), dict(preset.scheduler_config))
+        unet = getattr(diffusers, preset.denoiser)(**preset.unet_config)
+    model = LoadedModel(preset.name, "preset", preset.family, unet.eval(), dict(preset.scheduler_config),
+                        text_len=preset.text_len)
     if with_pipeline and preset.text_encoders and device != "meta":
         _build_tiny_pipeline(model, preset)
     return model
 
 
 def _build_tiny_pipeline(model: LoadedModel, preset: Preset) -> None:
-    """Seeded tiny tokenizer(s), CLIP text encoder(s) and VAE with the release's conventions."""
+    """Seeded tiny tokenizer(s), text encoder(s) and VAE with the release's conventions."""
     from diffusers import AutoencoderKL
+
+    if preset.text_encoders[0].kind == "t5":
+        model.text_encoders.append(_tiny_t5(preset))
+    else:
+        _tiny_clip_encoders(model, preset)
+    torch.manual_seed(preset.seed + 10)
+    model.vae = AutoencoderKL(**TINY_VAE, scaling_factor=preset.vae_scaling_factor).eval()
+    model.force_zeros_for_empty_prompt = preset.family == "sdxl"
+
+
+def _tiny_t5(preset: Preset) -> TextEncoder:
+    """A seeded tiny T5 v1.1 encoder (gated GELU, as PixArt's T5-XXL) and its tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    from cair_export.core.models.tokenizer import write_t5_tokenizer
+
+    spec = preset.text_encoders[0]
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_t5_tokenizer(Path(folder), list(TINY_WORDS), model_max_length=preset.text_len)
+    config = T5Config(vocab_size=len(tokenizer), d_model=spec.hidden_size, d_kv=8, d_ff=64, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      is_encoder_decoder=False, use_cache=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(preset.seed + 1)
+    return TextEncoder(T5EncoderModel(config).eval(), tokenizer)
+
+
+def _tiny_clip_encoders(model: LoadedModel, preset: Preset) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from cair_export.core.models.tokenizer import write_tokenizer
@@ -164,9 +202,6 @@ def _build_tiny_pipeline(model: LoadedModel, preset: Preset) -> None:
             torch.manual_seed(preset.seed + 1 + index)
             cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
             model.text_encoders.append(TextEncoder(cls(config).eval(), tokenizer))
-    torch.manual_seed(preset.seed + 10)
-    model.vae = AutoencoderKL(**TINY_VAE, scaling_factor=preset.vae_scaling_factor).eval()
-    model.force_zeros_for_empty_prompt = preset.family == "sdxl"
 
 
 # --- folders -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Built-in models that need no download.
 
-``tiny-*`` presets are seeded random-init UNets small enough to export in seconds, with the
-topology features of the release they are named after. ``sd15``/``sd21``/``sdxl`` are the
-published architectures (``shared/arch/*.json``, copied into ``arch/`` here) with random
+``tiny-*`` presets are seeded random-init UNets (and diffusion transformers) small enough to export
+in seconds, with the topology features of the release they are named after. ``sd15``/``sd21``/``sdxl``
+and ``pixart-sigma`` are the published architectures (their ``config.json``, in ``arch/``) with random
 weights, for cost and speed measurement.
 """
 
@@ -36,6 +36,21 @@ SCHEDULER_SD21 = {
     "clip_sample": False,
     "set_alpha_to_one": False,
 }
+# PixArt-Sigma's scheduler_config.json: DPM-Solver++ on the linear betas of its training.
+SCHEDULER_PIXART_SIGMA = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+}
 SCHEDULER_SDXL = {
     "_class_name": "EulerDiscreteScheduler",
     **_SD_BETAS,
@@ -47,9 +62,10 @@ SCHEDULER_SDXL = {
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
-    """A tiny CLIP text encoder: its width and the tokenizer conventions of the release."""
+    """A tiny text encoder: its kind, width and the tokenizer conventions of the release."""
 
     hidden_size: int  # = the part of the UNet's context width it provides
+    kind: str = "clip"  # "clip" (CLIPTextModel) | "t5" (T5EncoderModel, PixArt's)
     with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's second encoder): pooled text_embeds
     pad_token: str = "<|endoftext|>"  # OpenAI CLIP pads with EOS; OpenCLIP (SD-2.x, SDXL's 2nd) with "!"
     hidden_act: str = "quick_gelu"
@@ -58,14 +74,16 @@ class TextEncoderSpec:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "sd15" | "sd21" | "sdxl": which release's conventions the model follows
-    unet_config: dict[str, Any]  # UNet2DConditionModel keyword arguments
+    family: str  # "sd15" | "sd21" | "sdxl" | "pixart-sigma": which release's conventions the model follows
+    unet_config: dict[str, Any]  # the denoiser's keyword arguments (a UNet2DConditionModel's unless said)
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
     description: str = ""
     seed: int = 0  # torch seed for the random init, so every build is identical
     # Tiny presets are whole pipelines: text encoder(s) and a VAE besides the UNet.
     text_encoders: tuple[TextEncoderSpec, ...] = ()
-    vae_scaling_factor: float = 0.18215  # SD-1.x/2.x; SDXL's VAE uses 0.13025
+    vae_scaling_factor: float = 0.18215  # SD-1.x/2.x; SDXL's VAE (and PixArt's) uses 0.13025
+    denoiser: str = "UNet2DConditionModel"  # or "PixArtTransformer2DModel"
+    text_len: int = 77  # the text encoder's window; PixArt-Sigma's pipeline encodes 300 T5 tokens
 
 
 # The tiny presets' tokenizer vocabulary: the `shapes` captions' words (cair_export.lab.shapes.data's
@@ -74,8 +92,8 @@ TINY_WORDS = ("a", "above", "at", "background", "below", "black", "blue", "botto
               "gray", "green", "in", "large", "left", "of", "on", "orange", "purple", "red", "right", "small",
               "square", "star", "the", "top", "triangle", "white", "yellow")
 
-def _arch(name: str) -> dict[str, Any]:
-    text = resources.files("cair_export.core.models.arch").joinpath(f"{name}-unet.json").read_text()
+def _arch(name: str, part: str = "unet") -> dict[str, Any]:
+    text = resources.files("cair_export.core.models.arch").joinpath(f"{name}-{part}.json").read_text()
     config = json.loads(text)
     config.pop("_class_name", None)
     return config
@@ -120,6 +138,26 @@ _TINY_SDXL = {
     "projection_class_embeddings_input_dim": 1280 + 6 * 8,  # pooled text_embeds + 6 time_ids
 }
 
+# PixArt-Sigma's transformer in small: patch 2 (tokens = latent pixels / 4), adaLN-single, attn2 reading T5.
+_TINY_PIXART_SIGMA = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 8,  # learned sigma: the pipeline keeps the first 4 channels
+    "patch_size": 2,
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "cross_attention_dim": 32,
+    "caption_channels": 32,  # the T5 encoder's width
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "use_additional_conditions": False,  # Sigma: no resolution/aspect embedding
+    "interpolation_scale": 1,
+}
+
 # Tiny VAE: four levels (8x, as SD's), a few channels.
 TINY_VAE = {
     "in_channels": 3,
@@ -145,10 +183,18 @@ PRESETS: dict[str, Preset] = {
                         text_encoders=(TextEncoderSpec(768),
                                        TextEncoderSpec(1280, with_projection=True, pad_token="!", hidden_act="gelu")),
                         vae_scaling_factor=0.13025),
+    "tiny-pixart-sigma": Preset("tiny-pixart-sigma", "pixart-sigma", _TINY_PIXART_SIGMA, SCHEDULER_PIXART_SIGMA,
+                                description="seeded tiny PixArt-Sigma-style pipeline (diffusion transformer, T5)",
+                                text_encoders=(TextEncoderSpec(32, kind="t5"),), vae_scaling_factor=0.13025,
+                                denoiser="PixArtTransformer2DModel", text_len=300),
     "sd15": Preset("sd15", "sd15", _arch("sd15"), SCHEDULER_SD15,
                    description="SD-1.5 UNet architecture, random weights (512 px)"),
     "sd21": Preset("sd21", "sd21", _arch("sd21"), SCHEDULER_SD21,
                    description="SD-2.1 UNet architecture, random weights (768 px, v-prediction)"),
     "sdxl": Preset("sdxl", "sdxl", _arch("sdxl"), SCHEDULER_SDXL,
                    description="SDXL base UNet architecture, random weights (1024 px)"),
+    "pixart-sigma": Preset("pixart-sigma", "pixart-sigma",
+                           _arch("pixart-sigma", "transformer"), SCHEDULER_PIXART_SIGMA,
+                           description="PixArt-Sigma XL/2 transformer architecture, random weights (1024 px)",
+                           denoiser="PixArtTransformer2DModel", vae_scaling_factor=0.13025, text_len=300),
 }

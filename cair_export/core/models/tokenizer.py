@@ -90,3 +90,36 @@ def write_tokenizer(path: Path, words: list[str], model_max_length: int) -> "CLI
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return tokenizer
+
+
+# --- T5 (PixArt's text encoder) ----------------------------------------------------------------
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5's sentencepiece model
+
+
+def write_t5_tokenizer(path: Path, words: list[str], model_max_length: int) -> "T5TokenizerFast":  # noqa: F821
+    """A sentencepiece-style (Unigram, ``▁`` word marker) T5 tokenizer for `words`, written to `path`.
+
+    Laid out as T5's: ``<pad>``, ``</s>``, ``<unk>``, then the pieces; each listed word is one piece
+    (``▁word``) and single printable ASCII characters cover other words, as sentencepiece falls back to
+    smaller pieces; other characters are ``<unk>``. Every sequence ends with ``</s>``. No extra ids.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [(token, 0.0) for token in T5_SPECIALS]
+    pieces += [("▁" + word, -1.0 - 1e-3 * i) for i, word in enumerate(words)]
+    characters = string.ascii_lowercase + string.digits + string.punctuation + string.ascii_uppercase
+    pieces += [("▁", -5.0)] + [(c, -6.0 - 1e-3 * i) for i, c in enumerate(characters)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIALS.index("<unk>")))
+    backend.normalizer = normalizers.Replace(" {2,}", " ")  # T5's normalizer folds runs of spaces
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", T5_SPECIALS.index("</s>"))])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=model_max_length)
+    tokenizer.save_pretrained(str(path))
+    return tokenizer

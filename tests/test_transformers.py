@@ -1,0 +1,123 @@
+"""Diffusion transformers (PixArt-Sigma): the tiny preset is diffusers' pipeline, and the torch reference
+caches every ``attn2`` as T-GATE defines it.
+
+Oracles: diffusers' ``PixArtSigmaPipeline`` (n = T) and, below T, T-GATE's definition written here
+independently of the reference's processors, with forward hooks on the ``attn2`` modules: steps 1..n
+guided, each ``attn2`` output kept at n as the mean of the halves, steps after n at batch B, unguided,
+every ``attn2`` returning its kept output.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from cair_export.core.models import load_model
+from cair_export.core.reference import cair_denoise, cross_attention_sites, encode_prompts
+
+PROMPTS = ["a small red circle on a white background", "a large blue square at the top left"]
+STEPS = 6
+GUIDANCE = 4.5
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    model = load_model("tiny-pixart-sigma", with_pipeline=True)
+    return model, model.diffusers_pipeline()
+
+
+def initial_latents(batch: int = len(PROMPTS), size=(8, 12)) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(4).standard_normal((batch, 4, *size), dtype=np.float32))
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_tiny_preset_tokenizes_as_t5():
+    """The tiny T5 tokenizer: T5's special ids, one piece per caption word, ``</s>`` last, pads with ``<pad>``."""
+    model = load_model("tiny-pixart-sigma", with_pipeline=True)
+    tokenizer = model.text_encoders[0].tokenizer
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    encoded = tokenizer(PROMPTS[0], padding="max_length", max_length=12, return_attention_mask=True)
+    assert encoded.input_ids[:9] == [*tokenizer.convert_tokens_to_ids(["▁" + w for w in PROMPTS[0].split()]), 1]
+    assert encoded.input_ids[9:] == [0] * 3 and encoded.attention_mask == [1] * 9 + [0] * 3
+    assert tokenizer.decode(tokenizer("zebra 42!").input_ids, skip_special_tokens=True) == "zebra 42!"
+    assert model.text_len == tokenizer.model_max_length == 300  # PixArt-Sigma's max_sequence_length
+
+
+def test_sites_are_every_block_on_the_patch_grid(pixart):
+    model, _ = pixart
+    sites = cross_attention_sites(model.unet)
+    assert [site.module for site in sites] == [f"transformer_blocks.{i}.attn2" for i in range(2)]
+    assert {(site.level, site.channels) for site in sites} == {(1, 32)}  # patch 2: latent pixels / 4 tokens
+
+
+def test_reference_at_T_is_the_pixart_sigma_pipeline(pixart):
+    model, pipe = pixart
+    latents = initial_latents()
+    with torch.no_grad():
+        expected = pipe(PROMPTS, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                        height=64, width=96, clean_caption=False, use_resolution_binning=False,
+                        output_type="latent").images
+        embeds, negative, added, negative_added = encode_prompts(pipe, PROMPTS, None, latents)
+        ours = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, num_inference_steps=STEPS,
+                            cache_step=STEPS, guidance_scale=GUIDANCE, added_cond=added,
+                            negative_added_cond=negative_added)
+    assert added["encoder_attention_mask"].shape == (2, 300) and added["encoder_attention_mask"].sum() < 30
+    assert relative(ours, expected) <= 1e-5
+
+
+def tgate_by_hooks(model, scheduler, latents, embeds, negative, mask, negative_mask, cache_step):
+    """T-GATE's loop on a PixArt transformer, its attn2 outputs captured and replaced by forward hooks."""
+    modules = [module for name, module in model.named_modules() if name.endswith(".attn2")]
+    kept: dict[int, torch.Tensor] = {}
+    state = {"mode": "compute"}
+
+    def hook(index):
+        def run(module, args, output):
+            if state["mode"] == "record":
+                kept[index] = (output[: len(output) // 2] + output[len(output) // 2:]) / 2
+            elif state["mode"] == "replay":
+                return kept[index]
+            return output
+        return run
+
+    handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]
+    try:
+        scheduler.set_timesteps(STEPS)
+        latents = latents * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            guided = i < cache_step
+            state["mode"] = "record" if i + 1 == cache_step else ("compute" if guided else "replay")
+            sample = torch.cat([latents] * 2) if guided else latents
+            text = torch.cat([negative, embeds]) if guided else negative  # read by nothing once replaying
+            text_mask = torch.cat([negative_mask, mask]) if guided else negative_mask
+            noise = model(scheduler.scale_model_input(sample, t), encoder_hidden_states=text,
+                          encoder_attention_mask=text_mask, timestep=t.expand(len(sample)),
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0][:, :4]
+            if guided:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + GUIDANCE * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return latents
+
+
+@pytest.mark.parametrize("cache_step", [1, 2])
+def test_reference_below_T_is_tgates_definition(pixart, cache_step):
+    model, pipe = pixart
+    latents = initial_latents()
+    with torch.no_grad():
+        embeds, negative, added, negative_added = encode_prompts(pipe, PROMPTS, None, latents)
+        ours = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, num_inference_steps=STEPS,
+                            cache_step=cache_step, guidance_scale=GUIDANCE, added_cond=added,
+                            negative_added_cond=negative_added)
+        theirs = tgate_by_hooks(model.unet, pipe.scheduler, latents, embeds, negative, added["encoder_attention_mask"],
+                                negative_added["encoder_attention_mask"], cache_step)
+        full = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, num_inference_steps=STEPS,
+                            cache_step=STEPS, guidance_scale=GUIDANCE, added_cond=added,
+                            negative_added_cond=negative_added)
+    assert relative(ours, theirs) <= 1e-5
+    assert relative(ours, full) > 1e-3  # the cache changes the result: the comparison is not vacuous
