@@ -142,6 +142,12 @@ def cmd_macs(args: argparse.Namespace) -> int:
 
     check_cache_step(args.cache_step, args.steps)
     model = load_model(args.model, device="meta")
+    deep = max(args.deep_interval, args.planning_interval) > 1
+    if model.is_transformer and (deep or args.controlnet or args.ip_adapter or args.prompt_chunks > 1):
+        from cair_runtime.errors import InvalidInputError
+
+        raise InvalidInputError(f"{args.model} is a diffusion transformer: deep or planning intervals, ControlNets, "
+                                "IP-Adapters and prompt chunks are for UNets; drop those options")
     if args.controlnet:
         import dataclasses
 
@@ -159,7 +165,6 @@ def cmd_macs(args: argparse.Namespace) -> int:
                                                             fidelity_guidance=args.fidelity_guidance))
     schedule = {"guidance_stop": args.guidance_stop, "deep_interval": args.deep_interval,
                 "planning_interval": args.planning_interval, "skip_mode": args.skip_mode}
-    deep = max(args.deep_interval, args.planning_interval) > 1
     if deep and (args.controlnet or args.ip_adapter):
         from cair_runtime.errors import InvalidInputError
 
@@ -184,7 +189,7 @@ def cmd_macs(args: argparse.Namespace) -> int:
     text += f", {len(args.controlnet)} ControlNet(s)" if args.controlnet else ""
     text += ", IP-Adapter" if args.ip_adapter else ""
     print(f"{args.model} at {width}x{height}, batch {args.batch}{text}, T={args.steps}, n={args.cache_step}{label} "
-          f"(UNet only; G = 1e9 MACs)")
+          f"({'transformer' if model.is_transformer else 'UNet'} only; G = 1e9 MACs)")
     shallow = ("shallow", "shallow_planning") if deep else ()
     print(f"{'convention':16s} {'planning':>10s} {'fidelity':>10s}"
           + "".join(f" {kind:>{max(10, len(kind))}s}" for kind in shallow)

@@ -252,3 +252,33 @@ def test_ip_adapter_macs_match_flop_counter():
                  for s in cross_attention_sites(model.unet))
     assert counted["planning"].attention - plain["planning"].attention == scores
     assert counted["fidelity"] == plain["fidelity"]
+
+
+def test_transformer_macs_match_flop_counter():
+    """PixArt: planning reads the text (caption projection, K/V over 300 tokens); fidelity replays every attn2."""
+    from cair_export.core.reference import predict_noise
+
+    model = load_model("tiny-pixart-sigma")
+    counted = count_graph_macs(model, 64, 96)
+    transformer = model.unet
+    transformer.set_attn_processor(AttnProcessor())
+    sample, t = torch.zeros(2, 4, 8, 12), torch.tensor([10.0])
+    with torch.no_grad(), FlopCounterMode(display=False) as planning:
+        predict_noise(transformer, sample, t, torch.zeros(2, 300, 32), {"encoder_attention_mask": torch.ones(2, 300)})
+    assert counted["planning"].with_attention == planning.get_total_flops() // 2
+    replay = [torch.zeros(1, 4 * 6, site.channels) for site in cross_attention_sites(transformer)]
+    with torch.no_grad(), FlopCounterMode(display=False) as fidelity, CrossAttentionCache(transformer) as cache:
+        cache.mode, cache.values = "replay", replay
+        predict_noise(transformer, sample[:1], t, None, None)
+    assert counted["fidelity"].with_attention == fidelity.get_total_flops() // 2
+    assert counted["fidelity"].conv_linear < counted["planning"].conv_linear / 2  # no text, no caption projection
+
+
+def test_macs_cli_counts_pixart_sigma_and_refuses_unet_options(capsys, one_line_error):
+    assert main(["macs", "pixart-sigma", "--height", "1024", "--width", "1024", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert 1.8 < table["conv_linear"]["speedup_bound"] < 1.9  # n = 5 of 25 at 1024 px
+    code = main(["macs", "pixart-sigma", "--deep-interval", "2", "--deep-branch", "0"])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer")
+    code = main(["macs", "pixart-sigma", "--height", "1000"])
+    one_line_error(code, capsys.readouterr().err, "patch size 2", "992")

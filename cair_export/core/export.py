@@ -104,10 +104,15 @@ def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, 
     native = model.unet.config.sample_size * factor
     height = native if config.height is None else config.height
     width = native if config.width is None else config.width
+    patch = model.unet.config.patch_size if model.is_transformer else 1  # latent pixels in whole patches
     for label, value in (("height", height), ("width", width)):
-        problem = size_problem(label, value, factor)
+        problem = size_problem(label, value, factor * patch)
+        if problem and patch > 1:
+            problem = (f"{label} {value} is not a positive multiple of {factor * patch} (the VAE's factor {factor} "
+                       f"times the transformer's patch size {patch})")
         if problem:
-            raise InvalidInputError(f"{problem}; try {max(factor, round(value / factor) * factor)}")
+            step = factor * patch
+            raise InvalidInputError(f"{problem}; try {max(step, round(value / step) * step)}")
     return height, width
 
 

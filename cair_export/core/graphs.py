@@ -22,7 +22,7 @@ import torch
 from cair_export.core.deep_feature import DEEP_FEATURE, DeepBranch, recorded_deep_feature, shallow_unet
 from cair_export.core.ip_adapter import adapter_scale, image_projection_removed
 from cair_export.core.models import LoadedModel
-from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite
+from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite, predict_noise
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
 
 TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)
@@ -84,6 +84,10 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     """
     config = model.unet.config
     fidelity_batch = "2*batch" if fidelity_guidance == "cfg" else "batch"
+    # A diffusion transformer reads the text encoder's states (its caption projection is inside the graph)
+    # and their mask, and predicts noise in the latent channels (a learned sigma is dropped inside).
+    text_width = config.caption_channels if model.is_transformer else config.cross_attention_dim
+    out_channels = config.in_channels if model.is_transformer else config.out_channels
 
     def latent(name: str, batch: str, channels: int) -> TensorSpec:
         return TensorSpec(name, "float32", (batch, channels, "latent_height", "latent_width"))
@@ -126,14 +130,16 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
                                                      _side("latent_width", branch.level))),)
 
     timestep = TensorSpec("timestep", "float32", (1,))
-    text = TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", config.cross_attention_dim))
+    text = TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", text_width))
+    # PixArt's T5 states come with their padding mask (1 keep, 0 drop), read by the cross-attention only.
+    text_mask = (TensorSpec("encoder_attention_mask", "float32", ("2*batch", "text_len")),) if model.is_transformer else ()
     planning = GraphIO(
         "planning",
-        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *added("2*batch"),
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *text_mask, *added("2*batch"),
                 *control("2*batch"), *image_prompt()),
         # Caches come out already merged to batch B (or per half with fidelity CFG); with a branch,
         # the deep feature too, for the guided shallow steps.
-        outputs=(latent("noise_pred", "2*batch", config.out_channels), *cache_tensors(fidelity_batch),
+        outputs=(latent("noise_pred", "2*batch", out_channels), *cache_tensors(fidelity_batch),
                  *deep_feature("2*batch")),
     )
     deep = deep_feature(fidelity_batch)
@@ -141,7 +147,7 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
         "fidelity",
         inputs=(latent("sample", fidelity_batch, config.in_channels), timestep,
                 *cache_tensors(fidelity_batch), *added(fidelity_batch), *control(fidelity_batch)),
-        outputs=(latent("noise_pred", fidelity_batch, config.out_channels), *deep),
+        outputs=(latent("noise_pred", fidelity_batch, out_channels), *deep),
     )
     if branch is None:
         return {"planning": planning, "fidelity": fidelity}
@@ -181,11 +187,19 @@ def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.nd
             inputs[spec.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
         elif spec.name == "control_scales":  # conditioning scales, some off (0)
             inputs[spec.name] = (rng.uniform(0, 2, size=shape) * rng.integers(0, 2, size=shape)).astype(np.float32)
+        elif spec.name == "encoder_attention_mask":  # a prompt's tokens, then padding; at least one token
+            lengths = rng.integers(1, shape[1] + 1, size=shape[0])
+            inputs[spec.name] = (np.arange(shape[1])[None] < lengths[:, None]).astype(np.float32)
         elif spec.name == "ip_adapter_scale":
             inputs[spec.name] = rng.uniform(0.2, 1.5, size=shape).astype(np.float32)
         else:
             inputs[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     return inputs
+
+
+def text_mask(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformer's text padding mask, as ``predict_noise`` takes it (none for UNets)."""
+    return {"encoder_attention_mask": named["encoder_attention_mask"]} if "encoder_attention_mask" in named else {}
 
 
 class CairGraph(torch.nn.Module):
@@ -240,9 +254,9 @@ class CairGraph(torch.nn.Module):
             if self.branch is None:
                 residuals = self._residuals(named, named["encoder_hidden_states"], added)
                 with self._image_prompt(named) as image:
-                    noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
-                                           added_cond_kwargs=({**(added or {}), **image} or None), return_dict=False,
-                                           **residuals)[0]
+                    conditions = {**(added or {}), **image, **text_mask(named)} or None
+                    noise_pred = predict_noise(self.unet, named["sample"], named["timestep"],
+                                               named["encoder_hidden_states"], conditions, **residuals)
                 return (noise_pred, *self.cache.values)
             with recorded_deep_feature(self.unet, self.branch) as recorded:
                 noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
@@ -265,8 +279,7 @@ class CairGraph(torch.nn.Module):
         if self.branch is None:
             residuals = self._residuals(named, None, added)
             with self._image_prompt(named):  # without the image projection: no image embedding to read
-                return (self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added,
-                                  return_dict=False, **residuals)[0],)
+                return (predict_noise(self.unet, named["sample"], named["timestep"], None, added, **residuals),)
         with recorded_deep_feature(self.unet, self.branch) as recorded:
             noise_pred = self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0]
         return noise_pred, recorded[-1]

@@ -19,9 +19,9 @@ from typing import Iterator
 import torch
 
 from cair_export.core.deep_feature import DEEP_FEATURE, deep_branch, shallow_unet
-from cair_export.core.graphs import CairGraph, cache_specs, graph_specs
+from cair_export.core.graphs import CairGraph, cache_specs, graph_specs, text_mask
 from cair_export.core.models import LoadedModel
-from cair_export.core.reference import CrossAttentionCache
+from cair_export.core.reference import CrossAttentionCache, predict_noise
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.schedule import PLANNING_KINDS, Schedule, check_cache_step, default_guidance_stop, full_evaluations
 
@@ -99,8 +99,8 @@ def _count(unet: torch.nn.Module, cache: CrossAttentionCache, inputs: dict[str, 
             shallow_unet(unet, branch, inputs["sample"], inputs["timestep"], inputs[DEEP_FEATURE],
                          inputs.get("encoder_hidden_states"), added)
         else:
-            unet(inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"),
-                 added_cond_kwargs=added, return_dict=False)
+            conditions = {**(added or {}), **text_mask(inputs)} or None
+            predict_noise(unet, inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"), conditions)
     return GraphMacs(totals["conv_linear"], totals["attention"])
 
 

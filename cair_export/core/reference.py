@@ -67,9 +67,12 @@ def cross_attention_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
                                _level(path, deepest)) for i, path in enumerate(paths)]
 
 
+TRANSFORMERS = ("PixArtTransformer2DModel",)  # diffusion transformers with attn2 in every block
+
+
 def is_transformer(model: torch.nn.Module) -> bool:
-    """A diffusion transformer with cross-attention blocks (PixArt), not a UNet2DConditionModel."""
-    return type(model).__name__ != "UNet2DConditionModel"
+    """A diffusion transformer (PixArt): patches and a stack of blocks, not a UNet's (or ControlNet's) levels."""
+    return type(model).__name__ in TRANSFORMERS
 
 
 @contextlib.contextmanager

@@ -58,7 +58,9 @@ class LoadedModel:
     @property
     def is_transformer(self) -> bool:
         """A diffusion transformer (PixArt) rather than a UNet: patches, no down/up blocks."""
-        return type(self.unet).__name__ != "UNet2DConditionModel"
+        from cair_export.core.reference import is_transformer
+
+        return is_transformer(self.unet)
 
     @property
     def folder(self) -> Path | None:
