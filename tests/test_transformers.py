@@ -121,3 +121,16 @@ def test_reference_below_T_is_tgates_definition(pixart, cache_step):
                             negative_added_cond=negative_added)
     assert relative(ours, theirs) <= 1e-5
     assert relative(ours, full) > 1e-3  # the cache changes the result: the comparison is not vacuous
+
+
+def test_what_is_not_built_yet_is_refused_in_one_line(tmp_path, capsys, one_line_error):
+    """Export and profile take UNets for now: a transformer preset is a one-line error, and no folder appears."""
+    from cair_export.cli import main
+
+    code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out")])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer", "not exported yet")
+    assert not (tmp_path / "out").exists()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code = main(["profile", "tiny-pixart-sigma", "--prompts", str(prompts)])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer")

@@ -325,6 +325,9 @@ def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig =
     one copy of the UNet plus activations, not two (``cair-export export`` does this).
     """
     out_dir = Path(out_dir)
+    if model.is_transformer:
+        raise InvalidInputError(f"{model.name} is a diffusion transformer: its graphs are not exported yet (the torch "
+                                "reference runs it and `cair-export macs` counts it); export a UNet model")
     height, width = check_export_config(model, config)
     check_output_dir(out_dir, overwrite, model.folder)
     if config.controlnets:

@@ -149,6 +149,8 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
         raise InvalidInputError(f"batch {config.batch} must be at least 1")
     prompts = read_prompts(config.prompts, config.max_prompts)
     model = load_model(config.model, with_pipeline=True)
+    if model.is_transformer:
+        raise InvalidInputError(f"{config.model} is a diffusion transformer; profile measures UNets for now")
     pipe = model.diffusers_pipeline()
     unet, scheduler = pipe.unet, pipe.scheduler
     sites = cross_attention_sites(unet)
