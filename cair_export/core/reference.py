@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from cair_export.core.deep_feature import deep_branch, recorded_deep_feature, shallow_unet
+from cair_export.core.models.families import is_transformer
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.schedule import PLANNING_KINDS, Schedule, default_guidance_stop, evaluation_plan
 
@@ -65,14 +66,6 @@ def cross_attention_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
                    key=lambda path: stage[path.split(".")[0]])  # stable: module order within a stage
     return [CrossAttentionSite(f"cache_{i:03d}", path, unet.get_submodule(path).to_out[0].out_features,
                                _level(path, deepest)) for i, path in enumerate(paths)]
-
-
-TRANSFORMERS = ("PixArtTransformer2DModel",)  # diffusion transformers with attn2 in every block
-
-
-def is_transformer(model: torch.nn.Module) -> bool:
-    """A diffusion transformer (PixArt): patches and a stack of blocks, not a UNet's (or ControlNet's) levels."""
-    return type(model).__name__ in TRANSFORMERS
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from cair_export.assets import SHIPPED_MODELS, asset_path
+from cair_export.core.models.families import is_transformer
 from cair_export.core.models.presets import PRESETS, SCHEDULER_SD15, TINY_VAE, TINY_WORDS, Preset
 from cair_export.core.sizes import vae_scale_factor
 from cair_runtime.errors import InvalidInputError
@@ -58,8 +59,6 @@ class LoadedModel:
     @property
     def is_transformer(self) -> bool:
         """A diffusion transformer (PixArt) rather than a UNet: patches, no down/up blocks."""
-        from cair_export.core.reference import is_transformer
-
         return is_transformer(self.unet)
 
     @property
