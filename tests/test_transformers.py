@@ -123,13 +123,67 @@ def test_reference_below_T_is_tgates_definition(pixart, cache_step):
     assert relative(ours, full) > 1e-3  # the cache changes the result: the comparison is not vacuous
 
 
+def test_exported_graphs_are_the_transformer_with_its_caches(exported):
+    """Planning at a size other than the trace's, with the runtime's position embedding, equals the torch
+    transformer (its own embedding) and emits each attn2 output (per CFG half: the default export); fidelity replaying them
+    equals the transformer with those outputs, and holds no cross-attention or caption-projection weight."""
+    import hashlib
+
+    import onnx
+
+    from cair_export.core.reference import CrossAttentionCache, predict_noise
+    from cair_runtime.backends.onnxruntime import make_session
+    from cair_runtime.manifest import load_manifest
+    from cair_runtime.positions import position_embedding
+
+    folder = exported("tiny-pixart-sigma")
+    manifest = load_manifest(folder)
+    assert [spec.name for spec in manifest.graphs["planning"].inputs] == [
+        "sample", "timestep", "pos_embed", "encoder_hidden_states", "encoder_attention_mask"]
+    assert [spec.name for spec in manifest.graphs["fidelity"].inputs] == ["sample", "timestep", "pos_embed",
+                                                                           "cache_000", "cache_001"]
+    transformer = load_model("tiny-pixart-sigma").unet
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((4, 4, 8, 12), dtype=np.float32)  # batch 2, guided
+    text = rng.standard_normal((4, 300, 32), dtype=np.float32)
+    mask = (np.arange(300)[None] < np.array([[3], [9], [5], [300]])).astype(np.float32)
+    timestep = np.array([700.0], np.float32)
+    embed = transformer.pos_embed
+    position = position_embedding(32, 4, 6, embed.base_size, embed.interpolation_scale)
+    planning = make_session(folder / "planning.onnx")
+    noise, *caches = planning.run(None, {"sample": sample, "timestep": timestep, "pos_embed": position,
+                                         "encoder_hidden_states": text, "encoder_attention_mask": mask})
+    with torch.no_grad(), CrossAttentionCache(transformer, manifest.fidelity_guidance) as cache:  # "cfg": per half
+        cache.mode = "record"
+        expected = predict_noise(transformer, torch.from_numpy(sample), torch.from_numpy(timestep),
+                                 torch.from_numpy(text), {"encoder_attention_mask": torch.from_numpy(mask)})
+        kept = [value.numpy() for value in cache.values]
+        assert relative(torch.from_numpy(noise), expected) <= 1e-4
+        assert all(np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max() for ours, theirs in zip(caches, kept))
+        cache.mode = "replay"
+        fidelity_expected = predict_noise(transformer, torch.from_numpy(sample), torch.from_numpy(timestep), None, None)
+    fidelity = make_session(folder / "fidelity.onnx")
+    (fidelity_noise,) = fidelity.run(None, {"sample": sample, "timestep": timestep, "pos_embed": position,
+                                            **{f"cache_{i:03d}": value for i, value in enumerate(caches)}})
+    assert relative(torch.from_numpy(fidelity_noise), fidelity_expected) <= 1e-4
+
+    graph = onnx.load(str(folder / "fidelity.onnx"), load_external_data=False)
+    stored = {hashlib.sha256(onnx.numpy_helper.to_array(t, base_dir=str(folder)).astype(np.float32).tobytes()).hexdigest()
+              for t in graph.graph.initializer}
+    text_only = [(name, w) for name, w in transformer.named_parameters()
+                 if ".attn2." in name or name.startswith("caption_projection.")]
+    assert len(text_only) >= 10
+    for name, weight in text_only:
+        array = weight.detach().numpy()
+        digests = {hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in (array, array.T)}
+        assert not digests & stored, name
+    assert not {"encoder_hidden_states", "encoder_attention_mask"} & {i.name for i in graph.graph.input}
+
+
 def test_what_is_not_built_yet_is_refused_in_one_line(tmp_path, capsys, one_line_error):
-    """Export and profile take UNets for now: a transformer preset is a one-line error, and no folder appears."""
+    """Profile takes UNets for now: a transformer preset is a one-line error."""
     from cair_export.cli import main
 
-    code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out")])
-    one_line_error(code, capsys.readouterr().err, "diffusion transformer", "not exported yet")
-    assert not (tmp_path / "out").exists()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     code = main(["profile", "tiny-pixart-sigma", "--prompts", str(prompts)])

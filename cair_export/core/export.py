@@ -9,6 +9,7 @@ last (``core.engine_manifest``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -325,9 +326,6 @@ def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig =
     one copy of the UNet plus activations, not two (``cair-export export`` does this).
     """
     out_dir = Path(out_dir)
-    if model.is_transformer:
-        raise InvalidInputError(f"{model.name} is a diffusion transformer: its graphs are not exported yet (the torch "
-                                "reference runs it and `cair-export macs` counts it); export a UNet model")
     height, width = check_export_config(model, config)
     check_output_dir(out_dir, overwrite, model.folder)
     if config.controlnets:
@@ -408,12 +406,20 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         progress(f"fusing {len(config.loras)} LoRA adapter(s)")
         fused = fuse_loras(model, config.loras)
     unet = model.unet.eval()
-    up_factor = 2 ** (len(unet.config.block_out_channels) - 1)
     dims = graph_dims(model, height, width, config.max_batch, config.max_prompt_chunks)
+    if model.is_transformer:  # every size a whole number of patches; the trace at the smallest
+        up_factor = unet.config.patch_size
+        trace = {**{dim.name: dim.min for dim in dims}, "batch": 1}
+    else:
+        up_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+        trace = _trace_dims(dims, up_factor)
     shapes = _validation_dims(dims, up_factor)
     files: list[str] = []
     report = ValidationReport() if config.validate else None
     expected = None
+    if model.is_transformer and config.deep_branch is not None:
+        progress("no shallow graphs: deep-feature caching cuts a UNet's skip branch; a transformer has none")
+        config = dataclasses.replace(config, deep_branch=None)
     branch = None if config.deep_branch is None else deep_branch(unet, config.deep_branch)
     if (model.controlnets or model.ip_adapter is not None) and branch is not None:
         progress("no shallow graphs: deep-feature caching does not take ControlNets or IP-Adapters yet")
@@ -422,7 +428,6 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         caches = cache_specs(cache.sites)
         ios = graph_specs(model, caches, config.fidelity_guidance, branch)
         graphs = {kind: CairGraph(unet, cache, io, branch, model.controlnets) for kind, io in ios.items()}
-        trace = _trace_dims(dims, up_factor)
         for kind, graph in graphs.items():
             progress(f"exporting {kind} graph (trace at {dims_text(trace)}, opset {config.opset})")
             files += _export_onnx(graph, graph.io, make_inputs(graph.io, trace, seed=0), work, config.opset,
@@ -448,7 +453,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     elif report is not None:
         validate_graphs(unet_ios, work, shapes, expected, config.tolerance, progress, report, weights)
     # The switch graph's two branches share every input but the text; these graphs have more planning-only inputs.
-    plain = not model.controlnets and model.ip_adapter is None
+    plain = not model.controlnets and model.ip_adapter is None and not model.is_transformer
     switch = _write_switch(work, caches, branch, config, progress) if plain else None
     if switch is not None:
         files.append(switch["file"])

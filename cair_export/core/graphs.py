@@ -26,6 +26,7 @@ from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite, 
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
 
 TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)
+POSITION_EMBEDDING = "pos_embed"  # a diffusion transformer's position embedding input
 # The UNet graphs, in the order each one's handoff check needs the one before.
 UNET_KINDS = ("planning", "fidelity", "shallow", "shallow_planning")
 
@@ -67,10 +68,15 @@ def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int,
     """Symbolic dims with min/opt/max; latent sizes from half to twice the chosen pixel size; the
     text from one text-encoder window to ``prompt_chunks`` of them (long prompts, encoded in chunks)."""
     latent_height, latent_width = height // model.vae_scale_factor, width // model.vae_scale_factor
+    patch = model.unet.config.patch_size if model.is_transformer else 1  # a transformer's sides: whole patches
+
+    def half(side: int) -> int:
+        return max(patch, side // 2 // patch * patch)
+
     return (
         Dim("batch", 1, 1, max_batch),
-        Dim("latent_height", max(1, latent_height // 2), latent_height, latent_height * 2),
-        Dim("latent_width", max(1, latent_width // 2), latent_width, latent_width * 2),
+        Dim("latent_height", half(latent_height), latent_height, latent_height * 2),
+        Dim("latent_width", half(latent_width), latent_width, latent_width * 2),
         Dim("text_len", model.text_len, model.text_len, model.text_len * prompt_chunks),
     )
 
@@ -130,12 +136,22 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
                                                      _side("latent_width", branch.level))),)
 
     timestep = TensorSpec("timestep", "float32", (1,))
+    def position() -> tuple[TensorSpec, ...]:
+        """A transformer's 2D sin-cos position embedding of the patch grid, given by the caller
+        (``cair_runtime.positions``): the module recomputes it from Python ints at other sizes, which a
+        trace would freeze at the trace size."""
+        if not model.is_transformer:
+            return ()
+        patch = config.patch_size
+        tokens = f"{_side('latent_height', patch.bit_length() - 1)}*{_side('latent_width', patch.bit_length() - 1)}"
+        return (TensorSpec(POSITION_EMBEDDING, "float32", (1, tokens, config.num_attention_heads * config.attention_head_dim)),)
+
     text = TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", text_width))
     # PixArt's T5 states come with their padding mask (1 keep, 0 drop), read by the cross-attention only.
     text_mask = (TensorSpec("encoder_attention_mask", "float32", ("2*batch", "text_len")),) if model.is_transformer else ()
     planning = GraphIO(
         "planning",
-        inputs=(latent("sample", "2*batch", config.in_channels), timestep, text, *text_mask, *added("2*batch"),
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, *position(), text, *text_mask, *added("2*batch"),
                 *control("2*batch"), *image_prompt()),
         # Caches come out already merged to batch B (or per half with fidelity CFG); with a branch,
         # the deep feature too, for the guided shallow steps.
@@ -145,7 +161,7 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     deep = deep_feature(fidelity_batch)
     fidelity = GraphIO(
         "fidelity",
-        inputs=(latent("sample", fidelity_batch, config.in_channels), timestep,
+        inputs=(latent("sample", fidelity_batch, config.in_channels), timestep, *position(),
                 *cache_tensors(fidelity_batch), *added(fidelity_batch), *control(fidelity_batch)),
         outputs=(latent("noise_pred", fidelity_batch, out_channels), *deep),
     )
@@ -195,6 +211,24 @@ def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.nd
         else:
             inputs[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     return inputs
+
+
+@contextlib.contextmanager
+def given_position_embedding(model: torch.nn.Module, position: torch.Tensor) -> Iterator[None]:
+    """A transformer whose patch embedding adds ``position`` (1, tokens, width) instead of computing it."""
+    embed = model.pos_embed
+
+    def forward(latent: torch.Tensor) -> torch.Tensor:
+        latent = embed.proj(latent).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, tokens, width)
+        if embed.layer_norm:
+            latent = embed.norm(latent)
+        return latent + position
+
+    embed.forward = forward
+    try:
+        yield
+    finally:
+        del embed.forward  # the class's own again
 
 
 def text_mask(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -248,6 +282,12 @@ class CairGraph(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         named = dict(zip(self.input_names, inputs))
+        if POSITION_EMBEDDING in named:
+            with given_position_embedding(self.unet, named[POSITION_EMBEDDING]):
+                return self._forward(named)
+        return self._forward(named)
+
+    def _forward(self, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         added = {key: named[key] for key in ("text_embeds", "time_ids") if key in named} or None
         if self.io.kind == "planning":
             self.cache.mode = "record"

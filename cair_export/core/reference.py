@@ -95,7 +95,7 @@ def predict_noise(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.
     projection = caption_projection_removed(model) if context is None else contextlib.nullcontext()
     with projection:
         output = model(sample, encoder_hidden_states=context, encoder_attention_mask=None if context is None else mask,
-                       timestep=timestep.reshape(-1).expand(len(sample)),
+                       timestep=timestep.reshape(-1).expand(sample.shape[0]),  # traced: a dynamic batch
                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
     if model.config.out_channels == 2 * model.config.in_channels:
         output = output[:, :model.config.in_channels]
