@@ -188,3 +188,25 @@ def test_what_is_not_built_yet_is_refused_in_one_line(tmp_path, capsys, one_line
     prompts.write_text("a red circle\n")
     code = main(["profile", "tiny-pixart-sigma", "--prompts", str(prompts)])
     one_line_error(code, capsys.readouterr().err, "diffusion transformer")
+
+
+@pytest.mark.parametrize("cache_step", [STEPS, 2])
+def test_engine_equals_the_reference(exported, pixart, cache_step):
+    """CairEngine.denoise on the exported graphs (numpy DPM-Solver++, position embedding, text masks) against
+    the torch reference loop over diffusers' scheduler, at a size other than the export's."""
+    from cair_runtime.pipeline import CairEngine
+
+    model, pipe = pixart
+    engine = CairEngine(exported("tiny-pixart-sigma"))
+    latents = initial_latents()
+    with torch.no_grad():
+        embeds, negative, added, negative_added = encode_prompts(pipe, PROMPTS, None, latents)
+        expected = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, num_inference_steps=STEPS,
+                                cache_step=cache_step, guidance_scale=GUIDANCE, added_cond=added,
+                                negative_added_cond=negative_added, fidelity_guidance=engine.manifest.fidelity_guidance)
+    result = engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(), num_inference_steps=STEPS,
+                            guidance_scale=GUIDANCE, cache_step=cache_step,
+                            attention_mask=added["encoder_attention_mask"].numpy(),
+                            negative_attention_mask=negative_added["encoder_attention_mask"].numpy())
+    assert relative(torch.from_numpy(result.latents), expected) <= 1e-4
+    assert result.timings.planning_steps == cache_step

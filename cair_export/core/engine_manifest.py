@@ -31,7 +31,15 @@ def model_record(model: LoadedModel, dtype: str = "fp32", cache_step_hint: int =
                                  "conditioning_channels": net.config.conditioning_channels,
                                  "config": json.loads(json.dumps(dict(net.config), default=str))}
                                 for net in model.controlnets]} if model.controlnets else {}),
-            **({"ip_adapter": model.ip_adapter.manifest_record()} if model.ip_adapter is not None else {})}
+            **({"ip_adapter": model.ip_adapter.manifest_record()} if model.ip_adapter is not None else {}),
+            **({"position_embedding": position_record(model.unet)} if model.is_transformer else {})}
+
+
+def position_record(transformer: torch.nn.Module) -> dict[str, Any]:
+    """What ``cair_runtime.positions.position_embedding`` needs for a transformer's patch grid."""
+    embed = transformer.pos_embed
+    return {"width": int(embed.proj.out_channels), "patch_size": int(embed.patch_size),
+            "base_size": int(embed.base_size), "interpolation_scale": float(embed.interpolation_scale)}
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

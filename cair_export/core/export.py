@@ -35,6 +35,7 @@ from cair_export.core.graphs import (
     graph_dims,
     graph_specs,
     image_encoder_io,
+    is_t5,
     make_inputs,
     make_token_inputs,
     text_encoder_io,
@@ -244,7 +245,8 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
     returns the pipeline section, the graphs' IO and every file written (external data included)."""
     opt = {dim.name: dim.opt for dim in dims}
     text_dims = [dict(opt, batch=1), dict(opt, batch=2)]
-    pipeline = {"type": "stable-diffusion-xl" if model.family == "sdxl" else "stable-diffusion",
+    kinds = {"sdxl": "stable-diffusion-xl", "pixart-sigma": "pixart-sigma"}
+    pipeline = {"type": kinds.get(model.family, "stable-diffusion"),
                 "text_encoders": [], "vae_graph": "vae_decoder", "vae_encoder_graph": "vae_encoder",
                 "vae_scaling_factor": float(model.vae.config.scaling_factor),
                 "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
@@ -261,7 +263,9 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
             # SD-1.x/2.x condition on the last layer (after the final norm), SDXL on the penultimate.
-            "prompt_output": "penultimate_hidden_state" if model.family == "sdxl" else "last_hidden_state"})
+            "prompt_output": "penultimate_hidden_state" if model.family == "sdxl" else "last_hidden_state",
+            # T5 (PixArt): one window of max_length tokens, no start token, the padding mask read by the model too.
+            **({"attention_mask": True} if is_t5(encoder.model) else {})})
         io = text_encoder_io(kind, encoder.model)
         graph = TextEncoderGraph(encoder.model, io)
 

@@ -328,9 +328,18 @@ class CairGraph(torch.nn.Module):
 # --- the rest of the pipeline: text encoder(s) and VAE decoder, as diffusers runs them -----------
 
 
+def is_t5(encoder: torch.nn.Module) -> bool:
+    return encoder.config.model_type == "t5"
+
+
 def text_encoder_io(kind: str, encoder: torch.nn.Module) -> GraphIO:
-    """``input_ids`` -> last and penultimate hidden states, and the pooled embedding."""
+    """CLIP: ``input_ids`` -> last and penultimate hidden states, and the pooled embedding. T5 (PixArt):
+    ``input_ids`` and their ``attention_mask`` (1 token, 0 padding) -> last hidden state."""
     config = encoder.config
+    if is_t5(encoder):
+        return GraphIO(kind, inputs=(TensorSpec("input_ids", "int64", ("batch", "text_len")),
+                                     TensorSpec("attention_mask", "int64", ("batch", "text_len"))),
+                       outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "text_len", config.d_model)),))
     pooled = config.projection_dim if hasattr(encoder, "text_projection") else config.hidden_size
     hidden = ("batch", "text_len", config.hidden_size)
     return GraphIO(
@@ -373,21 +382,30 @@ def make_token_inputs(io: GraphIO, dims: dict[str, int], seed: int, vocab_size: 
     rng = np.random.default_rng(seed)
     batch, length = io.inputs[0].resolve(dims)
     ids = np.full((batch, length), pad, dtype=np.int64)
+    t5 = len(io.inputs) > 1  # T5: no start token, an attention mask over the tokens and EOS
+    mask = np.zeros((batch, length), dtype=np.int64)
     for row in range(batch):
         words = int(rng.integers(1, length - 1))
-        ids[row, 0] = vocab_size - 2  # BOS sits just before EOS in CLIP's vocabulary layout
-        ids[row, 1:words + 1] = rng.integers(0, vocab_size - 2, size=words)
-        ids[row, words + 1] = eos
-    return {"input_ids": ids}
+        if t5:
+            ids[row, :words] = rng.integers(3, vocab_size, size=words)  # past <pad>, </s>, <unk>
+            ids[row, words] = eos
+            mask[row, :words + 1] = 1
+        else:
+            ids[row, 0] = vocab_size - 2  # BOS sits just before EOS in CLIP's vocabulary layout
+            ids[row, 1:words + 1] = rng.integers(0, vocab_size - 2, size=words)
+            ids[row, words + 1] = eos
+    return {"input_ids": ids, "attention_mask": mask} if t5 else {"input_ids": ids}
 
 
 class TextEncoderGraph(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module, io: GraphIO):
         super().__init__()
-        self.encoder, self.io = encoder, io
-        self.input_names = ["input_ids"]
+        self.encoder, self.io = encoder.eval(), io  # eval: T5's dropout off
+        self.input_names = [spec.name for spec in io.inputs]
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        if attention_mask is not None:  # T5, as PixArt's pipeline calls it
+            return (self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state,)
         output = self.encoder(input_ids, output_hidden_states=True)
         pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
         return output.last_hidden_state, output.hidden_states[-2], pooled

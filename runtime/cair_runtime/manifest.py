@@ -194,6 +194,12 @@ class Manifest:
         return int(self.model.get("vae_scale_factor", DEFAULT_VAE_SCALE_FACTOR))
 
     @property
+    def patch_size(self) -> int:
+        """Latent pixels per side of a diffusion transformer's patch (1 for UNets): sizes are whole patches."""
+        position = self.model.get("position_embedding")
+        return int(position["patch_size"]) if position else 1
+
+    @property
     def unet_graphs(self) -> dict[str, GraphSpec]:
         """The planning and fidelity graphs, the ones every backend runs (the rest belong to the pipeline)."""
         return {kind: self.graphs[kind] for kind in GRAPH_KINDS}
@@ -324,7 +330,11 @@ def _pipeline_problems(manifest: Manifest) -> list[str]:
             problems.append(f"pipeline {where}.tokenizer {encoder.get('tokenizer')!r} is not among the listed files")
         integer(f"{where}.max_length", encoder.get("max_length"), 2)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key == "bos_token_id" and encoder.get("attention_mask") is True and encoder.get(key) is None:
+                continue  # T5 has no start token
             integer(f"{where}.{key}", encoder.get(key), 0)
+        if encoder.get("attention_mask", False) not in (True, False):
+            problems.append(f"pipeline {where}.attention_mask must be true or false")
         if encoder.get("prompt_output") not in PROMPT_OUTPUTS:
             problems.append(f"pipeline {where}.prompt_output {encoder.get('prompt_output')!r} is not one of "
                             f"{', '.join(PROMPT_OUTPUTS)}")
@@ -432,6 +442,14 @@ def _model_problems(manifest: Manifest) -> list[str]:
             problems.append(f"scheduler_config {name} {config[name]!r} must be a number in (0, 1)")
     if not isinstance(model.get("dtype", "float32"), str):
         problems.append(f"model dtype {model.get('dtype')!r} must be a string")
+    position = model.get("position_embedding")
+    if position is not None and not (
+            isinstance(position, dict) and all(is_integer(position.get(key)) and 0 < position[key] <= 1 << 16
+                                               for key in ("width", "patch_size", "base_size"))
+            and position["width"] % 4 == 0 and is_finite_number(position.get("interpolation_scale"))
+            and position["interpolation_scale"] > 0):
+        problems.append(f"model position_embedding {position!r} must hold width (a multiple of 4), patch_size, "
+                        "base_size and a positive interpolation_scale")
     return problems
 
 

@@ -19,6 +19,7 @@ from cair_runtime.control import ControlRequest, controlnet_keep, residual_scale
 from cair_runtime.errors import EngineClosedError, InvalidInputError, ShapeError
 from cair_runtime.lora import BASE, AdapterSwitch, LoraSet, check_lora_list, file_sha256, resolve_loras
 from cair_runtime.manifest import Manifest, load_manifest, size_problem
+from cair_runtime.positions import position_embedding
 from cair_runtime.noise import Generators, image_generators, image_seeds, standard_normal
 from cair_runtime.schedulers import Scheduler, img2img_start, make_scheduler
 from cair_runtime.schedule import DEFAULT_STEPS, PLANNING_KINDS, Schedule, schedule_request
@@ -240,13 +241,16 @@ class CairEngine:
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Pixel size -> latent size, defaulting to the size the engine was tuned for."""
-        factor = self.vae_scale_factor
+        factor, patch = self.vae_scale_factor, self.manifest.patch_size
         sizes = []
         for label, value, dim in (("height", height, "latent_height"), ("width", width, "latent_width")):
             if value is None:
                 sizes.append(self.manifest.dim(dim).opt)
                 continue
             problem = size_problem(label, value, factor)
+            if problem is None and value // factor % patch:
+                problem = (f"{label} {value} is not a positive multiple of {factor * patch} (the VAE's factor {factor} "
+                           f"times the transformer's patch size {patch})")
             if problem:
                 raise InvalidInputError(problem, field=label)
             sizes.append(value // factor)
@@ -276,6 +280,8 @@ class CairEngine:
         control: ControlRequest | None = None,
         ip_image_embeds: np.ndarray | None = None,
         ip_adapter_scale: float = 1.0,
+        attention_mask: np.ndarray | None = None,
+        negative_attention_mask: np.ndarray | None = None,
         schedule: Schedule | None = None,
         **schedule_fields: Any,
     ) -> DenoiseResult:
@@ -318,6 +324,11 @@ class CairEngine:
         CLIP image embedding (the folder's ``image_encoder`` graph), scaled by ``ip_adapter_scale``; the
         unconditional half gets zeros, as in diffusers. Only planning steps read them: after n the
         cached cross-attention already holds the image term. Without them the engine runs as the plain model.
+
+        Diffusion transformers (PixArt): ``attention_mask`` and ``negative_attention_mask`` (B, text_len),
+        1 for the tokens of each text (its end token included) and 0 for padding, as the T5 tokenizer makes
+        them; default: every position read. Only planning steps read them. The position embedding of the
+        patch grid is computed here (``cair_runtime.positions``).
         """
         self.check_open()
         img2img = image_latents is not None
@@ -333,7 +344,8 @@ class CairEngine:
             negative_text_embeds=negative_text_embeds, callback=callback, lora_set=self.resolve_loras(loras),
             image_latents=image_latents, generators=generators, cache_observer=cache_observer,
             control_images=control_images, control=control, ip_image_embeds=ip_image_embeds,
-            ip_adapter_scale=ip_adapter_scale)
+            ip_adapter_scale=ip_adapter_scale, attention_mask=attention_mask,
+            negative_attention_mask=negative_attention_mask)
 
     def denoise_resolved(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None,
                          schedule: Schedule, scheduler: Scheduler, guidance_scale: float, *,
@@ -346,7 +358,8 @@ class CairEngine:
                          cache_observer: Callable[..., None] | None = None,
                          control_images: Sequence[np.ndarray] | None = None,
                          control: ControlRequest | None = None, ip_image_embeds: np.ndarray | None = None,
-                         ip_adapter_scale: float = 1.0) -> DenoiseResult:
+                         ip_adapter_scale: float = 1.0, attention_mask: np.ndarray | None = None,
+                         negative_attention_mask: np.ndarray | None = None) -> DenoiseResult:
         """``denoise`` once the call's settings are resolved and checked (``resolve_schedule``,
         ``make_scheduler``, ``resolve_loras``): the arrays are checked, nothing else again."""
         img2img = image_latents is not None
@@ -412,6 +425,11 @@ class CairEngine:
 
         control_images, control = self._check_control(control_images, control, latents.shape)
         image_prompt = self._check_image_prompt(ip_image_embeds, ip_adapter_scale, batch)
+        text_masks = self._check_text_masks(attention_mask, negative_attention_mask, prompt_embeds.shape[:2])
+        patch = self.manifest.patch_size
+        if latents.shape[2] % patch or latents.shape[3] % patch:
+            raise ShapeError(f"latents have shape {latents.shape}; this transformer takes latent sides in whole "
+                             f"patches of {patch}")
 
         max_batch = self.manifest.dim("batch").max
         timings = StageTimings()
@@ -429,7 +447,8 @@ class CairEngine:
                     None if image_latents is None else image_latents[part],
                     None if cache_observer is None else functools.partial(cache_observer, first_image=start),
                     [image[part] for image in control_images], control,
-                    None if image_prompt is None else (image_prompt[0][part], image_prompt[1]))
+                    None if image_prompt is None else (image_prompt[0][part], image_prompt[1]),
+                    None if text_masks is None else tuple(mask[part] for mask in text_masks))
                 chunks.append(result.latents)
                 timings.add(result.timings)
         latents = np.concatenate(chunks)
@@ -501,10 +520,40 @@ class CairEngine:
                              "per image")
         return embeds, np.array([scale], np.float32)
 
+    @property
+    def text_masks(self) -> bool:
+        """True for diffusion transformers whose planning graph reads the text's padding mask (PixArt)."""
+        return any(spec.name == "encoder_attention_mask" for spec in self.manifest.graphs["planning"].inputs)
+
+    def _check_text_masks(self, mask: np.ndarray | None, negative: np.ndarray | None,
+                          shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The prompts' and negative prompts' masks as float32 (B, text_len) of 0 and 1; ones where not given."""
+        if not self.text_masks:
+            if mask is not None or negative is not None:
+                raise InvalidInputError("this engine's model reads no text attention mask (a UNet); drop it",
+                                        field="attention_mask")
+            return None
+        masks = []
+        for label, value in (("attention mask", mask), ("negative attention mask", negative)):
+            value = np.ones(shape, np.float32) if value is None else np.asarray(value)
+            if value.shape != shape or not np.isin(value, (0, 1)).all():
+                raise ShapeError(f"{label} has shape {value.shape}; expected {shape} of 0 (padding) and 1 (tokens)")
+            masks.append(value.astype(np.float32))
+        return masks[0], masks[1]
+
+    def _position_embedding(self, latent_height: int, latent_width: int) -> np.ndarray | None:
+        """A transformer's position embedding for this latent size (None for UNets)."""
+        record = self.manifest.model.get("position_embedding")
+        if record is None:
+            return None
+        patch = record["patch_size"]
+        return position_embedding(record["width"], latent_height // patch, latent_width // patch, record["base_size"],
+                                  record["interpolation_scale"])
+
     def _denoise_batch(self, context: BackendContext, prompt_embeds, negative_prompt_embeds, latents, added,
                        schedule: Schedule, scheduler: Scheduler, guidance_scale, generators: Generators, callback,
                        image_latents: np.ndarray | None = None, observer=None, control_images=(),
-                       control: ControlRequest | None = None, image_prompt=None) -> DenoiseResult:
+                       control: ControlRequest | None = None, image_prompt=None, text_masks=None) -> DenoiseResult:
         batch = latents.shape[0]
         cfg_fidelity = self.manifest.fidelity_guidance == "cfg"
         timesteps = scheduler.timesteps
@@ -533,6 +582,13 @@ class CairEngine:
             embeds, scale = image_prompt
             planning_inputs.update(ip_image_embeds=np.concatenate([np.zeros_like(embeds), embeds]),
                                    ip_adapter_scale=scale)
+        if text_masks is not None:  # a transformer's text padding, unconditional half first
+            mask, negative_mask = text_masks
+            planning_inputs["encoder_attention_mask"] = np.concatenate([negative_mask, mask])
+        position = self._position_embedding(latents.shape[2], latents.shape[3])
+        if position is not None:  # the same for every step of every graph at this size
+            for kind in ("planning", *later):
+                context.set_inputs(kind, {"pos_embed": position})
         guided_inputs, unguided_inputs = {}, {}
         if added is not None:
             text_embeds, negative_text_embeds, time_ids = added
