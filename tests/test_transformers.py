@@ -181,9 +181,12 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
 
 
 def test_what_is_not_built_yet_is_refused_in_one_line(tmp_path, capsys, one_line_error):
-    """Profile takes UNets for now: a transformer preset is a one-line error."""
+    """Profile, and ControlNets, IP-Adapters and LoRA at export, take UNets for now: one-line errors, no folder."""
     from cair_export.cli import main
 
+    code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--controlnet", "tiny"])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer", "ControlNets")
+    assert not (tmp_path / "out").exists()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     code = main(["profile", "tiny-pixart-sigma", "--prompts", str(prompts)])
@@ -210,3 +213,67 @@ def test_engine_equals_the_reference(exported, pixart, cache_step):
                             negative_attention_mask=negative_added["encoder_attention_mask"].numpy())
     assert relative(torch.from_numpy(result.latents), expected) <= 1e-4
     assert result.timings.planning_steps == cache_step
+
+
+def test_runtime_text_to_image_is_the_pixart_sigma_pipeline(exported, pixart):
+    """From prompts: the T5 tokenizer (ids and mask), text encoder graph, DPM-Solver++ port and graphs equal
+    diffusers' PixArtSigmaPipeline at n = T (its tokenizer and encoder, no caption cleaning, no resolution
+    binning); below T the torch reference on diffusers' own prompt encoding; decoded images as the VAE's."""
+    from cair_runtime.text2image import CairText2Image
+
+    model, pipe = pixart
+    runtime = CairText2Image(exported("tiny-pixart-sigma", with_pipeline=True))
+    prompts = [PROMPTS[0], "a zebra at 42 km/h!"]  # words outside the vocabulary: pieces and <unk>
+    latents = initial_latents()
+    run = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents.numpy(), height=64, width=96)
+    with torch.no_grad():
+        expected = pipe(prompts, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64,
+                        width=96, clean_caption=False, use_resolution_binning=False, output_type="latent").images
+    ours = runtime(prompts, cache_step=STEPS, **run)
+    assert relative(torch.from_numpy(ours.latents), expected) <= 1e-4
+    with torch.no_grad():
+        embeds, negative, added, negative_added = encode_prompts(pipe, prompts, None, latents)
+        reference = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, num_inference_steps=STEPS,
+                                 cache_step=2, guidance_scale=GUIDANCE, added_cond=added,
+                                 negative_added_cond=negative_added, fidelity_guidance="cfg")
+        decoded = pipe.vae.decode(reference / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    cached = runtime(prompts, cache_step=2, **run)
+    assert relative(torch.from_numpy(cached.latents), reference) <= 1e-4
+    assert np.abs(cached.decoded - (decoded / 2 + 0.5).clamp(0, 1).numpy()).max() <= 1e-3
+    assert cached.parameters[0]["cache_step"] == 2 and cached.images.shape == (2, 64, 96, 3)
+
+
+def test_runtime_tokenizes_as_the_t5_tokenizer(exported, pixart):
+    """Ids and mask as PixArtSigmaPipeline's tokenizer call makes them, truncation at 300 with a warning."""
+    from cair_runtime.text2image import CairText2Image, PromptTruncatedWarning
+
+    _, pipe = pixart
+    runtime = CairText2Image(exported("tiny-pixart-sigma", with_pipeline=True))
+    (_, tokenizer, _), = runtime.text_encoders
+    texts = ["", "a small red circle", "Über zebra, 42 squares  at the top"]
+    ids, mask = tokenizer.encode(texts)
+    theirs = pipe.tokenizer(texts, padding="max_length", max_length=300, truncation=True, add_special_tokens=True,
+                            return_attention_mask=True, return_tensors="np")
+    np.testing.assert_array_equal(ids, theirs.input_ids)
+    np.testing.assert_array_equal(mask, theirs.attention_mask)
+    long = " ".join(["red circle"] * 200)
+    with pytest.warns(PromptTruncatedWarning):
+        ids, mask = tokenizer.encode([long])
+    theirs = pipe.tokenizer([long], padding="max_length", max_length=300, truncation=True, return_tensors="np")
+    np.testing.assert_array_equal(ids, theirs.input_ids)
+    assert mask.sum() == 300 and runtime.max_prompt_chunks == 1
+
+
+def test_cli_runs_a_pixart_folder_and_refuses_what_it_lacks(exported, tmp_path, capsys, one_line_error):
+    from cair_runtime.cli import main as run
+
+    folder = exported("tiny-pixart-sigma", with_pipeline=True)
+    out = tmp_path / "out.png"
+    assert run([str(folder), "a small red circle", "-o", str(out), "--steps", "4", "--cache-step", "2"]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    code = run([str(folder), "a small red circle", "-o", str(tmp_path / "x.png"), "--height", "72"])
+    one_line_error(code, capsys.readouterr().err, "multiple of 16", "patch size 2")
+    code = run([str(folder), "a red circle", "--image", str(out), "-o", str(tmp_path / "y.png")])
+    one_line_error(code, capsys.readouterr().err, "image to image")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()

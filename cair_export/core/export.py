@@ -331,6 +331,9 @@ def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig =
     """
     out_dir = Path(out_dir)
     height, width = check_export_config(model, config)
+    if model.is_transformer and (config.controlnets or config.ip_adapter is not None or config.loras):
+        raise InvalidInputError(f"{model.name} is a diffusion transformer: ControlNets, IP-Adapters and LoRA "
+                                "adapters are exported with UNets only so far; drop those options")
     check_output_dir(out_dir, overwrite, model.folder)
     if config.controlnets:
         import dataclasses

@@ -69,6 +69,8 @@ def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int,
     text from one text-encoder window to ``prompt_chunks`` of them (long prompts, encoded in chunks)."""
     latent_height, latent_width = height // model.vae_scale_factor, width // model.vae_scale_factor
     patch = model.unet.config.patch_size if model.is_transformer else 1  # a transformer's sides: whole patches
+    if model.is_transformer:
+        prompt_chunks = 1  # T5 reads one window (PixArt-Sigma: 300 tokens); CLIP's 75-token chunks do not apply
 
     def half(side: int) -> int:
         return max(patch, side // 2 // patch * patch)

@@ -194,6 +194,11 @@ class Manifest:
         return int(self.model.get("vae_scale_factor", DEFAULT_VAE_SCALE_FACTOR))
 
     @property
+    def transformer(self) -> bool:
+        """A diffusion transformer's folder (PixArt): its graphs take a position embedding."""
+        return self.model.get("position_embedding") is not None
+
+    @property
     def patch_size(self) -> int:
         """Latent pixels per side of a diffusion transformer's patch (1 for UNets): sizes are whole patches."""
         position = self.model.get("position_embedding")

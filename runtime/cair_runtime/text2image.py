@@ -50,13 +50,14 @@ class Text2ImageResult:
 
 
 class _Tokenizer:
-    """A CLIP tokenizer from ``tokenizer.json``; a prompt becomes windows of ``max_length`` ids.
+    """A CLIP or T5 tokenizer from ``tokenizer.json``; a prompt becomes windows of ``max_length`` ids.
 
     Long prompts follow the convention of A1111's web UI and compel: the prompt's tokens (without
     the start and end tokens) are split into chunks of ``max_length - 2`` (75), each wrapped in the
     start and end tokens and padded to ``max_length``; the text encoder encodes each window on its
     own and the UNet reads the windows' embeddings concatenated. One window is diffusers' own
-    tokenization (``padding="max_length"``, truncation keeping the end token).
+    tokenization (``padding="max_length"``, truncation keeping the end token). T5 (PixArt) has no start
+    token and one window (300 tokens for PixArt-Sigma), with a mask of the tokens besides the ids.
     """
 
     def __init__(self, path: Path, spec: dict[str, Any]):
@@ -66,18 +67,20 @@ class _Tokenizer:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = int(spec["max_length"])
-        self.bos, self.eos, self.pad = int(spec["bos_token_id"]), int(spec["eos_token_id"]), int(spec["pad_token_id"])
+        self.masked = bool(spec.get("attention_mask", False))  # T5
+        self.bos = None if spec.get("bos_token_id") is None else int(spec["bos_token_id"])
+        self.eos, self.pad = int(spec["eos_token_id"]), int(spec["pad_token_id"])
 
     @property
     def window(self) -> int:
-        """Prompt tokens per window: ``max_length`` less the start and end tokens."""
-        return self.max_length - 2
+        """Prompt tokens per window: ``max_length`` less the start (if any) and end tokens."""
+        return self.max_length - (1 if self.bos is None else 2)
 
     def _body(self, prompt: str) -> tuple[list[int], list[str]]:
         """The prompt's ids and token strings without the start and end tokens the post-processor adds."""
         encoding = self.tokenizer.encode(prompt)
         ids, tokens = list(encoding.ids), list(encoding.tokens)
-        if ids and ids[0] == self.bos:
+        if ids and self.bos is not None and ids[0] == self.bos:
             ids, tokens = ids[1:], tokens[1:]
         if ids and ids[-1] == self.eos:
             ids, tokens = ids[:-1], tokens[:-1]
@@ -91,7 +94,12 @@ class _Tokenizer:
         """(len(prompts) * chunks, max_length) ids, prompt-major; tokens beyond ``chunks`` windows are
         dropped with a ``PromptTruncatedWarning``, and windows a prompt does not fill hold only the start
         and end tokens (an empty prompt's window)."""
+        return self.encode(prompts, chunks)[0]
+
+    def encode(self, prompts: Sequence[str], chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The ids, as ``__call__``, and their mask: 1 for the start, prompt and end tokens, 0 for padding."""
         ids = np.full((len(prompts), chunks, self.max_length), self.pad, dtype=np.int64)
+        mask = np.zeros_like(ids)
         for row, prompt in enumerate(prompts):
             body, tokens = self._body(prompt)
             keep = chunks * self.window
@@ -101,8 +109,11 @@ class _Tokenizer:
                               f"dropped: {dropped!r}", PromptTruncatedWarning, stacklevel=3)
             for chunk in range(chunks):
                 part = body[chunk * self.window:(chunk + 1) * self.window]
-                ids[row, chunk, :len(part) + 2] = [self.bos, *part, self.eos]
-        return ids.reshape(len(prompts) * chunks, self.max_length)
+                window = [*([] if self.bos is None else [self.bos]), *part, self.eos]
+                ids[row, chunk, :len(window)] = window
+                mask[row, chunk, :len(window)] = 1
+        shape = (len(prompts) * chunks, self.max_length)
+        return ids.reshape(shape), mask.reshape(shape)
 
 
 def png_bytes(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
@@ -263,18 +274,31 @@ class CairText2Image:
         """Prompt embeddings (B, chunks * L, D) and, for SDXL, pooled text_embeds (B, P); as diffusers'
         encode_prompt for one window. With several, each window is encoded on its own and the
         embeddings concatenated along the text axis; SDXL's pooled embedding is the first window's."""
+        embeds, pooled, _ = self.encode_text(prompts, chunks)
+        return embeds, pooled
+
+    def encode_text(self, prompts: Sequence[str], chunks: int = 1
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``encode_prompt``'s embeddings and pooled embedding, and for a T5 encoder (PixArt) the tokens'
+        mask (B, L) the transformer reads too, as ``PixArtSigmaPipeline.encode_prompt``; else None."""
         max_batch = self.engine.manifest.dim("batch").max
-        embeds, pooled = [], None
+        embeds, pooled, masks = [], None, None
         for spec, tokenizer, session in self.text_encoders:
-            ids = tokenizer(prompts, chunks)  # (B * chunks, L), prompt-major
-            parts = [session.run(None, {"input_ids": ids[i:i + max_batch]}) for i in range(0, len(ids), max_batch)]
-            outputs = {name: np.concatenate([p[index] for p in parts])
-                       for index, name in enumerate(("last_hidden_state", "penultimate_hidden_state", "pooled"))}
+            ids, mask = tokenizer.encode(prompts, chunks)  # (B * chunks, L), prompt-major
+            feeds = [{"input_ids": ids[i:i + max_batch], **({"attention_mask": mask[i:i + max_batch]}
+                                                            if tokenizer.masked else {})}
+                     for i in range(0, len(ids), max_batch)]
+            parts = [session.run(None, feed) for feed in feeds]
+            names = ("last_hidden_state",) if tokenizer.masked else (
+                "last_hidden_state", "penultimate_hidden_state", "pooled")
+            outputs = {name: np.concatenate([p[index] for p in parts]) for index, name in enumerate(names)}
             hidden = outputs[spec["prompt_output"]]
             embeds.append(hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2]))
             if spec["graph"] == self.pipeline.get("pooled_from"):
                 pooled = outputs["pooled"][::chunks]  # each prompt's first window
-        return np.concatenate(embeds, axis=-1), pooled  # SDXL: (B, chunks * L, 768 + 1280)
+            if tokenizer.masked:
+                masks = mask.astype(np.float32)
+        return np.concatenate(embeds, axis=-1), pooled, masks  # SDXL: (B, chunks * L, 768 + 1280)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> images in [0, 1], (N, 3, H, W); as diffusers' VAE decode + postprocess."""
@@ -325,6 +349,9 @@ class CairText2Image:
         if self.vae_encoder is None:
             raise ManifestError(f"{self.engine.folder} has no VAE encoder (exported before image to image); "
                                 "re-export it with this cair-export for --image")
+        if self.engine.manifest.transformer:
+            raise InvalidInputError("image to image is for UNet folders; diffusers has no PixArt image-to-image "
+                                    "pipeline to follow", field="image")
         pixels, name = load_image(image)
         engine, factor = self.engine, self.engine.vae_scale_factor
         image_height, image_width = pixels.shape[:2]
@@ -487,12 +514,13 @@ class CairText2Image:
         engine = self.engine
         count = len(prompts) * num_images_per_prompt
         started = time.perf_counter()
-        prompt_embeds, pooled = self.encode_prompt(prompts, chunks)
+        prompt_embeds, pooled, mask = self.encode_text(prompts, chunks)
+        negative_mask = None
         if negatives is None and self.pipeline.get("force_zeros_for_empty_prompt"):
             negative_embeds = np.zeros_like(prompt_embeds)
             negative_pooled = None if pooled is None else np.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = self.encode_prompt(negatives or [""] * len(prompts), chunks)
+            negative_embeds, negative_pooled, negative_mask = self.encode_text(negatives or [""] * len(prompts), chunks)
         text_s = time.perf_counter() - started
 
         def per_image(array: np.ndarray | None) -> np.ndarray | None:  # prompt-major, as diffusers repeats
@@ -515,7 +543,8 @@ class CairText2Image:
             image_latents=image_latents, cache_observer=cache_observer,
             control_images=None if control is None else [np.repeat(a, count, axis=0) for a in control[0]],
             control=None if control is None else control[1], ip_image_embeds=ip_embeds,
-            ip_adapter_scale=1.0 if image_prompt is None else image_prompt[1])
+            ip_adapter_scale=1.0 if image_prompt is None else image_prompt[1], attention_mask=per_image(mask),
+            negative_attention_mask=per_image(negative_mask))
 
         started = time.perf_counter()
         decoded = self.decode(result.latents)
