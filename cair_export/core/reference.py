@@ -2,7 +2,7 @@
 
 This is the oracle every exported graph and the runtime are checked against, and a usable
 PyTorch implementation in its own right (``CrossAttentionCache`` works on any diffusers
-``UNet2DConditionModel``).
+``UNet2DConditionModel`` and on PixArt's transformer).
 
 Semantics (those of T-GATE's ``tgate_processor``, whose cross-attention caching CAIR follows): steps 1..n run the full UNet with
 classifier-free guidance at batch 2B (unconditional half first). At step n every ``attn2`` output
@@ -473,7 +473,7 @@ def cair_text_to_image(
     scheduler: Any = None,
     prompt_chunks: int | None = None,
 ) -> torch.Tensor:
-    """Reference CAIR text-to-image over a diffusers SD or SDXL pipeline: images in [0, 1], (N, 3, H, W).
+    """Reference CAIR text-to-image over a diffusers SD, SDXL or PixArt-Sigma pipeline: images in [0, 1], (N, 3, H, W).
 
     Prompt encoding, SDXL time ids and VAE post-processing are the pipeline's own
     (``encode_prompt``, ``_get_add_time_ids``, ``vae.decode``); the loop is ``cair_denoise``.
@@ -482,7 +482,8 @@ def cair_text_to_image(
     prompt_embeds, negative_embeds, added, negative_added = encode_prompts(
         pipe, prompts, negative_prompts, latents, num_images_per_prompt=num_images_per_prompt,
         prompt_chunks=prompt_chunks)
-    latents = cair_denoise(pipe.unet, scheduler or pipe.scheduler, latents, prompt_embeds, negative_embeds,
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet  # PixArt, or SD's UNet
+    latents = cair_denoise(denoiser, scheduler or pipe.scheduler, latents, prompt_embeds, negative_embeds,
                            num_inference_steps=num_inference_steps, cache_step=cache_step,
                            guidance_scale=guidance_scale, added_cond=added, negative_added_cond=negative_added)
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
