@@ -186,6 +186,8 @@ def test_what_is_not_built_yet_is_refused_in_one_line(tmp_path, capsys, one_line
 
     code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--controlnet", "tiny"])
     one_line_error(code, capsys.readouterr().err, "diffusion transformer", "ControlNets")
+    code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--dtype", "fp16"])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer", "fp32 only")
     assert not (tmp_path / "out").exists()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
