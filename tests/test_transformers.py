@@ -180,8 +180,9 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
     assert not {"encoder_hidden_states", "encoder_attention_mask"} & {i.name for i in graph.graph.input}
 
 
-def test_what_is_not_built_yet_is_refused_in_one_line(tmp_path, capsys, one_line_error):
-    """Profile, and ControlNets, IP-Adapters and LoRA at export, take UNets for now: one-line errors, no folder."""
+def test_what_is_not_built_yet_is_refused_in_one_line(exported, tmp_path, capsys, one_line_error):
+    """Profile, ControlNets, IP-Adapters, LoRA, fp16 and AOTInductor/TensorRT builds take UNets for now: one-line
+    errors, no folder."""
     from cair_export.cli import main
 
     code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--controlnet", "tiny"])
@@ -189,6 +190,8 @@ def test_what_is_not_built_yet_is_refused_in_one_line(tmp_path, capsys, one_line
     code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--dtype", "fp16"])
     one_line_error(code, capsys.readouterr().err, "diffusion transformer", "fp32 only")
     assert not (tmp_path / "out").exists()
+    code = main(["build", str(exported("tiny-pixart-sigma")), "--backend", "aoti"])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     code = main(["profile", "tiny-pixart-sigma", "--prompts", str(prompts)])
@@ -279,4 +282,16 @@ def test_cli_runs_a_pixart_folder_and_refuses_what_it_lacks(exported, tmp_path, 
     one_line_error(code, capsys.readouterr().err, "multiple of 16", "patch size 2")
     code = run([str(folder), "a red circle", "--image", str(out), "-o", str(tmp_path / "y.png")])
     one_line_error(code, capsys.readouterr().err, "image to image")
+    code = run([str(folder), "a red circle", "--backend", "openvino", "-o", str(tmp_path / "y.png")])
+    one_line_error(code, capsys.readouterr().err, "onnxruntime only")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_a_folder_records_its_transformer_for_counting(exported):
+    """calibrate and demo count MACs from the manifest alone: the recorded class and config rebuild the model."""
+    from cair_export.core.macs import count_graph_macs, manifest_model
+    from cair_runtime.manifest import load_manifest
+
+    model = manifest_model(load_manifest(exported("tiny-pixart-sigma")))
+    assert model.is_transformer and next(model.unet.parameters()).is_meta
+    assert count_graph_macs(model, 64, 96) == count_graph_macs(load_model("tiny-pixart-sigma"), 64, 96)

@@ -26,6 +26,7 @@ def model_record(model: LoadedModel, dtype: str = "fp32", cache_step_hint: int =
     return {"name": model.name, "source": model.source, "family": model.family, "dtype": DTYPES[dtype],
             "vae_scale_factor": model.vae_scale_factor, "cache_step_hint": cache_step_hint,
             "source_sha256": model.source_sha256,
+            "denoiser": type(model.unet).__name__,  # UNet2DConditionModel or a transformer class (unet_config's)
             "unet_config": json.loads(json.dumps(dict(model.unet.config), default=str)),
             **({"controlnets": [{"source": getattr(net, "cair_source", None),
                                  "conditioning_channels": net.config.conditioning_channels,

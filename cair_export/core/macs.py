@@ -21,6 +21,7 @@ import torch
 from cair_export.core.deep_feature import DEEP_FEATURE, deep_branch, shallow_unet
 from cair_export.core.graphs import CairGraph, cache_specs, graph_specs, text_mask
 from cair_export.core.models import LoadedModel
+from cair_export.core.models.families import TRANSFORMERS
 from cair_export.core.reference import CrossAttentionCache, predict_noise
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.schedule import PLANNING_KINDS, Schedule, check_cache_step, default_guidance_stop, full_evaluations
@@ -147,13 +148,18 @@ def _count_graph(graph: torch.nn.Module, cache: CrossAttentionCache, inputs: dic
 def manifest_model(manifest) -> LoadedModel:
     """The exported UNet's architecture on the meta device, from a manifest's ``model.unet_config``
     (no weights, no source folder needed): what ``count_graph_macs`` counts for an engine folder."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     info = manifest.model
     if "unet_config" not in info:
         raise ValueError("the manifest records no unet_config; re-export the folder to count its MACs")
+    config = dict(info["unet_config"])
+    name = info.get("denoiser", "UNet2DConditionModel")  # recorded for transformers; older folders hold UNets
+    if name not in ("UNet2DConditionModel", *TRANSFORMERS):
+        raise ValueError(f"the manifest's denoiser {name!r} is not one cair-export exports")
+    denoiser = getattr(diffusers, name)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(info["unet_config"]))
+        unet = denoiser.from_config(config)
     return LoadedModel(info.get("name", "model"), str(info.get("source")), info.get("family", "sd15"), unet.eval(),
                        dict(manifest.scheduler_config), vae_scale_factor=manifest.vae_scale_factor,
                        text_len=manifest.dim("text_len").opt)
