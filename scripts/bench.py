@@ -1,6 +1,6 @@
 """Latency of CAIR against the peers, side by side in one run, configurations alternating.
 
-Two suites:
+The suites:
 
 - ``shapes``: text to image end to end (prompt encoding, 25 steps, VAE decode), batch 1, on the
   shipped model: the diffusers pipeline (eager, plain); T-GATE (PyPI ``tgate``) at the same n with
@@ -17,6 +17,11 @@ Two suites:
   ``--schedules N:M:K[:MODE[:KP]],...`` (the grammar of ``cair-export evaluate --schedules``) adds
   runtime rows of whole schedules (guidance stop m, planning interval k_p) on the default export
   (``engines/sd21-256-schedules``: per-half caches, both shallow graphs).
+- ``controlnet``: a UNet with one ControlNet, loop only: diffusers' ControlNet pipeline eager, the torch
+  reference and the runtime (``--controlnet-model``).
+- ``pixart``: PixArt-Sigma's transformer with random weights at ``--size``, loop only (fixed T5 states):
+  diffusers' ``PixArtSigmaPipeline`` eager, plain and with its PyramidAttentionBroadcast and FirstBlockCache
+  hooks, the torch reference and the runtime (``--pixart-model``; ``engines/pixart-sigma-SIZE``).
 
 Every configuration gets its own model copy (T-GATE and DeepCache patch module forwards for good).
 Round 0 is a warm-up; then ``--repeats`` rounds run every configuration once in turn, so drift on
@@ -471,6 +476,108 @@ def controlnet_configs(model_name: str, steps: int, cache_steps: list[int], size
     return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
 
 
+def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: int, engines: Path,
+                   threads: int) -> list[Config]:
+    """PixArt-Sigma's transformer (random weights), loop only, fixed T5 states (300 tokens, 20 of them read):
+    diffusers' ``PixArtSigmaPipeline`` eager, plain and with two of diffusers' cache hooks
+    (``PyramidAttentionBroadcast``: self-attention every other step for t in 100..800;
+    ``FirstBlockCache`` at threshold 0.2, which skips the other blocks while the first block's residual barely
+    changes), the torch reference CAIR and the runtime at n = T and the cache steps; the model's own DPM-Solver++."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, FirstBlockCacheConfig, PixArtSigmaPipeline, \
+        PyramidAttentionBroadcastConfig
+    from diffusers.hooks import apply_first_block_cache, apply_pyramid_attention_broadcast
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    from cair_export.core.export import ExportConfig
+    from cair_export.core.models import load_model
+    from cair_export.core.reference import cair_denoise
+    from cair_export.lab.engines import ensure_engine
+
+    tiny = Path(model_name).name.startswith("tiny")
+    folder: Path | Exception
+    try:
+        folder = ensure_engine(model_name, engines / f"{Path(model_name).name}-{size}",
+                               ExportConfig(height=size, width=size, max_batch=1, validate=tiny),
+                               with_pipeline=False, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    except Exception as error:  # every runtime row records it
+        folder = error
+    model = load_model(model_name)
+    config = model.unet.config
+    rng = np.random.default_rng(0)
+    side = size // model.vae_scale_factor
+    latents = torch.from_numpy(rng.standard_normal((1, config.in_channels, side, side), dtype=np.float32))
+    embeds = torch.from_numpy(rng.standard_normal((1, model.text_len, config.caption_channels), dtype=np.float32))
+    negative = torch.from_numpy(rng.standard_normal((1, model.text_len, config.caption_channels), dtype=np.float32))
+    mask = (torch.arange(model.text_len) < 20).float()[None]  # a 19-token prompt and its end token
+    negative_mask = (torch.arange(model.text_len) < 1).float()[None]  # "": the end token alone
+
+    def scheduler():
+        return DPMSolverMultistepScheduler.from_config(model.scheduler_config)
+
+    def pipeline(hook: str | None = None):
+        def make():
+            transformer = load_model(model_name).unet if hook else model.unet  # hooks stay on their module
+            last = {"runs": 0}  # the last block's evaluations: a cache hook's skips show as fewer
+            transformer.transformer_blocks[-1].register_forward_hook(lambda *_: last.__setitem__("runs", last["runs"] + 1))
+            if hook == "pab":
+                state = {}
+                transformer.register_forward_pre_hook(
+                    lambda module, args, kwargs: state.__setitem__("t", kwargs["timestep"][0]), with_kwargs=True)
+                apply_pyramid_attention_broadcast(transformer, PyramidAttentionBroadcastConfig(
+                    spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+                    current_timestep_callback=lambda: state["t"]))
+            elif hook == "fbc":
+                apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=0.2))
+                _set_cache_context(transformer, CacheContext("guided"))  # PixArt's loop: one batched CFG call
+            pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                       scheduler=scheduler())
+            pipe.set_progress_bar_config(disable=True)
+
+            def run():
+                last["runs"] = 0
+                with torch.no_grad():
+                    images = pipe(negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
+                                  negative_prompt_embeds=negative,
+                                  negative_prompt_attention_mask=negative_mask, latents=latents.clone(),
+                                  num_inference_steps=steps, guidance_scale=4.5, height=size, width=size,
+                                  use_resolution_binning=False, output_type="latent").images
+                print(f"  [pixart] {hook or 'plain'}: the last block ran on {last['runs']} of {steps} steps",
+                      file=sys.stderr, flush=True)
+                return images
+            return run
+        return make
+
+    def reference(n: int):
+        return lambda: lambda: cair_denoise(
+            model.unet, scheduler(), latents.clone(), embeds, negative, num_inference_steps=steps, cache_step=n,
+            guidance_scale=4.5, added_cond={"encoder_attention_mask": mask},
+            negative_added_cond={"encoder_attention_mask": negative_mask})
+
+    engine = None
+
+    def runtime(n: int):
+        def make():
+            nonlocal engine
+            from cair_runtime.pipeline import CairEngine
+
+            if isinstance(folder, Exception):
+                raise folder
+            engine = engine or CairEngine(folder, threads=threads)
+            return lambda: engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(),
+                                          num_inference_steps=steps, guidance_scale=4.5, cache_step=n,
+                                          attention_mask=mask.numpy(), negative_attention_mask=negative_mask.numpy())
+        return make
+
+    rows = [("diffusers PixArt-Sigma pipeline, eager, plain", "torch", pipeline(), None, None),
+            ("diffusers PixArt + PyramidAttentionBroadcast (self-attention every 2nd step, t in 100..800)", "torch",
+             pipeline("pab"), None, None),
+            ("diffusers PixArt + FirstBlockCache (threshold 0.2)", "torch", pipeline("fbc"), None, None)]
+    rows += [(f"torch reference CAIR n={n}", "torch", reference(n), n, None) for n in cache_steps]
+    rows += [(runtime_name(n), "runtime", runtime(n), n, None) for n in [steps, *cache_steps]]
+    return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
+
+
 # --- measuring and reporting ---------------------------------------------------------------
 
 
@@ -568,7 +675,8 @@ def markdown_table(rows: list[dict[str, Any]], graph_macs: dict[str, float] | No
 
     for row in rows:
         if "median_s" not in row:
-            why = next((f" ({note})" for key, note in HOOK_NOTES.items() if key in row["name"]), "")
+            why = next((f" ({note})" for key, note in HOOK_NOTES.items()
+                        if key in row["name"] and "PixArt" not in row["name"]), "")  # the notes are the UNet's
             blanks = " - | - |" if end_to_end else ""
             lines.append(f"| {row['name']} | - | - | - | - |{blanks} does not run: `{row['error']}`{why} |")
             continue
@@ -913,7 +1021,7 @@ def main() -> int:
     from cair_export.core.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("shapes", "sd21", "both", "controlnet"), default="shapes")
+    parser.add_argument("--suite", choices=("shapes", "sd21", "both", "controlnet", "pixart"), default="shapes")
     parser.add_argument("--model", default="shapes", help="model of the shapes suite (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cache-steps", type=int_list, default=(5, 10), help="n values for CAIR and T-GATE (default 5,10)")
@@ -935,7 +1043,10 @@ def main() -> int:
                              "(default docs/schedules_kp.json)")
     parser.add_argument("--controlnet-model", default="sd15", help="model of the controlnet suite (default sd15; "
                                                                      "tiny-sd15 to check the script quickly)")
-    parser.add_argument("--size", type=int, default=256, help="sd21 and controlnet pixel size (default 256)")
+    parser.add_argument("--pixart-model", default="pixart-sigma", help="model of the pixart suite (default "
+                                                                          "pixart-sigma; tiny-pixart-sigma to check "
+                                                                          "the script quickly)")
+    parser.add_argument("--size", type=int, default=256, help="sd21, controlnet and pixart pixel size (default 256)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads, torch and onnxruntime (0: default)")
     parser.add_argument("--engines-dir", type=Path, default=ROOT / "engines")
     parser.add_argument("--json", type=Path)
@@ -959,7 +1070,8 @@ def main() -> int:
                "machine": _machine(), "suites": {}}
     suites = [("shapes", args.repeats), ("sd21", args.sd21_repeats)] if args.suite == "both" else \
         [(args.suite, args.repeats if args.suite == "shapes" else args.sd21_repeats)]
-    suite_models = {"shapes": args.model, "sd21": args.sd21_model, "controlnet": args.controlnet_model}
+    suite_models = {"shapes": args.model, "sd21": args.sd21_model, "controlnet": args.controlnet_model,
+                    "pixart": args.pixart_model}
     for suite, repeats in suites:
         if suite == "shapes":
             model = load_model(args.model, device="meta")
@@ -975,6 +1087,9 @@ def main() -> int:
             model = dataclasses.replace(model, controlnets=(controlnet_architecture(spec, model.unet),))
             configs = controlnet_configs(args.controlnet_model, args.steps, cache_steps, size, args.engines_dir,
                                          args.threads)
+        elif suite == "pixart":
+            model, size = load_model(args.pixart_model, device="meta"), args.size
+            configs = pixart_configs(args.pixart_model, args.steps, cache_steps, size, args.engines_dir, args.threads)
         else:
             model, size = load_model(args.sd21_model, device="meta"), args.size
             only = set(args.sd21_only.split(",")) if args.sd21_only else None
