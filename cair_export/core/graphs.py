@@ -146,15 +146,17 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
             return ()
         patch = config.patch_size
         tokens = f"{_side('latent_height', patch.bit_length() - 1)}*{_side('latent_width', patch.bit_length() - 1)}"
-        return (TensorSpec(POSITION_EMBEDDING, "float32", (1, tokens, config.num_attention_heads * config.attention_head_dim)),)
+        width = config.num_attention_heads * config.attention_head_dim
+        return (TensorSpec(POSITION_EMBEDDING, "float32", (1, tokens, width)),)
 
     text = TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", text_width))
     # PixArt's T5 states come with their padding mask (1 keep, 0 drop), read by the cross-attention only.
-    text_mask = (TensorSpec("encoder_attention_mask", "float32", ("2*batch", "text_len")),) if model.is_transformer else ()
+    text_mask = ((TensorSpec("encoder_attention_mask", "float32", ("2*batch", "text_len")),)
+                 if model.is_transformer else ())
     planning = GraphIO(
         "planning",
-        inputs=(latent("sample", "2*batch", config.in_channels), timestep, *position(), text, *text_mask, *added("2*batch"),
-                *control("2*batch"), *image_prompt()),
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, *position(), text, *text_mask,
+                *added("2*batch"), *control("2*batch"), *image_prompt()),
         # Caches come out already merged to batch B (or per half with fidelity CFG); with a branch,
         # the deep feature too, for the guided shallow steps.
         outputs=(latent("noise_pred", "2*batch", out_channels), *cache_tensors(fidelity_batch),
@@ -405,7 +407,8 @@ class TextEncoderGraph(torch.nn.Module):
         self.encoder, self.io = encoder.eval(), io  # eval: T5's dropout off
         self.input_names = [spec.name for spec in io.inputs]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if attention_mask is not None:  # T5, as PixArt's pipeline calls it
             return (self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state,)
         output = self.encoder(input_ids, output_hidden_states=True)
