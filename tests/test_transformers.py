@@ -181,8 +181,8 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
 
 
 def test_what_is_not_built_yet_is_refused_in_one_line(exported, tmp_path, capsys, one_line_error):
-    """Profile, ControlNets, IP-Adapters, LoRA, fp16 and AOTInductor/TensorRT builds take UNets for now: one-line
-    errors, no folder."""
+    """ControlNets, IP-Adapters, LoRA, fp16 and AOTInductor/TensorRT builds take UNets for now: one-line errors,
+    no folder."""
     from cair_export.cli import main
 
     code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--controlnet", "tiny"])
@@ -191,10 +191,6 @@ def test_what_is_not_built_yet_is_refused_in_one_line(exported, tmp_path, capsys
     one_line_error(code, capsys.readouterr().err, "diffusion transformer", "fp32 only")
     assert not (tmp_path / "out").exists()
     code = main(["build", str(exported("tiny-pixart-sigma")), "--backend", "aoti"])
-    one_line_error(code, capsys.readouterr().err, "diffusion transformer")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
-    code = main(["profile", "tiny-pixart-sigma", "--prompts", str(prompts)])
     one_line_error(code, capsys.readouterr().err, "diffusion transformer")
 
 
@@ -295,3 +291,22 @@ def test_a_folder_records_its_transformer_for_counting(exported):
     model = manifest_model(load_manifest(exported("tiny-pixart-sigma")))
     assert model.is_transformer and next(model.unet.parameters()).is_meta
     assert count_graph_macs(model, 64, 96) == count_graph_macs(load_model("tiny-pixart-sigma"), 64, 96)
+
+
+def test_profile_and_calibrate_see_the_same_convergence(exported, tmp_path):
+    """``cair-export profile`` (torch, diffusers' loop, recording processors) and ``calibrate`` (the engine's
+    planning caches read after each step) measure the same per-step change of PixArt's attn2 outputs."""
+    from cair_export.lab.calibrate import CalibrateConfig, calibrate
+    from cair_export.lab.profile import ProfileConfig, profile_model
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    section = calibrate(CalibrateConfig(exported("tiny-pixart-sigma", with_pipeline=True), prompts, steps=STEPS,
+                                        write=False), progress=lambda message: None)
+    size = {"height": section["evidence"]["height"], "width": section["evidence"]["width"]}
+    profile = profile_model(ProfileConfig(model="tiny-pixart-sigma", prompts=prompts, steps=STEPS, batch=2, **size),
+                            progress=lambda message: None)
+    torch_series = profile["series"]["outputs"]["relative"]
+    engine_series = section["evidence"]["convergence"]
+    assert engine_series["steps"] == torch_series["steps"] == list(range(2, STEPS + 1))
+    np.testing.assert_allclose(engine_series["mean_relative_change"], torch_series["mean"], rtol=2e-3)

@@ -149,10 +149,8 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] = print
         raise InvalidInputError(f"batch {config.batch} must be at least 1")
     prompts = read_prompts(config.prompts, config.max_prompts)
     model = load_model(config.model, with_pipeline=True)
-    if model.is_transformer:
-        raise InvalidInputError(f"{config.model} is a diffusion transformer; profile measures UNets for now")
     pipe = model.diffusers_pipeline()
-    unet, scheduler = pipe.unet, pipe.scheduler
+    unet, scheduler = model.unet, pipe.scheduler  # the UNet, or PixArt's transformer
     sites = cross_attention_sites(unet)
     if not sites:
         raise InvalidInputError(f"model {config.model} has no cross-attention (attn2) modules to profile")
