@@ -334,9 +334,6 @@ def export_model(model: LoadedModel, out_dir: str | Path, config: ExportConfig =
     if model.is_transformer and (config.controlnets or config.ip_adapter is not None or config.loras):
         raise InvalidInputError(f"{model.name} is a diffusion transformer: ControlNets, IP-Adapters and LoRA "
                                 "adapters are exported with UNets only so far; drop those options")
-    if model.is_transformer and config.dtype != "fp32":
-        raise InvalidInputError(f"{model.name} is a diffusion transformer: its graphs are exported in fp32 only so "
-                                f"far; drop --dtype {config.dtype}", field="dtype")
     check_output_dir(out_dir, overwrite, model.folder)
     if config.controlnets:
         import dataclasses
