@@ -105,6 +105,31 @@ def test_fp16_overflowing_weights_are_clipped_and_counted(tmp_path):
     assert report["values_clipped"] == 1 and report["lowered"] == 1 and report["casts_inserted"] == 2
 
 
+def test_branch_bodies_read_fp32_versions_of_lowered_tensors(tmp_path):
+    """An If whose branches read a tensor from outside (as a traced data-dependent squeeze does): the lowered
+    MatMul makes it fp16, so the branches must get an fp32 cast of it; the graph checks and computes the same."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    float32 = onnx.TensorProto.FLOAT
+    weight = numpy_helper.from_array(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), "w")
+    branch = {name: helper.make_graph([helper.make_node(op, ["y"], [f"out_{name}"])], name, [],
+                                      [helper.make_tensor_value_info(f"out_{name}", float32, [1, 2])])
+              for name, op in (("then", "Neg"), ("else", "Identity"))}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("If", ["flag"], ["z"], then_branch=branch["then"], else_branch=branch["else"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", float32, [1, 2]),
+                                           helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("z", float32, [1, 2])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    convert_graph_precision(tmp_path / "m.onnx", tmp_path / "m16.onnx", "fp16")  # raised on the body's types
+    session = ort.InferenceSession(str(tmp_path / "m16.onnx"), providers=["CPUExecutionProvider"])
+    x = np.array([[1.0, -1.0]], np.float32)
+    for flag, sign in ((True, -1), (False, 1)):
+        (z,) = session.run(None, {"x": x, "flag": np.array(flag)})
+        np.testing.assert_array_equal(z, sign * (x @ numpy_helper.to_array(weight)))  # exact in fp16 too
+
+
 def test_compare_checks_fp16_graphs_against_the_fp32_reference(exported, tmp_path):
     """An fp16 folder (as `cair-export export --dtype fp16` writes it) compared with its fp32 export."""
     import dataclasses

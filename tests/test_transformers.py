@@ -276,8 +276,8 @@ def test_cli_runs_a_pixart_folder_and_refuses_what_it_lacks(exported, tmp_path, 
     one_line_error(code, capsys.readouterr().err, "multiple of 16", "patch size 2")
     code = run([str(folder), "a red circle", "--image", str(out), "-o", str(tmp_path / "y.png")])
     one_line_error(code, capsys.readouterr().err, "image to image")
-    code = run([str(folder), "a red circle", "--backend", "openvino", "-o", str(tmp_path / "y.png")])
-    one_line_error(code, capsys.readouterr().err, "onnxruntime only")
+    code = run([str(folder), "a red circle", "--backend", "aoti", "-o", str(tmp_path / "y.png")])
+    one_line_error(code, capsys.readouterr().err, "onnxruntime and openvino only")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
@@ -310,9 +310,29 @@ def test_profile_and_calibrate_see_the_same_convergence(exported, tmp_path):
     np.testing.assert_allclose(engine_series["mean_relative_change"], torch_series["mean"], rtol=2e-3)
 
 
+def test_the_graphs_have_no_branches_and_run_on_openvino(exported, tmp_path):
+    """The unpatchify's squeeze is traced as a plain Squeeze (an If on the token count would stop OpenVINO's CPU
+    plug-in); OpenVINO in fp32 then generates what onnxruntime does, before and after n."""
+    import onnx
+
+    from cair_runtime.text2image import CairText2Image
+
+    folder = exported("tiny-pixart-sigma", with_pipeline=True)
+    for kind in ("planning", "fidelity"):
+        graph = onnx.load(str(folder / f"{kind}.onnx"), load_external_data=False)
+        assert not {"If", "Loop"} & {node.op_type for node in graph.graph.node}
+    openvino = CairText2Image(folder, backend="openvino", precision="fp32", cache_dir=tmp_path)
+    onnxruntime = CairText2Image(folder)
+    run = dict(latents=initial_latents(1).numpy(), num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64,
+               width=96)
+    for cache_step in (STEPS, 2):
+        ours = openvino(PROMPTS[0], cache_step=cache_step, **run).latents
+        theirs = onnxruntime(PROMPTS[0], cache_step=cache_step, **run).latents
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max(), cache_step
+
+
 def test_fp16_graphs_run_close_to_fp32(exported):
-    """fp16 transformer graphs (their unpatchify's If reads fp32 tensors from outside: the lowering casts them
-    back) validate at export and generate within fp16's precision of the fp32 folder."""
+    """fp16 transformer graphs validate at export and generate within fp16's precision of the fp32 folder."""
     from cair_runtime.text2image import CairText2Image
 
     half = CairText2Image(exported("tiny-pixart-sigma", with_pipeline=True, dtype="fp16"))

@@ -219,7 +219,8 @@ def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.nd
 
 @contextlib.contextmanager
 def given_position_embedding(model: torch.nn.Module, position: torch.Tensor) -> Iterator[None]:
-    """A transformer whose patch embedding adds ``position`` (1, tokens, width) instead of computing it."""
+    """A transformer whose patch embedding adds ``position`` (1, tokens, width) instead of computing it, traced
+    without shape-dependent branches."""
     embed = model.pos_embed
 
     def forward(latent: torch.Tensor) -> torch.Tensor:
@@ -229,10 +230,15 @@ def given_position_embedding(model: torch.nn.Module, position: torch.Tensor) -> 
         return latent + position
 
     embed.forward = forward
+    projection = model.proj_out
+    # The transformer squeezes the projection's (B, tokens, C) output at axis 1; on a dynamic token count the
+    # exporter traces that as an If (squeeze only if 1), which OpenVINO cannot compile. One more axis of size 1
+    # makes it a plain Squeeze of that axis: the same values.
+    projection.forward = lambda hidden: type(projection).forward(projection, hidden).unsqueeze(1)
     try:
         yield
     finally:
-        del embed.forward  # the class's own again
+        del embed.forward, projection.forward  # the classes' own again
 
 
 def text_mask(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
