@@ -57,3 +57,30 @@ def test_weights_record_pointing_outside_the_file_is_refused(exported, tmp_path)
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=f"fidelity weight '{name}'.*does not describe a tensor inside"):
         load_manifest(folder)
+
+
+def test_shared_weights_take_the_constants_the_exporter_stored_aside(tmp_path):
+    """Over 2 GB torch's exporter stores Constant values in side files too; sharing the weights removes those
+    files, so the values come back into the graph (a PixArt-Sigma export failed to load without this)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from cair_export.core.onnx_io import share_weights
+
+    weight = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    ones = helper.make_node("Constant", [], ["ones"], value=numpy_helper.from_array(np.ones(64, np.float32), "c"))
+    nodes = [ones, helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "ones"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(weight, "w")])
+    raw = tmp_path / ".planning-raw"
+    raw.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(raw / "planning.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    assert len(list(raw.iterdir())) == 3  # the graph, the weight and the constant, each in its own file
+    files, _ = share_weights(tmp_path, {"planning": [".planning-raw/planning.onnx"]})
+    assert not raw.exists()
+    session = ort.InferenceSession(str(tmp_path / "planning.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 64), dtype=np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight + 1, rtol=1e-6)

@@ -100,6 +100,26 @@ class TensorWriter:
         return [self.path.name]
 
 
+def _inline_constants(graph: Any, base: Path, maps: dict[Path, mmap.mmap]) -> None:
+    """Constant values the exporter stored in side files (it does for a graph over 2 GB) back into the graph:
+    the side files go once the weights are shared, and these values are small."""
+    import onnx
+
+    for node in graph.node:
+        for attribute in node.attribute:
+            tensors = [attribute.t] if attribute.HasField("t") else list(attribute.tensors)
+            for tensor in tensors:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    data = _tensor_bytes(base, tensor, maps)
+                    tensor.raw_data = bytes(data)
+                    del tensor.external_data[:]
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    if isinstance(data, memoryview):
+                        data.release()
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _inline_constants(subgraph, base, maps)
+
+
 def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: str = SHARED_WEIGHTS
                   ) -> tuple[list[str], dict[str, Any]]:
     """Rewrite graphs so that equal weights are stored once, in ``data_name``, which every graph points into.
@@ -126,6 +146,7 @@ def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: st
         for kind, proto in protos.items():
             entries = record[kind] = {}
             maps: dict[Path, mmap.mmap] = {}  # this graph's side files, unmapped once it is done
+            _inline_constants(proto.graph, bases[kind], maps)
             for tensor in proto.graph.initializer:
                 data = _tensor_bytes(bases[kind], tensor, maps)
                 if len(data) < SHARED_WEIGHTS_MIN_BYTES:
