@@ -518,10 +518,11 @@ def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: in
     def pipeline(hook: str | None = None):
         def make():
             transformer = load_model(model_name).unet if hook else model.unet  # hooks stay on their module
-            # The last block's evaluations: a cache hook's skips show as fewer. Counted on its self-attention, which
-            # a skipped block does not reach (the block itself is still called: the hook returns the cached output).
+            # The last block's self-attention evaluations: a cache hook's skips show as fewer. Counted on its query
+            # projection, which a skip does not reach (the hooked block or attention is still called: the hook
+            # returns the cached output).
             last = {"runs": 0}
-            transformer.transformer_blocks[-1].attn1.register_forward_hook(
+            transformer.transformer_blocks[-1].attn1.to_q.register_forward_hook(
                 lambda *_: last.__setitem__("runs", last["runs"] + 1))
             if hook == "pab":
                 state = {}
