@@ -733,3 +733,33 @@ def test_a_plain_engine_refuses_image_prompts_and_a_huge_guidance_is_400(direct)
         _parse(validator, {"prompt": "a", "guidance_scale": 10**400})
     assert caught.value.param == "guidance_scale" and "finite number" in caught.value.message
     assert len(caught.value.message) < 200  # its 401 digits are not echoed
+
+
+# --- diffusion transformers: a PixArt-Sigma folder, through the same replica code -------------------------------
+
+
+def test_a_pixart_replica_serves_what_the_python_api_makes(exported):
+    """The replica's validator and batch code on a PixArt-Sigma export: its warm-up, what /v1/models says
+    (one 300-token T5 window: 299 prompt tokens), and PNGs equal to the Python API's images."""
+    from cair_runtime.serve.app import _Ticket
+    from cair_runtime.serve.cli import _check_engine
+
+    service = _replica(exported("tiny-pixart-sigma", with_pipeline=True))
+    try:
+        assert _check_engine(service.config) == "tiny-pixart-sigma"
+        assert service._measure_speed() > 0
+        described = service.validator.describe()
+        assert described["family"] == "pixart-sigma" and described["max_prompt_tokens"] == 299
+        bodies = [{"prompt": PROMPTS[0], "n": 2, "steps": 4, "cache_step": 2, "seed": 3},
+                  {"prompt": PROMPTS[1], "n": 1, "steps": 4, "cache_step": 2, "seed": 8}]
+        requests = [_parse(service.validator, body) for body in bodies]
+        served = asyncio.run(service._run_batch([_Ticket(request) for request in requests]))
+        for body, pngs in zip(bodies, served):
+            direct = service.pipeline(body["prompt"], num_images_per_prompt=body["n"], num_inference_steps=4,
+                                      cache_step=2, seed=body["seed"])
+            assert len(pngs) == body["n"]
+            for png, image in zip(pngs, direct.images):
+                with Image.open(io.BytesIO(png)) as decoded:
+                    np.testing.assert_array_equal(np.asarray(decoded), image)
+    finally:
+        service.pipeline.close()
