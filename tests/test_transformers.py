@@ -4,7 +4,7 @@ caches every ``attn2`` as T-GATE defines it.
 Oracles: diffusers' ``PixArtSigmaPipeline`` (n = T) and, below T, T-GATE's definition written here
 independently of the reference's processors, with forward hooks on the ``attn2`` modules: steps 1..n
 guided, each ``attn2`` output kept at n as the mean of the halves, steps after n at batch B, unguided,
-every ``attn2`` returning its kept output.
+every ``attn2`` returning its kept output; and T-GATE's own PixArt-Sigma loader where it is installed.
 """
 
 import numpy as np
@@ -342,3 +342,23 @@ def test_fp16_graphs_run_close_to_fp32(exported):
     ours, reference = half(PROMPTS[0], **run).latents, full(PROMPTS[0], **run).latents
     error = np.abs(ours - reference).max() / np.abs(reference).max()
     assert 0 < error <= 1e-2  # computed in fp16 (not 0), within its precision
+
+
+@pytest.mark.parametrize("cache_step", [2, 3])
+def test_runtime_below_T_is_tgates_own_pixart_loop(exported, cache_step):
+    """The outside oracle: T-GATE's own PixArt-Sigma loader (gating cross-attention at ``gate_step`` = n, no
+    self-attention caching) against the runtime from prompts."""
+    tgate = pytest.importorskip("tgate", reason="the peer's own code: pip install --no-deps tgate==1.0.0")
+    from cair_runtime.text2image import CairText2Image
+
+    pipe = load_model("tiny-pixart-sigma", with_pipeline=True).diffusers_pipeline()  # T-GATE patches its modules
+    latents = initial_latents()
+    with torch.no_grad():
+        theirs = tgate.TgatePixArtSigmaLoader(pipe).tgate(
+            PROMPTS, latents=latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=96,
+            gate_step=cache_step, sp_interval=1, fi_interval=1, warm_up=0, clean_caption=False,
+            use_resolution_binning=False, output_type="latent").images
+    runtime = CairText2Image(exported("tiny-pixart-sigma", with_pipeline=True))
+    ours = runtime(PROMPTS, latents=latents.numpy(), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                   cache_step=cache_step, height=64, width=96).latents
+    assert relative(torch.from_numpy(ours), theirs) <= 1e-4
