@@ -394,6 +394,25 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
     return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
 
 
+def engine_rows(folder: Path | Exception, threads: int, **denoise: Any) -> Callable[[int], Callable[[], Any]]:
+    """``runtime(n)``: a row's setup that denoises with ``denoise`` at cache step n on one ``CairEngine`` of
+    ``folder``, opened by the first row; an export that failed (``folder`` its error) fails every row."""
+    engine = None
+
+    def runtime(n: int):
+        def make():
+            nonlocal engine
+            from cair_runtime.pipeline import CairEngine
+
+            if isinstance(folder, Exception):
+                raise folder
+            engine = engine or CairEngine(folder, threads=threads)
+            return lambda: engine.denoise(**denoise, cache_step=n)
+        return make
+
+    return runtime
+
+
 def controlnet_configs(model_name: str, steps: int, cache_steps: list[int], size: int, engines: Path,
                        threads: int) -> list[Config]:
     """The UNet with one ControlNet (the architecture ``ControlNetModel.from_unet`` derives, as published
@@ -455,20 +474,9 @@ def controlnet_configs(model_name: str, steps: int, cache_steps: list[int], size
             num_inference_steps=steps, cache_step=n, guidance_scale=7.5, controlnets=[net],
             control_images=[control_tensor], control=ControlRequest.make(1))
 
-    engine = None
-
-    def runtime(n: int):
-        def make():
-            nonlocal engine
-            from cair_runtime.pipeline import CairEngine
-
-            if isinstance(folder, Exception):
-                raise folder
-            engine = engine or CairEngine(folder, threads=threads)
-            return lambda: engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(),
-                                          num_inference_steps=steps, guidance_scale=7.5, scheduler="ddim",
-                                          cache_step=n, control_images=[control_tensor.numpy()])
-        return make
+    runtime = engine_rows(folder, threads, prompt_embeds=embeds.numpy(), negative_prompt_embeds=negative.numpy(),
+                          latents=latents.numpy(), num_inference_steps=steps, guidance_scale=7.5, scheduler="ddim",
+                          control_images=[control_tensor.numpy()])
 
     rows = [("diffusers ControlNet pipeline, eager, plain", "torch", diffusers_pipeline, None, None)]
     rows += [(f"torch reference CAIR n={n}", "torch", reference(n), n, None) for n in cache_steps]
@@ -559,20 +567,9 @@ def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: in
             guidance_scale=4.5, added_cond={"encoder_attention_mask": mask},
             negative_added_cond={"encoder_attention_mask": negative_mask})
 
-    engine = None
-
-    def runtime(n: int):
-        def make():
-            nonlocal engine
-            from cair_runtime.pipeline import CairEngine
-
-            if isinstance(folder, Exception):
-                raise folder
-            engine = engine or CairEngine(folder, threads=threads)
-            return lambda: engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(),
-                                          num_inference_steps=steps, guidance_scale=4.5, cache_step=n,
-                                          attention_mask=mask.numpy(), negative_attention_mask=negative_mask.numpy())
-        return make
+    runtime = engine_rows(folder, threads, prompt_embeds=embeds.numpy(), negative_prompt_embeds=negative.numpy(),
+                          latents=latents.numpy(), num_inference_steps=steps, guidance_scale=4.5,
+                          attention_mask=mask.numpy(), negative_attention_mask=negative_mask.numpy())
 
     rows = [("diffusers PixArt-Sigma pipeline, eager, plain", "torch", pipeline(), None, None),
             ("diffusers PixArt + PyramidAttentionBroadcast (self-attention every 2nd step, t in 100..800)", "torch",
