@@ -108,10 +108,7 @@ def check_export_config(model: LoadedModel, config: ExportConfig) -> tuple[int, 
     width = native if config.width is None else config.width
     patch = model.unet.config.patch_size if model.is_transformer else 1  # latent pixels in whole patches
     for label, value in (("height", height), ("width", width)):
-        problem = size_problem(label, value, factor * patch)
-        if problem and patch > 1:
-            problem = (f"{label} {value} is not a positive multiple of {factor * patch} (the VAE's factor {factor} "
-                       f"times the transformer's patch size {patch})")
+        problem = size_problem(label, value, factor, patch)
         if problem:
             step = factor * patch
             raise InvalidInputError(f"{problem}; try {max(step, round(value / step) * step)}")

@@ -218,7 +218,7 @@ def make_inputs(io: GraphIO, dims: dict[str, int], seed: int) -> dict[str, np.nd
 
 
 @contextlib.contextmanager
-def given_position_embedding(model: torch.nn.Module, position: torch.Tensor) -> Iterator[None]:
+def traceable_transformer(model: torch.nn.Module, position: torch.Tensor) -> Iterator[None]:
     """A transformer whose patch embedding adds ``position`` (1, tokens, width) instead of computing it, traced
     without shape-dependent branches."""
     embed = model.pos_embed
@@ -293,7 +293,7 @@ class CairGraph(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         named = dict(zip(self.input_names, inputs))
         if POSITION_EMBEDDING in named:
-            with given_position_embedding(self.unet, named[POSITION_EMBEDDING]):
+            with traceable_transformer(self.unet, named[POSITION_EMBEDDING]):
                 return self._forward(named)
         return self._forward(named)
 

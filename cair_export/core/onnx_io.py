@@ -100,6 +100,26 @@ class TensorWriter:
         return [self.path.name]
 
 
+def subgraphs(node: Any) -> list[Any]:
+    """The graphs a node carries as attributes (If's branches, Loop's body)."""
+    graphs = []
+    for attribute in node.attribute:
+        graphs += [attribute.g] if attribute.HasField("g") else []
+        graphs += list(attribute.graphs)
+    return graphs
+
+
+def _inline(tensor: Any, data: bytes | memoryview) -> None:
+    """An external TensorProto made inline with ``data``, its bytes (a mapping's view is released)."""
+    import onnx
+
+    tensor.raw_data = bytes(data)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    if isinstance(data, memoryview):
+        data.release()
+
+
 def _inline_constants(graph: Any, base: Path, maps: dict[Path, mmap.mmap]) -> None:
     """Constant values the exporter stored in side files (it does for a graph over 2 GB) back into the graph:
     the side files go once the weights are shared, and these values are small."""
@@ -110,14 +130,9 @@ def _inline_constants(graph: Any, base: Path, maps: dict[Path, mmap.mmap]) -> No
             tensors = [attribute.t] if attribute.HasField("t") else list(attribute.tensors)
             for tensor in tensors:
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    data = _tensor_bytes(base, tensor, maps)
-                    tensor.raw_data = bytes(data)
-                    del tensor.external_data[:]
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                    if isinstance(data, memoryview):
-                        data.release()
-            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                _inline_constants(subgraph, base, maps)
+                    _inline(tensor, _tensor_bytes(base, tensor, maps))
+        for subgraph in subgraphs(node):
+            _inline_constants(subgraph, base, maps)
 
 
 def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: str = SHARED_WEIGHTS
@@ -151,10 +166,8 @@ def share_weights(folder: Path, graph_files: dict[str, list[str]], data_name: st
                 data = _tensor_bytes(bases[kind], tensor, maps)
                 if len(data) < SHARED_WEIGHTS_MIN_BYTES:
                     if tensor.data_location == onnx.TensorProto.EXTERNAL:  # small but external: back inline
-                        tensor.raw_data = bytes(data)
-                        del tensor.external_data[:]
-                        tensor.data_location = onnx.TensorProto.DEFAULT
-                    if isinstance(data, memoryview):
+                        _inline(tensor, data)
+                    elif isinstance(data, memoryview):
                         data.release()
                     continue
                 dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).name

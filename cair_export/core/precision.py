@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from cair_export.core.onnx_io import TensorWriter, read_tensor
+from cair_export.core.onnx_io import TensorWriter, read_tensor, subgraphs
 from cair_runtime.errors import InvalidInputError
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -189,22 +189,13 @@ def _to_low(array: np.ndarray, dtype: str) -> tuple[np.ndarray, int]:
     return array.astype(ml_dtypes.bfloat16), 0
 
 
-def _subgraphs(node: Any) -> list[Any]:
-    """The graphs a node carries as attributes (If's branches, Loop's body)."""
-    graphs = []
-    for attribute in node.attribute:
-        graphs += [attribute.g] if attribute.HasField("g") else []
-        graphs += list(attribute.graphs)
-    return graphs
-
-
 def _outer_inputs(graph: Any) -> set[str]:
     """Tensors a (sub)graph's nodes read that it neither takes nor makes: its outer-scope references."""
     local = {value.name for value in graph.input} | {init.name for init in graph.initializer}
     read: set[str] = set()
     for node in graph.node:
         read |= {name for name in node.input if name}
-        for subgraph in _subgraphs(node):
+        for subgraph in subgraphs(node):
             read |= _outer_inputs(subgraph)
         local |= set(node.output)
     return read - local
@@ -216,7 +207,7 @@ def _rename_inputs(graph: Any, old: str, new: str) -> None:
         for position, name in enumerate(node.input):
             if name == old:
                 node.input[position] = new
-        for subgraph in _subgraphs(node):
+        for subgraph in subgraphs(node):
             _rename_inputs(subgraph, old, new)
 
 
@@ -284,7 +275,7 @@ def convert_graph_precision(src: str | Path, dst: str | Path, dtype: str) -> dic
 
     for index, node in enumerate(old_nodes):
         params = lowered.get(index)
-        for subgraph in _subgraphs(node):  # If/Loop bodies read outer tensors by name: give them the fp32 ones
+        for subgraph in subgraphs(node):  # If/Loop bodies read outer tensors by name: give them the fp32 ones
             for outer in _outer_inputs(subgraph):
                 if types.get(outer) == float32 and renamed.get(outer, outer) in produced_low:
                     _rename_inputs(subgraph, outer, version(outer, want_low=False))

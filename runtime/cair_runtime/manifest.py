@@ -41,10 +41,13 @@ MAX_EXPRESSION_LENGTH = 120
 DEFAULT_VAE_SCALE_FACTOR = 8  # Stable Diffusion's VAE (three 2x downsamplings), when a manifest does not say
 
 
-def size_problem(label: str, pixels: int, factor: int) -> str | None:
-    """Why ``pixels`` cannot be an image side (not a positive multiple of the VAE's factor), or None."""
-    if pixels <= 0 or pixels % factor:
-        return f"{label} {pixels} is not a positive multiple of {factor} (the VAE's factor)"
+def size_problem(label: str, pixels: int, factor: int, patch: int = 1) -> str | None:
+    """Why ``pixels`` cannot be an image side, or None: not a positive multiple of the VAE's factor, times a
+    diffusion transformer's ``patch`` size (its latent sides are whole patches)."""
+    step = factor * patch
+    if pixels <= 0 or pixels % step:
+        why = "the VAE's factor" if patch == 1 else f"the VAE's factor {factor} times the transformer's patch size {patch}"
+        return f"{label} {pixels} is not a positive multiple of {step} ({why})"
     return None
 
 

@@ -247,10 +247,7 @@ class CairEngine:
             if value is None:
                 sizes.append(self.manifest.dim(dim).opt)
                 continue
-            problem = size_problem(label, value, factor)
-            if problem is None and value // factor % patch:
-                problem = (f"{label} {value} is not a positive multiple of {factor * patch} (the VAE's factor {factor} "
-                           f"times the transformer's patch size {patch})")
+            problem = size_problem(label, value, factor, patch)
             if problem:
                 raise InvalidInputError(problem, field=label)
             sizes.append(value // factor)
@@ -521,14 +518,14 @@ class CairEngine:
         return embeds, np.array([scale], np.float32)
 
     @property
-    def text_masks(self) -> bool:
+    def reads_text_mask(self) -> bool:
         """True for diffusion transformers whose planning graph reads the text's padding mask (PixArt)."""
         return any(spec.name == "encoder_attention_mask" for spec in self.manifest.graphs["planning"].inputs)
 
     def _check_text_masks(self, mask: np.ndarray | None, negative: np.ndarray | None,
                           shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
         """The prompts' and negative prompts' masks as float32 (B, text_len) of 0 and 1; ones where not given."""
-        if not self.text_masks:
+        if not self.reads_text_mask:
             if mask is not None or negative is not None:
                 raise InvalidInputError("this engine's model reads no text attention mask (a UNet); drop it",
                                         field="attention_mask")
