@@ -16,6 +16,7 @@ import torch
 
 from cair_export.core.graphs import UNET_KINDS, GraphIO
 from cair_export.core.models import LoadedModel
+from cair_export.core.models.families import patch_embedding, reads_positions
 from cair_export.core.precision import DTYPES
 from cair_runtime.files import write_atomically
 from cair_runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Dim, GraphSpec, Manifest, record_file
@@ -33,12 +34,12 @@ def model_record(model: LoadedModel, dtype: str = "fp32", cache_step_hint: int =
                                  "config": json.loads(json.dumps(dict(net.config), default=str))}
                                 for net in model.controlnets]} if model.controlnets else {}),
             **({"ip_adapter": model.ip_adapter.manifest_record()} if model.ip_adapter is not None else {}),
-            **({"position_embedding": position_record(model.unet)} if model.is_transformer else {})}
+            **({"position_embedding": position_record(model.unet)} if reads_positions(model.unet) else {})}
 
 
 def position_record(transformer: torch.nn.Module) -> dict[str, Any]:
     """What ``cair_runtime.positions.position_embedding`` needs for a transformer's patch grid."""
-    embed = transformer.pos_embed
+    embed = patch_embedding(transformer)
     return {"width": int(embed.proj.out_channels), "patch_size": int(embed.patch_size),
             "base_size": int(embed.base_size), "interpolation_scale": float(embed.interpolation_scale)}
 

@@ -35,7 +35,7 @@ from cair_export.core.graphs import (
     graph_dims,
     graph_specs,
     image_encoder_io,
-    is_t5,
+    reads_attention_mask,
     make_inputs,
     make_token_inputs,
     text_encoder_io,
@@ -44,6 +44,7 @@ from cair_export.core.graphs import (
 )
 from cair_export.core.memory import release_unet_weights
 from cair_export.core.models import LoadedModel
+from cair_export.core.models.families import sana_instruction
 from cair_export.core.onnx_io import SHARED_WEIGHTS, save_onnx, share_weights
 from cair_export.core.reference import FIDELITY_GUIDANCE, CrossAttentionCache
 from cair_export.core.switch import SwitchGraphError, write_switch_graph
@@ -242,7 +243,7 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
     returns the pipeline section, the graphs' IO and every file written (external data included)."""
     opt = {dim.name: dim.opt for dim in dims}
     text_dims = [dict(opt, batch=1), dict(opt, batch=2)]
-    kinds = {"sdxl": "stable-diffusion-xl", "pixart-sigma": "pixart-sigma"}
+    kinds = {"sdxl": "stable-diffusion-xl", "pixart-sigma": "pixart-sigma", "sana": "sana"}
     pipeline = {"type": kinds.get(model.family, "stable-diffusion"),
                 "text_encoders": [], "vae_graph": "vae_decoder", "vae_encoder_graph": "vae_encoder",
                 "vae_scaling_factor": float(model.vae.config.scaling_factor),
@@ -261,8 +262,10 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
             "pad_token_id": tokenizer.pad_token_id,
             # SD-1.x/2.x condition on the last layer (after the final norm), SDXL on the penultimate.
             "prompt_output": "penultimate_hidden_state" if model.family == "sdxl" else "last_hidden_state",
-            # T5 (PixArt): one window of max_length tokens, no start token, the padding mask read by the model too.
-            **({"attention_mask": True} if is_t5(encoder.model) else {})})
+            # T5 (PixArt), Gemma-2 (Sana): one window of max_length tokens, the padding mask read by the model too.
+            **({"attention_mask": True} if reads_attention_mask(encoder.model) else {}),
+            # Sana: the "complex human instruction" its pipeline puts before every prompt by default.
+            **({"instruction": "\n".join(sana_instruction())} if model.family == "sana" else {})})
         io = text_encoder_io(kind, encoder.model)
         graph = TextEncoderGraph(encoder.model, io)
 
@@ -291,15 +294,19 @@ def _export_pipeline_parts(model: LoadedModel, work: Path, dims: tuple[Dim, ...]
                       lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
     ios["vae_decoder"] = io
 
-    # The VAE encoder, for image to image: small (SD's is 34M parameters, 4% of the pipeline), so always.
-    io = vae_encoder_io(model.vae, model.vae_scale_factor)
-    graph = VaeEncoderGraph(model.vae, io)
-    progress("exporting vae_encoder graph")
-    files += _export_onnx(graph, io, make_inputs(io, trace, 0), work, config.opset)
-    if report is not None:
-        compare_graph(graph, make_session(work / "vae_encoder.onnx"), [dict(opt, batch=1), wide],
-                      lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
-    ios["vae_encoder"] = io
+    # The VAE encoder, for image to image: small (SD's is 34M parameters, 4% of the pipeline), so always; but
+    # not Sana's DC-AE: diffusers has no Sana image-to-image pipeline.
+    if hasattr(model.vae, "quant_conv"):
+        io = vae_encoder_io(model.vae, model.vae_scale_factor)
+        graph = VaeEncoderGraph(model.vae, io)
+        progress("exporting vae_encoder graph")
+        files += _export_onnx(graph, io, make_inputs(io, trace, 0), work, config.opset)
+        if report is not None:
+            compare_graph(graph, make_session(work / "vae_encoder.onnx"), [dict(opt, batch=1), wide],
+                          lambda io, dims, seed: make_inputs(io, dims, seed), report, config.tolerance, progress)
+        ios["vae_encoder"] = io
+    else:
+        pipeline["vae_encoder_graph"] = None
     if model.ip_adapter is not None:  # IP-Adapter's image encoder: once per call, for the image prompt
         io = image_encoder_io(model.ip_adapter.image_encoder)
         graph = ImageEncoderGraph(model.ip_adapter.image_encoder, io)

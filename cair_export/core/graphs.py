@@ -22,6 +22,7 @@ import torch
 from cair_export.core.deep_feature import DEEP_FEATURE, DeepBranch, recorded_deep_feature, shallow_unet
 from cair_export.core.ip_adapter import adapter_scale, image_projection_removed
 from cair_export.core.models import LoadedModel
+from cair_export.core.models.families import reads_positions
 from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite, predict_noise
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
 
@@ -142,7 +143,7 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
         """A transformer's 2D sin-cos position embedding of the patch grid, given by the caller
         (``cair_runtime.positions``): the module recomputes it from Python ints at other sizes, which a
         trace would freeze at the trace size."""
-        if not model.is_transformer:
+        if not reads_positions(model.unet):
             return ()
         patch = config.patch_size
         tokens = f"{_side('latent_height', patch.bit_length() - 1)}*{_side('latent_width', patch.bit_length() - 1)}"
@@ -150,7 +151,8 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
         return (TensorSpec(POSITION_EMBEDDING, "float32", (1, tokens, width)),)
 
     text = TensorSpec("encoder_hidden_states", "float32", ("2*batch", "text_len", text_width))
-    # PixArt's T5 states come with their padding mask (1 keep, 0 drop), read by the cross-attention only.
+    # A transformer's text states (T5's, Gemma-2's) come with their padding mask (1 keep, 0 drop), read by the
+    # cross-attention only.
     text_mask = ((TensorSpec("encoder_attention_mask", "float32", ("2*batch", "text_len")),)
                  if model.is_transformer else ())
     planning = GraphIO(
@@ -338,18 +340,20 @@ class CairGraph(torch.nn.Module):
 # --- the rest of the pipeline: text encoder(s) and VAE decoder, as diffusers runs them -----------
 
 
-def is_t5(encoder: torch.nn.Module) -> bool:
-    return encoder.config.model_type == "t5"
+def reads_attention_mask(encoder: torch.nn.Module) -> bool:
+    """A text encoder called with its tokens' mask: T5 (PixArt) and Gemma-2 (Sana), not CLIP."""
+    return encoder.config.model_type in ("t5", "gemma2")
 
 
 def text_encoder_io(kind: str, encoder: torch.nn.Module) -> GraphIO:
-    """CLIP: ``input_ids`` -> last and penultimate hidden states, and the pooled embedding. T5 (PixArt):
-    ``input_ids`` and their ``attention_mask`` (1 token, 0 padding) -> last hidden state."""
+    """CLIP: ``input_ids`` -> last and penultimate hidden states, and the pooled embedding. T5 (PixArt),
+    Gemma-2 (Sana): ``input_ids`` and their ``attention_mask`` (1 token, 0 padding) -> last hidden state."""
     config = encoder.config
-    if is_t5(encoder):
+    if reads_attention_mask(encoder):
+        width = config.d_model if config.model_type == "t5" else config.hidden_size
         return GraphIO(kind, inputs=(TensorSpec("input_ids", "int64", ("batch", "text_len")),
                                      TensorSpec("attention_mask", "int64", ("batch", "text_len"))),
-                       outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "text_len", config.d_model)),))
+                       outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "text_len", width)),))
     pooled = config.projection_dim if hasattr(encoder, "text_projection") else config.hidden_size
     hidden = ("batch", "text_len", config.hidden_size)
     return GraphIO(
@@ -367,7 +371,9 @@ def vae_decoder_io(vae: torch.nn.Module, scale_factor: int) -> GraphIO:
         "vae_decoder",
         inputs=(TensorSpec("latent_sample", "float32", ("batch", vae.config.latent_channels, "latent_height",
                                                         "latent_width")),),
-        outputs=(TensorSpec("sample", "float32", ("batch", vae.config.out_channels, f"{scale_factor}*latent_height",
+        # DC-AE has one channel count for images in and out
+        outputs=(TensorSpec("sample", "float32", ("batch", getattr(vae.config, "out_channels", vae.config.in_channels),
+                                                  f"{scale_factor}*latent_height",
                                                   f"{scale_factor}*latent_width")),),
     )
 
@@ -415,11 +421,27 @@ class TextEncoderGraph(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        if attention_mask is not None:  # T5, as PixArt's pipeline calls it
+        if attention_mask is not None:  # T5 or Gemma-2, as PixArt's and Sana's pipelines call them
             return (self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state,)
         output = self.encoder(input_ids, output_hidden_states=True)
         pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
         return output.last_hidden_state, output.hidden_states[-2], pooled
+
+
+@contextlib.contextmanager
+def nonnegative_movedim() -> Iterator[None]:
+    """``Tensor.movedim`` with its dims made non-negative: the TorchScript ONNX exporter writes a negative dim
+    into a Transpose's perm, which ONNX refuses, and Sana's DC-AE moves channels to -1 around its RMS norms."""
+    original = torch.Tensor.movedim
+
+    def movedim(tensor: torch.Tensor, source: int, destination: int) -> torch.Tensor:
+        return original(tensor, source % tensor.dim(), destination % tensor.dim())
+
+    torch.Tensor.movedim = movedim
+    try:
+        yield
+    finally:
+        torch.Tensor.movedim = original
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -429,7 +451,8 @@ class VaeDecoderGraph(torch.nn.Module):
         self.input_names = ["latent_sample"]
 
     def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.vae.decode(latent_sample, return_dict=False)[0],)
+        with nonnegative_movedim():
+            return (self.vae.decode(latent_sample, return_dict=False)[0],)
 
 
 class VaeEncoderGraph(torch.nn.Module):

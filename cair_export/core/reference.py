@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from cair_export.core.deep_feature import deep_branch, recorded_deep_feature, shallow_unet
-from cair_export.core.models.families import is_transformer
+from cair_export.core.models.families import is_transformer, sana_instruction
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.schedule import PLANNING_KINDS, Schedule, default_guidance_stop, evaluation_plan
 
@@ -68,35 +68,59 @@ def cross_attention_sites(unet: torch.nn.Module) -> list[CrossAttentionSite]:
                                _level(path, deepest)) for i, path in enumerate(paths)]
 
 
+class _NoText(torch.nn.Module):
+    """Stands in for Sana's caption projection when no text is given: a (B, 1, width) zero placeholder the
+    blocks pass to their ``attn2``, which replays its cache without reading it (the trace keeps none of it)."""
+
+    def __init__(self, sample: torch.Tensor, width: int):
+        super().__init__()
+        self.sample, self.width = sample, width
+
+    def forward(self, text: None) -> torch.Tensor:
+        return self.sample.new_zeros(self.sample.shape[0], 1, self.width)
+
+
 @contextlib.contextmanager
-def caption_projection_removed(model: torch.nn.Module) -> Iterator[None]:
-    """A transformer without its caption projection, for steps that replay every ``attn2``: only the
-    cross-attention reads the projected text, so no text (None) passes through the blocks unread."""
-    projection = getattr(model, "caption_projection", None)
-    model.caption_projection = None
+def caption_projection_removed(model: torch.nn.Module, sample: torch.Tensor) -> Iterator[None]:
+    """A transformer without its caption projection (and Sana's caption norm), for steps that replay every
+    ``attn2``: only the cross-attention reads the projected text. PixArt skips a None projection and passes
+    no text (None) through the blocks; Sana always projects, so it gets ``_NoText``'s placeholder."""
+    projection, norm = model.caption_projection, getattr(model, "caption_norm", None)
+    if norm is None:
+        model.caption_projection = None
+    else:
+        model.caption_projection = _NoText(sample, norm.weight.shape[0])
+        model.caption_norm = torch.nn.Identity()
     try:
         yield
     finally:
         model.caption_projection = projection
+        if norm is not None:
+            model.caption_norm = norm
 
 
 def predict_noise(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
                   conditions: dict[str, Any] | None, **residuals: Any) -> torch.Tensor:
     """One evaluation of the denoiser as its diffusers pipeline calls it: the predicted noise, latent channels.
 
-    UNets take ``conditions`` as ``added_cond_kwargs`` (SDXL). PixArt transformers take the timestep per row,
-    the text's attention mask (``conditions["encoder_attention_mask"]``, unread when ``context`` is None:
-    every ``attn2`` replays its cache) and no resolution embedding (Sigma); a learned-sigma output keeps its
-    first half of the channels, as the pipeline does after guidance (the same: guidance is per channel).
+    UNets take ``conditions`` as ``added_cond_kwargs`` (SDXL). Transformers take the timestep per row (Sana's
+    times its ``timestep_scale``, as its pipeline does), the text's attention mask
+    (``conditions["encoder_attention_mask"]``, unread when ``context`` is None: every ``attn2`` replays its
+    cache) and, PixArt, no resolution embedding (Sigma); a learned-sigma output keeps its first half of the
+    channels, as the pipelines do after guidance (the same: guidance is per channel).
     """
     if not is_transformer(model):
         return model(sample, timestep, context, added_cond_kwargs=conditions, return_dict=False, **residuals)[0]
     mask = (conditions or {}).get("encoder_attention_mask")
-    projection = caption_projection_removed(model) if context is None else contextlib.nullcontext()
+    timestep = timestep.reshape(-1).expand(sample.shape[0])  # traced: a dynamic batch
+    if hasattr(model.config, "timestep_scale"):  # Sana
+        timestep, extra = timestep * model.config.timestep_scale, {}
+    else:  # PixArt
+        extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    projection = caption_projection_removed(model, sample) if context is None else contextlib.nullcontext()
     with projection:
         output = model(sample, encoder_hidden_states=context, encoder_attention_mask=None if context is None else mask,
-                       timestep=timestep.reshape(-1).expand(sample.shape[0]),  # traced: a dynamic batch
-                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+                       timestep=timestep, return_dict=False, **extra)[0]
     if model.config.out_channels == 2 * model.config.in_channels:
         output = output[:, :model.config.in_channels]
     return output
@@ -423,14 +447,17 @@ def encode_prompts(pipe: Any, prompts: list[str], negative_prompts: list[str] | 
     crop) are None for SD-1.x/2.x. ``prompt_chunks``: encode long prompts in that many windows
     (``chunked_prompt_embeds``) instead of the pipeline's ``encode_prompt``.
     """
-    if hasattr(pipe, "transformer"):  # PixArt: T5 states and their mask, the mask an added condition
+    if hasattr(pipe, "transformer"):  # PixArt, Sana: T5 / Gemma-2 states and their mask, the mask an added condition
         if prompt_chunks is not None:
-            raise InvalidInputError("long prompts in chunks are for CLIP text encoders; PixArt's T5 reads "
+            raise InvalidInputError("long prompts in chunks are for CLIP text encoders; a transformer's encoder reads "
                                     f"{pipe.tokenizer.model_max_length} tokens at once", field="prompt_chunks")
+        # Sana: the instruction its __call__ puts before every prompt by default (encode_prompt has none).
+        instruction = ({"complex_human_instruction": sana_instruction()}
+                       if "complex_human_instruction" in inspect.signature(pipe.encode_prompt).parameters else {})
         embeds, mask, negative, negative_mask = pipe.encode_prompt(
             prompts, negative_prompt=negative_prompts or "", num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=True, device=latents.device, clean_caption=False,
-            max_sequence_length=pipe.tokenizer.model_max_length)
+            max_sequence_length=pipe.tokenizer.model_max_length, **instruction)
         return embeds, negative, {"encoder_attention_mask": mask}, {"encoder_attention_mask": negative_mask}
     sdxl = hasattr(pipe, "text_encoder_2")
     if prompt_chunks is None:
@@ -482,7 +509,7 @@ def cair_text_to_image(
     prompt_embeds, negative_embeds, added, negative_added = encode_prompts(
         pipe, prompts, negative_prompts, latents, num_images_per_prompt=num_images_per_prompt,
         prompt_chunks=prompt_chunks)
-    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet  # PixArt, or SD's UNet
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet  # PixArt or Sana, or SD's UNet
     latents = cair_denoise(denoiser, scheduler or pipe.scheduler, latents, prompt_embeds, negative_embeds,
                            num_inference_steps=num_inference_steps, cache_step=cache_step,
                            guidance_scale=guidance_scale, added_cond=added, negative_added_cond=negative_added)

@@ -198,14 +198,15 @@ class Manifest:
 
     @property
     def transformer(self) -> bool:
-        """A diffusion transformer's folder (PixArt): its graphs take a position embedding."""
-        return self.model.get("position_embedding") is not None
+        """A diffusion transformer's folder (PixArt, Sana), not a UNet's: sizes in whole patches, the text's mask read."""
+        return self.model.get("denoiser", "UNet2DConditionModel") != "UNet2DConditionModel"
 
     @property
     def patch_size(self) -> int:
         """Latent pixels per side of a diffusion transformer's patch (1 for UNets): sizes are whole patches."""
-        position = self.model.get("position_embedding")
-        return int(position["patch_size"]) if position else 1
+        if not self.transformer:
+            return 1
+        return int(self.model.get("unet_config", {}).get("patch_size", 1))
 
     @property
     def unet_graphs(self) -> dict[str, GraphSpec]:
@@ -458,6 +459,11 @@ def _model_problems(manifest: Manifest) -> list[str]:
             and position["interpolation_scale"] > 0):
         problems.append(f"model position_embedding {position!r} must hold width (a multiple of 4), patch_size, "
                         "base_size and a positive interpolation_scale")
+    if not isinstance(model.get("denoiser", ""), str) or not isinstance(model.get("unet_config", {}), dict):
+        problems.append("model denoiser must be a class name and model unet_config an object")
+    elif manifest.transformer and not (is_integer(patch := model.get("unet_config", {}).get("patch_size", 1))
+                                       and 0 < patch <= 64):
+        problems.append(f"model unet_config patch_size {patch!r} must be an integer in 1..64")
     return problems
 
 

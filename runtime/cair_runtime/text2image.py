@@ -57,7 +57,13 @@ class _Tokenizer:
     start and end tokens and padded to ``max_length``; the text encoder encodes each window on its
     own and the UNet reads the windows' embeddings concatenated. One window is diffusers' own
     tokenization (``padding="max_length"``, truncation keeping the end token). T5 (PixArt) has no start
-    token and one window (300 tokens for PixArt-Sigma), with a mask of the tokens besides the ids.
+    token and one window (300 tokens for PixArt-Sigma), with a mask of the tokens besides the ids; Gemma
+    (Sana) has no end token. Both pipelines lower-case and strip their prompts first.
+
+    Sana's ``instruction`` (``SanaPipeline``'s "complex human instruction") goes before every prompt (not
+    negative prompts): ``encode(..., instructed=True)`` tokenizes instruction and prompt into
+    ``instruction tokens + max_length - 2`` ids, and ``selected`` keeps the start token's row and the last
+    ``max_length - 1`` of the encoder's output, as ``SanaPipeline.encode_prompt``.
     """
 
     def __init__(self, path: Path, spec: dict[str, Any]):
@@ -70,19 +76,25 @@ class _Tokenizer:
         self.masked = bool(spec.get("attention_mask", False))  # T5
         self.bos = None if spec.get("bos_token_id") is None else int(spec["bos_token_id"])
         self.eos, self.pad = int(spec["eos_token_id"]), int(spec["pad_token_id"])
+        self.ends = self.eos in self.tokenizer.encode("").ids  # CLIP and T5 end every text with EOS, Gemma not
+        self.instruction = spec.get("instruction")  # Sana's text before each prompt
+        self.instruction_tokens = 0 if self.instruction is None else len(self.tokenizer.encode(self.instruction).ids)
 
     @property
     def window(self) -> int:
-        """Prompt tokens per window: ``max_length`` less the start (if any) and end tokens."""
-        return self.max_length - (1 if self.bos is None else 2)
+        """Prompt tokens per window: ``max_length`` less the start and end tokens the tokenizer adds."""
+        return self.max_length - (self.bos is not None) - self.ends
+
+    def _text(self, prompt: str) -> str:
+        return prompt.lower().strip() if self.masked else prompt  # PixArt's and Sana's _text_preprocessing
 
     def _body(self, prompt: str) -> tuple[list[int], list[str]]:
         """The prompt's ids and token strings without the start and end tokens the post-processor adds."""
-        encoding = self.tokenizer.encode(prompt)
+        encoding = self.tokenizer.encode(self._text(prompt))
         ids, tokens = list(encoding.ids), list(encoding.tokens)
         if ids and self.bos is not None and ids[0] == self.bos:
             ids, tokens = ids[1:], tokens[1:]
-        if ids and ids[-1] == self.eos:
+        if ids and self.ends and ids[-1] == self.eos:
             ids, tokens = ids[:-1], tokens[:-1]
         return ids, tokens
 
@@ -109,11 +121,31 @@ class _Tokenizer:
                               f"dropped: {dropped!r}", PromptTruncatedWarning, stacklevel=3)
             for chunk in range(chunks):
                 part = body[chunk * self.window:(chunk + 1) * self.window]
-                window = [*([] if self.bos is None else [self.bos]), *part, self.eos]
+                window = [*([] if self.bos is None else [self.bos]), *part, *([self.eos] if self.ends else [])]
                 ids[row, chunk, :len(window)] = window
                 mask[row, chunk, :len(window)] = 1
         shape = (len(prompts) * chunks, self.max_length)
         return ids.reshape(shape), mask.reshape(shape)
+
+    def encode_instructed(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Sana: the instruction then each prompt, truncated to ``instruction tokens + max_length - 2`` ids
+        (the end of a long prompt is dropped, with a ``PromptTruncatedWarning``), padded to that length."""
+        length = self.instruction_tokens + self.max_length - 2
+        ids = np.full((len(prompts), length), self.pad, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            encoding = self.tokenizer.encode(self.instruction + self._text(prompt))
+            if len(encoding.ids) > length:
+                dropped = "".join(encoding.tokens[length:]).replace("▁", " ").strip()
+                warnings.warn(f"prompt longer than {self.max_length - 2} tokens after Sana's instruction, truncated; "
+                              f"dropped: {dropped!r}", PromptTruncatedWarning, stacklevel=3)
+            kept = encoding.ids[:length]
+            ids[row, :len(kept)], mask[row, :len(kept)] = kept, 1
+        return ids, mask
+
+    def selected(self, array: np.ndarray) -> np.ndarray:
+        """An instructed encoding's rows the transformer reads: the start token's and the last ``max_length - 1``."""
+        return np.concatenate([array[:, :1], array[:, 1 - self.max_length:]], axis=1)
 
 
 def png_bytes(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
@@ -277,14 +309,16 @@ class CairText2Image:
         embeds, pooled, _ = self.encode_text(prompts, chunks)
         return embeds, pooled
 
-    def encode_text(self, prompts: Sequence[str], chunks: int = 1
+    def encode_text(self, prompts: Sequence[str], chunks: int = 1, negative: bool = False
                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """``encode_prompt``'s embeddings and pooled embedding, and for a T5 encoder (PixArt) the tokens'
-        mask (B, L) the transformer reads too, as ``PixArtSigmaPipeline.encode_prompt``; else None."""
+        """``encode_prompt``'s embeddings and pooled embedding, and for a T5 or Gemma encoder (PixArt, Sana) the
+        tokens' mask (B, L) the transformer reads too, as ``PixArtSigmaPipeline.encode_prompt``; else None.
+        ``negative``: negative prompts, which Sana encodes without its instruction."""
         max_batch = self.engine.manifest.dim("batch").max
         embeds, pooled, masks = [], None, None
         for spec, tokenizer, session in self.text_encoders:
-            ids, mask = tokenizer.encode(prompts, chunks)  # (B * chunks, L), prompt-major
+            instructed = tokenizer.instruction is not None and not negative
+            ids, mask = tokenizer.encode_instructed(prompts) if instructed else tokenizer.encode(prompts, chunks)
             feeds = [{"input_ids": ids[i:i + max_batch], **({"attention_mask": mask[i:i + max_batch]}
                                                             if tokenizer.masked else {})}
                      for i in range(0, len(ids), max_batch)]
@@ -292,6 +326,8 @@ class CairText2Image:
             names = ("last_hidden_state",) if tokenizer.masked else (
                 "last_hidden_state", "penultimate_hidden_state", "pooled")
             outputs = {name: np.concatenate([p[index] for p in parts]) for index, name in enumerate(names)}
+            if instructed:
+                outputs, mask = {name: tokenizer.selected(value) for name, value in outputs.items()}, tokenizer.selected(mask)
             hidden = outputs[spec["prompt_output"]]
             embeds.append(hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2]))
             if spec["graph"] == self.pipeline.get("pooled_from"):
@@ -520,7 +556,8 @@ class CairText2Image:
             negative_embeds = np.zeros_like(prompt_embeds)
             negative_pooled = None if pooled is None else np.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled, negative_mask = self.encode_text(negatives or [""] * len(prompts), chunks)
+            negative_embeds, negative_pooled, negative_mask = self.encode_text(negatives or [""] * len(prompts), chunks,
+                                                                               negative=True)
         text_s = time.perf_counter() - started
 
         def per_image(array: np.ndarray | None) -> np.ndarray | None:  # prompt-major, as diffusers repeats

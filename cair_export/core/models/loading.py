@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from cair_export.assets import SHIPPED_MODELS, asset_path
-from cair_export.core.models.families import is_transformer
-from cair_export.core.models.presets import PRESETS, SCHEDULER_SD15, TINY_VAE, TINY_WORDS, Preset
+from cair_export.core.models.families import is_transformer, sana_instruction
+from cair_export.core.models.presets import PRESETS, SCHEDULER_SD15, TINY_DC_AE, TINY_VAE, TINY_WORDS, Preset
 from cair_export.core.sizes import vae_scale_factor
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.manifest import DEFAULT_VAE_SCALE_FACTOR
@@ -28,8 +28,8 @@ _SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 class TextEncoder:
     """One text encoder with its tokenizer."""
 
-    model: Any  # transformers CLIPTextModel, CLIPTextModelWithProjection or T5EncoderModel (PixArt)
-    tokenizer: Any  # transformers CLIPTokenizer or T5TokenizerFast (fast: has backend_tokenizer)
+    model: Any  # transformers CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel (PixArt) or Gemma2Model (Sana)
+    tokenizer: Any  # transformers CLIPTokenizer, T5TokenizerFast or GemmaTokenizer (fast: has backend_tokenizer)
 
 
 @dataclass
@@ -38,14 +38,14 @@ class LoadedModel:
 
     name: str  # preset name or the folder's name
     source: str  # "preset", "shipped" (a model inside the package) or the folder path
-    family: str  # "sd15" | "sd21" | "sdxl" | "pixart-sigma": conventions the model follows
-    unet: Any  # the denoiser, eval mode, fp32: diffusers UNet2DConditionModel or PixArtTransformer2DModel
+    family: str  # "sd15" | "sd21" | "sdxl" | "pixart-sigma" | "sana": conventions the model follows
+    unet: Any  # the denoiser, eval mode, fp32: a diffusers UNet2DConditionModel or diffusion transformer
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
     vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR  # pixels per latent pixel
     text_len: int = 77  # tokens the text encoder takes
     # Whole pipelines (tiny presets, pipeline folders) also have these; UNet-only models do not.
     text_encoders: list[TextEncoder] = field(default_factory=list)
-    vae: Any = None  # diffusers AutoencoderKL
+    vae: Any = None  # diffusers AutoencoderKL, or AutoencoderDC (Sana)
     force_zeros_for_empty_prompt: bool = False  # SDXL: zero negative embeddings when no negative prompt
     source_sha256: str | None = None  # digest of a folder model's files, to tell a changed model from its export
     controlnets: tuple[Any, ...] = ()  # diffusers ControlNetModels exported with the UNet (load_controlnet)
@@ -58,7 +58,7 @@ class LoadedModel:
 
     @property
     def is_transformer(self) -> bool:
-        """A diffusion transformer (PixArt) rather than a UNet: patches, no down/up blocks."""
+        """A diffusion transformer (PixArt, Sana) rather than a UNet: patches, no down/up blocks."""
         return is_transformer(self.unet)
 
     @property
@@ -73,7 +73,7 @@ class LoadedModel:
     def diffusers_pipeline(self):
         """The equivalent diffusers pipeline (the reference for text-to-image)."""
         from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtSigmaPipeline,
-                               PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+                               PNDMScheduler, SanaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
         if not self.has_pipeline:
             raise InvalidInputError(f"model {self.name} is a UNet alone; it has no text encoder or VAE")
@@ -82,7 +82,10 @@ class LoadedModel:
         scheduler = classes.get(self.scheduler_config.get("_class_name"), DDIMScheduler).from_config(
             self.scheduler_config)
         first = self.text_encoders[0]
-        if self.family == "pixart-sigma":
+        if self.family == "sana":
+            pipe = SanaPipeline(tokenizer=first.tokenizer, text_encoder=first.model, vae=self.vae,
+                                transformer=self.unet, scheduler=scheduler)
+        elif self.family == "pixart-sigma":
             pipe = PixArtSigmaPipeline(tokenizer=first.tokenizer, text_encoder=first.model, vae=self.vae,
                                        transformer=self.unet, scheduler=scheduler)
         elif self.family == "sdxl":
@@ -148,7 +151,7 @@ def _build_preset(preset: Preset, device: str, with_pipeline: bool) -> LoadedMod
         torch.manual_seed(preset.seed)
         unet = getattr(diffusers, preset.denoiser)(**preset.unet_config)
     model = LoadedModel(preset.name, "preset", preset.family, unet.eval(), dict(preset.scheduler_config),
-                        text_len=preset.text_len)
+                        vae_scale_factor=preset.vae_scale_factor, text_len=preset.text_len)
     if with_pipeline and preset.text_encoders and device != "meta":
         _build_tiny_pipeline(model, preset)
     return model
@@ -156,14 +159,20 @@ def _build_preset(preset: Preset, device: str, with_pipeline: bool) -> LoadedMod
 
 def _build_tiny_pipeline(model: LoadedModel, preset: Preset) -> None:
     """Seeded tiny tokenizer(s), text encoder(s) and VAE with the release's conventions."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderDC, AutoencoderKL
 
-    if preset.text_encoders[0].kind == "t5":
+    kind = preset.text_encoders[0].kind
+    if kind == "t5":
         model.text_encoders.append(_tiny_t5(preset))
+    elif kind == "gemma2":
+        model.text_encoders.append(_tiny_gemma2(preset))
     else:
         _tiny_clip_encoders(model, preset)
     torch.manual_seed(preset.seed + 10)
-    model.vae = AutoencoderKL(**TINY_VAE, scaling_factor=preset.vae_scaling_factor).eval()
+    if preset.family == "sana":
+        model.vae = AutoencoderDC(**TINY_DC_AE, scaling_factor=preset.vae_scaling_factor).eval()
+    else:
+        model.vae = AutoencoderKL(**TINY_VAE, scaling_factor=preset.vae_scaling_factor).eval()
     model.force_zeros_for_empty_prompt = preset.family == "sdxl"
 
 
@@ -182,6 +191,28 @@ def _tiny_t5(preset: Preset) -> TextEncoder:
                       eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(preset.seed + 1)
     return TextEncoder(T5EncoderModel(config).eval(), tokenizer)
+
+
+def _tiny_gemma2(preset: Preset) -> TextEncoder:
+    """A seeded tiny Gemma-2 (Sana's text encoder: a decoder-only LLM's last hidden state) and its tokenizer,
+    which knows the words of Sana's instruction as well as the captions', so the instruction is as many
+    tokens as a real vocabulary makes it (about a hundred and fifty), not a character each."""
+    import re
+
+    from transformers import Gemma2Config, Gemma2Model
+
+    from cair_export.core.models.tokenizer import write_gemma_tokenizer
+
+    spec = preset.text_encoders[0]
+    instruction = sorted(set(re.findall(r"[a-z]+", " ".join(sana_instruction()).lower())) - set(TINY_WORDS))
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_gemma_tokenizer(Path(folder), [*TINY_WORDS, *instruction], model_max_length=preset.text_len)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=False)
+    torch.manual_seed(preset.seed + 1)
+    return TextEncoder(Gemma2Model(config).eval(), tokenizer)
 
 
 def _tiny_clip_encoders(model: LoadedModel, preset: Preset) -> None:

@@ -2,7 +2,7 @@
 
 ``tiny-*`` presets are seeded random-init UNets (and diffusion transformers) small enough to export
 in seconds, with the topology features of the release they are named after. ``sd15``/``sd21``/``sdxl``
-and ``pixart-sigma`` are the published architectures (their ``config.json``, in ``arch/``) with random
+``pixart-sigma`` and ``sana`` are the published architectures (their ``config.json``, in ``arch/``) with random
 weights, for cost and speed measurement.
 """
 
@@ -51,6 +51,24 @@ SCHEDULER_PIXART_SIGMA = {
     "timestep_spacing": "linspace",
     "steps_offset": 0,
 }
+# Sana's scheduler_config.json: Flow-DPM-Solver, DPM-Solver++ on flow-matching sigmas shifted by 3.
+SCHEDULER_SANA = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "flow_prediction",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+}
 SCHEDULER_SDXL = {
     "_class_name": "EulerDiscreteScheduler",
     **_SD_BETAS,
@@ -65,7 +83,7 @@ class TextEncoderSpec:
     """A tiny text encoder: its kind, width and the tokenizer conventions of the release."""
 
     hidden_size: int  # = the part of the UNet's context width it provides
-    kind: str = "clip"  # "clip" (CLIPTextModel) | "t5" (T5EncoderModel, PixArt's)
+    kind: str = "clip"  # "clip" (CLIPTextModel) | "t5" (T5EncoderModel, PixArt's) | "gemma2" (Gemma2Model, Sana's)
     with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's second encoder): pooled text_embeds
     pad_token: str = "<|endoftext|>"  # OpenAI CLIP pads with EOS; OpenCLIP (SD-2.x, SDXL's 2nd) with "!"
     hidden_act: str = "quick_gelu"
@@ -74,7 +92,7 @@ class TextEncoderSpec:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "sd15" | "sd21" | "sdxl" | "pixart-sigma": which release's conventions the model follows
+    family: str  # "sd15" | "sd21" | "sdxl" | "pixart-sigma" | "sana": which release's conventions the model follows
     unet_config: dict[str, Any]  # the denoiser's keyword arguments (a UNet2DConditionModel's unless said)
     scheduler_config: dict[str, Any]  # the model's own scheduler, diffusers config format
     description: str = ""
@@ -82,8 +100,9 @@ class Preset:
     # Tiny presets are whole pipelines: text encoder(s) and a VAE besides the UNet.
     text_encoders: tuple[TextEncoderSpec, ...] = ()
     vae_scaling_factor: float = 0.18215  # SD-1.x/2.x; SDXL's VAE (and PixArt's) uses 0.13025
-    denoiser: str = "UNet2DConditionModel"  # or "PixArtTransformer2DModel"
-    text_len: int = 77  # the text encoder's window; PixArt-Sigma's pipeline encodes 300 T5 tokens
+    denoiser: str = "UNet2DConditionModel"  # or "PixArtTransformer2DModel", "SanaTransformer2DModel"
+    text_len: int = 77  # the text encoder's window; PixArt-Sigma's and Sana's pipelines read 300 tokens
+    vae_scale_factor: int = 8  # pixels per latent pixel: 8 for SD's VAE, 32 for Sana's DC-AE
 
 
 # The tiny presets' tokenizer vocabulary: the `shapes` captions' words (cair_export.lab.shapes.data's
@@ -158,6 +177,43 @@ _TINY_PIXART_SIGMA = {
     "interpolation_scale": 1,
 }
 
+# Sana's linear diffusion transformer in small: patch 1, ReLU linear self-attention, Mix-FFN (GLUMBConv),
+# no position embedding, attn2 reading the caption projection of Gemma-2's states (RMS-normed).
+_TINY_SANA = {
+    "sample_size": 8,
+    "in_channels": 8,
+    "out_channels": 8,
+    "patch_size": 1,
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_cross_attention_heads": 2,
+    "cross_attention_head_dim": 16,
+    "cross_attention_dim": 32,
+    "caption_channels": 32,  # the Gemma-2 encoder's width
+    "mlp_ratio": 2.5,
+}
+
+# Tiny DC-AE (Sana's deep-compression autoencoder): six levels (32x, as Sana's), the last three with
+# EfficientViT (ReLU linear attention) blocks, RMS norms in the decoder, as dc-ae-f32c32-sana-1.0.
+TINY_DC_AE = {
+    "in_channels": 3,
+    "latent_channels": 8,
+    "attention_head_dim": 8,
+    "encoder_block_types": ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    "decoder_block_types": ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    "encoder_block_out_channels": (8, 8, 16, 16, 16, 16),
+    "decoder_block_out_channels": (8, 8, 16, 16, 16, 16),
+    "encoder_layers_per_block": (1, 1, 1, 1, 1, 1),
+    "decoder_layers_per_block": (1, 1, 1, 1, 1, 1),
+    "encoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)),
+    "decoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)),
+    "upsample_block_type": "interpolate",
+    "downsample_block_type": "Conv",
+    "decoder_norm_types": "rms_norm",
+    "decoder_act_fns": "silu",
+}
+
 # Tiny VAE: four levels (8x, as SD's), a few channels.
 TINY_VAE = {
     "in_channels": 3,
@@ -187,6 +243,10 @@ PRESETS: dict[str, Preset] = {
                                 description="seeded tiny PixArt-Sigma-style pipeline (diffusion transformer, T5)",
                                 text_encoders=(TextEncoderSpec(32, kind="t5"),), vae_scaling_factor=0.13025,
                                 denoiser="PixArtTransformer2DModel", text_len=300),
+    "tiny-sana": Preset("tiny-sana", "sana", _TINY_SANA, SCHEDULER_SANA,
+                        description="seeded tiny Sana-style pipeline (linear diffusion transformer, Gemma-2, DC-AE)",
+                        text_encoders=(TextEncoderSpec(32, kind="gemma2"),), vae_scaling_factor=0.41407,
+                        denoiser="SanaTransformer2DModel", text_len=300, vae_scale_factor=32),
     "sd15": Preset("sd15", "sd15", _arch("sd15"), SCHEDULER_SD15,
                    description="SD-1.5 UNet architecture, random weights (512 px)"),
     "sd21": Preset("sd21", "sd21", _arch("sd21"), SCHEDULER_SD21,
@@ -197,4 +257,7 @@ PRESETS: dict[str, Preset] = {
                            _arch("pixart-sigma", "transformer"), SCHEDULER_PIXART_SIGMA,
                            description="PixArt-Sigma XL/2 transformer architecture, random weights (1024 px)",
                            denoiser="PixArtTransformer2DModel", vae_scaling_factor=0.13025, text_len=300),
+    "sana": Preset("sana", "sana", _arch("sana", "transformer"), SCHEDULER_SANA,
+                   description="Sana 1.6B linear transformer architecture, random weights (1024 px, DC-AE 32x)",
+                   denoiser="SanaTransformer2DModel", vae_scaling_factor=0.41407, text_len=300, vae_scale_factor=32),
 }

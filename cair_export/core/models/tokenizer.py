@@ -123,3 +123,41 @@ def write_t5_tokenizer(path: Path, words: list[str], model_max_length: int) -> "
                                 extra_ids=0, model_max_length=model_max_length)
     tokenizer.save_pretrained(str(path))
     return tokenizer
+
+
+# --- Gemma (Sana's text encoder) ---------------------------------------------------------------
+
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0-4, as Gemma's sentencepiece model
+
+
+def write_gemma_tokenizer(path: Path, words: list[str], model_max_length: int) -> "GemmaTokenizer":  # noqa: F821
+    """A Gemma tokenizer (transformers' ``GemmaTokenizer``: BPE with byte fallback, spaces as ``▁``, no
+    prefix space) whose merges make each of `words` one token, with and without a ``▁`` before it; written
+    to `path`.
+
+    Laid out as Gemma's: ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``, ``<mask>``, the 256 byte tokens, the
+    printable ASCII characters and newline, then one token per merge. Every sequence starts with ``<bos>``
+    and has no end token.
+    """
+    import string
+
+    from transformers import GemmaTokenizer
+
+    vocab = {token: i for i, token in enumerate(GEMMA_SPECIALS)}
+    vocab.update({f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)})
+    for character in "▁\n" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(character, len(vocab))
+    symbols = [tuple(prefix + word) for word in words for prefix in ("", "▁")]
+    merges = []
+    while True:
+        pairs = Counter(p for word in symbols for p in zip(word, word[1:]))
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        vocab.setdefault("".join(best), len(vocab))
+        symbols = [_merge(word, best) for word in symbols]
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False,
+                               padding_side="right", model_max_length=model_max_length)
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
