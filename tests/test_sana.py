@@ -271,3 +271,27 @@ def test_cli_runs_a_sana_folder_and_refuses_what_it_lacks(exported, tmp_path, ca
     code = run([str(folder), "a red circle", "--image", str(out), "-o", str(tmp_path / "y.png")])
     one_line_error(code, capsys.readouterr().err, "image to image")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-sana", "tiny-pixart-sigma"])
+def test_pipeline_folders_load_offline_as_their_presets(exported, tmp_path, capsys, one_line_error, preset):
+    """A diffusers folder of the pipeline (``save_pretrained``, safetensors) exports to a folder whose images
+    are the preset's; another transformer pipeline is refused in one line, no folder written."""
+    import json
+
+    from cair_export.cli import main
+    from cair_runtime.text2image import CairText2Image
+
+    folder = tmp_path / "pipeline"
+    load_model(preset, with_pipeline=True).diffusers_pipeline().save_pretrained(folder, safe_serialization=True)
+    assert main(["export", str(folder), str(tmp_path / "engine")]) == 0
+    run = dict(num_inference_steps=4, cache_step=2, seed=5)
+    ours = CairText2Image(tmp_path / "engine")(["A red circle"], **run)
+    theirs = CairText2Image(exported(preset, with_pipeline=True))(["A red circle"], **run)
+    np.testing.assert_array_equal(ours.latents, theirs.latents)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="PixArtAlphaPipeline")))
+    capsys.readouterr()
+    code = main(["export", str(folder), str(tmp_path / "other")])
+    one_line_error(code, capsys.readouterr().err, "PixArtAlphaPipeline", "SanaPipeline")
+    assert not (tmp_path / "other").exists()

@@ -222,7 +222,7 @@ def test_runtime_text_to_image_is_the_pixart_sigma_pipeline(exported, pixart):
 
     model, pipe = pixart
     runtime = CairText2Image(exported("tiny-pixart-sigma", with_pipeline=True))
-    prompts = [PROMPTS[0], "a zebra at 42 km/h!"]  # words outside the vocabulary: pieces and <unk>
+    prompts = [PROMPTS[0], " A Zebra at 42 km/h!"]  # lower-cased and stripped first; unknown words: pieces, <unk>
     latents = initial_latents()
     run = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents.numpy(), height=64, width=96)
     with torch.no_grad():

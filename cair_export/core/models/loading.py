@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cair_export.assets import SHIPPED_MODELS, asset_path
-from cair_export.core.models.families import is_transformer, sana_instruction
+from cair_export.core.models.families import TRANSFORMERS, is_transformer, sana_instruction
 from cair_export.core.models.presets import PRESETS, SCHEDULER_SD15, TINY_DC_AE, TINY_VAE, TINY_WORDS, Preset
 from cair_export.core.sizes import vae_scale_factor
 from cair_runtime.errors import InvalidInputError
@@ -273,6 +273,8 @@ def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
     index = None
     if (path / "model_index.json").is_file():  # a whole pipeline folder
         index = _read_json(path / "model_index.json")
+        if "transformer" in index:
+            return _load_transformer_folder(path, index, device, with_pipeline)
         unet_dir = path / "unet"
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else dict(SCHEDULER_SD15)
@@ -304,6 +306,61 @@ def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
     )
     if with_pipeline and index is not None and device != "meta":
         _load_pipeline_parts(model, path, index)
+    return model
+
+
+# Diffusion-transformer pipelines: their family, and the transformers classes of their text encoders.
+_TRANSFORMER_PIPELINES = {"PixArtSigmaPipeline": ("pixart-sigma", "T5EncoderModel"),
+                          "SanaPipeline": ("sana", "Gemma2Model")}
+_PIPELINE_TEXT_LEN = 300  # PixArt-Sigma's and Sana's max_sequence_length
+
+
+def _load_transformer_folder(path: Path, index: dict[str, Any], device: str, with_pipeline: bool) -> LoadedModel:
+    """A PixArt-Sigma or Sana pipeline folder: the transformer, and with ``with_pipeline`` its text encoder,
+    tokenizer and VAE (or DC-AE), from safetensors."""
+    import diffusers
+
+    pipeline = index.get("_class_name")
+    if pipeline not in _TRANSFORMER_PIPELINES:
+        raise InvalidInputError(f"{path} holds a {pipeline}; the diffusion-transformer pipelines cair-export takes are "
+                                f"{', '.join(_TRANSFORMER_PIPELINES)}")
+    family, encoder_class = _TRANSFORMER_PIPELINES[pipeline]
+    folder = path / "transformer"
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if config.get("_class_name") not in TRANSFORMERS:
+        raise InvalidInputError(f"{folder}/config.json does not describe a {' or '.join(TRANSFORMERS)}; "
+                                "is the pipeline folder complete?")
+    if config.get("guidance_embeds") or config.get("use_additional_conditions"):
+        raise InvalidInputError(f"{folder}: guidance-distilled (Sana Sprint) and resolution-conditioned transformers "
+                                "are not supported yet")
+    _check_safetensors(folder)
+    cls = getattr(diffusers, config["_class_name"])
+    if device == "meta":
+        with torch.device("meta"):
+            transformer = cls.from_config(config)
+    else:
+        transformer = _from_pretrained(cls, folder)
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    vae_config = _read_json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else {}
+    blocks = vae_config.get("encoder_block_out_channels", vae_config.get("block_out_channels"))
+    model = LoadedModel(path.name, str(path), family, transformer.to(device).eval(),
+                        _read_json(scheduler_file) if scheduler_file.is_file() else {},
+                        vae_scale_factor=vae_scale_factor(blocks), text_len=_PIPELINE_TEXT_LEN,
+                        source_sha256=folder_digest(path))
+    if with_pipeline and device != "meta" and all((path / part).is_dir() for part in ("text_encoder", "tokenizer", "vae")):
+        import transformers
+        from transformers import AutoTokenizer
+
+        _check_safetensors(path / "text_encoder", "model.safetensors", "model.safetensors.index.json")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise InvalidInputError(f"cannot load the tokenizer from {path / 'tokenizer'}: {_first_line(error)}") from None
+        encoder = _from_pretrained(getattr(transformers, encoder_class), path / "text_encoder")
+        model.text_encoders.append(TextEncoder(encoder, tokenizer))
+        _check_safetensors(path / "vae")
+        vae_class = getattr(diffusers, vae_config.get("_class_name", "AutoencoderKL"))
+        model.vae = _from_pretrained(vae_class, path / "vae", torch_dtype=torch.float32)
     return model
 
 
