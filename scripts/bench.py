@@ -22,6 +22,7 @@ The suites:
 - ``pixart``: PixArt-Sigma's transformer with random weights at ``--size``, loop only (fixed T5 states):
   diffusers' ``PixArtSigmaPipeline`` eager, plain and with its PyramidAttentionBroadcast and FirstBlockCache
   hooks, the torch reference and the runtime (``--pixart-model``; ``engines/pixart-sigma-SIZE``).
+- ``sana``: the same on Sana 1.6B's linear transformer and ``SanaPipeline`` (``--sana-model``; ``engines/sana-SIZE``).
 
 Every configuration gets its own model copy (T-GATE and DeepCache patch module forwards for good).
 Round 0 is a warm-up; then ``--repeats`` rounds run every configuration once in turn, so drift on
@@ -484,18 +485,21 @@ def controlnet_configs(model_name: str, steps: int, cache_steps: list[int], size
     return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
 
 
-def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: int, engines: Path,
-                   threads: int) -> list[Config]:
-    """PixArt-Sigma's transformer (random weights), loop only, fixed T5 states (300 tokens, 20 of them read):
-    diffusers' ``PixArtSigmaPipeline`` eager, plain and with two of diffusers' cache hooks
-    (``PyramidAttentionBroadcast``: self-attention every other step for t in 100..800;
-    ``FirstBlockCache`` at threshold 0.2, which skips the other blocks while the first block's residual barely
-    changes), the torch reference CAIR and the runtime at n = T and the cache steps; the model's own DPM-Solver++."""
+def transformer_configs(model_name: str, steps: int, cache_steps: list[int], size: int, engines: Path,
+                        threads: int) -> list[Config]:
+    """A diffusion transformer (PixArt-Sigma's or Sana's, random weights), loop only, fixed text states (300
+    tokens, 20 of them read): the diffusers pipeline (``PixArtSigmaPipeline``, ``SanaPipeline``) eager, plain and
+    with two of diffusers' cache hooks (``PyramidAttentionBroadcast``: self-attention every other step for t in
+    100..800; ``FirstBlockCache`` at threshold 0.2, which skips the other blocks while the first block's residual
+    barely changes), the torch reference CAIR and the runtime at n = T and the cache steps; the model's own
+    scheduler (DPM-Solver++; Sana's on flow sigmas)."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, FirstBlockCacheConfig, PixArtSigmaPipeline, \
-        PyramidAttentionBroadcastConfig
+        PyramidAttentionBroadcastConfig, SanaPipeline
     from diffusers.hooks import apply_first_block_cache, apply_pyramid_attention_broadcast
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
     from cair_export.core.export import ExportConfig
     from cair_export.core.models import load_model
@@ -512,6 +516,12 @@ def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: in
         folder = error
     model = load_model(model_name)
     config = model.unet.config
+    sana = model.family == "sana"
+    label, pipeline_class = ("Sana", SanaPipeline) if sana else ("PixArt", PixArtSigmaPipeline)
+    if sana:  # diffusers has no FirstBlockCache metadata for Sana's block; it returns one tensor, as its
+        # BasicTransformerBlock does, and is registered here the same way
+        TransformerBlockRegistry.register(model_class=SanaTransformerBlock, metadata=TransformerBlockMetadata(
+            return_hidden_states_index=0, return_encoder_hidden_states_index=None))
     rng = np.random.default_rng(0)
     side = size // model.vae_scale_factor
     latents = torch.from_numpy(rng.standard_normal((1, config.in_channels, side, side), dtype=np.float32))
@@ -541,9 +551,9 @@ def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: in
                     current_timestep_callback=lambda: state["t"]))
             elif hook == "fbc":
                 apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=0.2))
-                _set_cache_context(transformer, CacheContext("guided"))  # PixArt's loop: one batched CFG call
-            pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                                       scheduler=scheduler())
+                _set_cache_context(transformer, CacheContext("guided"))  # the loop: one batched CFG call
+            pipe = pipeline_class(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                  scheduler=scheduler())
             pipe.set_progress_bar_config(disable=True)
 
             def run():
@@ -554,7 +564,7 @@ def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: in
                                   negative_prompt_attention_mask=negative_mask, latents=latents.clone(),
                                   num_inference_steps=steps, guidance_scale=4.5, height=size, width=size,
                                   use_resolution_binning=False, output_type="latent").images
-                print(f"  [pixart] {hook or 'plain'}: the last block's self-attention ran on {last['runs']} of {steps} "
+                print(f"  [{label}] {hook or 'plain'}: the last block's self-attention ran on {last['runs']} of {steps} "
                       "steps",
                       file=sys.stderr, flush=True)
                 return images
@@ -571,10 +581,10 @@ def pixart_configs(model_name: str, steps: int, cache_steps: list[int], size: in
                           latents=latents.numpy(), num_inference_steps=steps, guidance_scale=4.5,
                           attention_mask=mask.numpy(), negative_attention_mask=negative_mask.numpy())
 
-    rows = [("diffusers PixArt-Sigma pipeline, eager, plain", "torch", pipeline(), None, None),
-            ("diffusers PixArt + PyramidAttentionBroadcast (self-attention every 2nd step, t in 100..800)", "torch",
+    rows = [(f"diffusers {'Sana' if sana else 'PixArt-Sigma'} pipeline, eager, plain", "torch", pipeline(), None, None),
+            (f"diffusers {label} + PyramidAttentionBroadcast (self-attention every 2nd step, t in 100..800)", "torch",
              pipeline("pab"), None, None),
-            ("diffusers PixArt + FirstBlockCache (threshold 0.2)", "torch", pipeline("fbc"), None, None)]
+            (f"diffusers {label} + FirstBlockCache (threshold 0.2)", "torch", pipeline("fbc"), None, None)]
     rows += [(f"torch reference CAIR n={n}", "torch", reference(n), n, None) for n in cache_steps]
     rows += [(runtime_name(n), "runtime", runtime(n), n, None) for n in [steps, *cache_steps]]
     return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
@@ -678,7 +688,8 @@ def markdown_table(rows: list[dict[str, Any]], graph_macs: dict[str, float] | No
     for row in rows:
         if "median_s" not in row:
             why = next((f" ({note})" for key, note in HOOK_NOTES.items()
-                        if key in row["name"] and "PixArt" not in row["name"]), "")  # the notes are the UNet's
+                        if key in row["name"] and not ("PixArt" in row["name"] or "Sana" in row["name"])),
+                       "")  # the notes are the UNet's
             blanks = " - | - |" if end_to_end else ""
             lines.append(f"| {row['name']} | - | - | - | - |{blanks} does not run: `{row['error']}`{why} |")
             continue
@@ -1023,7 +1034,7 @@ def main() -> int:
     from cair_export.core.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("shapes", "sd21", "both", "controlnet", "pixart"), default="shapes")
+    parser.add_argument("--suite", choices=("shapes", "sd21", "both", "controlnet", "pixart", "sana"), default="shapes")
     parser.add_argument("--model", default="shapes", help="model of the shapes suite (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cache-steps", type=int_list, default=(5, 10), help="n values for CAIR and T-GATE (default 5,10)")
@@ -1048,7 +1059,10 @@ def main() -> int:
     parser.add_argument("--pixart-model", default="pixart-sigma", help="model of the pixart suite (default "
                                                                           "pixart-sigma; tiny-pixart-sigma to check "
                                                                           "the script quickly)")
-    parser.add_argument("--size", type=int, default=256, help="sd21, controlnet and pixart pixel size (default 256)")
+    parser.add_argument("--sana-model", default="sana", help="model of the sana suite (default sana; tiny-sana to "
+                                                            "check the script quickly)")
+    parser.add_argument("--size", type=int, default=256, help="sd21, controlnet, pixart and sana pixel size "
+                                                              "(default 256)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads, torch and onnxruntime (0: default)")
     parser.add_argument("--engines-dir", type=Path, default=ROOT / "engines")
     parser.add_argument("--json", type=Path)
@@ -1073,7 +1087,7 @@ def main() -> int:
     suites = [("shapes", args.repeats), ("sd21", args.sd21_repeats)] if args.suite == "both" else \
         [(args.suite, args.repeats if args.suite == "shapes" else args.sd21_repeats)]
     suite_models = {"shapes": args.model, "sd21": args.sd21_model, "controlnet": args.controlnet_model,
-                    "pixart": args.pixart_model}
+                    "pixart": args.pixart_model, "sana": args.sana_model}
     for suite, repeats in suites:
         if suite == "shapes":
             model = load_model(args.model, device="meta")
@@ -1089,9 +1103,10 @@ def main() -> int:
             model = dataclasses.replace(model, controlnets=(controlnet_architecture(spec, model.unet),))
             configs = controlnet_configs(args.controlnet_model, args.steps, cache_steps, size, args.engines_dir,
                                          args.threads)
-        elif suite == "pixart":
-            model, size = load_model(args.pixart_model, device="meta"), args.size
-            configs = pixart_configs(args.pixart_model, args.steps, cache_steps, size, args.engines_dir, args.threads)
+        elif suite in ("pixart", "sana"):
+            name = suite_models[suite]
+            model, size = load_model(name, device="meta"), args.size
+            configs = transformer_configs(name, args.steps, cache_steps, size, args.engines_dir, args.threads)
         else:
             model, size = load_model(args.sd21_model, device="meta"), args.size
             only = set(args.sd21_only.split(",")) if args.sd21_only else None

@@ -738,18 +738,21 @@ def test_a_plain_engine_refuses_image_prompts_and_a_huge_guidance_is_400(direct)
 # --- diffusion transformers: a PixArt-Sigma folder, through the same replica code -------------------------------
 
 
-def test_a_pixart_replica_serves_what_the_python_api_makes(exported):
-    """The replica's validator and batch code on a PixArt-Sigma export: its warm-up, what /v1/models says
-    (one 300-token T5 window: 299 prompt tokens), and PNGs equal to the Python API's images."""
+@pytest.mark.parametrize("preset, family, tokens", [("tiny-pixart-sigma", "pixart-sigma", 299),
+                                                    ("tiny-sana", "sana", 298)])
+def test_a_transformer_replica_serves_what_the_python_api_makes(exported, preset, family, tokens):
+    """The replica's validator and batch code on a PixArt-Sigma and a Sana export: its warm-up, what /v1/models
+    says (one 300-token window: 299 prompt tokens for T5's, 298 after Sana's instruction and start token), and
+    PNGs equal to the Python API's images."""
     from cair_runtime.serve.app import _Ticket
     from cair_runtime.serve.cli import _check_engine
 
-    service = _replica(exported("tiny-pixart-sigma", with_pipeline=True))
+    service = _replica(exported(preset, with_pipeline=True))
     try:
-        assert _check_engine(service.config) == "tiny-pixart-sigma"
+        assert _check_engine(service.config) == preset
         assert service._measure_speed() > 0
         described = service.validator.describe()
-        assert described["family"] == "pixart-sigma" and described["max_prompt_tokens"] == 299
+        assert described["family"] == family and described["max_prompt_tokens"] == tokens
         bodies = [{"prompt": PROMPTS[0], "n": 2, "steps": 4, "cache_step": 2, "seed": 3},
                   {"prompt": PROMPTS[1], "n": 1, "steps": 4, "cache_step": 2, "seed": 8}]
         requests = [_parse(service.validator, body) for body in bodies]
@@ -759,7 +762,8 @@ def test_a_pixart_replica_serves_what_the_python_api_makes(exported):
                                       cache_step=2, seed=body["seed"])
             assert len(pngs) == body["n"]
             for png, image in zip(pngs, direct.images):
-                with Image.open(io.BytesIO(png)) as decoded:
-                    np.testing.assert_array_equal(np.asarray(decoded), image)
+                with Image.open(io.BytesIO(png)) as decoded:  # batched with the other request: fp32 rounding
+                    # differs with the batch size, a level at most in a few pixels (Sana's DC-AE)
+                    assert np.abs(np.asarray(decoded).astype(int) - image).max() <= 1
     finally:
         service.pipeline.close()

@@ -82,7 +82,12 @@ class _Tokenizer:
 
     @property
     def window(self) -> int:
-        """Prompt tokens per window: ``max_length`` less the start and end tokens the tokenizer adds."""
+        """Prompt tokens per window: ``max_length`` less the start and end tokens the tokenizer adds (Sana's
+        prompts, after the instruction: ``max_length - 2``)."""
+        return self._plain_window - (self.instruction is not None)
+
+    @property
+    def _plain_window(self) -> int:
         return self.max_length - (self.bos is not None) - self.ends
 
     def _text(self, prompt: str) -> str:
@@ -110,20 +115,21 @@ class _Tokenizer:
 
     def encode(self, prompts: Sequence[str], chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """The ids, as ``__call__``, and their mask: 1 for the start, prompt and end tokens, 0 for padding."""
+        window = self._plain_window  # negative prompts too: Sana encodes them without its instruction
         ids = np.full((len(prompts), chunks, self.max_length), self.pad, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, prompt in enumerate(prompts):
             body, tokens = self._body(prompt)
-            keep = chunks * self.window
+            keep = chunks * window
             if len(body) > keep:
                 dropped = "".join(tokens[keep:]).replace("</w>", " ").strip()
-                warnings.warn(f"prompt longer than {chunks} window(s) of {self.window} tokens, truncated; "
+                warnings.warn(f"prompt longer than {chunks} window(s) of {window} tokens, truncated; "
                               f"dropped: {dropped!r}", PromptTruncatedWarning, stacklevel=3)
             for chunk in range(chunks):
-                part = body[chunk * self.window:(chunk + 1) * self.window]
-                window = [*([] if self.bos is None else [self.bos]), *part, *([self.eos] if self.ends else [])]
-                ids[row, chunk, :len(window)] = window
-                mask[row, chunk, :len(window)] = 1
+                part = body[chunk * window:(chunk + 1) * window]
+                wrapped = [*([] if self.bos is None else [self.bos]), *part, *([self.eos] if self.ends else [])]
+                ids[row, chunk, :len(wrapped)] = wrapped
+                mask[row, chunk, :len(wrapped)] = 1
         shape = (len(prompts) * chunks, self.max_length)
         return ids.reshape(shape), mask.reshape(shape)
 

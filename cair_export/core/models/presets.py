@@ -2,7 +2,7 @@
 
 ``tiny-*`` presets are seeded random-init UNets (and diffusion transformers) small enough to export
 in seconds, with the topology features of the release they are named after. ``sd15``/``sd21``/``sdxl``
-``pixart-sigma`` and ``sana`` are the published architectures (their ``config.json``, in ``arch/``) with random
+``pixart-sigma``, ``sana`` (1.6B) and ``sana-600m`` are the published architectures (their ``config.json``, in ``arch/``) with random
 weights, for cost and speed measurement.
 """
 
@@ -260,4 +260,8 @@ PRESETS: dict[str, Preset] = {
     "sana": Preset("sana", "sana", _arch("sana", "transformer"), SCHEDULER_SANA,
                    description="Sana 1.6B linear transformer architecture, random weights (1024 px, DC-AE 32x)",
                    denoiser="SanaTransformer2DModel", vae_scaling_factor=0.41407, text_len=300, vae_scale_factor=32),
+    "sana-600m": Preset("sana-600m", "sana", _arch("sana-600m", "transformer"), SCHEDULER_SANA,
+                        description="Sana 0.6B linear transformer architecture, random weights (1024 px, DC-AE 32x)",
+                        denoiser="SanaTransformer2DModel", vae_scaling_factor=0.41407, text_len=300,
+                        vae_scale_factor=32),
 }
