@@ -295,3 +295,22 @@ def test_pipeline_folders_load_offline_as_their_presets(exported, tmp_path, caps
     code = main(["export", str(folder), str(tmp_path / "other")])
     one_line_error(code, capsys.readouterr().err, "PixArtAlphaPipeline", "SanaPipeline")
     assert not (tmp_path / "other").exists()
+
+
+def test_runtime_flow_euler_is_the_pipeline_with_diffusers_flow_match_euler(exported, sana):
+    """``scheduler="flow-euler"`` on a Sana folder: the numpy FlowMatchEulerDiscreteScheduler from the model's
+    config (as diffusers' ``from_config``; its first timestep is 1000, sigma 1) equals the pipeline with
+    diffusers' own, at n = T."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cair_runtime.text2image import CairText2Image
+
+    model, _ = sana
+    pipe = model.diffusers_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    runtime = CairText2Image(exported("tiny-sana", with_pipeline=True))
+    latents = initial_latents()
+    expected = pipeline_latents(pipe, PROMPTS, latents)
+    ours = runtime(PROMPTS, cache_step=STEPS, scheduler="flow-euler", num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, latents=latents.numpy(), height=256, width=384)
+    assert relative(torch.from_numpy(ours.latents), expected) <= 1e-4

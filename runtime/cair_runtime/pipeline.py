@@ -233,7 +233,8 @@ class CairEngine:
             scheduler.set_timesteps(schedule.steps)
         except InvalidInputError as error:
             raise InvalidInputError(str(error), field="steps") from None
-        if np.max(scheduler.timesteps) >= train_steps:  # e.g. DDIM's "leading" spacing with steps_offset 1 at T = 1000
+        # e.g. DDIM's "leading" spacing with steps_offset 1 at T = 1000; flow matching's are sigma * 1000, up to 1000
+        if not scheduler.flow_matching and np.max(scheduler.timesteps) >= train_steps:
             raise InvalidInputError(f"{schedule.steps} steps put a timestep at {int(np.max(scheduler.timesteps))}, "
                                     f"beyond the model's {train_steps} training timesteps; use fewer steps",
                                     field="steps")
