@@ -314,3 +314,23 @@ def test_runtime_flow_euler_is_the_pipeline_with_diffusers_flow_match_euler(expo
     ours = runtime(PROMPTS, cache_step=STEPS, scheduler="flow-euler", num_inference_steps=STEPS,
                    guidance_scale=GUIDANCE, latents=latents.numpy(), height=256, width=384)
     assert relative(torch.from_numpy(ours.latents), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["pipeline"]["text_encoders"][0].update(instruction=42), "instruction (text before every prompt"),
+    (lambda m: m["model"]["unet_config"].update(patch_size="2"), "unet_config patch_size '2' must be an integer"),
+], ids=["instruction", "patch_size"])
+def test_hand_edited_sana_manifests_are_one_line(exported, tmp_path, capsys, one_line_error, edit, message):
+    import json
+    import shutil
+
+    from cair_runtime.cli import main as run
+
+    folder = tmp_path / "edited"
+    shutil.copytree(exported("tiny-sana", with_pipeline=True), folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code = run([str(folder), "a red circle", "-o", str(tmp_path / "out.png")])
+    one_line_error(code, capsys.readouterr().err, message, prog="cair-run")
+    assert not (tmp_path / "out.png").exists()

@@ -344,6 +344,10 @@ def _pipeline_problems(manifest: Manifest) -> list[str]:
             integer(f"{where}.{key}", encoder.get(key), 0)
         if encoder.get("attention_mask", False) not in (True, False):
             problems.append(f"pipeline {where}.attention_mask must be true or false")
+        if "instruction" in encoder and not (isinstance(encoder["instruction"], str)
+                                             and encoder.get("attention_mask") is True):
+            problems.append(f"pipeline {where}.instruction (text before every prompt, Sana's) must be a string, "
+                            "on an encoder that reads its attention mask")
         if encoder.get("prompt_output") not in PROMPT_OUTPUTS:
             problems.append(f"pipeline {where}.prompt_output {encoder.get('prompt_output')!r} is not one of "
                             f"{', '.join(PROMPT_OUTPUTS)}")
