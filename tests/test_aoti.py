@@ -37,17 +37,18 @@ PRESETS = ["tiny-sd21"] + (["tiny-sdxl"] if os.environ.get("CAIR_TEST_AOTI_SDXL"
 
 @pytest.fixture(scope="session")
 def aoti_folder(exported, tmp_path_factory):
-    """``aoti_folder(preset)``: a copy of the exported folder with AOTInductor packages built into it."""
+    """``aoti_folder(preset, with_pipeline=False)``: a copy of the exported folder with AOTInductor packages built
+    into it."""
     folders = {}
 
-    def get(preset):
-        if preset not in folders:
+    def get(preset, with_pipeline=False):
+        if (preset, with_pipeline) not in folders:
             folder = tmp_path_factory.mktemp("aoti") / preset
-            shutil.copytree(exported(preset), folder)
+            shutil.copytree(exported(preset, with_pipeline=with_pipeline), folder)
             with torch._inductor.config.patch(QUICK_CPU_COMPILE):
                 build_engines(folder, BuildConfig(backend="aoti"), progress=lambda m: None)
-            folders[preset] = folder
-        return folders[preset]
+            folders[preset, with_pipeline] = folder
+        return folders[preset, with_pipeline]
 
     return get
 
@@ -165,7 +166,7 @@ def test_fed_weights_compute_what_embedded_ones_do_bit_for_bit(aoti_folder, tmp_
     branch = deep_branch(model.unet, manifest.deep_branch["branch"])  # planning also emits the deep feature
     with CrossAttentionCache(model.unet.eval(), manifest.fidelity_guidance) as cache:
         graph = PrecisionGraph(CairGraph(model.unet, cache, io, branch), torch.float32)
-        program, _ = export_graph(graph, io, manifest, upsample_factor(manifest.model["unet_config"]), "cpu")
+        program, _ = export_graph(graph, io, manifest, upsample_factor(manifest), "cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "embedded.pt2"),
@@ -250,7 +251,7 @@ def test_low_precision_fidelity_takes_caches_in_the_compute_dtype():
     io = GraphIO("fidelity", spec.inputs, spec.outputs)
     with CrossAttentionCache(unet, manifest.fidelity_guidance) as cache:
         program, _ = export_graph(PrecisionGraph(CairGraph(unet, cache, io), torch.float16), io, manifest,
-                                  upsample_factor(unet.config), "cpu")
+                                  upsample_factor(manifest), "cpu")
     placeholders = [node.meta["val"] for node in program.graph.nodes if node.op == "placeholder"]
     dtypes = dict(zip([spec.name for spec in io.inputs], (value.dtype for value in placeholders[-len(io.inputs):])))
     assert {dtypes[cache.name] for cache in manifest.caches} == {torch.float16}
@@ -335,3 +336,25 @@ def test_aoti_runs_schedules_as_onnxruntime_does(aoti_folder):
     aoti.backend.kinds = frozenset({"planning", "fidelity"})  # packages built before the shallow graph existed
     with pytest.raises(InvalidInputError, match="rebuild"):
         aoti.denoise(**x, num_inference_steps=STEPS, cache_step=3, deep_interval=2)
+
+
+@pytest.mark.parametrize("preset, size", [("tiny-pixart-sigma", (64, 96)), ("tiny-sana", (256, 384))])
+def test_transformer_packages_run_as_onnxruntime_does(aoti_folder, preset, size):
+    """Diffusion transformers (PixArt-Sigma with its position-embedding input, Sana without) compiled to packages:
+    text to image from prompts on the aoti backend equals the onnxruntime backend on the same folder, at n = T
+    and below (the text mask and the caches handed over on the device)."""
+    from cair_runtime.text2image import CairText2Image
+
+    folder = aoti_folder(preset, with_pipeline=True)
+    assert load_manifest(folder).engines  # the packages are recorded
+    height, width = size
+    run = dict(num_inference_steps=6, seed=2, height=height, width=width, guidance_scale=4.5)
+    compiled, plain = CairText2Image(folder, backend="aoti"), CairText2Image(folder)
+    try:
+        for cache_step in (6, 2):
+            ours = compiled(["A red circle above a star"], cache_step=cache_step, **run)
+            theirs = plain(["A red circle above a star"], cache_step=cache_step, **run)
+            assert _relative(ours.latents, theirs.latents) <= 1e-4, cache_step
+    finally:
+        compiled.close()
+        plain.close()

@@ -181,15 +181,17 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
 
 
 def test_what_is_not_built_yet_is_refused_in_one_line(exported, tmp_path, capsys, one_line_error):
-    """ControlNets, IP-Adapters, LoRA and AOTInductor/TensorRT builds take UNets for now: one-line errors, no
-    folder."""
+    """ControlNets, IP-Adapters, LoRA and TensorRT builds take UNets for now: one-line errors, no folder."""
     from cair_export.cli import main
 
     code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--controlnet", "tiny"])
     one_line_error(code, capsys.readouterr().err, "diffusion transformer", "ControlNets")
     assert not (tmp_path / "out").exists()
-    code = main(["build", str(exported("tiny-pixart-sigma")), "--backend", "aoti"])
-    one_line_error(code, capsys.readouterr().err, "diffusion transformer")
+    from cair_runtime.cli import main as run
+
+    code = run([str(exported("tiny-pixart-sigma", with_pipeline=True)), "a red circle", "--backend", "tensorrt",
+                "-o", str(tmp_path / "x.png")])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer", "tensorrt")
 
 
 @pytest.mark.parametrize("cache_step", [STEPS, 2])
@@ -276,8 +278,6 @@ def test_cli_runs_a_pixart_folder_and_refuses_what_it_lacks(exported, tmp_path, 
     one_line_error(code, capsys.readouterr().err, "multiple of 16", "patch size 2")
     code = run([str(folder), "a red circle", "--image", str(out), "-o", str(tmp_path / "y.png")])
     one_line_error(code, capsys.readouterr().err, "image to image")
-    code = run([str(folder), "a red circle", "--backend", "aoti", "-o", str(tmp_path / "y.png")])
-    one_line_error(code, capsys.readouterr().err, "onnxruntime and openvino only")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 

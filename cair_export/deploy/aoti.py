@@ -42,7 +42,8 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 # Unoptimised wrapper, scalar kernels, no line tables: about half the C++ compile time on a CPU.
 QUICK_CPU_COMPILE = {"aot_inductor.compile_wrapper_opt_level": "O0", "cpp.vec_isa_ok": False,
                      "aot_inductor.enable_line_tables": False}
-_CONDITIONS = ("sample", "encoder_hidden_states", "text_embeds", "time_ids")  # float IO cast to the compute dtype
+# float IO cast to the compute dtype (a transformer's text mask and position embedding too)
+_CONDITIONS = ("sample", "encoder_hidden_states", "text_embeds", "time_ids", "encoder_attention_mask", "pos_embed")
 # The UNet's weights, once for both packages; each EngineRecord names it under "weights".
 WEIGHTS_FILE = "aoti_weights.safetensors"
 # No weights inside the .so: the packages take WEIGHTS_FILE's tensors when loaded ("Experimental" in torch 2.13).
@@ -68,9 +69,12 @@ class PrecisionGraph(torch.nn.Module):
         return (outputs[0].float(), *outputs[1:])  # noise_pred back to float32 for the host scheduler
 
 
-def upsample_factor(unet_config: dict[str, Any]) -> int:
-    """Latent sizes the compiled graphs take are multiples of this (``2 ** (levels - 1)``)."""
-    return 2 ** (len(unet_config["block_out_channels"]) - 1)
+def upsample_factor(manifest: Manifest) -> int:
+    """Latent sizes the compiled graphs take are multiples of this: a UNet's ``2 ** (levels - 1)``, a
+    transformer's patch size (sizes are whole patches anyway)."""
+    if manifest.transformer:
+        return manifest.patch_size
+    return 2 ** (len(manifest.model["unet_config"]["block_out_channels"]) - 1)
 
 
 def dynamic_shapes(io: GraphIO, manifest: Manifest, factor: int) -> tuple[list[dict[int, Any]], dict[str, int]]:
@@ -196,7 +200,7 @@ def compile_aoti_packages(model: LoadedModel, folder: Path, manifest: Manifest, 
         raise InvalidInputError(f"AOTInductor precision {dtype!r} is unknown; expected one of {', '.join(TORCH_DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
-    factor = upsample_factor(manifest.model["unet_config"])
+    factor = upsample_factor(manifest)
     unet = model.unet.eval().to(device=device, dtype=TORCH_DTYPES[dtype])
     staging = Path(tempfile.mkdtemp(prefix=".aoti-", dir=folder))
     try:

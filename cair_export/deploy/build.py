@@ -184,9 +184,9 @@ def build_engines(engine_dir: str | Path, config: BuildConfig, progress: Callabl
     if config.backend == "aoti" and (manifest.controlnets or manifest.ip_adapter):
         raise InvalidInputError(f"{folder} holds ControlNets or an IP-Adapter, which AOTInductor packages do not "
                                 "take yet: run it with onnxruntime, openvino or tensorrt")
-    if manifest.transformer:
-        raise InvalidInputError(f"{folder} holds a diffusion transformer, whose {config.backend} builds are not "
-                                "supported yet: run it with onnxruntime")
+    if manifest.transformer and config.backend == "tensorrt":
+        raise InvalidInputError(f"{folder} holds a diffusion transformer, whose TensorRT builds are not tested yet: "
+                                "build it for aoti, or run it with onnxruntime or openvino")
     build = build_tensorrt_engines if config.backend == "tensorrt" else build_aoti_packages
     staged: dict[str, Path] = {}
     try:

@@ -61,9 +61,9 @@ class Backend(Protocol):
 
 def make_backend(name: str, folder: str | Path, manifest: Manifest, **options: Any) -> Backend:
     """Build backend ``name`` for an engine folder; options are the backend's own keywords."""
-    if manifest.transformer and name in ("tensorrt", "aoti"):
-        raise InvalidInputError(f"{folder} holds a diffusion transformer, which runs on onnxruntime and openvino "
-                                f"only so far; drop --backend {name}", field="backend")
+    if manifest.transformer and name == "tensorrt":
+        raise InvalidInputError(f"{folder} holds a diffusion transformer, which runs on onnxruntime, openvino and "
+                                f"aoti only so far; drop --backend {name}", field="backend")
     if name == "onnxruntime":
         from cair_runtime.backends.onnxruntime import OnnxRuntimeBackend
 
