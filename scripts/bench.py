@@ -498,7 +498,7 @@ def transformer_configs(model_name: str, steps: int, cache_steps: list[int], siz
         PyramidAttentionBroadcastConfig, SanaPipeline
     from diffusers.hooks import apply_first_block_cache, apply_pyramid_attention_broadcast
     from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
     from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
     from cair_export.core.export import ExportConfig
@@ -558,6 +558,11 @@ def transformer_configs(model_name: str, steps: int, cache_steps: list[int], siz
 
             def run():
                 last["runs"] = 0
+                if hook:  # a fresh hook state per image: PixArt's pipeline resets it after each call (CacheMixin),
+                    # Sana's transformer has no CacheMixin, so its hooks would carry the last image's residuals
+                    HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
+                    if hook == "fbc":  # the reset drops the cache context too
+                        _set_cache_context(transformer, CacheContext("guided"))
                 with torch.no_grad():
                     images = pipe(negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
                                   negative_prompt_embeds=negative,
