@@ -71,6 +71,11 @@ def _counting(root: torch.nn.Module, skip: frozenset[int] = frozenset()) -> Iter
                                        for image in images)
         else:
             keys = context.shape[1] if context is not None else queries
+        if type(module.processor).__name__ == "SanaLinearAttnProcessor2_0":
+            # Sana's ReLU linear attention: V (padded with a row of ones) times K^T, then that times Q, per head:
+            # 2 * batch * tokens * (head_dim + 1) * head_dim * heads, linear in the tokens.
+            totals["attention"] += 2 * batch * queries * (module.inner_dim // module.heads + 1) * module.inner_dim
+            return
         # QK^T and AV: each batch * queries * keys * inner_dim multiply-adds.
         totals["attention"] += 2 * batch * queries * keys * module.inner_dim
 
