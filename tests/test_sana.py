@@ -334,3 +334,14 @@ def test_hand_edited_sana_manifests_are_one_line(exported, tmp_path, capsys, one
     code = run([str(folder), "a red circle", "-o", str(tmp_path / "out.png")])
     one_line_error(code, capsys.readouterr().err, message, prog="cair-run")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_schedules_a_transformer_cannot_run_are_refused_in_one_line(exported, tmp_path, capsys, one_line_error):
+    """Deep and planning intervals need shallow graphs, which transformers lack: said so, not "re-export"."""
+    from cair_runtime.cli import main as run
+
+    folder = str(exported("tiny-sana", with_pipeline=True))
+    for option in ("--deep-interval", "--planning-interval"):
+        code = run([folder, "a red circle", "-o", str(tmp_path / "x.png"), option, "2", "--cache-step", "2"])
+        one_line_error(code, capsys.readouterr().err, "diffusion transformers do not have", prog="cair-run")
+    assert not (tmp_path / "x.png").exists()

@@ -388,12 +388,12 @@ class CairText2Image:
 
     def _check_image(self, image: Any, height: int | None, width: int | None) -> tuple[np.ndarray, str]:
         """The init image read and checked against the engine (size, VAE factor), before any work."""
+        if self.engine.manifest.transformer:
+            raise InvalidInputError("image to image is for UNet folders; diffusers has no PixArt or Sana "
+                                    "image-to-image pipeline to follow", field="image")
         if self.vae_encoder is None:
             raise ManifestError(f"{self.engine.folder} has no VAE encoder (exported before image to image); "
                                 "re-export it with this cair-export for --image")
-        if self.engine.manifest.transformer:
-            raise InvalidInputError("image to image is for UNet folders; diffusers has no PixArt image-to-image "
-                                    "pipeline to follow", field="image")
         pixels, name = load_image(image)
         engine, factor = self.engine, self.engine.vae_scale_factor
         image_height, image_width = pixels.shape[:2]
