@@ -143,11 +143,11 @@ def cmd_macs(args: argparse.Namespace) -> int:
     check_cache_step(args.cache_step, args.steps)
     model = load_model(args.model, device="meta")
     deep = max(args.deep_interval, args.planning_interval) > 1
-    if model.is_transformer and (deep or args.controlnet or args.ip_adapter or args.prompt_chunks > 1):
+    if model.is_transformer and (args.controlnet or args.ip_adapter or args.prompt_chunks > 1):
         from cair_runtime.errors import InvalidInputError
 
-        raise InvalidInputError(f"{args.model} is a diffusion transformer: deep or planning intervals, ControlNets, "
-                                "IP-Adapters and prompt chunks are for UNets; drop those options")
+        raise InvalidInputError(f"{args.model} is a diffusion transformer: ControlNets, IP-Adapters and prompt "
+                                "chunks are for UNets; drop those options")
     if args.controlnet:
         import dataclasses
 

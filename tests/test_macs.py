@@ -285,7 +285,35 @@ def test_macs_cli_counts_pixart_sigma_and_refuses_unet_options(capsys, one_line_
     assert main(["macs", "pixart-sigma", "--height", "1024", "--width", "1024", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert 1.8 < table["conv_linear"]["speedup_bound"] < 1.9  # n = 5 of 25 at 1024 px
-    code = main(["macs", "pixart-sigma", "--deep-interval", "2", "--deep-branch", "0"])
+    code = main(["macs", "pixart-sigma", "--deep-interval", "2", "--deep-branch", "14"])
+    one_line_error(code, capsys.readouterr().err, "deep branch 14", "leaving none to replay", "0..12")
+    code = main(["macs", "pixart-sigma", "--controlnet", "tiny"])
     one_line_error(code, capsys.readouterr().err, "diffusion transformer")
     code = main(["macs", "pixart-sigma", "--height", "1000"])
     one_line_error(code, capsys.readouterr().err, "patch size 2", "992")
+
+
+def test_transformer_shallow_macs_match_flop_counter():
+    """Sana's shallow graph (branch 0: the outer blocks, the middle ones' residual added) counted as FlopCounterMode
+    sees the transformer with its middle blocks replaced, and the guided one reading the text."""
+    from cair_export.core.deep_feature import deep_branch, middle_blocks_replayed
+    from cair_export.core.reference import predict_noise
+
+    model = load_model("tiny-sana")
+    counted = count_graph_macs(model, 256, 384, deep_branch_id=0)
+    transformer = model.unet
+    for block in transformer.transformer_blocks:
+        block.attn2.set_processor(AttnProcessor())
+    branch = deep_branch(transformer, 0)
+    sample, t = torch.zeros(2, 8, 8, 12), torch.tensor([10.0])
+    residual = torch.zeros(2, 96, branch.channels)
+    with torch.no_grad(), FlopCounterMode(display=False) as guided, middle_blocks_replayed(transformer, branch, residual):
+        predict_noise(transformer, sample, t, torch.zeros(2, 300, 32), {"encoder_attention_mask": torch.ones(2, 300)})
+    assert counted["shallow_planning"].with_attention == guided.get_total_flops() // 2
+    replay = [torch.zeros(1, 96, site.channels) for site in cross_attention_sites(transformer)]
+    with torch.no_grad(), FlopCounterMode(display=False) as shallow, CrossAttentionCache(transformer) as cache, \
+            middle_blocks_replayed(transformer, branch, residual[:1]):
+        cache.mode, cache.values = "replay", replay
+        predict_noise(transformer, sample[:1], t, None, None)
+    assert counted["shallow"].with_attention == shallow.get_total_flops() // 2
+    assert counted["shallow"].conv_linear < counted["fidelity"].conv_linear * 0.6  # 2 of 4 blocks

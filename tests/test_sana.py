@@ -56,7 +56,7 @@ def test_tiny_preset_is_sanas_pipeline_in_small(sana):
     assert model.vae_scale_factor == pipe.vae_scale_factor == 32 and model.text_len == 300
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and pipe.scheduler.config.use_flow_sigmas
     sites = cross_attention_sites(model.unet)
-    assert [site.module for site in sites] == [f"transformer_blocks.{i}.attn2" for i in range(2)]
+    assert [site.module for site in sites] == [f"transformer_blocks.{i}.attn2" for i in range(4)]
     assert {(site.level, site.channels) for site in sites} == {(0, 32)}
 
 
@@ -145,8 +145,8 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
     manifest = load_manifest(folder)
     assert [spec.name for spec in manifest.graphs["planning"].inputs] == [
         "sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
-    assert [spec.name for spec in manifest.graphs["fidelity"].inputs] == ["sample", "timestep", "cache_000",
-                                                                           "cache_001"]
+    assert [spec.name for spec in manifest.graphs["fidelity"].inputs] == [
+        "sample", "timestep", *(f"cache_{i:03d}" for i in range(4))]
     assert manifest.transformer and manifest.patch_size == 1 and manifest.vae_scale_factor == 32
     transformer = load_model("tiny-sana").unet
     rng = np.random.default_rng(0)
@@ -155,8 +155,10 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
     mask = (np.arange(300)[None] < np.array([[3], [9], [5], [300]])).astype(np.float32)
     timestep = np.array([870.5], np.float32)  # flow matching: sigma * 1000, not an integer
     planning = make_session(folder / "planning.onnx")
-    noise, *caches = planning.run(None, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text,
-                                         "encoder_attention_mask": mask})
+    outputs = dict(zip([o.name for o in planning.get_outputs()],
+                       planning.run(None, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text,
+                                           "encoder_attention_mask": mask})))
+    noise, caches = outputs["noise_pred"], [outputs[f"cache_{i:03d}"] for i in range(4)]
     with torch.no_grad(), CrossAttentionCache(transformer, manifest.fidelity_guidance) as cache:
         cache.mode = "record"
         expected = predict_noise(transformer, torch.from_numpy(sample), torch.from_numpy(timestep),
@@ -167,8 +169,8 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
         cache.mode = "replay"
         fidelity_expected = predict_noise(transformer, torch.from_numpy(sample), torch.from_numpy(timestep), None, None)
     fidelity = make_session(folder / "fidelity.onnx")
-    (fidelity_noise,) = fidelity.run(None, {"sample": sample, "timestep": timestep,
-                                            **{f"cache_{i:03d}": value for i, value in enumerate(caches)}})
+    fidelity_noise = fidelity.run(["noise_pred"], {"sample": sample, "timestep": timestep,
+                                                   **{f"cache_{i:03d}": value for i, value in enumerate(caches)}})[0]
     assert relative(torch.from_numpy(fidelity_noise), fidelity_expected) <= 1e-4
 
     graph = onnx.load(str(folder / "fidelity.onnx"), load_external_data=False)
@@ -336,12 +338,117 @@ def test_hand_edited_sana_manifests_are_one_line(exported, tmp_path, capsys, one
     assert not (tmp_path / "out.png").exists()
 
 
-def test_schedules_a_transformer_cannot_run_are_refused_in_one_line(exported, tmp_path, capsys, one_line_error):
-    """Deep and planning intervals need shallow graphs, which transformers lack: said so, not "re-export"."""
+def test_deep_schedules_without_shallow_graphs_are_refused_in_one_line(exported, tmp_path, capsys, one_line_error):
+    """A transformer of two blocks has no middle range to replay: its folder has no shallow graphs (said at
+    export), and deep and planning intervals are refused in one line."""
     from cair_runtime.cli import main as run
+    from cair_runtime.manifest import load_manifest
 
-    folder = str(exported("tiny-sana", with_pipeline=True))
+    folder = exported("tiny-pixart-sigma", with_pipeline=True)
+    assert "shallow" not in load_manifest(folder).graphs
     for option in ("--deep-interval", "--planning-interval"):
-        code = run([folder, "a red circle", "-o", str(tmp_path / "x.png"), option, "2", "--cache-step", "2"])
-        one_line_error(code, capsys.readouterr().err, "diffusion transformers do not have", prog="cair-run")
+        code = run([str(folder), "a red circle", "-o", str(tmp_path / "x.png"), option, "2", "--cache-step", "2"])
+        one_line_error(code, capsys.readouterr().err, "shallow graph", prog="cair-run")
     assert not (tmp_path / "x.png").exists()
+
+
+# --- the deep-feature cut: the middle blocks' residual replayed between the outer blocks -----------------
+
+
+def delta_cache_by_hooks(model, scheduler, latents, embeds, negative, mask, negative_mask, cache_step, interval):
+    """T-GATE's attn2 caching and a Delta-DiT residual cache of blocks 1..N-2, written with forward hooks: every
+    interval-th step after n runs in full and keeps the middle blocks' residual; the steps between still run the
+    middle blocks but the last of them returns the input of the first plus the kept residual."""
+    modules = [module for name, module in model.named_modules() if name.endswith(".attn2")]
+    blocks = model.transformer_blocks
+    kept: dict[int, torch.Tensor] = {}
+    state = {"mode": "compute", "shallow": False, "entering": None, "residual": None}
+
+    def attn2(index):
+        def run(module, args, output):
+            if state["mode"] == "record":
+                kept[index] = (output[: len(output) // 2] + output[len(output) // 2:]) / 2
+            elif state["mode"] == "replay":
+                return kept[index]
+            return output
+        return run
+
+    def entering(module, args):
+        state["entering"] = args[0]
+
+    def leaving(module, args, output):
+        if state["shallow"]:
+            return state["entering"] + state["residual"]
+        state["residual"] = output - state["entering"]
+        return output
+
+    handles = [module.register_forward_hook(attn2(i)) for i, module in enumerate(modules)]
+    handles += [blocks[1].register_forward_pre_hook(entering), blocks[-2].register_forward_hook(leaving)]
+    try:
+        scheduler.set_timesteps(STEPS)
+        for i, t in enumerate(scheduler.timesteps):
+            guided = i < cache_step
+            state["mode"] = "record" if i + 1 == cache_step else ("compute" if guided else "replay")
+            state["shallow"] = not guided and (i - cache_step) % interval != 0
+            sample = torch.cat([latents] * 2) if guided else latents
+            text = torch.cat([negative, embeds]) if guided else negative
+            text_mask = torch.cat([negative_mask, mask]) if guided else negative_mask
+            noise = model(sample, encoder_hidden_states=text, encoder_attention_mask=text_mask,
+                          timestep=t.expand(len(sample)), return_dict=False)[0]
+            if guided:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + GUIDANCE * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return latents
+
+
+def test_reference_deep_interval_is_a_residual_cache_of_the_middle_blocks(sana):
+    """Branch 0 keeps one block at each end; with k = 2 every other step after n adds the kept residual of
+    blocks 1..N-2 instead of running them (the oracle runs them and overrides their result)."""
+    model, pipe = sana
+    latents = initial_latents()
+    with torch.no_grad():
+        embeds, negative, added, negative_added = encode_prompts(pipe, PROMPTS, None, latents)
+        run = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, added_cond=added,
+                   negative_added_cond=negative_added, cache_step=2)
+        ours = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, deep_interval=2, deep_branch_id=0,
+                            **run)
+        theirs = delta_cache_by_hooks(model.unet, pipe.scheduler, latents, embeds, negative,
+                                      added["encoder_attention_mask"], negative_added["encoder_attention_mask"], 2, 2)
+        plain = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, **run)
+    assert relative(ours, theirs) <= 1e-5
+    assert relative(ours, plain) > 1e-4  # the shallow steps change the result: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("schedule", [dict(cache_step=2, deep_interval=2),
+                                      dict(cache_step=4, guidance_stop=5, deep_interval=3, planning_interval=2)],
+                         ids=["k=2", "m>n,k_p=2"])
+def test_engine_runs_the_deep_schedules_as_the_reference(exported, sana, schedule):
+    """The shallow graphs (the residual an input, fidelity and planning emitting it; the guided shallow graph
+    reading the text and its mask) on the engine equal the reference loop, guidance stop and planning interval
+    included."""
+    from cair_runtime.manifest import load_manifest
+    from cair_runtime.pipeline import CairEngine
+
+    model, pipe = sana
+    folder = exported("tiny-sana")
+    manifest = load_manifest(folder)
+    assert manifest.deep_branch == {"name": "deep_feature", "kind": "blocks", "branch": 0, "start": 1, "stop": 3,
+                                    "channels": 32, "level": 0}
+    assert [spec.name for spec in manifest.graphs["shallow"].inputs] == [
+        "sample", "timestep", "deep_feature", "cache_000", "cache_003"]  # the outer blocks' caches only
+    engine = CairEngine(folder)
+    latents = initial_latents()
+    with torch.no_grad():
+        embeds, negative, added, negative_added = encode_prompts(pipe, PROMPTS, None, latents)
+        expected = cair_denoise(model.unet, pipe.scheduler, latents, embeds, negative, num_inference_steps=STEPS,
+                                guidance_scale=GUIDANCE, added_cond=added, negative_added_cond=negative_added,
+                                fidelity_guidance=manifest.fidelity_guidance, deep_branch_id=0, **schedule)
+    result = engine.denoise(embeds.numpy(), negative.numpy(), latents=latents.numpy(), num_inference_steps=STEPS,
+                            guidance_scale=GUIDANCE, attention_mask=added["encoder_attention_mask"].numpy(),
+                            negative_attention_mask=negative_added["encoder_attention_mask"].numpy(), **schedule)
+    assert relative(torch.from_numpy(result.latents), expected) <= 1e-4
+    assert result.timings.shallow_steps > 0

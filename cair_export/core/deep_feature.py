@@ -49,11 +49,48 @@ class DeepBranch:
                 "up_block": self.up_block, "up_layer": self.up_layer, "channels": self.channels, "level": self.level}
 
 
-def deep_branch(unet: torch.nn.Module, branch: int) -> DeepBranch:
-    """DeepCache's branch id -> the cut in this UNet; a branch the UNet lacks is refused."""
+@dataclass(frozen=True)
+class BlockRange:
+    """A diffusion transformer's cut: the middle blocks ``start..stop-1`` whose residual a full evaluation keeps.
+
+    The analogue of DeepCache's branch for a plain stack of blocks (Delta-DiT's residual cache): replaying the
+    middle range's *output* would drop the fresh features of the blocks before it, so the deep feature is its
+    residual (output minus input), (B, tokens, width). Branch ``b`` keeps the ``b + 1`` outermost blocks at each
+    end, as DeepCache's branch 0 keeps the UNet's outermost layer.
+    """
+
+    branch: int
+    start: int  # first replayed block
+    stop: int  # one past the last replayed block
+    channels: int  # the transformer's width
+    level: int  # log2(patch size): tokens = latent pixels / patch_size**2
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"name": DEEP_FEATURE, "kind": "blocks", "branch": self.branch, "start": self.start, "stop": self.stop,
+                "channels": self.channels, "level": self.level}
+
+
+def block_range(model: torch.nn.Module, branch: int) -> BlockRange:
+    """A transformer's cut for branch ``b``: blocks ``b + 1 .. N - b - 2`` replayed; at least one of them."""
+    blocks = len(model.transformer_blocks)
+    start, stop = branch + 1, blocks - branch - 1
+    if stop <= start:
+        raise InvalidInputError(f"deep branch {branch} keeps {branch + 1} blocks at each end of this transformer's "
+                                f"{blocks}, leaving none to replay; use a branch in 0..{(blocks - 3) // 2}"
+                                if blocks >= 3 else f"this transformer has {blocks} blocks: too few to replay a middle "
+                                "range (export with --deep-branch none)", field="deep_branch")
+    width = model.transformer_blocks[0].norm1.normalized_shape[0]
+    return BlockRange(branch, start, stop, width, int(model.config.patch_size).bit_length() - 1)
+
+
+def deep_branch(unet: torch.nn.Module, branch: int) -> DeepBranch | BlockRange:
+    """DeepCache's branch id -> the cut in this UNet (or a transformer's block range); a branch the model lacks
+    is refused."""
     if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
         raise InvalidInputError(f"deep branch {branch!r} must be a non-negative integer (DeepCache's cache_branch_id)",
                                 field="deep_branch")
+    if hasattr(unet, "transformer_blocks"):
+        return block_range(unet, branch)
     block, layer = branch // 3, branch % 3
     blocks = len(unet.down_blocks)
     if block >= blocks:
@@ -76,21 +113,53 @@ def deep_branch(unet: torch.nn.Module, branch: int) -> DeepBranch:
 
 
 @contextlib.contextmanager
-def recorded_deep_feature(unet: torch.nn.Module, branch: DeepBranch) -> Iterator[list[torch.Tensor]]:
-    """Within the block, each UNet evaluation appends its deep feature to the yielded list."""
+def recorded_deep_feature(unet: torch.nn.Module, branch: DeepBranch | BlockRange) -> Iterator[list[torch.Tensor]]:
+    """Within the block, each UNet evaluation appends its deep feature to the yielded list (a transformer's: the
+    residual of its middle blocks)."""
     recorded: list[torch.Tensor] = []
+    if isinstance(branch, BlockRange):
+        entering: list[torch.Tensor] = []
+        blocks = unet.transformer_blocks
+        handles = [blocks[branch.start].register_forward_pre_hook(lambda module, args: entering.append(args[0])),
+                   blocks[branch.stop - 1].register_forward_hook(
+                       lambda module, args, output: recorded.append(output - entering.pop()))]
+    else:
+        def hook(module, args, output):
+            recorded.append(output[0] if isinstance(output, tuple) else output)
 
-    def hook(module, args, output):
-        recorded.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = branch.source(unet).register_forward_hook(hook)
+        handles = [branch.source(unet).register_forward_hook(hook)]
     try:
         yield recorded
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-def shallow_unet(unet: torch.nn.Module, branch: DeepBranch, sample: torch.Tensor, timestep: torch.Tensor,
+class _AddResidual(torch.nn.Module):
+    """Stands in for a transformer's middle blocks: the block call's hidden state plus the kept residual."""
+
+    def __init__(self, residual: torch.Tensor):
+        super().__init__()
+        self.residual = residual
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states + self.residual
+
+
+@contextlib.contextmanager
+def middle_blocks_replayed(model: torch.nn.Module, branch: BlockRange, residual: torch.Tensor) -> Iterator[None]:
+    """The transformer with its blocks ``start..stop-1`` replaced by adding ``residual``: its own forward (embeddings,
+    the outer blocks, the output head) runs the shallow evaluation."""
+    blocks = model.transformer_blocks
+    model.transformer_blocks = torch.nn.ModuleList([*blocks[:branch.start], _AddResidual(residual),
+                                                    *blocks[branch.stop:]])
+    try:
+        yield
+    finally:
+        model.transformer_blocks = blocks
+
+
+def shallow_unet(unet: torch.nn.Module, branch: DeepBranch | BlockRange, sample: torch.Tensor, timestep: torch.Tensor,
                  deep_feature: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                  added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One shallow evaluation: ``noise_pred`` from the blocks outside the branch and the kept ``deep_feature``.
@@ -98,8 +167,15 @@ def shallow_unet(unet: torch.nn.Module, branch: DeepBranch, sample: torch.Tensor
     The preamble and the block calls follow diffusers' ``UNet2DConditionModel.forward`` (no
     ControlNet, adapters, masks or FreeU); the partial blocks run their layers as the blocks' own
     forwards do. Cross-attention goes through the installed processors, so CAIR's replayed caches
-    apply (``encoder_hidden_states`` is then None).
+    apply (``encoder_hidden_states`` is then None). A transformer's (``BlockRange``): its own forward with the
+    middle blocks replaced by the kept residual; ``added_cond_kwargs`` are then ``predict_noise``'s conditions
+    (the text mask).
     """
+    if isinstance(branch, BlockRange):
+        from cair_export.core.reference import predict_noise  # the transformer's call convention, text mask included
+
+        with middle_blocks_replayed(unet, branch, deep_feature):
+            return predict_noise(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
     forward_upsample_size = any(dim % 2 ** unet.num_upsamplers != 0 for dim in sample.shape[-2:])
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0

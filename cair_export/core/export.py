@@ -428,8 +428,8 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
     files: list[str] = []
     report = ValidationReport() if config.validate else None
     expected = None
-    if model.is_transformer and config.deep_branch is not None:
-        progress("no shallow graphs: deep-feature caching cuts a UNet's skip branch; a transformer has none")
+    if model.is_transformer and config.deep_branch is not None and len(unet.transformer_blocks) < 3:
+        progress("no shallow graphs: this transformer has too few blocks to replay a middle range")
         config = dataclasses.replace(config, deep_branch=None)
     branch = None if config.deep_branch is None else deep_branch(unet, config.deep_branch)
     if (model.controlnets or model.ip_adapter is not None) and branch is not None:
@@ -452,7 +452,7 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         from cair_export.core.lora import weight_digests
 
         unet_digests = weight_digests(unet)  # the run-time LoRA map needs the weights; taken before release
-        if branch is not None:
+        if branch is not None and not model.is_transformer:  # the run-time LoRA map: UNets only
             from cair_export.core.deep_feature import shallow_module_paths
 
             shallow_paths = shallow_module_paths(unet, branch)

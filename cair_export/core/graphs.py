@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from cair_export.core.deep_feature import DEEP_FEATURE, DeepBranch, recorded_deep_feature, shallow_unet
+from cair_export.core.deep_feature import DEEP_FEATURE, BlockRange, DeepBranch, recorded_deep_feature, shallow_unet
 from cair_export.core.ip_adapter import adapter_scale, image_projection_removed
 from cair_export.core.models import LoadedModel
 from cair_export.core.models.families import reads_positions
@@ -50,10 +50,12 @@ def cache_specs(sites: list[CrossAttentionSite]) -> tuple[CacheSpec, ...]:
                  for site in sites)
 
 
-def shallow_caches(caches: tuple[CacheSpec, ...], branch: DeepBranch) -> tuple[CacheSpec, ...]:
+def shallow_caches(caches: tuple[CacheSpec, ...], branch: DeepBranch | BlockRange) -> tuple[CacheSpec, ...]:
     """The caches of the cross-attention modules the shallow graph computes (outside the branch)."""
     def kept(module: str) -> bool:
         parts = module.split(".")  # e.g. up_blocks.2.attentions.1.transformer_blocks.0.attn2
+        if isinstance(branch, BlockRange):  # transformer_blocks.7.attn2
+            return not branch.start <= int(parts[1]) < branch.stop
         if parts[0] == "mid_block":
             return False
         block, layer = int(parts[1]), int(parts[3])
@@ -85,7 +87,7 @@ def graph_dims(model: LoadedModel, height: int, width: int, max_batch: int,
 
 
 def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guidance: str,
-                branch: DeepBranch | None = None) -> dict[str, GraphIO]:
+                branch: DeepBranch | BlockRange | None = None) -> dict[str, GraphIO]:
     """Ordered inputs and outputs of the planning and fidelity graphs, and of the shallow one with a ``branch``.
 
     With fidelity CFG the fidelity and shallow graphs run at batch 2B until the guidance stop and at
@@ -134,6 +136,9 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     def deep_feature(batch: str) -> tuple[TensorSpec, ...]:
         if branch is None:
             return ()
+        if isinstance(branch, BlockRange):  # (B, tokens, width): the middle blocks' residual
+            tokens = f"{_side('latent_height', branch.level)}*{_side('latent_width', branch.level)}"
+            return (TensorSpec(DEEP_FEATURE, "float32", (batch, tokens, branch.channels)),)
         # (B, C_b, h_b, w_b): the hidden state entering the branch's up layer
         return (TensorSpec(DEEP_FEATURE, "float32", (batch, branch.channels, _side("latent_height", branch.level),
                                                      _side("latent_width", branch.level))),)
@@ -178,18 +183,18 @@ def graph_specs(model: LoadedModel, caches: tuple[CacheSpec, ...], fidelity_guid
     kept = {cache.name for cache in shallow_caches(caches, branch)}
     shallow = GraphIO(
         "shallow",
-        inputs=(latent("sample", fidelity_batch, config.in_channels), timestep, *deep,
+        inputs=(latent("sample", fidelity_batch, config.in_channels), timestep, *position(), *deep,
                 *(spec for spec in cache_tensors(fidelity_batch) if spec.name in kept), *added(fidelity_batch)),
-        outputs=(latent("noise_pred", fidelity_batch, config.out_channels),),
+        outputs=(latent("noise_pred", fidelity_batch, out_channels),),
     )
     # DeepCache's own shallow step, before n: guided, the text read by the modules outside the
     # branch, whose caches it writes (the others keep the last full planning step's).
     shallow_planning = GraphIO(
         "shallow_planning",
         # The text only where a module outside the branch reads it (else the exporter drops the input).
-        inputs=(latent("sample", "2*batch", config.in_channels), timestep, *((text,) if kept else ()),
-                *deep_feature("2*batch"), *added("2*batch")),
-        outputs=(latent("noise_pred", "2*batch", config.out_channels),
+        inputs=(latent("sample", "2*batch", config.in_channels), timestep, *position(),
+                *((text, *text_mask) if kept else ()), *deep_feature("2*batch"), *added("2*batch")),
+        outputs=(latent("noise_pred", "2*batch", out_channels),
                  *(spec for spec in cache_tensors(fidelity_batch) if spec.name in kept)),
     )
     return {"planning": planning, "fidelity": fidelity, "shallow": shallow, "shallow_planning": shallow_planning}
@@ -252,7 +257,7 @@ class CairGraph(torch.nn.Module):
     """The UNet as one CAIR graph, with positional inputs in ``io`` order (for tracing)."""
 
     def __init__(self, unet: torch.nn.Module, cache: CrossAttentionCache, io: GraphIO,
-                 branch: DeepBranch | None = None, controlnets: tuple[torch.nn.Module, ...] = ()):
+                 branch: DeepBranch | BlockRange | None = None, controlnets: tuple[torch.nn.Module, ...] = ()):
         super().__init__()
         self.unet, self.cache, self.io, self.branch = unet, cache, io, branch
         # Fused with the UNet, as NVIDIA's TensorRT demo does: one graph a step, the nets' attn2 cached
@@ -311,14 +316,14 @@ class CairGraph(torch.nn.Module):
                                                named["encoder_hidden_states"], conditions, **residuals)
                 return (noise_pred, *self.cache.values)
             with recorded_deep_feature(self.unet, self.branch) as recorded:
-                noise_pred = self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
-                                       added_cond_kwargs=added, return_dict=False)[0]
+                noise_pred = predict_noise(self.unet, named["sample"], named["timestep"],
+                                           named["encoder_hidden_states"], {**(added or {}), **text_mask(named)} or None)
             return (noise_pred, *self.cache.values, recorded[-1])
         if self.io.kind == "shallow_planning":
             self.cache.mode = "record"
             outputs = {spec.name for spec in self.io.outputs}
             noise_pred = shallow_unet(self.unet, self.branch, named["sample"], named["timestep"], named[DEEP_FEATURE],
-                                      named.get("encoder_hidden_states"), added)
+                                      named.get("encoder_hidden_states"), {**(added or {}), **text_mask(named)} or None)
             return (noise_pred, *(value for site, value in zip(self.cache.sites, self.cache.values)
                                   if site.name in outputs))
         self.cache.mode = "replay"
@@ -333,7 +338,7 @@ class CairGraph(torch.nn.Module):
             with self._image_prompt(named):  # without the image projection: no image embedding to read
                 return (predict_noise(self.unet, named["sample"], named["timestep"], None, added, **residuals),)
         with recorded_deep_feature(self.unet, self.branch) as recorded:
-            noise_pred = self.unet(named["sample"], named["timestep"], None, added_cond_kwargs=added, return_dict=False)[0]
+            noise_pred = predict_noise(self.unet, named["sample"], named["timestep"], None, added)
         return noise_pred, recorded[-1]
 
 

@@ -32,6 +32,8 @@ GRAPH_KINDS = ("planning", "fidelity")  # required; text_encoder(_2) and the VAE
 # (guided, text in; planning then also emits the deep feature); older deep folders have only the first
 OPTIONAL_UNET_GRAPH_KINDS = ("shallow", "shallow_planning")
 DEEP_BRANCH_KEYS = ("name", "branch", "block", "layer", "up_block", "up_layer", "channels", "level")
+# A diffusion transformer's cut: its middle blocks start..stop-1, whose residual is the deep feature.
+BLOCK_RANGE_KEYS = ("name", "kind", "branch", "start", "stop", "channels", "level")
 # vae_encoder (image to image) since 2026-11-30: older pipeline folders lack it and still load
 PIPELINE_GRAPH_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder", "image_encoder")
 FIDELITY_GUIDANCE = ("none", "cfg")
@@ -491,8 +493,9 @@ def _deep_branch_problems(manifest: Manifest) -> list[str]:
         return []
     if section is None or not has_shallow:
         return ["a shallow graph and a deep_branch section come together; the folder has only one of them"]
-    if not isinstance(section, dict) or any(key not in section for key in DEEP_BRANCH_KEYS):
-        return [f"the deep_branch section must be an object with {', '.join(DEEP_BRANCH_KEYS)}"]
+    keys = BLOCK_RANGE_KEYS if isinstance(section, dict) and section.get("kind") == "blocks" else DEEP_BRANCH_KEYS
+    if not isinstance(section, dict) or any(key not in section for key in keys):
+        return [f"the deep_branch section must be an object with {', '.join(keys)}"]
     name = section["name"]
     fidelity_outputs = [spec.name for spec in manifest.graphs["fidelity"].outputs] if "fidelity" in manifest.graphs else []
     if name not in fidelity_outputs or name not in [spec.name for spec in manifest.graphs["shallow"].inputs]:

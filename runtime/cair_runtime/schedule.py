@@ -245,10 +245,6 @@ class Schedule:
             raise InvalidInputError(f"guidance stop {m} > cache step {n} needs per-half caches; this engine merges "
                                     "them at n: re-export with the default --fidelity-guidance cfg",
                                     field="guidance_stop")
-        if manifest.transformer and (k > 1 or self.planning_interval > 1):
-            raise InvalidInputError("deep and planning intervals need shallow graphs, which diffusion transformers do "
-                                    "not have (no deep-feature cut for them yet); use --deep-interval 1 "
-                                    "--planning-interval 1", field="deep_interval" if k > 1 else "planning_interval")
         if k > 1 and "shallow" not in manifest.graphs:
             raise InvalidInputError(f"deep interval {k} needs the shallow graph, which this folder lacks; re-export "
                                     "with the default --deep-branch 0 (or use --deep-interval 1)",

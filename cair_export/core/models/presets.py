@@ -184,7 +184,7 @@ _TINY_SANA = {
     "in_channels": 8,
     "out_channels": 8,
     "patch_size": 1,
-    "num_layers": 2,
+    "num_layers": 4,  # a middle range to replay between the outer blocks (the deep-feature cut)
     "num_attention_heads": 2,
     "attention_head_dim": 16,
     "num_cross_attention_heads": 2,
