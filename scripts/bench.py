@@ -22,7 +22,9 @@ The suites:
 - ``pixart``: PixArt-Sigma's transformer with random weights at ``--size``, loop only (fixed T5 states):
   diffusers' ``PixArtSigmaPipeline`` eager, plain and with its PyramidAttentionBroadcast and FirstBlockCache
   hooks, the torch reference and the runtime (``--pixart-model``; ``engines/pixart-sigma-SIZE``).
-- ``sana``: the same on Sana 1.6B's linear transformer and ``SanaPipeline`` (``--sana-model``; ``engines/sana-SIZE``).
+- ``sana``: the same on Sana's linear transformer and ``SanaPipeline`` (``--sana-model``; ``engines/sana-SIZE``).
+  Both transformer suites add runtime rows at ``--deep-cache-step`` with each ``--deep-intervals`` k (the
+  block-range cut: the middle blocks' residual replayed between the outer blocks).
 
 Every configuration gets its own model copy (T-GATE and DeepCache patch module forwards for good).
 Round 0 is a warm-up; then ``--repeats`` rounds run every configuration once in turn, so drift on
@@ -396,11 +398,12 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
 
 
 def engine_rows(folder: Path | Exception, threads: int, **denoise: Any) -> Callable[[int], Callable[[], Any]]:
-    """``runtime(n)``: a row's setup that denoises with ``denoise`` at cache step n on one ``CairEngine`` of
+    """``runtime(n, k=1)``: a row's setup that denoises with ``denoise`` at cache step n (deep interval k) on one
+    ``CairEngine`` of
     ``folder``, opened by the first row; an export that failed (``folder`` its error) fails every row."""
     engine = None
 
-    def runtime(n: int):
+    def runtime(n: int, k: int = 1):
         def make():
             nonlocal engine
             from cair_runtime.pipeline import CairEngine
@@ -408,7 +411,7 @@ def engine_rows(folder: Path | Exception, threads: int, **denoise: Any) -> Calla
             if isinstance(folder, Exception):
                 raise folder
             engine = engine or CairEngine(folder, threads=threads)
-            return lambda: engine.denoise(**denoise, cache_step=n)
+            return lambda: engine.denoise(**denoise, cache_step=n, deep_interval=k)
         return make
 
     return runtime
@@ -486,13 +489,14 @@ def controlnet_configs(model_name: str, steps: int, cache_steps: list[int], size
 
 
 def transformer_configs(model_name: str, steps: int, cache_steps: list[int], size: int, engines: Path,
-                        threads: int) -> list[Config]:
+                        threads: int, deep_intervals: list[int] = (), deep_cache_step: int = 5) -> list[Config]:
     """A diffusion transformer (PixArt-Sigma's or Sana's, random weights), loop only, fixed text states (300
     tokens, 20 of them read): the diffusers pipeline (``PixArtSigmaPipeline``, ``SanaPipeline``) eager, plain and
     with two of diffusers' cache hooks (``PyramidAttentionBroadcast``: self-attention every other step for t in
     100..800; ``FirstBlockCache`` at threshold 0.2, which skips the other blocks while the first block's residual
-    barely changes), the torch reference CAIR and the runtime at n = T and the cache steps; the model's own
-    scheduler (DPM-Solver++; Sana's on flow sigmas)."""
+    barely changes), the torch reference CAIR and the runtime at n = T and the cache steps, and at
+    ``deep_cache_step`` with each deep interval k (the block-range cut, branch 0: the outer blocks computed, the
+    middle blocks' residual replayed); the model's own scheduler (DPM-Solver++; Sana's on flow sigmas)."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, FirstBlockCacheConfig, PixArtSigmaPipeline, \
         PyramidAttentionBroadcastConfig, SanaPipeline
@@ -592,6 +596,8 @@ def transformer_configs(model_name: str, steps: int, cache_steps: list[int], siz
             (f"diffusers {label} + FirstBlockCache (threshold 0.2)", "torch", pipeline("fbc"), None, None)]
     rows += [(f"torch reference CAIR n={n}", "torch", reference(n), n, None) for n in cache_steps]
     rows += [(runtime_name(n), "runtime", runtime(n), n, None) for n in [steps, *cache_steps]]
+    rows += [(runtime_name(deep_cache_step, k), "runtime", runtime(deep_cache_step, k), deep_cache_step,
+              ("cair", deep_cache_step, k)) for k in deep_intervals]
     return [_safely(name, group, make, n, bound) for name, group, make, n, bound in rows]
 
 
@@ -1049,8 +1055,9 @@ def main() -> int:
     parser.add_argument("--sd21-model", default="sd21", help="model of the sd21 suite (default sd21; tiny-sd21 to "
                                                              "check the script quickly)")
     parser.add_argument("--deep-intervals", type=int_list, default=(2, 3, 4),
-                        help="sd21: deep intervals k of DeepCache and of the runtime's deep rows (default 2,3,4)")
-    parser.add_argument("--deep-cache-step", type=int, default=5, help="sd21: n of the runtime's deep rows (default 5)")
+                        help="deep intervals k of DeepCache (sd21) and of the runtime's deep rows (sd21, pixart, "
+                             "sana; default 2,3,4)")
+    parser.add_argument("--deep-cache-step", type=int, default=5, help="n of the runtime's deep rows (sd21, pixart, sana; default 5)")
     parser.add_argument("--deep-branch", type=int, default=0, help="sd21: DeepCache's cache_branch_id, for DeepCache "
                                                                    "and the runtime's shallow graph (default 0)")
     parser.add_argument("--schedules", type=schedules_arg, default=(), metavar="N:M:K[:MODE[:KP]],...",
@@ -1111,7 +1118,8 @@ def main() -> int:
         elif suite in ("pixart", "sana"):
             name = suite_models[suite]
             model, size = load_model(name, device="meta"), args.size
-            configs = transformer_configs(name, args.steps, cache_steps, size, args.engines_dir, args.threads)
+            configs = transformer_configs(name, args.steps, cache_steps, size, args.engines_dir, args.threads,
+                                          list(args.deep_intervals), args.deep_cache_step)
         else:
             model, size = load_model(args.sd21_model, device="meta"), args.size
             only = set(args.sd21_only.split(",")) if args.sd21_only else None
