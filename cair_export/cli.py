@@ -315,7 +315,8 @@ def _add_export(sub, presets: str) -> None:
                              "'none': merged caches, m = n only (a fidelity graph for batch B, same weights)")
     export.add_argument("--deep-branch", type=branch_arg, default=0, metavar="B|none",
                         help="DeepCache's branch B the shallow graphs cut at (3 * block + layer; default 0, "
-                             "DeepCache's own default, recomputes the least); 'none' leaves them out (no deep or "
+                             "DeepCache's own default, recomputes the least; a transformer's: B + 1 blocks kept at "
+                             "each end, the middle ones' residual replayed); 'none' leaves them out (no deep or "
                              "planning interval above 1)")
     export.add_argument("--cache-step-hint", type=positive_int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
@@ -424,7 +425,8 @@ def _add_macs(sub, presets: str) -> None:
                       help="before n, a full planning step every K_P-th and guided shallow steps between (default 1; "
                            "n = T with K_P = k is DeepCache)")
     macs.add_argument("--deep-branch", type=int_arg, default=0, metavar="B",
-                      help="DeepCache's branch the shallow steps cut at (default 0)")
+                      help="DeepCache's branch the shallow steps cut at (default 0; a transformer's: B + 1 blocks "
+                           "kept at each end)")
     macs.add_argument("--skip-mode", choices=("uniform", "non-uniform"), default="uniform")
     macs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     macs.set_defaults(func=cmd_macs)
