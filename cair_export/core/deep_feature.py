@@ -9,6 +9,9 @@ block's last ``layer + 1`` layers (and its upsampler), every later up block, con
 replayed tensor the recomputed part reads is the hidden state entering the mirrored up block's
 first recomputed layer: the *deep feature*. Here it is an explicit input, so the shallow step is a
 static graph.
+
+Diffusion transformers have no skip branch; their cut (``BlockRange``) replays the residual of a middle
+range of blocks between freshly computed outer ones, and the same graphs and schedules carry it.
 """
 
 from __future__ import annotations
