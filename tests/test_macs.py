@@ -258,7 +258,7 @@ def test_ip_adapter_macs_match_flop_counter():
 def test_transformer_macs_match_flop_counter(preset):
     """Planning reads the text (caption projection, K/V over 300 tokens); fidelity replays every attn2. Sana's
     ReLU linear self-attention is counted linear in the tokens (its two matmuls, as FlopCounterMode sees them)."""
-    from cair_export.core.reference import predict_noise
+    from cair_export.core.denoiser import predict_noise
 
     model = load_model(preset)
     counted = count_graph_macs(model, 8 * model.vae_scale_factor, 12 * model.vae_scale_factor)
@@ -297,7 +297,7 @@ def test_transformer_shallow_macs_match_flop_counter():
     """Sana's shallow graph (branch 0: the outer blocks, the middle ones' residual added) counted as FlopCounterMode
     sees the transformer with its middle blocks replaced, and the guided one reading the text."""
     from cair_export.core.deep_feature import deep_branch, middle_blocks_replayed
-    from cair_export.core.reference import predict_noise
+    from cair_export.core.denoiser import predict_noise
 
     model = load_model("tiny-sana")
     counted = count_graph_macs(model, 256, 384, deep_branch_id=0)

@@ -131,7 +131,8 @@ def test_exported_graphs_are_the_transformer_with_its_caches(exported):
 
     import onnx
 
-    from cair_export.core.reference import CrossAttentionCache, predict_noise
+    from cair_export.core.denoiser import predict_noise
+    from cair_export.core.reference import CrossAttentionCache
     from cair_runtime.backends.onnxruntime import make_session
     from cair_runtime.manifest import load_manifest
     from cair_runtime.positions import position_embedding

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from cair_export.core.denoiser import predict_noise
 from cair_runtime.errors import InvalidInputError
 
 DEEP_FEATURE = "deep_feature"  # graph tensor name: fidelity's extra output, shallow's input
@@ -175,8 +176,6 @@ def shallow_unet(unet: torch.nn.Module, branch: DeepBranch | BlockRange, sample:
     (the text mask).
     """
     if isinstance(branch, BlockRange):
-        from cair_export.core.reference import predict_noise  # the transformer's call convention, text mask included
-
         with middle_blocks_replayed(unet, branch, deep_feature):
             return predict_noise(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
     forward_upsample_size = any(dim % 2 ** unet.num_upsamplers != 0 for dim in sample.shape[-2:])

@@ -23,7 +23,8 @@ from cair_export.core.deep_feature import DEEP_FEATURE, BlockRange, DeepBranch, 
 from cair_export.core.ip_adapter import adapter_scale, image_projection_removed
 from cair_export.core.models import LoadedModel
 from cair_export.core.models.families import reads_positions
-from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite, predict_noise
+from cair_export.core.denoiser import predict_noise
+from cair_export.core.reference import CrossAttentionCache, CrossAttentionSite
 from cair_runtime.manifest import CacheSpec, Dim, TensorSpec
 
 TIME_IDS = 6  # SDXL: original size (2), crop top-left (2), target size (2)

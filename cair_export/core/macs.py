@@ -22,7 +22,8 @@ from cair_export.core.deep_feature import DEEP_FEATURE, deep_branch, shallow_une
 from cair_export.core.graphs import CairGraph, cache_specs, graph_specs, text_mask
 from cair_export.core.models import LoadedModel
 from cair_export.core.models.families import TRANSFORMERS
-from cair_export.core.reference import CrossAttentionCache, predict_noise
+from cair_export.core.denoiser import predict_noise
+from cair_export.core.reference import CrossAttentionCache
 from cair_runtime.errors import InvalidInputError
 from cair_runtime.schedule import PLANNING_KINDS, Schedule, check_cache_step, default_guidance_stop, full_evaluations
 
