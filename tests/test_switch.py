@@ -26,6 +26,9 @@ CASES = {  # the exports other tests share, and schedules that reach every step 
     "tiny-sd15-deep": ({"fidelity_guidance": "cfg", "deep_branch": 1}, {"guidance_stop": 4, "deep_interval": 2}),
     "tiny-sd21-deep": ({"fidelity_guidance": "cfg", "deep_branch": 1},
                        {"guidance_stop": 2, "deep_interval": 3, "skip_mode": "non-uniform"}),
+    # transformers: the text mask too; Sana's block-range cut (shallow steps read the switch graph's deep feature)
+    "tiny-pixart-sigma": ({}, {}),
+    "tiny-sana-deep": ({}, {"guidance_stop": 4, "deep_interval": 2}),
 }
 
 
@@ -34,6 +37,9 @@ def _embeddings(engine, batch=2):
     text_len = engine.manifest.dim("text_len").opt
     inputs = {"prompt_embeds": rng.standard_normal((batch, text_len, engine.context_dim), dtype=np.float32),
               "negative_prompt_embeds": rng.standard_normal((batch, text_len, engine.context_dim), dtype=np.float32)}
+    if engine.manifest.transformer:  # a prompt's tokens, then padding
+        inputs |= {"attention_mask": (np.arange(text_len) < np.array([[3], [text_len]])).astype(np.float32),
+                   "negative_attention_mask": (np.arange(text_len) < np.array([[1], [5]])).astype(np.float32)}
     if engine.pooled_dim:
         inputs |= {"text_embeds": rng.standard_normal((batch, engine.pooled_dim), dtype=np.float32),
                    "negative_text_embeds": rng.standard_normal((batch, engine.pooled_dim), dtype=np.float32)}
@@ -49,7 +55,7 @@ def test_one_session_generates_what_the_two_graphs_do_bit_for_bit(exported, case
         sessions = one.backend.sessions
         assert sessions["planning"] is sessions["fidelity"]  # one session: each weight once
         assert two.backend.sessions["planning"] is not two.backend.sessions["fidelity"]
-        for scheduler in ("ddim", "euler-ancestral"):
+        for scheduler in ("ddim", "euler-ancestral") if not one.manifest.transformer else (None,):
             kwargs = dict(**_embeddings(one), num_inference_steps=7, cache_step=2, scheduler=scheduler, seed=5,
                           **schedule)
             assert np.array_equal(one.denoise(**kwargs).latents, two.denoise(**kwargs).latents)
@@ -68,22 +74,47 @@ def test_switch_graph_structure_holds_each_weight_once(exported):
     for cache in manifest.caches:  # no cross-attention projection outside its branch
         scope = module_scope(cache.module)
         assert not [node.name for node in switch.node if node.name.startswith(scope) and node.op_type == "MatMul"]
+    # what only a module reads (a UNet block's norm2, in front of its attn2) runs in that module's branch
+    computed = [inner.name for node in branches for attribute in node.attribute if attribute.name == "else_branch"
+                for inner in attribute.g.node]
+    assert not [node.name for node in switch.node if "transformer_blocks.0/norm2/" in node.name]
+    assert [name for name in computed if "transformer_blocks.0/norm2/" in name]
     inputs = {value.name: value for value in switch.input}
     assert inputs[manifest.switch["condition"]].type.tensor_type.elem_type == onnx.TensorProto.BOOL
     assert set(manifest.switch["cache_inputs"].values()) <= set(inputs)
     assert len(switch.node) < len(planning.node)
 
 
+def test_a_transformers_text_only_work_runs_only_on_planning_steps(exported):
+    """The caption projection (Sana's caption norm too) and the text mask's bias read only the text: they sit
+    in the else branch of one more If on the condition."""
+    for preset in ("tiny-pixart-sigma", "tiny-sana"):
+        folder = exported(preset)
+        manifest = load_manifest(folder)
+        switch = onnx.load(str(folder / manifest.switch["file"]), load_external_data=False).graph
+        outside = [node for node in switch.node if node.op_type != "If"]
+        assert not [node.name for node in outside if "caption_" in node.name]
+        text_inputs = {"encoder_hidden_states", "encoder_attention_mask"}
+        assert not [node.name for node in outside if text_inputs & set(node.input)]
+        assert len([node for node in switch.node if node.op_type == "If"]) == len(manifest.caches) + 1
+        planning = onnx.load(str(folder / "planning.onnx"), load_external_data=False).graph
+        assert {"MatMul", "Gemm"} & {node.op_type for node in planning.node if "caption_projection" in node.name}
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd21", "tiny-pixart-sigma"])
 @pytest.mark.parametrize("kind", ["planning", "fidelity"])
-def test_each_phase_ignores_what_it_must_not_read(exported, kind):
-    # Fidelity must not read the text; planning must not read the cached outputs: NaNs there change nothing.
-    folder = exported("tiny-sd21")
+def test_each_phase_ignores_what_it_must_not_read(exported, kind, preset):
+    # Fidelity must not read the text (nor a transformer's text mask); planning must not read the cached
+    # outputs: NaNs there change nothing.
+    folder = exported(preset)
     manifest = load_manifest(folder)
     rng = np.random.default_rng(1)
-    dims = {"batch": 1, "latent_height": 8, "latent_width": 8, "text_len": manifest.dim("text_len").opt}
+    side = 8 if preset == "tiny-sd21" else 4
+    dims = {"batch": 1, "latent_height": side, "latent_width": side, "text_len": manifest.dim("text_len").opt}
 
     def inputs(graph: str) -> dict[str, np.ndarray]:
         return {spec.name: (np.array([500.0], np.float32) if spec.name == "timestep" else
+                            np.ones(spec.resolve(dims), np.float32) if spec.name == "encoder_attention_mask" else
                             rng.standard_normal(spec.resolve(dims), dtype=np.float32))
                 for spec in manifest.graphs[graph].inputs}
 

@@ -463,8 +463,9 @@ def _export_into(model: LoadedModel, work: Path, config: ExportConfig, height: i
         files, weights = _lower_unet_graphs(work, config, unet_ios, shapes, expected, report, files, progress)
     elif report is not None:
         validate_graphs(unet_ios, work, shapes, expected, config.tolerance, progress, report, weights)
-    # The switch graph's two branches share every input but the text; these graphs have more planning-only inputs.
-    plain = not model.controlnets and model.ip_adapter is None and not model.is_transformer
+    # The switch graph's fidelity steps read every input but the text (and a transformer's text mask); ControlNet
+    # and IP-Adapter graphs have more planning-only inputs.
+    plain = not model.controlnets and model.ip_adapter is None
     switch = _write_switch(work, caches, branch, config, progress) if plain else None
     if switch is not None:
         files.append(switch["file"])

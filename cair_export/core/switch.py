@@ -14,8 +14,11 @@ Nodes are assigned to modules by the TorchScript exporter's scope names
 (``/unet/down_blocks.0/attentions.0/transformer_blocks.0/attn2/...``). A node whose non-float output
 is used outside its module (the exporter shares shape arithmetic across modules) stays outside the
 branch, as does anything such a node needs. What is left in a module's branch must produce exactly
-its float outputs: the cache and the tensor the residual add reads. Graphs that do not fit (other
-exporters' node names) get no switch graph; the export says so and runtimes use the two graphs.
+its float outputs: the cache and the tensor the residual add reads. Then what a fidelity step no
+longer reads moves into branches too (``_move_planning_only``): the norm in front of each ``attn2``
+into its module's, and a transformer's caption projection and text-mask bias, which every module
+reads, into one more ``If``. Graphs that do not fit (other exporters' node names) get no switch
+graph; the export says so and runtimes use the two graphs.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def write_switch_graph(folder: Path, caches: Sequence[CacheSpec], deep_feature: 
         moved |= members
     nodes = [replaced.get(index, node) for index, node in enumerate(graph.node)
              if index in replaced or index not in moved]
+    nodes = _move_planning_only(nodes, {output.name for output in graph.output}, infos)
     if deep_feature is not None and deep_feature not in {output.name for output in graph.output}:
         # fidelity steps also hand the deep feature to shallow steps (planning outputs it itself when it
         # also feeds guided shallow steps)
@@ -133,6 +137,99 @@ def write_switch_graph(folder: Path, caches: Sequence[CacheSpec], deep_feature: 
     partial.rename(folder / SWITCH_FILE)
     return {"file": SWITCH_FILE, "condition": CONDITION,
             "cache_inputs": {cache.name: cache_input(cache.name) for cache in caches}, "deep_feature": deep_feature}
+
+
+def _move_planning_only(nodes: list[Any], outputs: set[str], infos: dict[str, Any]) -> list[Any]:
+    """``nodes`` with what only the cross-attention branches read moved into branches.
+
+    A fidelity step takes every ``then`` branch, so what only the ``else`` branches read is dead on
+    it: the norm in front of each ``attn2``, a transformer's caption projection and its text mask's
+    bias. A dead node that one module alone reads joins that module's ``else`` branch. Dead nodes
+    several modules read (the caption projection) go into the ``else`` branch of one more ``If`` on
+    the same condition, whose ``then`` branch returns one-element placeholders (what reads them does
+    not run), when nothing they read comes out of a module (else no order could hold) and they do
+    float work (shape arithmetic shared between modules stays where it is: it costs nothing).
+    """
+    import sys
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output}
+    switched = {index for index, node in enumerate(nodes) if node.op_type == "If" and node.name.startswith("/cair/")}
+
+    def branch(node: Any, which: str) -> Any:
+        return next(attribute.g for attribute in node.attribute if attribute.name == which)
+
+    def reads(node: Any, fidelity: bool = False) -> list[str]:  # its inputs and its branches' outer reads
+        graphs = [branch(node, "then_branch")] if fidelity else [attribute.g for attribute in node.attribute]
+        return [*node.input, *(name for graph in graphs for inner in graph.node for name in inner.input)]
+
+    needed, live = list(outputs), set()
+    while needed:  # what a fidelity step runs
+        index = producer.get(needed.pop())
+        if index is not None and index not in live:
+            live.add(index)
+            needed += reads(nodes[index], fidelity=index in switched)
+    dead = set(range(len(nodes))) - live
+    consumers: dict[str, set[int]] = defaultdict(set)
+    for index, node in enumerate(nodes):
+        for name in reads(node):
+            consumers[name].add(index)
+    readers: dict[int, frozenset[int]] = {}  # a dead node -> the modules it feeds (through dead nodes)
+    downstream: dict[int, bool] = {}  # a node -> whether a module's output feeds it
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(nodes)))
+
+    def modules_fed(index: int) -> frozenset[int]:
+        if index not in readers:
+            readers[index] = frozenset().union(*(
+                {consumer} if consumer in switched else modules_fed(consumer) if consumer in dead else set()
+                for name in nodes[index].output for consumer in consumers[name]))
+        return readers[index]
+
+    def after_a_module(index: int) -> bool:
+        if index not in downstream:
+            sources = [producer[name] for name in reads(nodes[index]) if name in producer]
+            downstream[index] = any(source in switched or after_a_module(source) for source in sources)
+        return downstream[index]
+
+    owned: dict[int, list[int]] = defaultdict(list)
+    for index in sorted(dead):
+        if len(modules_fed(index)) == 1:
+            owned[next(iter(modules_fed(index)))].append(index)
+    for module, extra in owned.items():
+        else_branch = branch(nodes[module], "else_branch")
+        body = [nodes[index] for index in extra] + list(else_branch.node)
+        del else_branch.node[:]
+        else_branch.node.extend(body)
+    shared = {index for index in dead if len(modules_fed(index)) > 1 and not after_a_module(index)}
+    if not any(nodes[index].op_type != "Constant" and name in infos
+               and infos[name].type.tensor_type.elem_type in _FLOATS for index in shared for name in nodes[index].output):
+        shared = set()
+    kept = [node for index, node in enumerate(nodes) if index not in dead or not (index in shared or
+                                                                                  len(modules_fed(index)) == 1)]
+    if not shared:
+        return kept
+    read_elsewhere = {name for index in range(len(nodes)) if index not in shared for name in reads(nodes[index])}
+    boundary = [name for index in sorted(shared) for name in nodes[index].output if name in read_elsewhere]
+
+    def elem_type(name: str) -> int:
+        return infos[name].type.tensor_type.elem_type if name in infos else onnx.TensorProto.FLOAT
+
+    def placeholder(name: str) -> Any:  # the tensor's element type and rank, one element
+        rank = len(infos[name].type.tensor_type.shape.dim) if name in infos else 1
+        value = np.zeros((1,) * rank, helper.tensor_dtype_to_np_dtype(elem_type(name)))
+        return helper.make_node("Constant", [], [f"{name}/placeholder"], name=f"/cair/planning_only/{name}",
+                                value=numpy_helper.from_array(value))
+
+    then_branch = helper.make_graph([placeholder(name) for name in boundary], "planning_only_skipped", [],
+                                    [helper.make_tensor_value_info(f"{name}/placeholder", elem_type(name), None)
+                                     for name in boundary])
+    else_branch = helper.make_graph([nodes[index] for index in sorted(shared)], "planning_only", [],
+                                    [helper.make_tensor_value_info(name, elem_type(name), None) for name in boundary])
+    return kept + [helper.make_node("If", [CONDITION], boundary, name="/cair/planning_only/If",
+                                    then_branch=then_branch, else_branch=else_branch)]
 
 
 def _deep_feature_source(folder: Path, graph: Any, deep_feature: str) -> str:

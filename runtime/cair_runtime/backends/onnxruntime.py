@@ -131,17 +131,21 @@ def switch_feeds(manifest: Manifest, kind: str) -> dict[str, np.ndarray]:
     """What a ``kind`` step ("planning" or "fidelity") gives the switch graph beyond that graph's own inputs.
 
     The condition, and placeholders for what the step does not read: planning's cached-output
-    inputs (the ``then`` branches that return them do not run) and fidelity's text input (read only
-    inside the ``else`` branches). The export checks the switch graph with exactly these.
+    inputs (the ``then`` branches that return them do not run) and fidelity's text input and a
+    transformer's text mask (read only inside the ``else`` branches). The export checks the switch
+    graph with exactly these.
     """
     switch = manifest.switch
     if kind == "planning":
         return {switch["condition"]: np.array(False),
                 **{switch["cache_inputs"][cache.name]: np.zeros((1, 1, cache.channels), np.float32)
                    for cache in manifest.caches}}
-    text = next(spec for spec in manifest.graphs["planning"].inputs if spec.name == "encoder_hidden_states")
+    read = {spec.name for spec in manifest.graphs["fidelity"].inputs}
+    dims = {dim.name: dim.opt for dim in manifest.dims}
     return {switch["condition"]: np.array(True),
-            text.name: np.zeros((1, manifest.dim("text_len").opt, text.shape[2]), np.float32)}
+            **{spec.name: np.zeros([size if isinstance(size, int) else dims.get(size, 1) for size in spec.shape],
+                                   np.float32)
+               for spec in manifest.graphs["planning"].inputs if spec.name not in read}}
 
 
 class OnnxRuntimeBackend:
