@@ -90,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch, dtype=args.dtype, deep_branch=args.deep_branch,
-                          max_prompt_chunks=args.max_prompt_chunks, controlnets=tuple(args.controlnet or ()),
+                          max_prompt_chunks=4 if args.max_prompt_chunks is None else args.max_prompt_chunks, controlnets=tuple(args.controlnet or ()),
                           ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
                           loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
@@ -102,6 +102,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         read_prompts(Path(args.calibrate))  # a bad prompt file fails before the export, not after it
     with export_lock(out_dir):
         model = load_model(args.model, with_pipeline=True)
+        if model.is_transformer and args.max_prompt_chunks is not None:
+            from cair_runtime.errors import InvalidInputError
+
+            raise InvalidInputError(f"{args.model} is a diffusion transformer, whose text encoder reads the whole "
+                                    "prompt at once (its fixed token length): drop --max-prompt-chunks")
         if args.calibrate and not model.has_pipeline:
             from cair_runtime.errors import InvalidInputError
 
@@ -321,9 +326,10 @@ def _add_export(sub, presets: str) -> None:
     export.add_argument("--cache-step-hint", type=positive_int_arg, default=5,
                         help="default cache step n recorded for the runtime (default 5 of 25)")
     export.add_argument("--max-batch", type=positive_int_arg, default=4, help="largest prompt batch (default 4)")
-    export.add_argument("--max-prompt-chunks", type=positive_int_arg, default=4, metavar="C",
+    export.add_argument("--max-prompt-chunks", type=positive_int_arg, metavar="C",
                         help="longest prompt in text-encoder windows of 75 tokens, each encoded on its own and "
-                             "concatenated (default 4: 300 tokens; 1: truncate at 75, the text axis fixed)")
+                             "concatenated (default 4: 300 tokens; 1: truncate at 75, the text axis fixed); "
+                             "CLIP text encoders only")
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="compute precision in the UNet graphs (attention scores, softmax, norms stay fp32; "
                              "IO float32)")

@@ -188,6 +188,9 @@ def test_what_is_not_built_yet_is_refused_in_one_line(exported, tmp_path, capsys
     code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--controlnet", "tiny"])
     one_line_error(code, capsys.readouterr().err, "diffusion transformer", "ControlNets")
     assert not (tmp_path / "out").exists()
+    code = main(["export", "tiny-pixart-sigma", str(tmp_path / "out"), "--max-prompt-chunks", "4"])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer", "--max-prompt-chunks")
+    assert not (tmp_path / "out").exists()
     from cair_runtime.cli import main as run
 
     code = run([str(exported("tiny-pixart-sigma", with_pipeline=True)), "a red circle", "--backend", "tensorrt",
