@@ -84,13 +84,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cair_export.core.folder_transaction import check_output_dir, export_lock
     from cair_export.core.models import load_model
     from cair_export.core.models.loading import model_folder
+    from cair_runtime.errors import InvalidInputError
     from cair_runtime.lora import parse_lora_arg
 
     out_dir = Path(args.out_dir)
     config = ExportConfig(height=args.height, width=args.width, opset=args.opset,
                           fidelity_guidance=args.fidelity_guidance, cache_step_hint=args.cache_step_hint,
                           max_batch=args.max_batch, dtype=args.dtype, deep_branch=args.deep_branch,
-                          max_prompt_chunks=4 if args.max_prompt_chunks is None else args.max_prompt_chunks, controlnets=tuple(args.controlnet or ()),
+                          max_prompt_chunks=args.max_prompt_chunks or ExportConfig.max_prompt_chunks,
+                          controlnets=tuple(args.controlnet or ()),
                           ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
                           loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
     # Before loading anything: fail fast, and a second export to the same folder fails at once.
@@ -103,13 +105,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     with export_lock(out_dir):
         model = load_model(args.model, with_pipeline=True)
         if model.is_transformer and args.max_prompt_chunks is not None:
-            from cair_runtime.errors import InvalidInputError
-
             raise InvalidInputError(f"{args.model} is a diffusion transformer, whose text encoder reads the whole "
                                     "prompt at once (its fixed token length): drop --max-prompt-chunks")
         if args.calibrate and not model.has_pipeline:
-            from cair_runtime.errors import InvalidInputError
-
             raise InvalidInputError(f"--calibrate compares decoded images; {args.model} is a UNet alone (no text "
                                     "encoder and VAE): export without --calibrate")
         export_model(model, out_dir, config, overwrite=args.overwrite, progress=progress, release_unet=True)

@@ -162,9 +162,8 @@ def _move_planning_only(nodes: list[Any], outputs: set[str], infos: dict[str, An
     def branch(node: Any, which: str) -> Any:
         return next(attribute.g for attribute in node.attribute if attribute.name == which)
 
-    def reads(node: Any, fidelity: bool = False) -> list[str]:  # its inputs and its branches' outer reads
-        graphs = [branch(node, "then_branch")] if fidelity else [attribute.g for attribute in node.attribute]
-        return [*node.input, *(name for graph in graphs for inner in graph.node for name in inner.input)]
+    def reads(node: Any, fidelity: bool = False) -> set[str]:  # a fidelity step runs a switch If's then branch
+        return _outer_reads(node, [branch(node, "then_branch")] if fidelity else None)
 
     needed, live = list(outputs), set()
     while needed:  # what a fidelity step runs
@@ -194,21 +193,22 @@ def _move_planning_only(nodes: list[Any], outputs: set[str], infos: dict[str, An
             downstream[index] = any(source in switched or after_a_module(source) for source in sources)
         return downstream[index]
 
-    owned: dict[int, list[int]] = defaultdict(list)
+    owned: dict[int, list[int]] = defaultdict(list)  # a module -> the dead nodes it alone reads
     for index in sorted(dead):
         if len(modules_fed(index)) == 1:
             owned[next(iter(modules_fed(index)))].append(index)
+    absorbed = {index for extra in owned.values() for index in extra}
     for module, extra in owned.items():
         else_branch = branch(nodes[module], "else_branch")
         body = [nodes[index] for index in extra] + list(else_branch.node)
         del else_branch.node[:]
         else_branch.node.extend(body)
     shared = {index for index in dead if len(modules_fed(index)) > 1 and not after_a_module(index)}
-    if not any(nodes[index].op_type != "Constant" and name in infos
-               and infos[name].type.tensor_type.elem_type in _FLOATS for index in shared for name in nodes[index].output):
+    if not any(nodes[index].op_type != "Constant" and name in infos and infos[name].type.tensor_type.elem_type
+               in _FLOATS for index in shared for name in nodes[index].output):
         shared = set()
-    kept = [node for index, node in enumerate(nodes) if index not in dead or not (index in shared or
-                                                                                  len(modules_fed(index)) == 1)]
+    moved = absorbed | shared
+    kept = [node for index, node in enumerate(nodes) if index not in moved]
     if not shared:
         return kept
     read_elsewhere = {name for index in range(len(nodes)) if index not in shared for name in reads(nodes[index])}
@@ -250,15 +250,7 @@ def _deep_feature_source(folder: Path, graph: Any, deep_feature: str) -> str:
 def _topological(nodes: list[Any], available: set[str]) -> list[Any]:
     """``nodes`` in an order where each comes after what it reads (its branches' outer-scope names too),
     otherwise as given."""
-    def reads(node: Any) -> set[str]:
-        names = set(node.input)
-        for attribute in node.attribute:
-            if attribute.g.node:  # a branch: what its nodes read that it does not make
-                made = {name for inner in attribute.g.node for name in inner.output}
-                names |= {name for inner in attribute.g.node for name in inner.input if name not in made}
-        return names - {""}
-
-    needs = [reads(node) for node in nodes]
+    needs = [_outer_reads(node) for node in nodes]
     ordered, pending = [], list(range(len(nodes)))
     while pending:
         waiting = []
@@ -273,3 +265,13 @@ def _topological(nodes: list[Any], available: set[str]) -> list[Any]:
             raise SwitchGraphError(f"node {nodes[waiting[0]].name} reads {missing}, which nothing makes")
         pending = waiting
     return ordered
+
+
+def _outer_reads(node: Any, branches: Sequence[Any] | None = None) -> set[str]:
+    """What ``node`` reads from its graph: its inputs and what its branches (all, or ``branches``) read and
+    do not make."""
+    names = set(node.input)
+    for graph in [attribute.g for attribute in node.attribute] if branches is None else branches:
+        made = {name for inner in graph.node for name in inner.output}
+        names |= {name for inner in graph.node for name in inner.input if name not in made}
+    return names - {""}
