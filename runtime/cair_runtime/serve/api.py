@@ -40,6 +40,7 @@ IP_ADAPTER_FIELDS = ("ip_adapter_image", "ip_adapter_scale")
 _IMAGE_FORMATS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: the only decoders a request reaches
 MAX_SEED = 2**63 - 1  # seeds stay within a signed 64-bit integer, whatever language the client speaks
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+MAX_JSON_NESTING = 32  # a request is one object of strings, numbers and short lists
 
 
 class ApiError(Exception):
@@ -136,6 +137,17 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
+def _nesting(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (iteratively: no recursion to overflow)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def _image_file_bytes(height: int, width: int) -> int:
     """Room for one image file of this size: the base64 of an uncompressed RGB PNG, within the cap."""
     png = height * (3 * width + 1) + 64 * 1024  # a filter byte per row; chunk and zlib block headers
@@ -227,6 +239,9 @@ class RequestValidator:
             reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
             raise ApiError(400, f"the body is JSON this server does not read ({reason}); send a flat JSON "
                                 "object of strings and numbers") from None
+        if _nesting(payload) > MAX_JSON_NESTING:  # Python 3.12+ parses deep nesting its predecessors refused
+            raise ApiError(400, "the body is JSON this server does not read (nested too deeply); send a flat JSON "
+                                "object of strings and numbers")
         if not isinstance(payload, dict):
             raise ApiError(400, f"the body is a JSON {type(payload).__name__}; send a JSON object with a prompt")
         problems: list[tuple[str | None, str]] = []
