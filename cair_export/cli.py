@@ -83,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cair_export.core.export import ExportConfig, check_export_options, export_model
     from cair_export.core.folder_transaction import check_output_dir, export_lock
     from cair_export.core.models import load_model
-    from cair_export.core.models.loading import model_folder
+    from cair_export.core.models.loading import model_folder, names_a_transformer
     from cair_runtime.errors import InvalidInputError
     from cair_runtime.lora import parse_lora_arg
 
@@ -102,11 +102,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from cair_export.lab.profile import read_prompts
 
         read_prompts(Path(args.calibrate))  # a bad prompt file fails before the export, not after it
+    if args.max_prompt_chunks is not None and names_a_transformer(args.model):
+        raise InvalidInputError(f"{args.model} is a diffusion transformer, whose text encoder reads the whole "
+                                "prompt at once (its fixed token length): drop --max-prompt-chunks")
     with export_lock(out_dir):
         model = load_model(args.model, with_pipeline=True)
-        if model.is_transformer and args.max_prompt_chunks is not None:
-            raise InvalidInputError(f"{args.model} is a diffusion transformer, whose text encoder reads the whole "
-                                    "prompt at once (its fixed token length): drop --max-prompt-chunks")
         if args.calibrate and not model.has_pipeline:
             raise InvalidInputError(f"--calibrate compares decoded images; {args.model} is a UNet alone (no text "
                                     "encoder and VAE): export without --calibrate")

@@ -21,7 +21,8 @@ The suites:
   reference and the runtime (``--controlnet-model``).
 - ``pixart``: PixArt-Sigma's transformer with random weights at ``--size``, loop only (fixed T5 states):
   diffusers' ``PixArtSigmaPipeline`` eager, plain and with its PyramidAttentionBroadcast and FirstBlockCache
-  hooks, the torch reference and the runtime (``--pixart-model``; ``engines/pixart-sigma-SIZE``).
+  hooks, T-GATE's own PixArt-Sigma loader at the cache steps (gating only) and at its defaults, the torch
+  reference and the runtime (``--pixart-model``; ``engines/pixart-sigma-SIZE``).
 - ``sana``: the same on Sana's linear transformer and ``SanaPipeline`` (``--sana-model``; ``engines/sana-SIZE``).
   Both transformer suites add runtime rows at ``--deep-cache-step`` with each ``--deep-intervals`` k (the
   block-range cut: the middle blocks' residual replayed between the outer blocks).
@@ -580,6 +581,37 @@ def transformer_configs(model_name: str, steps: int, cache_steps: list[int], siz
             return run
         return make
 
+    def tgate(n: int | None):
+        """T-GATE's own PixArt-Sigma loop (``TgatePixArtSigmaLoader``): at gate step n, cross-attention only
+        (self-attention computed every step), or the loader's defaults (gate 10, self-attention reused every 5th
+        step after a warm-up of 2)."""
+        def make():
+            from tgate import TgatePixArtSigmaLoader
+
+            transformer = load_model(model_name).unet  # T-GATE replaces its attention forwards for good
+            texts = {"runs": 0}  # the last block's cross-attention evaluations: T-GATE's reuse shows as fewer
+            transformer.transformer_blocks[-1].attn2.to_q.register_forward_hook(
+                lambda *_: texts.__setitem__("runs", texts["runs"] + 1))
+            pipe = TgatePixArtSigmaLoader(PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                                              transformer=transformer, scheduler=scheduler()))
+            pipe.set_progress_bar_config(disable=True)
+            options = ({"gate_step": n, "sp_interval": 1, "fi_interval": 1, "warm_up": 0} if n is not None
+                       else {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2})
+
+            def run():
+                texts["runs"] = 0
+                with torch.no_grad():
+                    images = pipe.tgate(negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
+                                        negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask,
+                                        latents=latents.clone(), num_inference_steps=steps, guidance_scale=4.5,
+                                        height=size, width=size, use_resolution_binning=False, clean_caption=False,
+                                        output_type="latent", **options).images
+                print(f"  [{label}] T-GATE gate {options['gate_step']}: the last block's cross-attention ran on "
+                      f"{texts['runs']} of {steps} steps", file=sys.stderr, flush=True)
+                return images
+            return run
+        return make
+
     def reference(n: int):
         return lambda: lambda: cair_denoise(
             model.unet, scheduler(), latents.clone(), embeds, negative, num_inference_steps=steps, cache_step=n,
@@ -594,6 +626,10 @@ def transformer_configs(model_name: str, steps: int, cache_steps: list[int], siz
             (f"diffusers {label} + PyramidAttentionBroadcast (self-attention every 2nd step, t in 100..800)", "torch",
              pipeline("pab"), None, None),
             (f"diffusers {label} + FirstBlockCache (threshold 0.2)", "torch", pipeline("fbc"), None, None)]
+    if not sana:  # T-GATE 1.0 ships loaders for PixArt-alpha and -Sigma, none for Sana
+        rows += [(f"T-GATE n={n} (cross-attention gating only)", "torch", tgate(n), n, None) for n in cache_steps]
+        rows.append(("T-GATE PixArt-Sigma loader defaults (gate 10, self-attn interval 5, warm-up 2)", "torch",
+                     tgate(None), None, None))
     rows += [(f"torch reference CAIR n={n}", "torch", reference(n), n, None) for n in cache_steps]
     rows += [(runtime_name(n), "runtime", runtime(n), n, None) for n in [steps, *cache_steps]]
     rows += [(runtime_name(deep_cache_step, k), "runtime", runtime(deep_cache_step, k), deep_cache_step,

@@ -279,7 +279,7 @@ def test_cli_runs_a_sana_folder_and_refuses_what_it_lacks(exported, tmp_path, ca
 @pytest.mark.parametrize("preset", ["tiny-sana", "tiny-pixart-sigma"])
 def test_pipeline_folders_load_offline_as_their_presets(exported, tmp_path, capsys, one_line_error, preset):
     """A diffusers folder of the pipeline (``save_pretrained``, safetensors) exports to a folder whose images
-    are the preset's; another transformer pipeline is refused in one line, no folder written."""
+    are the preset's; prompt chunks and another transformer pipeline are refused in one line, no folder written."""
     import json
 
     from cair_export.cli import main
@@ -292,6 +292,10 @@ def test_pipeline_folders_load_offline_as_their_presets(exported, tmp_path, caps
     ours = CairText2Image(tmp_path / "engine")(["A red circle"], **run)
     theirs = CairText2Image(exported(preset, with_pipeline=True))(["A red circle"], **run)
     np.testing.assert_array_equal(ours.latents, theirs.latents)
+    capsys.readouterr()
+    code = main(["export", str(folder), str(tmp_path / "chunked"), "--max-prompt-chunks", "2"])
+    one_line_error(code, capsys.readouterr().err, "diffusion transformer", "--max-prompt-chunks")
+    assert not (tmp_path / "chunked").exists()
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="PixArtAlphaPipeline")))
     capsys.readouterr()

@@ -267,6 +267,18 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def names_a_transformer(name_or_path: str) -> bool:
+    """Whether ``load_model(name_or_path)`` would give a diffusion transformer, read without loading it (a preset's
+    family, a pipeline folder's index); False where the answer needs the model (``load_model`` then says why)."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path].family in {family for family, _ in _TRANSFORMER_PIPELINES.values()}
+    folder = model_folder(name_or_path)
+    try:
+        return "transformer" in json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _load_folder(path: Path, device: str, with_pipeline: bool) -> LoadedModel:
     from diffusers import UNet2DConditionModel
 
