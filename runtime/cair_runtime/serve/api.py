@@ -233,14 +233,14 @@ class RequestValidator:
             raise ApiError(413, f"the body has {len(body)} bytes; requests are limited to {self.max_body_bytes}")
         try:
             payload = json.loads(body)
+            # Python 3.12+ parses nesting that overflowed its predecessors' stack: refused alike on every version
+            unread = "nested too deeply" if _nesting(payload) > MAX_JSON_NESTING else None
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ApiError(400, f"the body is not valid JSON ({error}); send a JSON object") from None
         except (ValueError, RecursionError) as error:  # a number of over 4300 digits; nesting past the stack
-            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
-            raise ApiError(400, f"the body is JSON this server does not read ({reason}); send a flat JSON "
-                                "object of strings and numbers") from None
-        if _nesting(payload) > MAX_JSON_NESTING:  # Python 3.12+ parses deep nesting its predecessors refused
-            raise ApiError(400, "the body is JSON this server does not read (nested too deeply); send a flat JSON "
+            unread = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+        if unread:
+            raise ApiError(400, f"the body is JSON this server does not read ({unread}); send a flat JSON "
                                 "object of strings and numbers")
         if not isinstance(payload, dict):
             raise ApiError(400, f"the body is a JSON {type(payload).__name__}; send a JSON object with a prompt")
