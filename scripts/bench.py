@@ -118,6 +118,21 @@ def _error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:160] if text else ''}"
 
 
+def _tgate_options(n: int | None) -> dict[str, int]:
+    """T-GATE's settings: gating cross-attention at step n alone (self-attention computed every step), or, for
+    None, its loaders' defaults (gate 10, self-attention reused every 5th step after a warm-up of 2)."""
+    if n is not None:
+        return {"gate_step": n, "sp_interval": 1, "fi_interval": 1, "warm_up": 0}
+    return {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2}
+
+
+def _call_counter(module: Any) -> dict[str, int]:
+    """``{"runs": N}``, N counting ``module``'s forward calls until the caller resets it."""
+    calls = {"runs": 0}
+    module.register_forward_hook(lambda *_: calls.__setitem__("runs", calls["runs"] + 1))
+    return calls
+
+
 def _safely(name: str, group: str, make: Callable[[], Callable[[], Any]], cache_step: int | None = None,
             bound: tuple | None = None) -> Config:
     if bound is None and cache_step is not None:
@@ -157,9 +172,7 @@ def shapes_configs(model_name: str, steps: int, cache_steps: list[int], engines:
             from tgate import TgateSDLoader
 
             p = TgateSDLoader(pipe())
-            options = ({"gate_step": n, "sp_interval": 1, "fi_interval": 1, "warm_up": 0} if n is not None
-                       else {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2})
-            return lambda: p.tgate(PROMPT, latents=latents.clone(), **settings, **options)
+            return lambda: p.tgate(PROMPT, latents=latents.clone(), **settings, **_tgate_options(n))
         return make
 
     def deepcache():
@@ -308,8 +321,7 @@ def sd21_configs(model_name: str, steps: int, cache_steps: list[int], size: int,
                 context = torch.cat([negative, embeds])
                 try:
                     for i, t in enumerate(sampler.timesteps):
-                        ca, sa, keep = tgate_scheduler(cur_step=i, gate_step=n, sp_interval=1, fi_interval=1,
-                                                       warm_up=0)
+                        ca, sa, keep = tgate_scheduler(cur_step=i, **_tgate_options(n))
                         register_forward(unet, "Attention", ca_kward=ca, sa_kward=sa, keep_shape=keep)
                         if i < n:
                             uncond, text = unet(sampler.scale_model_input(torch.cat([x] * 2), t), t, context,
@@ -544,9 +556,7 @@ def transformer_configs(model_name: str, steps: int, cache_steps: list[int], siz
             # The last block's self-attention evaluations: a cache hook's skips show as fewer. Counted on its query
             # projection, which a skip does not reach (the hooked block or attention is still called: the hook
             # returns the cached output).
-            last = {"runs": 0}
-            transformer.transformer_blocks[-1].attn1.to_q.register_forward_hook(
-                lambda *_: last.__setitem__("runs", last["runs"] + 1))
+            last = _call_counter(transformer.transformer_blocks[-1].attn1.to_q)
             if hook == "pab":
                 state = {}
                 transformer.register_forward_pre_hook(
@@ -582,21 +592,17 @@ def transformer_configs(model_name: str, steps: int, cache_steps: list[int], siz
         return make
 
     def tgate(n: int | None):
-        """T-GATE's own PixArt-Sigma loop (``TgatePixArtSigmaLoader``): at gate step n, cross-attention only
-        (self-attention computed every step), or the loader's defaults (gate 10, self-attention reused every 5th
-        step after a warm-up of 2)."""
+        """T-GATE's own PixArt-Sigma loop (``TgatePixArtSigmaLoader``) with ``_tgate_options(n)``."""
         def make():
             from tgate import TgatePixArtSigmaLoader
 
             transformer = load_model(model_name).unet  # T-GATE replaces its attention forwards for good
-            texts = {"runs": 0}  # the last block's cross-attention evaluations: T-GATE's reuse shows as fewer
-            transformer.transformer_blocks[-1].attn2.to_q.register_forward_hook(
-                lambda *_: texts.__setitem__("runs", texts["runs"] + 1))
+            # the last block's cross-attention evaluations: T-GATE's reuse shows as fewer
+            texts = _call_counter(transformer.transformer_blocks[-1].attn2.to_q)
             pipe = TgatePixArtSigmaLoader(PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None,
                                                               transformer=transformer, scheduler=scheduler()))
             pipe.set_progress_bar_config(disable=True)
-            options = ({"gate_step": n, "sp_interval": 1, "fi_interval": 1, "warm_up": 0} if n is not None
-                       else {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2})
+            options = _tgate_options(n)
 
             def run():
                 texts["runs"] = 0
